@@ -1,0 +1,193 @@
+"""The weight generator: shapes for any depth/width, other annotated models, gradients, sharding."""
+import math
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from weit_jax import generator as G
+from weit_jax import sharding
+from weit_jax.models import vit
+
+TILES = dict(embed=16, mlp=16, heads=1, kv=8)
+
+
+def vit_generator(tiles=TILES, n=3, **sizes):
+  cfg = vit.make_config(**{**dict(image_size=28, channels=1, num_classes=10, patch_size=7), **sizes})
+  model = vit.ViT(cfg)
+  return model, cfg, G.WeightGenerator.from_model(model, vit.dummy_input(cfg), tiles=tiles, num_templates=n)
+
+
+def random_state(gen, seed):
+  rng = np.random.default_rng(seed)
+  draw = lambda tree: jax.tree_util.tree_map(
+      lambda s: jnp.asarray(rng.normal(size=s.shape), jnp.float32), tree)
+  return draw(gen.template_shapes()), draw(gen.scaler_shapes())
+
+
+def numpy_materialize(bank, t, s):
+  """Oracle: a numpy.kron loop per layer, cropped."""
+  def one(sl):
+    full = sum(np.kron(sl[i], t[i]) for i in range(t.shape[0]))
+    return full[tuple(slice(0, n) for n in bank.crop)]
+  return np.stack([one(sl) for sl in s]) if bank.layers else one(s)
+
+
+@pytest.mark.parametrize("sizes", [
+    dict(depth=1, width=64, num_heads=2, mlp_dim=128),   # tile multiples
+    dict(depth=3, width=40, num_heads=5, mlp_dim=100),   # neither width nor mlp a tile multiple
+    dict(depth=12, width=48, num_heads=3, mlp_dim=72),
+])
+def test_materialized_shapes_equal_model_init(sizes):
+  model, cfg, gen = vit_generator(**sizes)
+  t, s = random_state(gen, 0)
+  params = jax.jit(gen.materialize)(t, s)
+  own = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), vit.dummy_input(cfg)))["params"]
+  chex.assert_trees_all_equal_shapes(params, own)
+  for path, tmpl in traverse_util.flatten_dict(t).items():
+    bank = gen.banks[path]
+    assert tmpl.shape[1:] == bank.tile, path
+    if bank.layers:  # shared by every layer: no layers axis on templates, one on scalers
+      assert bank.layers == cfg.depth and tmpl.ndim == len(bank.shape)
+      assert traverse_util.flatten_dict(s)[path].shape[0] == cfg.depth
+  # Values against the numpy oracle.
+  flat_t, flat_s, flat_p = (traverse_util.flatten_dict(x) for x in (t, s, params))
+  for path, bank in gen.banks.items():
+    want = numpy_materialize(bank, np.asarray(flat_t[path], np.float64), np.asarray(flat_s[path], np.float64))
+    np.testing.assert_allclose(np.asarray(flat_p[path]), want, rtol=1e-4, atol=1e-4, err_msg=str(path))
+  logits = model.apply({"params": params}, jnp.ones((2, 28, 28, 1)))
+  chex.assert_shape(logits, (2, 10))
+
+
+def test_gradients_match_finite_differences():
+  _, cfg, gen = vit_generator(depth=2, width=24, num_heads=2, mlp_dim=40, tiles=dict(embed=8, mlp=16, heads=1, kv=4), n=2)
+  with jax.enable_x64(True):
+    t, s = random_state(gen, 1)
+    t, s = jax.tree_util.tree_map(lambda x: x.astype(jnp.float64), (t, s))
+    rng = np.random.default_rng(2)
+    probe = jax.tree_util.tree_map(lambda x: jnp.asarray(rng.normal(size=x.shape)), gen.param_shapes())
+
+    def loss(t, s):  # a nonlinear scalar of every materialized weight
+      p = gen.materialize(t, s)
+      return sum(jnp.sum(jnp.sin(w) * c) for w, c in zip(jax.tree_util.tree_leaves(p), jax.tree_util.tree_leaves(probe)))
+
+    gt, gs = jax.jit(jax.grad(loss, argnums=(0, 1)))(t, s)
+    f = jax.jit(loss)
+    for which, tree, grads in (("templates", t, gt), ("scalers", s, gs)):
+      direction = jax.tree_util.tree_map(lambda x: jnp.asarray(rng.normal(size=x.shape)), tree)
+      eps = 1e-5
+      shift = lambda sign: jax.tree_util.tree_map(lambda x, d: x + sign * eps * d, tree, direction)
+      if which == "templates":
+        fd = (f(shift(1), s) - f(shift(-1), s)) / (2 * eps)
+      else:
+        fd = (f(t, shift(1)) - f(t, shift(-1))) / (2 * eps)
+      analytic = sum(jnp.vdot(g, d) for g, d in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(direction)))
+      np.testing.assert_allclose(float(analytic), float(fd), rtol=1e-6, err_msg=which)
+
+
+class AnnotatedMLP(nn.Module):
+  """A policy-style MLP: two hidden layers, logical axes on every parameter."""
+  @nn.compact
+  def __call__(self, x):
+    for i, width in enumerate((50, 30)):
+      x = nn.tanh(nn.Dense(width, name=f"dense_{i}",
+                           kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("embed" if i == 0 else "hidden", "hidden")),
+                           bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("hidden",)))(x))
+    return nn.Dense(4, name="out", kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("hidden", "actions")),
+                    bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("actions",)))(x)
+
+
+class AnnotatedCNN(nn.Module):
+  """Channel axes are width axes; the 3x3 spatial kernel lives whole in the template."""
+  @nn.compact
+  def __call__(self, x):
+    for i, ch in enumerate((12, 20)):
+      x = nn.relu(nn.Conv(ch, (3, 3), name=f"conv_{i}",
+                          kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("kh", "kw", "in_ch", "out_ch")),
+                          bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("out_ch",)))(x))
+    return x.mean((1, 2))
+
+
+@pytest.mark.parametrize("model,x,tiles", [
+    (AnnotatedMLP(), jnp.ones((2, 17)), dict(hidden=8, embed=4)),
+    (AnnotatedCNN(), jnp.ones((2, 9, 9, 3)), dict(in_ch=3, out_ch=8)),
+])
+def test_other_annotated_models(model, x, tiles):
+  gen = G.WeightGenerator.from_model(model, x, tiles=tiles, num_templates=2)
+  t, s = random_state(gen, 3)
+  params = gen.materialize(t, s)
+  own = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), x))["params"]
+  chex.assert_trees_all_equal_shapes(params, own)
+  flat_t, flat_s, flat_p = (traverse_util.flatten_dict(v) for v in (t, s, params))
+  for path, bank in gen.banks.items():
+    want = numpy_materialize(bank, np.asarray(flat_t[path]), np.asarray(flat_s[path]))
+    np.testing.assert_allclose(np.asarray(flat_p[path]), want, rtol=1e-5, atol=1e-5)
+  if isinstance(model, AnnotatedCNN):  # spatial axes stay whole in the template
+    assert gen.banks[("conv_1", "kernel")].tile == (3, 3, 3, 8)
+    assert gen.banks[("conv_1", "kernel")].grid == (1, 1, 4, 3)
+  assert model.apply({"params": params}, x).shape[0] == 2
+
+
+def test_init_matches_model_scale_and_constants():
+  model, cfg, gen = vit_generator(depth=2, width=64, num_heads=2, mlp_dim=128, n=4)
+  stats = G.param_stats(model, vit.dummy_input(cfg))
+  t, s = gen.init(jax.random.key(0), stats)
+  params = traverse_util.flatten_dict(gen.materialize(t, s))
+  flat_stats = traverse_util.flatten_dict(stats)
+  for path, w in params.items():
+    mean, std = flat_stats[path]
+    if std == 0:  # LayerNorm scales, zero biases, the zero head: exactly the model's constant
+      np.testing.assert_array_equal(np.asarray(w), np.full(w.shape, mean, np.float32))
+    elif w.size > 1000:
+      assert 0.7 * std < float(jnp.std(w)) < 1.3 * std, (path, float(jnp.std(w)), std)
+
+
+def test_counts():
+  _, _, gen = vit_generator(depth=3, width=40, num_heads=5, mlp_dim=100)
+  c = gen.counts()
+  assert c["materialized"] == sum(math.prod(b.shape) for b in gen.banks.values())
+  bank = gen.banks[("Transformer", "encoderblock", "MlpBlock_0", "Dense_0", "kernel")]
+  assert bank.grid == (3, 7) and bank.tile == (16, 16)  # ceil(40/16), ceil(100/16)
+  assert c["templates"] == sum(math.prod(b.template_shape) for b in gen.banks.values())
+  assert c["scalers"] == sum(math.prod(b.scaler_shape) for b in gen.banks.values())
+
+
+def test_materialize_sharded_on_eight_devices():
+  _, _, gen = vit_generator(depth=2, width=64, num_heads=4, mlp_dim=128)
+  t, s = random_state(gen, 4)
+  single = jax.jit(gen.materialize)(t, s)
+  mesh = sharding.make_mesh({"data": 1, "fsdp": 4, "model": 2})
+  out_shardings = sharding.shardings(gen.param_shapes(), gen.param_axes(), mesh)
+  t_shard = sharding.shardings(gen.template_shapes(), gen.template_axes(), mesh)
+  t = jax.device_put(t, t_shard)
+  sharded = jax.jit(gen.materialize, out_shardings=out_shardings)(t, s)
+  kernel = sharded["Transformer"]["encoderblock"]["MlpBlock_0"]["Dense_0"]["kernel"]  # (layers, embed, mlp)
+  assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "model")
+  assert {sh.data.shape for sh in kernel.addressable_shards} == {(2, 16, 64)}
+  query = sharded["Transformer"]["encoderblock"]["MultiHeadDotProductAttention_0"]["query"]["kernel"]
+  assert {sh.data.shape for sh in query.addressable_shards} == {(2, 16, 2, 16)}
+  templ = t["Transformer"]["encoderblock"]["MlpBlock_0"]["Dense_0"]["kernel"]  # (N, 16, 16): tiles sharded
+  assert {sh.data.shape for sh in templ.addressable_shards} == {(3, 4, 8)}
+  chex.assert_trees_all_close(jax.device_get(sharded), jax.device_get(single), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(tiles=dict(embed=128)), r"tile 128 for axis 'embed' is larger than that axis .* \(size 64\)"),
+    (dict(tiles=dict(embd=16)), r"tile axis 'embd' is not a logical axis of this model; its axes are \["),
+    (dict(n=0), "num_templates=0 must be at least 1"),
+])
+def test_bad_generator_config_is_explained(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    vit_generator(depth=1, width=64, num_heads=2, mlp_dim=128, **kwargs)
+
+
+def test_check_templates_refuses_other_family():
+  _, _, gen = vit_generator(depth=1, width=64, num_heads=2, mlp_dim=128)
+  _, _, other = vit_generator(depth=1, width=64, num_heads=2, mlp_dim=128, patch_size=4)
+  t, _ = random_state(other, 5)
+  with pytest.raises(ValueError, match=r"template bank embedding/kernel has tile shape \(4, 4, 1, 16\), but this model needs \(7, 7, 1, 16\)"):
+    gen.check_templates(t)

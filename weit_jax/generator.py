@@ -1,0 +1,236 @@
+"""The weight generator: template banks and scalers for any Flax model annotated with logical axes.
+
+From a model's abstract parameters and their logical axis names, ``WeightGenerator`` derives one
+template bank per parameter (shared by every layer of a ``layers`` axis and by every model size),
+the scalers of each layer, and ``materialize(templates, scalers) -> params``: the plain parameter
+tree, ready for ``model.apply``. Which axes are width axes, and their tile sizes, come from config
+(``tiles``: logical axis name -> tile). Everything else of a parameter lives whole in its template.
+
+Templates, scalers and params are nested dicts with the same paths, so optax masks, orbax and
+sharding rules treat them alike.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, Callable, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from weit_jax import kron
+
+LAYERS = "layers"  # the logical name of a scanned depth axis (nn.scan metadata_params)
+TEMPLATES = "templates"  # the logical name of the template axis N (never sharded)
+
+
+@dataclasses.dataclass(frozen=True)
+class Bank:
+  """How one parameter is composed: ``param[l] = crop(sum_t kron(S[l, t], T[t]))``."""
+  path: tuple[str, ...]
+  shape: tuple[int, ...]  # the materialized parameter's shape, layers axis included
+  axes: tuple[str | None, ...]  # its logical axis names
+  grid: tuple[int, ...]  # per non-layer axis: ceil(n / tile) on width axes, 1 elsewhere
+  tile: tuple[int, ...]  # per non-layer axis: the tile on width axes, n elsewhere
+  num_templates: int
+
+  @property
+  def layers(self) -> int | None:
+    return self.shape[0] if self.axes and self.axes[0] == LAYERS else None
+
+  @property
+  def crop(self) -> tuple[int, ...]:
+    return self.shape[1:] if self.layers else self.shape
+
+  @property
+  def template_shape(self) -> tuple[int, ...]:
+    return (self.num_templates, *self.tile)
+
+  @property
+  def scaler_shape(self) -> tuple[int, ...]:
+    return ((self.layers,) if self.layers else ()) + (self.num_templates, *self.grid)
+
+  @property
+  def template_axes(self) -> tuple[str | None, ...]:
+    # Tile axes keep their logical names so the same rules shard templates along them.
+    return (TEMPLATES, *(self.axes[1:] if self.layers else self.axes))
+
+  @property
+  def scaler_axes(self) -> tuple[str | None, ...]:
+    return (None,) * len(self.scaler_shape)  # small: replicated
+
+
+def _flat_axes(logical_axes) -> dict[tuple[str, ...], tuple]:
+  is_spec = lambda x: isinstance(x, jax.sharding.PartitionSpec)
+  return traverse_util.flatten_dict(jax.tree_util.tree_map(tuple, logical_axes, is_leaf=is_spec))
+
+
+class WeightGenerator:
+  """Specs, initialization and materialization of templates and scalers for one model size."""
+
+  def __init__(self, abstract_params: Mapping[str, Any], logical_axes: Mapping[str, Any],
+               tiles: Mapping[str, int], num_templates: int):
+    """
+    Args:
+      abstract_params: nested dict of arrays or ``jax.ShapeDtypeStruct`` (no Flax boxes).
+      logical_axes: the same tree with a ``PartitionSpec`` (or tuple) of logical names per leaf.
+      tiles: width axis name -> tile size, e.g. ``{'embed': 64, 'mlp': 64, 'heads': 1}``.
+      num_templates: N, the number of templates in every bank.
+    """
+    if int(num_templates) < 1:
+      raise ValueError(f"num_templates={num_templates} must be at least 1.")
+    shapes = traverse_util.flatten_dict(abstract_params)
+    axes = _flat_axes(logical_axes)
+    if set(shapes) != set(axes):
+      raise ValueError("abstract_params and logical_axes must have the same paths; differ at "
+                       f"{sorted(set(shapes) ^ set(axes))[:3]}")
+    model_axes = sorted({a for ax in axes.values() for a in ax if a is not None})
+    for name, tile in tiles.items():
+      if name not in model_axes:
+        raise ValueError(f"tile axis {name!r} is not a logical axis of this model; its axes are {model_axes}.")
+      if int(tile) < 1:
+        raise ValueError(f"tile for axis {name!r} is {tile}; tiles must be positive integers.")
+    self.tiles = dict(tiles)
+    self.num_templates = int(num_templates)
+    self.banks: dict[tuple[str, ...], Bank] = {}
+    for path, leaf in shapes.items():
+      shape, ax = tuple(leaf.shape), tuple(axes[path])
+      if len(ax) != len(shape):
+        raise ValueError(f"parameter {'/'.join(path)} has shape {shape} but logical axes {ax}.")
+      if LAYERS in ax[1:]:
+        raise ValueError(f"parameter {'/'.join(path)}: the '{LAYERS}' axis must lead, got axes {ax}.")
+      grid, tile = [], []
+      for size, name in zip(shape, ax):
+        if name == LAYERS:
+          continue
+        w = self.tiles.get(name)
+        if w is None:
+          grid.append(1)
+          tile.append(size)
+          continue
+        if w > size:
+          raise ValueError(
+              f"tile {w} for axis {name!r} is larger than that axis in {'/'.join(path)} (size {size}); "
+              f"use a tile of at most {size} (config tiles.{name}).")
+        grid.append(-(-size // w))
+        tile.append(w)
+      self.banks[path] = Bank(path, shape, ax, tuple(grid), tuple(tile), self.num_templates)
+
+  @classmethod
+  def from_model(cls, model: nn.Module, *init_args, tiles, num_templates, **init_kwargs):
+    """Builds the generator from ``model.init``'s abstract output (nothing is computed)."""
+    boxed = jax.eval_shape(functools.partial(model.init, **init_kwargs), jax.random.key(0), *init_args)
+    return cls(nn.unbox(boxed)["params"], nn.get_partition_spec(boxed)["params"], tiles, num_templates)
+
+  # --- shapes and axes -----------------------------------------------------------------------------
+
+  def _tree(self, fn: Callable[[Bank], Any]) -> dict:
+    return traverse_util.unflatten_dict({p: fn(b) for p, b in self.banks.items()})
+
+  def template_shapes(self) -> dict:
+    return self._tree(lambda b: jax.ShapeDtypeStruct(b.template_shape, jnp.float32))
+
+  def scaler_shapes(self) -> dict:
+    return self._tree(lambda b: jax.ShapeDtypeStruct(b.scaler_shape, jnp.float32))
+
+  def param_shapes(self) -> dict:
+    return self._tree(lambda b: jax.ShapeDtypeStruct(b.shape, jnp.float32))
+
+  def template_axes(self) -> dict:
+    return self._tree(lambda b: jax.sharding.PartitionSpec(*b.template_axes))
+
+  def scaler_axes(self) -> dict:
+    return self._tree(lambda b: jax.sharding.PartitionSpec(*b.scaler_axes))
+
+  def param_axes(self) -> dict:
+    return self._tree(lambda b: jax.sharding.PartitionSpec(*b.axes))
+
+  def counts(self) -> dict[str, int]:
+    """Parameter counts: templates (shared), scalers (this size), materialized (the plain model)."""
+    size = lambda shapes: sum(math.prod(s) for s in shapes)
+    return dict(templates=size(b.template_shape for b in self.banks.values()),
+                scalers=size(b.scaler_shape for b in self.banks.values()),
+                materialized=size(b.shape for b in self.banks.values()))
+
+  def check_templates(self, templates: Mapping[str, Any]) -> None:
+    """Raises ValueError, naming the first mismatch, if ``templates`` do not fit this model."""
+    flat = traverse_util.flatten_dict(templates)
+    missing, extra = set(self.banks) - set(flat), set(flat) - set(self.banks)
+    if missing or extra:
+      raise ValueError(
+          "the template banks do not match this model: "
+          + (f"missing {['/'.join(p) for p in sorted(missing)][:4]} " if missing else "")
+          + (f"unexpected {['/'.join(p) for p in sorted(extra)][:4]}" if extra else "")
+          + "; templates come from a model of another family (pooling, layout) than the one requested.")
+    for path, bank in self.banks.items():
+      if tuple(flat[path].shape[1:]) != bank.tile:
+        raise ValueError(
+            f"template bank {'/'.join(path)} has tile shape {tuple(flat[path].shape[1:])}, but this model "
+            f"needs {bank.tile}: the tiles, patch size, image size, channels or classes differ from "
+            "the pre-training config.")
+
+  # --- initialization and materialization -------------------------------------------------------
+
+  def init(self, key: jax.Array, stats: Mapping[str, Any] | None = None):
+    """Random templates and scalers whose composition has the model's own initial scale.
+
+    ``stats``: per parameter ``(mean, std)`` of the model's own initializer (see ``param_stats``);
+    without it every parameter is treated as ``std = 1/sqrt(fan)`` noise. Noise-initialized
+    parameters get ``T ~ N(0, 1)``, ``S ~ N(0, std^2 / N)`` so each composed entry has variance
+    ``std^2``. Constant-initialized ones (LayerNorm scales, biases, zero heads) get ``T_0 = 1``,
+    ``S_0 = mean`` and zero for the other scalers: they compose to exactly the model's constant,
+    and the other templates start learning as soon as their scalers move.
+    """
+    flat_stats = traverse_util.flatten_dict(stats) if stats is not None else {}
+    templates, scalers = {}, {}
+    keys = jax.random.split(key, 2 * len(self.banks))
+    for i, (path, b) in enumerate(sorted(self.banks.items())):
+      mean, std = (float(v) for v in flat_stats[path]) if path in flat_stats else (0.0, b.crop[0] ** -0.5)
+      t = jax.random.normal(keys[2 * i], b.template_shape, jnp.float32)
+      if std <= 1e-3 * abs(mean) or std == 0.0:
+        templates[path] = t.at[0].set(1.0)
+        scalers[path] = _constant_scalers(b, mean)
+      else:
+        templates[path] = t
+        scalers[path] = std / math.sqrt(b.num_templates) * jax.random.normal(
+            keys[2 * i + 1], b.scaler_shape, jnp.float32)
+    return traverse_util.unflatten_dict(templates), traverse_util.unflatten_dict(scalers)
+
+  def materialize(self, templates: Mapping[str, Any], scalers: Mapping[str, Any],
+                  dtype: Any = None) -> dict:
+    """The plain parameter tree: ``crop(sum_t kron(S_t, T_t))`` per parameter (and per layer)."""
+    flat_t, flat_s = traverse_util.flatten_dict(templates), traverse_util.flatten_dict(scalers)
+    out = {}
+    for path, b in self.banks.items():
+      compose = functools.partial(kron.compose, shape=b.crop)
+      if b.layers:
+        w = jax.vmap(compose, in_axes=(0, None))(flat_s[path], flat_t[path])
+      else:
+        w = compose(flat_s[path], flat_t[path])
+      out[path] = w.astype(dtype) if dtype is not None else w
+    return traverse_util.unflatten_dict(out)
+
+
+def _constant_scalers(b: Bank, value: float) -> jnp.ndarray:
+  s = jnp.zeros(b.scaler_shape, jnp.float32)
+  index = (slice(None),) * (1 if b.layers else 0) + (0,)
+  return s.at[index].set(value)
+
+
+def param_stats(model: nn.Module, *init_args, key: jax.Array | None = None, **init_kwargs) -> dict:
+  """``(mean, std)`` of every parameter under the model's own initializers.
+
+  The full init runs inside ``jit`` and only the statistics leave it.
+  """
+  key = jax.random.key(0) if key is None else key
+
+  @jax.jit
+  def stats(k):
+    params = nn.unbox(model.init(k, *init_args, **init_kwargs))["params"]
+    return jax.tree_util.tree_map(lambda x: jnp.stack([x.mean(), x.std()]), params)
+
+  return jax.tree_util.tree_map(np.asarray, stats(key))

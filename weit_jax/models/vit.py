@@ -1,0 +1,188 @@
+"""The plain Vision Transformer, any size, with big_vision's parameter names and shapes.
+
+Every parameter carries logical axis names (``embed``, ``mlp``, ``heads``, ``kv``, ...). The same
+names drive sharding (``weit_jax.sharding``) and the Kronecker composition (``weit_jax.generator``):
+the model itself knows nothing of templates.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+# Named sizes: big_vision's, plus small ones that train in minutes on a laptop CPU.
+VARIANTS = {
+    "mu": dict(width=32, depth=2, mlp_dim=64, num_heads=2),
+    "pico": dict(width=64, depth=3, mlp_dim=128, num_heads=2),
+    "nano": dict(width=96, depth=4, mlp_dim=192, num_heads=3),
+    "Ti": dict(width=192, depth=12, mlp_dim=768, num_heads=3),
+    "S": dict(width=384, depth=12, mlp_dim=1536, num_heads=6),
+    "M": dict(width=512, depth=12, mlp_dim=2048, num_heads=8),
+    "B": dict(width=768, depth=12, mlp_dim=3072, num_heads=12),
+    "L": dict(width=1024, depth=24, mlp_dim=4096, num_heads=16),
+    "H": dict(width=1280, depth=32, mlp_dim=5120, num_heads=16),
+}
+SIZE_FIELDS = ("width", "depth", "mlp_dim", "num_heads", "patch_size")
+
+
+@dataclasses.dataclass(frozen=True)
+class ViTConfig:
+  """Everything that fixes the ViT's parameter shapes and its computation."""
+  width: int
+  depth: int
+  mlp_dim: int
+  num_heads: int
+  patch_size: int
+  image_size: int = 224
+  channels: int = 3
+  num_classes: int = 1000
+  dtype: str = "float32"
+
+  @property
+  def num_tokens(self) -> int:
+    return (self.image_size // self.patch_size) ** 2 + 1  # patches + class token
+
+  @property
+  def head_dim(self) -> int:
+    return self.width // self.num_heads
+
+  def short_name(self) -> str:
+    return f"d{self.depth}-w{self.width}-h{self.num_heads}-m{self.mlp_dim}-p{self.patch_size}"
+
+
+def parse_variant(variant: str) -> dict[str, int]:
+  """``'S/16'`` -> sizes of ViT-S with patch 16. Raises ValueError naming the valid variants."""
+  m = re.fullmatch(r"([A-Za-z]+)/(\d+)", variant or "")
+  if not m or m.group(1) not in VARIANTS:
+    raise ValueError(
+        f"unknown ViT variant {variant!r}; use NAME/PATCH with NAME one of {sorted(VARIANTS)} "
+        f"(e.g. 'S/16', 'pico/4').")
+  return dict(VARIANTS[m.group(1)], patch_size=int(m.group(2)))
+
+
+def make_config(variant: str | None = None, **overrides: Any) -> ViTConfig:
+  """A validated ``ViTConfig`` from a variant name and/or explicit sizes (explicit ones win).
+
+  Every mistake is reported here, before anything is traced or compiled.
+  """
+  sizes: dict[str, Any] = parse_variant(variant) if variant else {}
+  unknown = set(overrides) - {f.name for f in dataclasses.fields(ViTConfig)}
+  if unknown:
+    raise ValueError(f"unknown ViT field(s) {sorted(unknown)}; valid: "
+                     f"{[f.name for f in dataclasses.fields(ViTConfig)]}.")
+  sizes.update({k: v for k, v in overrides.items() if v is not None})
+  missing = [f for f in SIZE_FIELDS if f not in sizes]
+  if missing:
+    raise ValueError(f"ViT sizes {missing} are not set: give a variant (e.g. 'S/16') or set them explicitly.")
+  cfg = ViTConfig(**sizes)
+  for name in ("width", "depth", "mlp_dim", "num_heads", "patch_size", "image_size", "channels", "num_classes"):
+    if int(getattr(cfg, name)) < 1:
+      raise ValueError(f"ViT {name}={getattr(cfg, name)} must be a positive integer.")
+  if cfg.width % cfg.num_heads:
+    divisors = [h for h in range(1, cfg.width + 1) if cfg.width % h == 0 and h <= 64]
+    raise ValueError(f"num_heads={cfg.num_heads} does not divide width={cfg.width}; "
+                     f"valid head counts for this width: {divisors}.")
+  if cfg.image_size % cfg.patch_size:
+    raise ValueError(f"patch_size={cfg.patch_size} does not divide image_size={cfg.image_size}.")
+  if cfg.dtype not in ("float32", "bfloat16"):
+    raise ValueError(f"dtype={cfg.dtype!r}; use 'float32' or 'bfloat16'.")
+  return cfg
+
+
+def _p(init, axes):
+  return nn.with_logical_partitioning(init, axes)
+
+
+class MlpBlock(nn.Module):
+  mlp_dim: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    width = x.shape[-1]
+    x = nn.Dense(self.mlp_dim, dtype=self.dtype,
+                 kernel_init=_p(nn.initializers.xavier_uniform(), ("embed", "mlp")),
+                 bias_init=_p(nn.initializers.normal(stddev=1e-6), ("mlp",)))(x)
+    x = nn.gelu(x)
+    return nn.Dense(width, dtype=self.dtype,
+                    kernel_init=_p(nn.initializers.xavier_uniform(), ("mlp", "embed")),
+                    bias_init=_p(nn.initializers.normal(stddev=1e-6), ("embed",)))(x)
+
+
+def _layer_norm(dtype, name=None):
+  return nn.LayerNorm(dtype=dtype, name=name,
+                      scale_init=_p(nn.initializers.ones, ("embed",)),
+                      bias_init=_p(nn.initializers.zeros, ("embed",)))
+
+
+class Encoder1DBlock(nn.Module):
+  """Pre-norm block; ``__call__`` has scan's ``(carry, x) -> (carry, y)`` signature."""
+  mlp_dim: int
+  num_heads: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, _):
+    y = _layer_norm(self.dtype)(x)
+    y = nn.MultiHeadDotProductAttention(
+        num_heads=self.num_heads, dtype=self.dtype,
+        kernel_init=_p(nn.initializers.xavier_uniform(), ("embed", "heads", "kv")),
+        bias_init=_p(nn.initializers.zeros, ("heads", "kv")),
+        out_kernel_init=_p(nn.initializers.xavier_uniform(), ("heads", "kv", "embed")),
+        out_bias_init=_p(nn.initializers.zeros, ("embed",)),
+        deterministic=True)(y, y)
+    x = x + y
+    y = _layer_norm(self.dtype)(x)
+    y = MlpBlock(self.mlp_dim, dtype=self.dtype)(y)
+    return x + y, None
+
+
+class Encoder(nn.Module):
+  depth: int
+  mlp_dim: int
+  num_heads: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    # One block traced once, its parameters stacked on a leading `layers` axis: compile time does
+    # not grow with depth, and the generator sees one template bank per parameter kind.
+    blocks = nn.scan(Encoder1DBlock, variable_axes={"params": 0}, split_rngs={"params": True},
+                     length=self.depth, metadata_params={nn.PARTITION_NAME: "layers"})
+    x, _ = blocks(self.mlp_dim, self.num_heads, dtype=self.dtype, name="encoderblock")(x, None)
+    return _layer_norm(self.dtype, name="encoder_norm")(x)
+
+
+class ViT(nn.Module):
+  """ViT with a class token ("tok" pooling), big_vision names: embedding, cls, pos_embedding,
+  Transformer/encoderblock/..., Transformer/encoder_norm, head."""
+  config: ViTConfig
+
+  @nn.compact
+  def __call__(self, images):
+    c = self.config
+    dtype = jnp.dtype(c.dtype)
+    p = c.patch_size
+    x = nn.Conv(c.width, (p, p), strides=(p, p), padding="VALID", dtype=dtype, name="embedding",
+                kernel_init=_p(nn.initializers.lecun_normal(), ("patch_h", "patch_w", "channels", "embed")),
+                bias_init=_p(nn.initializers.zeros, ("embed",)))(images.astype(dtype))
+    n, h, w, d = x.shape
+    x = x.reshape(n, h * w, d)
+    cls = self.param("cls", _p(nn.initializers.zeros, (None, None, "embed")), (1, 1, d))
+    x = jnp.concatenate([jnp.tile(cls.astype(dtype), (n, 1, 1)), x], axis=1)
+    pos = self.param("pos_embedding", _p(nn.initializers.normal(stddev=d ** -0.5), (None, "tokens", "embed")),
+                     (1, h * w + 1, d))
+    x = x + pos.astype(dtype)
+    x = Encoder(c.depth, c.mlp_dim, c.num_heads, dtype=dtype, name="Transformer")(x)
+    x = x[:, 0]
+    logits = nn.Dense(c.num_classes, dtype=dtype, name="head",
+                      kernel_init=_p(nn.initializers.zeros, ("embed", "classes")),
+                      bias_init=_p(nn.initializers.zeros, ("classes",)))(x)
+    return logits.astype(jnp.float32)
+
+
+def dummy_input(config: ViTConfig, batch: int = 1):
+  return jnp.zeros((batch, config.image_size, config.image_size, config.channels), jnp.float32)

@@ -1,0 +1,93 @@
+"""Meshes from config, logical axis rules, and placement of parameters and batches.
+
+One annotation (the logical axis names the model carries) drives sharding; the rules below map
+those names onto the ``('data', 'fsdp', 'model')`` mesh, maxtext-style.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "model")
+
+# logical name -> mesh axis (or axes). Templates are sharded along their tile axes through the same
+# names; scalers carry no names and are replicated.
+DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("embed", "fsdp"),
+    ("mlp", "model"),
+    ("heads", "model"),
+    ("kv", None),
+    ("layers", None),
+    ("templates", None),
+    ("tokens", None),
+    ("classes", None),
+    ("patch_h", None),
+    ("patch_w", None),
+    ("channels", None),
+)
+
+
+def make_mesh(mesh_shape: Mapping[str, int] | Sequence[int], devices: Sequence[jax.Device] | None = None
+              ) -> jax.sharding.Mesh:
+  """A mesh over ``('data', 'fsdp', 'model')``; one size may be -1 and takes the remaining devices."""
+  devices = list(jax.devices() if devices is None else devices)
+  if isinstance(mesh_shape, Mapping):
+    unknown = set(mesh_shape) - set(MESH_AXES)
+    if unknown:
+      raise ValueError(f"unknown mesh axes {sorted(unknown)}; the mesh axes are {MESH_AXES}.")
+    sizes = [int(mesh_shape.get(a, 1)) for a in MESH_AXES]
+  else:
+    sizes = [int(s) for s in mesh_shape]
+  if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
+    raise ValueError(f"mesh sizes {dict(zip(MESH_AXES, sizes))}: use positive sizes and at most one -1.")
+  fixed = math.prod(s for s in sizes if s != -1)
+  if -1 in sizes:
+    if len(devices) % fixed:
+      raise ValueError(f"mesh sizes {dict(zip(MESH_AXES, sizes))} do not divide the {len(devices)} devices.")
+    sizes[sizes.index(-1)] = len(devices) // fixed
+  if math.prod(sizes) != len(devices):
+    raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, "
+                     f"but {len(devices)} are available; set one size to -1 to fill.")
+  return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+
+
+def _mesh_spec(shape: Sequence[int], logical: Sequence[str | None], mesh, rules) -> P:
+  """Logical names -> mesh PartitionSpec, dropping mesh axes that do not divide a dimension."""
+  spec = nn.logical_to_mesh_axes(tuple(logical), rules)
+  fixed = []
+  for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+    names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    names = tuple(a for a in names if mesh.shape[a] > 1)
+    if names and dim % math.prod(mesh.shape[a] for a in names):
+      names = ()  # e.g. a tile of 12 over 8 devices: replicate that dimension instead
+    fixed.append(names[0] if len(names) == 1 else (names or None))
+  return P(*fixed)
+
+
+def shardings(abstract_tree, logical_tree, mesh, rules=DEFAULT_RULES):
+  """A tree of ``NamedSharding`` for ``abstract_tree`` from its logical axis names."""
+  is_spec = lambda x: isinstance(x, P)
+  return jax.tree_util.tree_map(
+      lambda spec, leaf: NamedSharding(mesh, _mesh_spec(leaf.shape, tuple(spec), mesh, rules)),
+      logical_tree, abstract_tree, is_leaf=is_spec)
+
+
+def replicated(mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh, rules=DEFAULT_RULES) -> NamedSharding:
+  """Leading (batch) axis over ``data`` and ``fsdp``; the rest replicated."""
+  return NamedSharding(mesh, nn.logical_to_mesh_axes(("batch",), rules))
+
+
+def global_batch(local_batch: Mapping[str, np.ndarray], mesh, rules=DEFAULT_RULES) -> dict:
+  """This process's slice of a batch -> global arrays sharded along the batch axis."""
+  sharding = batch_sharding(mesh, rules)
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local_batch.items()}
