@@ -1,0 +1,54 @@
+"""Helpers shared by the config files: big_vision-style arguments."""
+from __future__ import annotations
+
+import ml_collections
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+  """``'runlocal,target=S/16'`` -> ConfigDict(runlocal=True, target='S/16') over ``defaults``.
+
+  Values keep the type of their default (bool flags may be given bare).
+  """
+  out = dict(defaults)
+  for part in (arg or "").split(","):
+    if not part:
+      continue
+    key, eq, value = part.partition("=")
+    if key not in defaults:
+      raise ValueError(f"unknown config argument {key!r}; valid: {sorted(defaults)}.")
+    if not eq:
+      out[key] = True
+    elif isinstance(defaults[key], bool):
+      out[key] = value.lower() in ("1", "true", "yes")
+    elif defaults[key] is None:
+      out[key] = value
+    else:
+      out[key] = type(defaults[key])(value)
+  return ml_collections.ConfigDict(out)
+
+
+def model_config(variant: str | None = "B/16", **sizes) -> ml_collections.ConfigDict:
+  """The ViT size: a variant name plus explicit overrides (None = from the variant)."""
+  fields = dict(variant=variant, width=None, depth=None, mlp_dim=None, num_heads=None, patch_size=None,
+                dtype="float32")
+  fields.update(sizes)
+  c = ml_collections.ConfigDict(fields)
+  for name in ("width", "depth", "mlp_dim", "num_heads", "patch_size"):
+    if c[name] is None:
+      c[name] = ml_collections.config_dict.placeholder(int)
+  return c
+
+
+def training_fields(config: ml_collections.ConfigDict, *, total_steps: int, batch_size: int) -> None:
+  """Run length, cadence, checkpoints, mesh: the fields every program shares."""
+  config.seed = 0
+  config.total_steps = total_steps
+  config.batch_size = batch_size
+  config.log_every = 50
+  config.eval_every = 500
+  config.checkpoint_every = 500
+  config.keep_checkpoints = 3
+  config.resume_step = ml_collections.config_dict.placeholder(int)
+  config.overwrite = False
+  config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, model=1))
+  config.dry_run = ml_collections.ConfigDict(dict(topology=ml_collections.config_dict.placeholder(str)))

@@ -1,0 +1,160 @@
+"""Orbax checkpoints: train state + data iterator in the workdir, and exports of plain parameters.
+
+Train checkpoints live in ``WORKDIR/checkpoints/<step>``: the train state (any pytree of global
+arrays, restored onto the shardings the caller asks for) and each process's grain iterator state,
+so a resumed run sees exactly the batches an uninterrupted one would. Orbax writes a step to a
+temporary folder and renames it when complete, so a crash mid-save never leaves a step that looks
+finished.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Mapping
+
+import grain
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint that cannot be used, with what to do about it in the message."""
+
+
+class Checkpointer:
+  """Periodic, asynchronous saves and resume of (state, data iterator) in ``workdir/checkpoints``."""
+
+  def __init__(self, workdir: str, *, every: int, keep: int = 3, async_save: bool = True):
+    self.directory = epath.Path(workdir) / "checkpoints"
+    self.every = int(every)
+    self.manager = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=keep, save_interval_steps=max(self.every, 1), create=True,
+            enable_async_checkpointing=async_save, cleanup_tmp_directories=True),
+        item_names=("state", "data"),
+        item_handlers={"state": ocp.StandardCheckpointHandler(),
+                       "data": grain.checkpoint.CheckpointHandler()})
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return sorted(self.manager.all_steps())
+
+  def save(self, step: int, state, data_iterator, *, force: bool = False) -> bool:
+    """Saves when ``step`` is on the interval (or ``force``); returns whether a save started."""
+    args = {"state": ocp.args.StandardSave(state)}
+    if data_iterator is not None:
+      args["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+    return self.manager.save(step, args=ocp.args.Composite(**args), force=force)
+
+  def restore(self, step: int, abstract_state, data_iterator):
+    """Restores ``step`` onto the shardings of ``abstract_state`` (ShapeDtypeStructs with
+    ``.sharding``); the data iterator is advanced in place to where it was."""
+    args = {"state": ocp.args.StandardRestore(abstract_state)}
+    if data_iterator is not None:
+      args["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+    try:
+      restored = self.manager.restore(step, args=ocp.args.Composite(**args))
+    except Exception as e:  # orbax raises many types; the user needs the folder and a way out
+      earlier = [s for s in self.all_steps() if s < step]
+      hint = (f"rerun with --config.resume_step={earlier[-1]} to resume from the previous checkpoint"
+              if earlier else "remove the folder (or use a new --workdir) to start over")
+      raise CheckpointError(
+          f"checkpoint {self.directory / str(step)} is damaged or incomplete "
+          f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); {hint}.") from e
+    return restored["state"]
+
+  def wait(self):
+    self.manager.wait_until_finished()
+
+  def close(self):
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def abstract_with_shardings(abstract_tree, sharding_tree):
+  return jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                abstract_tree, sharding_tree)
+
+
+# --- exports: plain parameter trees --------------------------------------------------------------
+
+EXPORT_META = "export.json"
+
+
+def export_params(directory: str, params, meta: Mapping[str, Any]) -> None:
+  """Writes ``params`` (a plain nested dict) and a JSON record beside it.
+
+  The JSON is written last (atomically), so a folder with ``export.json`` is a complete export.
+  """
+  path = epath.Path(directory)
+  if (path / EXPORT_META).exists():
+    raise CheckpointError(f"{path} already holds an export; choose another folder.")
+  path.mkdir(parents=True, exist_ok=True)
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(path / "params", params, force=True)
+    ckptr.wait_until_finished()
+  if jax.process_index() == 0:
+    tmp = path / (EXPORT_META + ".tmp")
+    tmp.write_text(json.dumps(dict(meta), indent=2, sort_keys=True, default=str))
+    tmp.rename(path / EXPORT_META)
+
+
+def read_export_meta(directory: str) -> dict:
+  meta = epath.Path(directory) / EXPORT_META
+  if not meta.exists():
+    raise CheckpointError(f"{directory} is not an export (no {EXPORT_META}); give the folder an init "
+                          "program wrote (WORKDIR/<target>/export), or re-run that export.")
+  return json.loads(meta.read_text())
+
+
+def restore_tree(directory: str, abstract_tree):
+  """Restores a StandardCheckpointer tree onto the shapes and shardings of ``abstract_tree``,
+  refusing clearly when the stored shapes differ."""
+  path = epath.Path(directory)
+  with ocp.StandardCheckpointer() as ckptr:
+    stored = ckptr.metadata(path)
+    stored = getattr(stored, "item_metadata", stored)
+    stored = getattr(stored, "tree", stored)
+    want = _flat_shapes(abstract_tree)
+    have = _flat_shapes(stored)
+    if want != have:
+      diff = sorted(set(want.items()) ^ set(have.items()))[:4]
+      raise CheckpointError(
+          f"{directory} holds parameters of another shape than requested; first differences "
+          f"(path, shape): {diff}. Load it with the model config it was exported with.")
+    return ckptr.restore(path, abstract_tree)
+
+
+def _flat_shapes(tree) -> dict[str, tuple]:
+  leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))[0]
+  return {jax.tree_util.keystr(k): tuple(np.shape(v) if not hasattr(v, "shape") else v.shape) for k, v in leaves}
+
+
+def load_params(directory: str, mesh=None, expected_model=None):
+  """Restores an export (plain ViT parameters) onto one device, or sharded onto ``mesh`` by the
+  logical rules. ``expected_model``: a ``ViTConfig`` the export must match (checked first)."""
+  import flax.linen as nn
+  from weit_jax import sharding
+  from weit_jax.models import vit
+
+  meta = read_export_meta(directory)
+  recorded = vit.ViTConfig(**meta["model"])
+  if expected_model is not None:
+    diff = {k: (getattr(recorded, k), getattr(expected_model, k)) for k in vit.SIZE_FIELDS + (
+        "image_size", "channels", "num_classes") if getattr(recorded, k) != getattr(expected_model, k)}
+    if diff:
+      raise CheckpointError(f"export {directory} is a ViT {recorded.short_name()} but the model asked for is "
+                            f"{expected_model.short_name()}; differing fields (export, requested): {diff}.")
+  boxed = jax.eval_shape(vit.ViT(recorded).init, jax.random.key(0), vit.dummy_input(recorded))
+  abstract = nn.unbox(boxed)["params"]
+  if mesh is None:
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree_util.tree_map(lambda _: device, abstract)
+  else:
+    target = sharding.shardings(abstract, nn.get_partition_spec(boxed)["params"], mesh)
+  return restore_tree(epath.Path(directory) / "params", abstract_with_shardings(abstract, target))

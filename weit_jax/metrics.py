@@ -1,0 +1,109 @@
+"""What the user sees: progress lines, metrics as JSON lines and TensorBoard events, and plots.
+
+Only process 0 writes or prints, so a pod run logs once.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Mapping
+
+import jax
+
+
+def is_main() -> bool:
+  return jax.process_index() == 0
+
+
+def log(msg: str) -> None:
+  if is_main():
+    print(msg, flush=True)
+
+
+def _fmt_duration(seconds: float) -> str:
+  if not math.isfinite(seconds):
+    return "?"
+  seconds = int(seconds)
+  h, rem = divmod(seconds, 3600)
+  m, s = divmod(rem, 60)
+  return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+class MetricWriter:
+  """Appends ``{"step": ..., **metrics}`` to ``workdir/metrics.jsonl`` and TensorBoard events."""
+
+  def __init__(self, workdir: str, total_steps: int, start_step: int = 0):
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.total_steps = total_steps
+    self._t0, self._s0 = time.time(), start_step
+    self._tb = None
+    if is_main():
+      from tensorboardX import SummaryWriter  # pure Python: no TensorFlow needed
+      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+  def write(self, step: int, metrics: Mapping[str, float]) -> None:
+    if not is_main():
+      return
+    record = {"step": int(step), **{k: float(v) for k, v in metrics.items()}}
+    with open(self.path, "a") as f:
+      f.write(json.dumps(record) + "\n")
+    for k, v in metrics.items():
+      self._tb.add_scalar(k, float(v), int(step))
+    self._tb.flush()
+
+  def progress(self, step: int, metrics: Mapping[str, float]) -> None:
+    """One line: step, loss, learning rate, steps/s and ETA."""
+    elapsed = time.time() - self._t0
+    rate = (step - self._s0) / elapsed if elapsed > 0 else float("nan")
+    eta = (self.total_steps - step) / rate if rate > 0 else float("nan")
+    parts = [f"step {step:>{len(str(self.total_steps))}}/{self.total_steps}"]
+    parts += [f"{k} {metrics[k]:.4g}" for k in ("loss", "accuracy", "lr") if k in metrics]
+    parts += [f"{rate:.2f} steps/s", f"ETA {_fmt_duration(eta)}"]
+    log(" | ".join(parts))
+
+  def close(self) -> None:
+    if self._tb is not None:
+      self._tb.close()
+
+
+def read_metrics(workdir: str) -> list[dict]:
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_curves(workdir: str, title: str = "") -> str | None:
+  """``workdir/curves.png``: training loss and eval accuracy against step (the last value logged
+  for each step wins, so a resumed run draws one clean curve)."""
+  if not is_main():
+    return None
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  by_step: dict[str, dict[int, float]] = {}
+  for rec in read_metrics(workdir):
+    for k, v in rec.items():
+      if k != "step":
+        by_step.setdefault(k, {})[rec["step"]] = v
+  if not by_step:
+    return None
+  fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+  for ax, keys, label in ((axes[0], ("loss", "eval_loss"), "loss"), (axes[1], ("eval_accuracy",), "eval accuracy")):
+    for k in keys:
+      if k in by_step:
+        steps = sorted(by_step[k])
+        ax.plot(steps, [by_step[k][s] for s in steps], label=k, marker="o" if len(steps) < 30 else None)
+    ax.set_xlabel("step")
+    ax.set_ylabel(label)
+    ax.grid(alpha=0.3)
+    ax.legend()
+  fig.suptitle(title)
+  fig.tight_layout()
+  out = os.path.join(workdir, "curves.png")
+  fig.savefig(out, dpi=110)
+  plt.close(fig)
+  return out

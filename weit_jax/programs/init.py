@@ -1,0 +1,180 @@
+"""Stage 2: initialize models of any size from pre-trained templates, and export them.
+
+For each target size: restore the templates (frozen), build scalers for the target by a heuristic,
+train only the scalers on a little data, materialize the plain parameters inside ``jit`` with the
+target's shardings, and export them (plus the compact templates + scalers form).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+
+from weit_jax import checkpoint, generator, input_pipeline, losses, metrics, optim, scaler_init, sharding, train_loop
+from weit_jax.models import vit
+from weit_jax.programs import pretrain
+
+_ALIASES = {"heads": "num_heads", "mlp": "mlp_dim", "patch": "patch_size"}
+
+
+def parse_targets(spec: str, source: vit.ViTConfig) -> list[dict]:
+  """``'S/16;Ti/16;depth=7,width=320,heads=5'`` -> model field dicts. Fields not given come from the
+  variant, else from the source (auxiliary) model; ``mlp`` defaults to the source's MLP ratio."""
+  targets = []
+  for item in filter(None, (s.strip() for s in spec.split(";"))):
+    fields: dict = {}
+    for part in filter(None, (p.strip() for p in item.split(","))):
+      key, eq, value = part.partition("=")
+      if not eq:
+        fields["variant"] = key
+        continue
+      key = _ALIASES.get(key, key)
+      if key not in vit.SIZE_FIELDS and key != "variant":
+        raise ValueError(f"target {item!r}: unknown field {key!r}; use a variant (e.g. S/16) and/or "
+                         f"depth, width, heads, mlp, patch.")
+      fields[key] = value if key == "variant" else int(value)
+    targets.append(fields)
+  if not targets:
+    raise ValueError("no target size given; set --config.target.variant, or --config.targets='S/16;Ti/16'.")
+  return targets
+
+
+def target_config(fields: dict, source: vit.ViTConfig) -> vit.ViTConfig:
+  fields = dict(fields)
+  variant = fields.pop("variant", None)
+  base = vit.parse_variant(variant) if variant else {k: getattr(source, k) for k in vit.SIZE_FIELDS}
+  base.update(fields)
+  if "width" in fields and "mlp_dim" not in fields and not variant:
+    base["mlp_dim"] = fields["width"] * source.mlp_dim // source.width
+  return vit.make_config(**base, image_size=source.image_size, channels=source.channels,
+                         num_classes=source.num_classes, dtype=source.dtype)
+
+
+def _targets_from_config(config, source: vit.ViTConfig) -> list[vit.ViTConfig]:
+  if config.targets:
+    return [target_config(f, source) for f in parse_targets(config.targets, source)]
+  fields = {k: v for k, v in config.target.items() if v is not None and k != "dtype"}
+  return [target_config(fields, source)]
+
+
+@dataclasses.dataclass
+class Target:
+  model_config: vit.ViTConfig
+  model: vit.ViT
+  gen: generator.WeightGenerator
+  name: str
+
+
+def run(config, workdir: str) -> dict:
+  # ----- validate and load what is shared: templates, data ---------------------------------------
+  if not config.templates:
+    raise ValueError("config.templates is not set; give the pre-training workdir: --config.templates=DIR.")
+  if config.steps < 0 or config.num_examples < 1:
+    raise ValueError(f"steps={config.steps} must be >= 0 and num_examples={config.num_examples} >= 1.")
+  optim.schedule(optim.with_total_steps(config.optim, max(int(config.steps), 1)))  # validates the schedule
+  src_config, src_setup, src_params, src_step = pretrain.restore_templates(config.templates, config.templates_step)
+  source = src_setup.model_config
+  targets = []
+  for cfg in _targets_from_config(config, source):
+    model = vit.ViT(cfg)
+    gen = generator.WeightGenerator.from_model(model, vit.dummy_input(cfg), tiles=dict(src_config.weit.tiles),
+                                               num_templates=int(src_config.weit.num_templates))
+    gen.check_templates(src_params["templates"])
+    targets.append(Target(cfg, model, gen, cfg.short_name()))
+  names = [t.name for t in targets]
+  if len(set(names)) != len(names):
+    raise ValueError(f"targets repeat a size: {names}.")
+  data = src_config.data.copy_and_resolve_references()
+  data.train_split = f"{src_config.data.train_split}[:{int(config.num_examples)}]"
+  input_pipeline.prepare(data)
+  train_loop.guard_workdir(config, workdir)
+  mesh = sharding.make_mesh(dict(config.mesh))
+  templates = jax.device_get(src_params["templates"])
+  metrics.log(f"Templates from {config.templates} (step {src_step}); auxiliary ViT {source.short_name()}; "
+              f"{len(targets)} target(s): {', '.join(names)}.")
+
+  results = {}
+  for target in targets:
+    results[target.name] = _init_one(config, workdir, target, templates, src_setup, src_params, src_step,
+                                     data, mesh)
+  with open(os.path.join(workdir, "targets.json"), "w") as f:
+    json.dump(results, f, indent=2)
+  return results
+
+
+def _init_one(config, workdir, target: Target, templates, src_setup, src_params, src_step, data, mesh) -> dict:
+  tdir = os.path.join(workdir, target.name)
+  export_dir = os.path.join(tdir, "export")
+  if os.path.exists(os.path.join(export_dir, checkpoint.EXPORT_META)):
+    metrics.log(f"[{target.name}] already exported in {export_dir}; skipping.")
+    return checkpoint.read_export_meta(export_dir)["scaler_training"]
+  gen, cfg = target.gen, target.model_config
+  counts = gen.counts()
+  metrics.log(f"[{target.name}] {counts['materialized']:,} weights, {counts['scalers']:,} trainable scalers "
+              f"(heuristic {config.scaler_init}).")
+
+  # ----- scalers by heuristic ----------------------------------------------------------------------
+  stats = generator.param_stats(target.model, vit.dummy_input(cfg))
+  scalers = scaler_init.init_scalers(
+      config.scaler_init, gen, templates, key=jax.random.key(int(config.seed)), target_stats=stats,
+      source=src_setup.gen, source_scalers=jax.device_get(src_params["scalers"]),
+      source_stats=generator.param_stats(src_setup.model, vit.dummy_input(src_setup.model_config)))
+
+  # ----- train only the scalers --------------------------------------------------------------------
+  def forward(params, images):
+    return target.model.apply({"params": gen.materialize(params["templates"], params["scalers"])}, images)
+
+  def loss_fn(params, batch, key):
+    del key
+    logits = forward(params, batch["image"])
+    return losses.softmax_cross_entropy(logits, batch["labels"], config.label_smoothing), {
+        "accuracy": jnp.mean(losses.accuracy(logits, batch["labels"]))}
+
+  loop_config = config.copy_and_resolve_references()
+  with loop_config.unlocked():
+    loop_config.total_steps = max(int(config.steps), 1)
+  optim_config = optim.with_total_steps(config.optim, loop_config.total_steps)
+  initial = {"templates": templates, "scalers": scalers}
+  tx = optim.make_optimizer(optim_config, initial, weight_decay={"scalers": config.scaler_wd},
+                            frozen="^templates/")
+  task = train_loop.Task(init_params=lambda key: initial, param_axes={
+      "templates": gen.template_axes(), "scalers": gen.scaler_axes()}, loss_fn=loss_fn, logits_fn=forward,
+      optimizer=tx, lr_schedule=optim.schedule(optim_config))
+  make_eval_iter = lambda: input_pipeline.make_eval_iterator(data, global_batch_size=config.batch_size)
+  _, shardings = train_loop.state_shardings(task, mesh)
+  eval_step = train_loop.make_eval_step(task, shardings["params"], sharding.batch_sharding(mesh), mesh)
+  before = train_loop.evaluate(eval_step, jax.device_put(initial, shardings["params"]), make_eval_iter(), mesh)
+  metrics.log(f"[{target.name}] accuracy before scaler training: {before['eval_accuracy']:.4f}")
+  if config.steps > 0:
+    train_iter = input_pipeline.make_train_iterator(data, global_batch_size=config.batch_size, seed=config.seed)
+    summary = train_loop.run(loop_config, tdir, task, mesh=mesh, train_iter=train_iter,
+                             make_eval_iter=make_eval_iter, initial_params=initial,
+                             title=f"scaler training {target.name}")
+    params, after = summary.pop("params"), summary["eval_accuracy"]
+  else:
+    params, after = jax.device_put(initial, shardings["params"]), before["eval_accuracy"]
+
+  # ----- materialize with the target's shardings, export -------------------------------------------
+  out_sh = sharding.shardings(gen.param_shapes(), gen.param_axes(), mesh)
+  plain = jax.jit(gen.materialize, out_shardings=out_sh)(params["templates"], params["scalers"])
+  record = dict(
+      model=dataclasses.asdict(cfg),
+      template_source=dict(workdir=os.path.abspath(config.templates), step=int(src_step)),
+      scaler_training=dict(heuristic=config.scaler_init, steps=int(config.steps),
+                           num_examples=int(config.num_examples), batch_size=int(config.batch_size),
+                           lr=float(config.optim.lr), seed=int(config.seed),
+                           accuracy_before=before["eval_accuracy"], accuracy_after=after),
+      params=counts)
+  checkpoint.export_params(export_dir, plain, record)
+  checkpoint.export_params(os.path.join(tdir, "compact"),
+                           {"templates": params["templates"], "scalers": params["scalers"]},
+                           dict(record, tiles=dict(gen.tiles), num_templates=gen.num_templates, form="compact"))
+  metrics.log(f"[{target.name}] accuracy after scaler training: {after:.4f}; exported to {export_dir}")
+  return record["scaler_training"]

@@ -1,0 +1,254 @@
+"""The one training loop every program uses: sharded state, jitted step, eval, checkpoints, resume,
+progress, metrics, plots, SIGTERM handling and divergence checks.
+
+A program describes *what* is trained with a ``Task``; this module does the rest.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import time
+from typing import Any, Callable, Iterable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from weit_jax import checkpoint, metrics, sharding
+from weit_jax.losses import accuracy, softmax_cross_entropy
+
+
+class DivergenceError(RuntimeError):
+  pass
+
+
+@dataclasses.dataclass
+class Task:
+  """What a program trains.
+
+  init_params: key -> trainable tree (traced under jit).
+  param_axes: logical axis names (PartitionSpec) per leaf of the trainable tree.
+  loss_fn: (params, batch, key) -> (scalar loss, dict of scalar metrics).
+  logits_fn: (params, images) -> logits, for eval.
+  optimizer: the optax transformation (with its schedule for logging).
+  lr_schedule: step -> learning rate, for logging.
+  """
+  init_params: Callable[[jax.Array], Any]
+  param_axes: Any
+  loss_fn: Callable[..., tuple[jnp.ndarray, Mapping[str, jnp.ndarray]]]
+  logits_fn: Callable[[Any, jnp.ndarray], jnp.ndarray]
+  optimizer: optax.GradientTransformation
+  lr_schedule: Callable[[Any], Any]
+
+
+# --- workdir guard --------------------------------------------------------------------------------
+
+# Fields that may change between a run and its resume (length, logging cadence, this guard itself).
+RESUMABLE_FIELDS = ("total_steps", "checkpoint_every", "keep_checkpoints", "eval_every", "log_every",
+                    "overwrite", "resume_step", "dry_run")
+
+
+def guard_workdir(config, workdir: str) -> None:
+  """Refuses a workdir that holds a run of a different config (unless ``config.overwrite``);
+  records this config otherwise. Called before anything compiles."""
+  path = os.path.join(workdir, "config.json")
+  current = json.loads(config.to_json_best_effort())
+  comparable = lambda c: {k: v for k, v in c.items() if k not in RESUMABLE_FIELDS}
+  if os.path.exists(path):
+    with open(path) as f:
+      previous = json.load(f)
+    if comparable(previous) != comparable(current) and not config.get("overwrite", False):
+      diff = sorted(k for k in set(previous) | set(current) if previous.get(k) != current.get(k)
+                    and k not in RESUMABLE_FIELDS)
+      raise ValueError(f"workdir {workdir} holds a run of a different config (fields {diff} differ); "
+                       "use another --workdir, or --config.overwrite=True to start it over.")
+    if comparable(previous) != comparable(current):  # overwrite: the old checkpoints must not resume
+      import shutil
+      shutil.rmtree(os.path.join(workdir, "checkpoints"), ignore_errors=True)
+      for name in ("metrics.jsonl",):
+        if os.path.exists(os.path.join(workdir, name)):
+          os.remove(os.path.join(workdir, name))
+  if metrics.is_main():
+    os.makedirs(workdir, exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+      json.dump(current, f, indent=2, sort_keys=True)
+    os.replace(path + ".tmp", path)
+
+
+# --- state ----------------------------------------------------------------------------------------
+
+def state_shardings(task: Task, mesh):
+  """Abstract train state and its shardings: params from the logical rules, optimizer slots like
+  their parameters, everything else replicated."""
+  abstract_params = jax.eval_shape(task.init_params, jax.random.key(0))
+  param_sh = sharding.shardings(abstract_params, task.param_axes, mesh)
+  abstract_opt = jax.eval_shape(task.optimizer.init, abstract_params)
+  repl = sharding.replicated(mesh)
+  opt_sh = optax.tree_map_params(task.optimizer, lambda _, s: s, abstract_opt, param_sh,
+                                 transform_non_params=lambda _: repl)
+  abstract = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": abstract_params, "opt_state": abstract_opt}
+  shardings = {"step": repl, "params": param_sh, "opt_state": opt_sh}
+  return abstract, shardings
+
+
+def make_init_state(task: Task, shardings, with_initial_params: bool = False):
+  """Jitted ``key[, params] -> state``; given params are passed as arguments (never baked into the
+  program as constants)."""
+  def init(key, params=None):
+    params = task.init_params(key) if params is None else params
+    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": task.optimizer.init(params)}
+  if with_initial_params:
+    return jax.jit(init, in_shardings=(sharding.replicated(shardings["step"].mesh), shardings["params"]),
+                   out_shardings=shardings)
+  return jax.jit(init, out_shardings=shardings)
+
+
+def make_train_step(task: Task, shardings, batch_sharding, mesh):
+  repl = sharding.replicated(mesh)
+
+  def step_fn(state, batch, key):
+    key = jax.random.fold_in(key, state["step"])
+    (loss, aux), grads = jax.value_and_grad(task.loss_fn, has_aux=True)(state["params"], batch, key)
+    updates, opt_state = task.optimizer.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    out = dict(aux, loss=loss, grad_norm=optax.global_norm(grads), lr=task.lr_schedule(state["step"]))
+    return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, out
+
+  return jax.jit(step_fn, in_shardings=(shardings, batch_sharding, repl),
+                 out_shardings=(shardings, repl), donate_argnums=0)
+
+
+def make_eval_step(task: Task, param_shardings, batch_sharding, mesh):
+  def eval_fn(params, batch):
+    logits = task.logits_fn(params, batch["image"])
+    per_example_loss = -jnp.sum(batch["labels"] * jax.nn.log_softmax(logits), -1)
+    mask = batch["mask"]
+    return {"correct": jnp.sum(accuracy(logits, batch["labels"]) * mask),
+            "loss": jnp.sum(per_example_loss * mask), "count": jnp.sum(mask)}
+  return jax.jit(eval_fn, in_shardings=(param_shardings, batch_sharding),
+                 out_shardings=sharding.replicated(mesh))
+
+
+def evaluate(eval_step, params, eval_batches: Iterable[Mapping[str, np.ndarray]], mesh) -> dict[str, float]:
+  totals = {"correct": 0.0, "loss": 0.0, "count": 0.0}
+  for local in eval_batches:
+    out = jax.device_get(eval_step(params, sharding.global_batch(local, mesh)))
+    for k in totals:
+      totals[k] += float(out[k])
+  n = max(totals["count"], 1.0)
+  return {"eval_accuracy": totals["correct"] / n, "eval_loss": totals["loss"] / n}
+
+
+# --- the loop -------------------------------------------------------------------------------------
+
+class _Preemption:
+  """SIGTERM (a TPU maintenance event, a scheduler) -> save a checkpoint, then exit cleanly."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not the main thread (e.g. inside some test runners): nothing to install
+      self._previous = None
+    return self
+
+  def _handle(self, signum, frame):
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def run(config, workdir: str, task: Task, *, mesh, train_iter, make_eval_iter, initial_params=None,
+        summary_extra: Mapping[str, Any] | None = None, title: str = "") -> dict:
+  """Trains ``task`` for ``config.total_steps`` steps in ``workdir``; resumes if a checkpoint exists.
+
+  Returns the summary dict (also written to ``workdir/summary.json``) with ``params`` added.
+  """
+  t_start = time.time()
+  total = int(config.total_steps)
+  abstract, shardings = state_shardings(task, mesh)
+  batch_sh = sharding.batch_sharding(mesh)
+  ckpt = checkpoint.Checkpointer(workdir, every=int(config.checkpoint_every),
+                                 keep=int(config.get("keep_checkpoints", 3)))
+  data_iter = iter(train_iter)
+
+  # ----- state: resume or start ------------------------------------------------------------------
+  resume_step = config.get("resume_step") or ckpt.latest_step()
+  if resume_step is not None and resume_step not in ckpt.all_steps():
+    raise ValueError(f"resume_step={resume_step} is not a checkpoint in {ckpt.directory}; "
+                     f"available: {ckpt.all_steps()}.")
+  if resume_step is not None:
+    state = ckpt.restore(resume_step, checkpoint.abstract_with_shardings(abstract, shardings), data_iter)
+    metrics.log(f"Resuming from step {resume_step} (checkpoint {ckpt.directory / str(resume_step)}).")
+  else:
+    key = jax.random.key(int(config.seed))
+    if initial_params is None:
+      state = make_init_state(task, shardings)(key)
+    else:
+      state = make_init_state(task, shardings, True)(key, initial_params)
+    metrics.log(f"Starting a new run in {workdir}.")
+  start = int(jax.device_get(state["step"]))
+
+  train_step = make_train_step(task, shardings, batch_sh, mesh)
+  eval_step = make_eval_step(task, shardings["params"], batch_sh, mesh)
+  writer = metrics.MetricWriter(workdir, total, start)
+  log_every, eval_every = int(config.log_every), int(config.get("eval_every") or 0)
+  step_key = jax.random.key(int(config.seed) + 1)
+  last = {}
+
+  # ----- train -----------------------------------------------------------------------------------
+  try:
+    with _Preemption() as preemption:
+      step = start
+      while step < total:
+        batch = sharding.global_batch(next(data_iter), mesh)
+        state, out = train_step(state, batch, step_key)
+        step += 1
+        if step % log_every == 0 or step == total or step == start + 1:
+          out = {k: float(v) for k, v in jax.device_get(out).items()}
+          if not (np.isfinite(out["loss"]) and np.isfinite(out["grad_norm"])):
+            raise DivergenceError(
+                f"training diverged at step {step}: loss={out['loss']}, grad_norm={out['grad_norm']}; "
+                f"the last good checkpoint ({ckpt.latest_step()}) is kept. Lower optim.lr or raise "
+                "optim.warmup_steps, then rerun the same command to resume from it.")
+          writer.write(step, out)
+          writer.progress(step, out)
+          last.update(out)
+        if eval_every and step % eval_every == 0 and step != total:
+          ev = evaluate(eval_step, state["params"], make_eval_iter(), mesh)
+          writer.write(step, ev)
+          metrics.log(f"  eval @ {step}: accuracy {ev['eval_accuracy']:.4f}, loss {ev['eval_loss']:.4f}")
+        ckpt.save(step, state, data_iter, force=step == total)
+        if preemption.requested:
+          ckpt.save(step, state, data_iter, force=True)
+          ckpt.wait()
+          metrics.log(f"SIGTERM received: saved a checkpoint at step {step}; rerun the same command to resume.")
+          raise SystemExit(143)
+  finally:
+    ckpt.close()
+    writer.close()
+
+  # ----- summary ---------------------------------------------------------------------------------
+  ev = evaluate(eval_step, state["params"], make_eval_iter(), mesh)
+  writer = metrics.MetricWriter(workdir, total, total)
+  writer.write(total, ev)
+  writer.close()
+  wall = time.time() - t_start
+  summary = dict(summary_extra or {}, final_step=total, eval_accuracy=ev["eval_accuracy"],
+                 eval_loss=ev["eval_loss"], final_train_loss=last.get("loss"), wall_time_s=round(wall, 1),
+                 resumed_from=resume_step)
+  if metrics.is_main():
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+      json.dump(summary, f, indent=2, default=str)
+  plot = metrics.plot_curves(workdir, title)
+  metrics.log(f"Done: step {total}, eval accuracy {ev['eval_accuracy']:.4f}, eval loss {ev['eval_loss']:.4f}, "
+              f"wall time {wall:.0f}s. Curves: {plot}")
+  return dict(summary, params=state["params"])
