@@ -20,7 +20,6 @@ def get_config(arg=None):
   config.templates = config_dict.placeholder(str)  # the pre-training workdir
   config.templates_step = config_dict.placeholder(int)  # default: its latest checkpoint
   config.target = common.model_config(arg.target)  # --config.target.depth=7 etc. override the variant
-  config.target.pop("dtype")
   config.targets = ""  # several sizes at once: 'S/16;Ti/16;depth=7,width=320,heads=5'
   config.scaler_init = "interpolate"  # or 'random'
   config.num_examples = 50_000  # how much training data the scalers see
@@ -37,7 +36,6 @@ def get_config(arg=None):
 
   if arg.runlocal:
     config.target = common.model_config(arg.target if arg.target != "S/16" else "mu/4")
-    config.target.pop("dtype")
     config.num_examples = 2000
     config.steps = 100
     config.batch_size = 128

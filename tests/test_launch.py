@@ -2,6 +2,7 @@
 commands in order, stops at the first failure and collects one log per worker (a fake gcloud on
 PATH stands in for the real one: no network, no TPU)."""
 import importlib.util
+import json
 import os
 import shlex
 import subprocess
@@ -23,9 +24,14 @@ ENV_VARS = ("WEIT_PROJECT", "WEIT_ZONE", "WEIT_NAME", "WEIT_ACCELERATOR_TYPE",
 
 
 @pytest.fixture(autouse=True)
-def _clean_env(monkeypatch):
+def _clean_env(monkeypatch, tmp_path_factory):
   for var in ENV_VARS:
     monkeypatch.delenv(var, raising=False)
+  # A real gcloud may be installed: shadow it so that no test can ever reach a real project.
+  guard = tmp_path_factory.mktemp("guard")
+  (guard / "gcloud").write_text("#!/bin/sh\necho 'a test reached gcloud' >&2\nexit 99\n")
+  (guard / "gcloud").chmod(0o755)
+  monkeypatch.setenv("PATH", f"{guard}{os.pathsep}{os.environ['PATH']}")
 
 
 def call(argv):
@@ -38,7 +44,7 @@ def call(argv):
 
 def dry(argv, capsys):
   """Dry-run argv; returns the printed commands, each split back into its arguments."""
-  rc = call(argv + ["--dry-run"])
+  rc = call(argv[:1] + ["--dry-run"] + argv[1:])  # before any '--' that starts the command
   out, err = capsys.readouterr()
   assert rc == 0, err
   return [shlex.split(line) for line in out.splitlines()]
@@ -323,7 +329,7 @@ def test_worker_count_in_dry_run(acc, n, capsys):
       "python", "main.py", "--workdir=gs://b/x"], "already has one"),
 ])
 def test_bad_input_is_refused_with_a_message(argv, message, capsys):
-  rc = call(argv + ["--dry-run"])
+  rc = call(argv[:1] + ["--dry-run"] + argv[1:])
   out, err = capsys.readouterr()
   assert rc == 2
   assert message in err
@@ -346,7 +352,7 @@ def test_command_line_dry_run_matches_in_process(monkeypatch, capsys):
   env["WEIT_BUCKET"] = "gs://env-bucket"
   argv = ["run", *WHERE, "--accelerator-type=v5litepod-16", "--", "python", "main.py",
           "--config=configs/vit_pretrain.py"]
-  proc = subprocess.run([sys.executable, SCRIPT, *argv, "--dry-run"], capture_output=True,
+  proc = subprocess.run([sys.executable, SCRIPT, argv[0], "--dry-run", *argv[1:]], capture_output=True,
                         text=True, env=env)
   assert proc.returncode == 0, proc.stderr
   lines = proc.stdout.splitlines()
@@ -389,7 +395,7 @@ case " $* " in
   *" $FAKE_FAIL "*) echo "fake failure" >&2; exit 7 ;;
 esac
 case "$*" in
-  *"tpu-vm describe"*) echo '{"networkEndpoints": [{"ipAddress": "10.0.0.1"}, {"ipAddress": "10.0.0.2"}, {"ipAddress": "10.0.0.3"}]}' ;;
+  *"tpu-vm describe"*) printf '%s\n' "$FAKE_DESCRIBE" ;;
   *"tpu-vm ssh"*)
     for a in "$@"; do case "$a" in --worker=*) w="${a#--worker=}" ;; esac; done
     echo "hello from worker $w"
@@ -413,6 +419,8 @@ def fake_gcloud(tmp_path, monkeypatch):
   monkeypatch.setenv("FAKE_LOG", str(log))
   monkeypatch.setenv("FAKE_FAIL", "no-such-word")
   monkeypatch.setenv("FAKE_FAIL_WORKER", "none")
+  monkeypatch.setenv("FAKE_DESCRIBE", json.dumps(
+      {"networkEndpoints": [{"ipAddress": f"10.0.0.{i}"} for i in range(3)]}))
 
   def calls():
     if not log.exists():
@@ -488,3 +496,24 @@ def test_real_run_reports_a_failing_describe(fake_gcloud, monkeypatch, tmp_path,
   assert "command failed with exit status 7: gcloud compute tpus tpu-vm describe weit-pod" in err
   assert len(fake_gcloud()) == 1
 
+
+
+def test_real_run_counts_vms_not_endpoints_with_several_networks(fake_gcloud, monkeypatch,
+                                                                 tmp_path, capsys):
+  # Two VMs on two networks: four endpoints, two workers (gcloud's own --worker rule).
+  monkeypatch.setenv("FAKE_DESCRIBE", json.dumps({
+      "networkConfigs": [{"network": "a"}, {"network": "b"}],
+      "networkEndpoints": [{"ipAddress": ip} for ip in ("1", "2", "3", "4")]}))
+  rc = call([*RUN, f"--log-dir={tmp_path}", "--", "true"])
+  capsys.readouterr()
+  assert rc == 0
+  assert sorted(flag(c, "worker") for c in fake_gcloud()[1:]) == ["0", "1"]
+
+
+def test_real_run_refuses_a_node_without_workers(fake_gcloud, monkeypatch, tmp_path, capsys):
+  monkeypatch.setenv("FAKE_DESCRIBE", json.dumps({"state": "CREATING"}))
+  rc = call([*RUN, f"--log-dir={tmp_path}", "--", "true"])
+  err = capsys.readouterr().err
+  assert rc == 1
+  assert "has no workers yet" in err
+  assert len(fake_gcloud()) == 1  # no ssh attempted

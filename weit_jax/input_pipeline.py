@@ -91,7 +91,8 @@ def default_data_config(name: str) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       name=name,
       data_dir=config_dict.placeholder(str),  # None: TFDS's default (TFDS_DATA_DIR or ~/tensorflow_datasets)
-      idx_dir=fashion_mnist_local.DEFAULT_IDX_DIR if name == "fashion_mnist_local" else config_dict.placeholder(str),
+      idx_dir=(fashion_mnist_local.DEFAULT_IDX_DIR if name == "fashion_mnist_local"
+               else config_dict.placeholder(str)),  # only fashion_mnist_local reads it
       train_split=info.train_split,  # TFDS slicing works: 'train[:1000]', 'train[:10%]'
       eval_split=info.eval_split,
       image_size=info.image_size,
@@ -252,7 +253,7 @@ def _geometry(image: np.ndarray, size: int, fraction: float) -> np.ndarray:
 
 def _normalize(image: np.ndarray, mean, std) -> np.ndarray:
   mean, std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
-  return (image.astype(np.float32) / 256.0 - mean) / std
+  return (image.astype(np.float32) / 255.0 - mean) / std
 
 
 def _decode(element: Mapping[str, Any]) -> tuple[np.ndarray, int]:
@@ -395,7 +396,8 @@ def make_eval_iterator(data_config: Any, *, global_batch_size: int, split: str |
   source = _open(data_config, split or o.eval_split)
   padded = _PaddedSource(source, -(-len(source) // global_batch_size) * global_batch_size)
   # Shards are contiguous and equal (len(padded) is a multiple of the shard count).
-  sampler = grain.samplers.IndexSampler(num_records=len(padded), shard_options=shard, shuffle=False, num_epochs=1)
+  sampler = grain.samplers.IndexSampler(num_records=len(padded), shard_options=shard, shuffle=False,
+                                        num_epochs=1)
   operations = [
       _EvalPreprocess(info.num_classes, int(o.image_size), float(o.center_crop_fraction), tuple(o.mean),
                       tuple(o.std)),

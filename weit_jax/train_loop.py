@@ -87,11 +87,27 @@ def state_shardings(task: Task, mesh):
   param_sh = sharding.shardings(abstract_params, task.param_axes, mesh)
   abstract_opt = jax.eval_shape(task.optimizer.init, abstract_params)
   repl = sharding.replicated(mesh)
-  opt_sh = optax.tree_map_params(task.optimizer, lambda _, s: s, abstract_opt, param_sh,
-                                 transform_non_params=lambda _: repl)
+  opt_sh = _like_params(abstract_opt, abstract_params, param_sh, repl)
   abstract = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": abstract_params, "opt_state": abstract_opt}
   shardings = {"step": repl, "params": param_sh, "opt_state": opt_sh}
   return abstract, shardings
+
+
+def _like_params(tree, abstract_params, param_sh, default):
+  """Shardings for optimizer state: a leaf whose path ends with a parameter's path and has its
+  shape (Adam's moments, under any wrapper) is sharded like it; the rest (counts) get ``default``."""
+  by_path = {}
+  for (path, leaf), sh in zip(jax.tree_util.tree_flatten_with_path(abstract_params)[0],
+                              jax.tree_util.tree_leaves(param_sh)):
+    by_path[jax.tree_util.keystr(path)] = (leaf.shape, sh)
+
+  def pick(path, leaf):
+    key = jax.tree_util.keystr(path)
+    for suffix, (shape, sh) in by_path.items():
+      if key.endswith(suffix) and tuple(leaf.shape) == tuple(shape):
+        return sh
+    return default
+  return jax.tree_util.tree_map_with_path(pick, tree)
 
 
 def make_init_state(task: Task, shardings, with_initial_params: bool = False):
