@@ -23,6 +23,8 @@ def main(argv):
   del argv
   import jax
   from weit_jax import checkpoint, distributed
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # library INFO chatter hides the progress lines
   config = flags.FLAGS.config
   distributed.initialize(config)
   if config.program not in PROGRAMS:
@@ -31,7 +33,7 @@ def main(argv):
     from weit_jax import dry_run
     return dry_run.run(config)
   program = importlib.import_module(f"weit_jax.programs.{config.program}")
-  program.run(config, os.path.abspath(os.path.expanduser(flags.FLAGS.workdir)))
+  program.run(config, checkpoint.absolute(flags.FLAGS.workdir))
 
 
 def _run():

@@ -19,6 +19,11 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 
+def absolute(path: str) -> str:
+  """Local paths made absolute; object-store URLs (``gs://...``) as they are."""
+  return path if "://" in path else os.path.abspath(os.path.expanduser(path))
+
+
 class CheckpointError(RuntimeError):
   """A checkpoint that cannot be used, with what to do about it in the message."""
 

@@ -4,13 +4,14 @@ Only process 0 writes or prints, so a pod run logs once.
 """
 from __future__ import annotations
 
+import io
 import json
 import math
-import os
 import time
 from typing import Mapping
 
 import jax
+from etils import epath
 
 
 def is_main() -> bool:
@@ -35,26 +36,33 @@ class MetricWriter:
   """Appends ``{"step": ..., **metrics}`` to ``workdir/metrics.jsonl`` and TensorBoard events."""
 
   def __init__(self, workdir: str, total_steps: int, start_step: int = 0):
-    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.path = epath.Path(workdir) / "metrics.jsonl"
     self.total_steps = total_steps
-    self._t0, self._s0 = time.time(), start_step
+    self._t0, self._s0, self._first = time.time(), start_step, True
     self._tb = None
     if is_main():
       from tensorboardX import SummaryWriter  # pure Python: no TensorFlow needed
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      self._tb = SummaryWriter(str(epath.Path(workdir) / "tensorboard"))
 
   def write(self, step: int, metrics: Mapping[str, float]) -> None:
     if not is_main():
       return
     record = {"step": int(step), **{k: float(v) for k, v in metrics.items()}}
-    with open(self.path, "a") as f:
-      f.write(json.dumps(record) + "\n")
+    line = json.dumps(record) + "\n"
+    try:
+      with self.path.open("a") as f:
+        f.write(line)
+    except (ValueError, NotImplementedError, OSError):  # object stores (gs://) cannot append
+      self.path.write_text((self.path.read_text() if self.path.exists() else "") + line)
     for k, v in metrics.items():
       self._tb.add_scalar(k, float(v), int(step))
     self._tb.flush()
 
   def progress(self, step: int, metrics: Mapping[str, float]) -> None:
-    """One line: step, loss, learning rate, steps/s and ETA."""
+    """One line: step, loss, learning rate, steps/s and ETA (timed from the first step on, so
+    compilation does not distort the rate)."""
+    if self._s0 is None or step <= self._s0 + 1 and self._first:
+      self._t0, self._s0, self._first = time.time(), step, False
     elapsed = time.time() - self._t0
     rate = (step - self._s0) / elapsed if elapsed > 0 else float("nan")
     eta = (self.total_steps - step) / rate if rate > 0 else float("nan")
@@ -69,11 +77,10 @@ class MetricWriter:
 
 
 def read_metrics(workdir: str) -> list[dict]:
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
+  path = epath.Path(workdir) / "metrics.jsonl"
+  if not path.exists():
     return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def plot_curves(workdir: str, title: str = "") -> str | None:
@@ -103,7 +110,9 @@ def plot_curves(workdir: str, title: str = "") -> str | None:
     ax.legend()
   fig.suptitle(title)
   fig.tight_layout()
-  out = os.path.join(workdir, "curves.png")
-  fig.savefig(out, dpi=110)
+  out = epath.Path(workdir) / "curves.png"
+  buf = io.BytesIO()
+  fig.savefig(buf, format="png", dpi=110)
+  out.write_bytes(buf.getvalue())
   plt.close(fig)
-  return out
+  return str(out)

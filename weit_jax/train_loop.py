@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import signal
 import time
 from typing import Any, Callable, Iterable, Mapping
@@ -16,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from etils import epath
 
 from weit_jax import checkpoint, metrics, sharding
 from weit_jax.losses import accuracy, softmax_cross_entropy
@@ -53,29 +53,30 @@ RESUMABLE_FIELDS = ("total_steps", "checkpoint_every", "keep_checkpoints", "eval
 
 def guard_workdir(config, workdir: str) -> None:
   """Refuses a workdir that holds a run of a different config (unless ``config.overwrite``);
-  records this config otherwise. Called before anything compiles."""
-  path = os.path.join(workdir, "config.json")
+  records this config otherwise. Called before anything compiles. Local or ``gs://`` paths."""
+  wd = epath.Path(workdir)
+  path = wd / "config.json"
   current = json.loads(config.to_json_best_effort())
   comparable = lambda c: {k: v for k, v in c.items() if k not in RESUMABLE_FIELDS}
-  if os.path.exists(path):
-    with open(path) as f:
-      previous = json.load(f)
-    if comparable(previous) != comparable(current) and not config.get("overwrite", False):
-      diff = sorted(k for k in set(previous) | set(current) if previous.get(k) != current.get(k)
-                    and k not in RESUMABLE_FIELDS)
-      raise ValueError(f"workdir {workdir} holds a run of a different config (fields {diff} differ); "
-                       "use another --workdir, or --config.overwrite=True to start it over.")
-    if comparable(previous) != comparable(current):  # overwrite: the old checkpoints must not resume
-      import shutil
-      shutil.rmtree(os.path.join(workdir, "checkpoints"), ignore_errors=True)
-      for name in ("metrics.jsonl",):
-        if os.path.exists(os.path.join(workdir, name)):
-          os.remove(os.path.join(workdir, name))
+  if path.exists():
+    previous = json.loads(path.read_text())
+    if comparable(previous) != comparable(current):
+      diff = sorted(k for k in set(previous) | set(current)
+                    if previous.get(k) != current.get(k) and k not in RESUMABLE_FIELDS)
+      if not config.get("overwrite", False):
+        raise ValueError(f"workdir {workdir} holds a run of a different config (fields {diff} differ); "
+                         "use another --workdir, or --config.overwrite=True to start it over.")
+      if metrics.is_main():  # overwrite: the old run must not be resumed or plotted
+        for name in ("checkpoints", "metrics.jsonl", "summary.json", "tensorboard"):
+          if (wd / name).is_dir():
+            (wd / name).rmtree()
+          elif (wd / name).exists():
+            (wd / name).unlink()
   if metrics.is_main():
-    os.makedirs(workdir, exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-      json.dump(current, f, indent=2, sort_keys=True)
-    os.replace(path + ".tmp", path)
+    wd.mkdir(parents=True, exist_ok=True)
+    tmp = wd / "config.json.tmp"
+    tmp.write_text(json.dumps(current, indent=2, sort_keys=True))
+    tmp.replace(path)
 
 
 # --- state ----------------------------------------------------------------------------------------
@@ -130,7 +131,7 @@ def make_train_step(task: Task, shardings, batch_sharding, mesh):
     (loss, aux), grads = jax.value_and_grad(task.loss_fn, has_aux=True)(state["params"], batch, key)
     updates, opt_state = task.optimizer.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
-    out = dict(aux, loss=loss, grad_norm=optax.global_norm(grads), lr=task.lr_schedule(state["step"]))
+    out = dict(aux, loss=loss, grad_norm=optax.tree.norm(grads), lr=task.lr_schedule(state["step"]))
     return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, out
 
   return jax.jit(step_fn, in_shardings=(shardings, batch_sharding, repl),
@@ -242,9 +243,9 @@ def run(config, workdir: str, task: Task, *, mesh, train_iter, make_eval_iter, i
           ev = evaluate(eval_step, state["params"], make_eval_iter(), mesh)
           writer.write(step, ev)
           metrics.log(f"  eval @ {step}: accuracy {ev['eval_accuracy']:.4f}, loss {ev['eval_loss']:.4f}")
-        ckpt.save(step, state, data_iter, force=step == total)
-        if preemption.requested:
+        if step % ckpt.every == 0 or step == total or preemption.requested:
           ckpt.save(step, state, data_iter, force=True)
+        if preemption.requested:
           ckpt.wait()
           metrics.log(f"SIGTERM received: saved a checkpoint at step {step}; rerun the same command to resume.")
           raise SystemExit(143)
@@ -262,8 +263,7 @@ def run(config, workdir: str, task: Task, *, mesh, train_iter, make_eval_iter, i
                  eval_loss=ev["eval_loss"], final_train_loss=last.get("loss"), wall_time_s=round(wall, 1),
                  resumed_from=resume_step)
   if metrics.is_main():
-    with open(os.path.join(workdir, "summary.json"), "w") as f:
-      json.dump(summary, f, indent=2, default=str)
+    (epath.Path(workdir) / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
   plot = metrics.plot_curves(workdir, title)
   metrics.log(f"Done: step {total}, eval accuracy {ev['eval_accuracy']:.4f}, eval loss {ev['eval_loss']:.4f}, "
               f"wall time {wall:.0f}s. Curves: {plot}")

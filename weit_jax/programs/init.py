@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +16,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from weit_jax.checkpoint import absolute
 from weit_jax import checkpoint, generator, input_pipeline, losses, metrics, optim, scaler_init, sharding, train_loop
 from weit_jax.models import vit
 from weit_jax.programs import pretrain
@@ -104,15 +104,15 @@ def run(config, workdir: str) -> dict:
   for target in targets:
     results[target.name] = _init_one(config, workdir, target, templates, src_setup, src_params, src_step,
                                      data, mesh)
-  with open(os.path.join(workdir, "targets.json"), "w") as f:
-    json.dump(results, f, indent=2)
+  if metrics.is_main():
+    (epath.Path(workdir) / "targets.json").write_text(json.dumps(results, indent=2))
   return results
 
 
 def _init_one(config, workdir, target: Target, templates, src_setup, src_params, src_step, data, mesh) -> dict:
-  tdir = os.path.join(workdir, target.name)
-  export_dir = os.path.join(tdir, "export")
-  if os.path.exists(os.path.join(export_dir, checkpoint.EXPORT_META)):
+  tdir = str(epath.Path(workdir) / target.name)
+  export_dir = str(epath.Path(tdir) / "export")
+  if (epath.Path(export_dir) / checkpoint.EXPORT_META).exists():
     metrics.log(f"[{target.name}] already exported in {export_dir}; skipping.")
     return checkpoint.read_export_meta(export_dir)["scaler_training"]
   gen, cfg = target.gen, target.model_config
@@ -166,14 +166,14 @@ def _init_one(config, workdir, target: Target, templates, src_setup, src_params,
   plain = jax.jit(gen.materialize, out_shardings=out_sh)(params["templates"], params["scalers"])
   record = dict(
       model=dataclasses.asdict(cfg),
-      template_source=dict(workdir=os.path.abspath(config.templates), step=int(src_step)),
+      template_source=dict(workdir=absolute(config.templates), step=int(src_step)),
       scaler_training=dict(heuristic=config.scaler_init, steps=int(config.steps),
                            num_examples=int(config.num_examples), batch_size=int(config.batch_size),
                            lr=float(config.optim.lr), seed=int(config.seed),
                            accuracy_before=before["eval_accuracy"], accuracy_after=after),
       params=counts)
   checkpoint.export_params(export_dir, plain, record)
-  checkpoint.export_params(os.path.join(tdir, "compact"),
+  checkpoint.export_params(str(epath.Path(tdir) / "compact"),
                            {"templates": params["templates"], "scalers": params["scalers"]},
                            dict(record, tiles=dict(gen.tiles), num_templates=gen.num_templates, form="compact"))
   metrics.log(f"[{target.name}] accuracy after scaler training: {after:.4f}; exported to {export_dir}")

@@ -160,14 +160,13 @@ def restore_templates(workdir: str, step: int | None = None):
   to be repeated on the command line.
   """
   import json
-  import os
   import ml_collections
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
+  from etils import epath
+  path = epath.Path(workdir) / "config.json"
+  if not path.exists():
     raise ValueError(f"{workdir} is not a pre-training workdir (no config.json); give the --workdir "
                      "that `main.py --config=configs/vit_pretrain.py` wrote.")
-  with open(path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
+  config = ml_collections.ConfigDict(json.loads(path.read_text()))
   if config.get("program") != "pretrain":
     raise ValueError(f"{workdir} holds a {config.get('program')!r} run, not pre-training.")
   setup = build(config)

@@ -1,0 +1,195 @@
+"""The three programs end to end on tiny learnable data: pre-train -> init -> train, resume,
+exports, function preservation, and topology-independent restores."""
+import json
+import os
+
+import chex
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from configs import vit_init, vit_pretrain, vit_train
+from weit_jax import checkpoint, generator, sharding
+from weit_jax.models import vit
+from weit_jax.programs import init as init_program
+from weit_jax.programs import pretrain, train
+
+TILES = dict(embed=8, mlp=8, heads=1, kv=8)
+
+
+def unlocked(config):
+  return ml_collections.ConfigDict(config.to_dict())
+
+
+def pretrain_config(learnable_data, **overrides):
+  c = unlocked(vit_pretrain.get_config("runlocal"))
+  c.model.variant = "mu/4"
+  c.weit.tiles = TILES
+  c.weit.num_templates = 3
+  c.batch_size = 32
+  c.total_steps = 12
+  c.optim.warmup_steps = 2
+  c.log_every = 3
+  c.eval_every = 6
+  c.checkpoint_every = 6
+  c.update(overrides)
+  return learnable_data(c)
+
+
+@pytest.fixture(scope="module")
+def pretrained(learnable_data, tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("pretrain"))
+  summary = pretrain.run(pretrain_config(learnable_data), workdir)
+  return workdir, summary
+
+
+def read_jsonl(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def test_pretrain_writes_metrics_plot_summary_and_resumes(pretrained, learnable_data, capsys):
+  workdir, summary = pretrained
+  records = read_jsonl(workdir)
+  losses = [r["loss"] for r in records if "loss" in r]
+  assert [r["step"] for r in records if "loss" in r][-1] == 12
+  assert losses[-1] < losses[0]  # it learns
+  assert any("eval_accuracy" in r for r in records)
+  assert os.path.getsize(os.path.join(workdir, "curves.png")) > 1000
+  assert summary["final_step"] == 12 and summary["templates_params"] > 0
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["12", "6"]
+  # The same command with a longer run resumes instead of starting over.
+  longer = pretrain_config(learnable_data, total_steps=15)
+  resumed = pretrain.run(longer, workdir)
+  assert "Resuming from step 12" in capsys.readouterr().out
+  assert resumed["resumed_from"] == 12 and resumed["final_step"] == 15
+
+
+def test_workdir_of_another_config_is_refused(pretrained, learnable_data):
+  workdir, _ = pretrained
+  before = sorted(os.listdir(workdir))
+  with pytest.raises(ValueError, match=r"holds a run of a different config \(fields \['seed'\] differ\)"):
+    pretrain.run(pretrain_config(learnable_data, seed=5), workdir)
+  assert sorted(os.listdir(workdir)) == before
+
+
+def init_config(learnable_data, templates, targets, steps=4):
+  c = unlocked(vit_init.get_config("runlocal"))
+  c.templates = templates
+  c.templates_step = 12
+  c.targets = targets
+  c.steps = steps
+  c.num_examples = 128
+  c.batch_size = 32
+  c.optim.warmup_steps = 1
+  c.log_every = 2
+  c.checkpoint_every = 100
+  return c
+
+
+# shallower, deeper, and wider with a width that is not a multiple of the tile (8).
+TARGETS = "depth=1;depth=4;width=36,heads=3"
+
+
+@pytest.fixture(scope="module")
+def initialized(pretrained, learnable_data, tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("init"))
+  results = init_program.run(init_config(learnable_data, pretrained[0], TARGETS), workdir)
+  return workdir, results
+
+
+def test_init_exports_every_target(initialized):
+  workdir, results = initialized
+  assert sorted(results) == ["d1-w32-h2-m64-p4", "d2-w36-h3-m72-p4", "d4-w32-h2-m64-p4"]
+  for name, r in results.items():
+    meta = checkpoint.read_export_meta(os.path.join(workdir, name, "export"))
+    assert meta["template_source"]["step"] == 12
+    assert set(meta["scaler_training"]) >= {"accuracy_before", "accuracy_after", "heuristic", "steps"}
+    assert vit.ViTConfig(**meta["model"]).short_name() == name
+
+
+def test_scaler_training_leaves_templates_bit_identical(pretrained, initialized):
+  _, _, params, _ = pretrain.restore_templates(pretrained[0], 12)
+  want = traverse_util.flatten_dict(jax.device_get(params["templates"]))
+  for name in initialized[1]:
+    compact = _restore_compact(os.path.join(initialized[0], name, "compact"))
+    got = traverse_util.flatten_dict(compact["templates"])
+    assert got.keys() == want.keys()
+    for k in want:
+      np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(want[k]), err_msg=str(k))
+    scalers_moved = any(np.abs(np.asarray(v)).sum() > 0 for v in traverse_util.flatten_dict(compact["scalers"]).values())
+    assert scalers_moved
+
+
+def _restore_compact(path):
+  import orbax.checkpoint as ocp
+  with ocp.StandardCheckpointer() as ckptr:
+    return ckptr.restore(os.path.join(path, "params"))
+
+
+def test_export_preserves_the_template_models_function(initialized):
+  workdir, results = initialized
+  name = "d2-w36-h3-m72-p4"
+  meta = checkpoint.read_export_meta(os.path.join(workdir, name, "export"))
+  cfg = vit.ViTConfig(**meta["model"])
+  model = vit.ViT(cfg)
+  gen = generator.WeightGenerator.from_model(model, vit.dummy_input(cfg), tiles=TILES, num_templates=3)
+  compact = _restore_compact(os.path.join(workdir, name, "compact"))
+  images = jax.random.normal(jax.random.key(0), (4, 28, 28, 1))
+  template_logits = model.apply({"params": gen.materialize(compact["templates"], compact["scalers"])}, images)
+  plain = checkpoint.load_params(os.path.join(workdir, name, "export"))
+  export_logits = model.apply({"params": plain}, images)
+  np.testing.assert_allclose(np.asarray(export_logits), np.asarray(template_logits), rtol=1e-5, atol=1e-5)
+  assert float(jnp.std(export_logits)) > 0
+
+
+def test_export_restores_on_one_and_eight_devices(initialized):
+  export = os.path.join(initialized[0], "d4-w32-h2-m64-p4", "export")
+  one = checkpoint.load_params(export)
+  kernel = one["Transformer"]["encoderblock"]["MlpBlock_0"]["Dense_0"]["kernel"]
+  assert len(kernel.sharding.device_set) == 1
+  for shape, spec in (({"fsdp": 8}, jax.sharding.PartitionSpec(None, "fsdp", None)),
+                      ({"fsdp": 4, "model": 2}, jax.sharding.PartitionSpec(None, "fsdp", "model"))):
+    mesh = sharding.make_mesh(shape)
+    eight = checkpoint.load_params(export, mesh=mesh)
+    k8 = eight["Transformer"]["encoderblock"]["MlpBlock_0"]["Dense_0"]["kernel"]
+    assert k8.sharding.spec == spec and len(k8.sharding.device_set) == 8
+    chex.assert_trees_all_close(jax.device_get(eight), jax.device_get(one), rtol=0, atol=0)
+
+
+def test_mismatched_export_is_refused(initialized):
+  export = os.path.join(initialized[0], "d4-w32-h2-m64-p4", "export")
+  other = vit.make_config("mu/4", depth=3, image_size=28, channels=1, num_classes=10)
+  with pytest.raises(checkpoint.CheckpointError, match=r"is a ViT d4-w32-h2-m64-p4 but the model asked for is d3-w32"):
+    checkpoint.load_params(export, expected_model=other)
+  with pytest.raises(checkpoint.CheckpointError, match="is not an export"):
+    checkpoint.load_params(initialized[0])
+
+
+def test_train_from_export_and_from_scratch(initialized, learnable_data, tmp_path):
+  export = os.path.join(initialized[0], "d1-w32-h2-m64-p4", "export")
+  results = {}
+  for label, init in (("weit", export), ("random", None)):
+    c = unlocked(vit_train.get_config("runlocal,variant=mu/4"))
+    c.init = init
+    c.total_steps, c.batch_size, c.log_every, c.eval_every, c.checkpoint_every = 6, 32, 3, 0, 6
+    c.optim.warmup_steps = 1
+    learnable_data(c)
+    results[label] = train.run(c, str(tmp_path / label))
+  assert results["weit"]["init"] == export and results["random"]["init"] == "random"
+  # The export's depth (1) is used, not the config's variant (mu: depth 2).
+  assert results["weit"]["params"]["Transformer"]["encoderblock"]["LayerNorm_0"]["scale"].shape[0] == 1
+  assert results["random"]["params"]["Transformer"]["encoderblock"]["LayerNorm_0"]["scale"].shape[0] == 2
+
+
+def test_new_head_for_another_number_of_classes(initialized):
+  export = os.path.join(initialized[0], "d1-w32-h2-m64-p4", "export")
+  cfg = vit.ViTConfig(**dict(checkpoint.read_export_meta(export)["model"], num_classes=5))
+  c = ml_collections.ConfigDict(dict(init=export, seed=0))
+  params = train.initial_params(c, cfg, vit.ViT(cfg), None)
+  assert params["head"]["kernel"].shape == (32, 5)
+  exported = jax.device_get(checkpoint.load_params(export))
+  np.testing.assert_array_equal(params["embedding"]["kernel"], exported["embedding"]["kernel"])
