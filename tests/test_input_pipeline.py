@@ -4,7 +4,6 @@ import gzip
 import importlib.util
 import itertools
 import os
-import struct
 import sys
 
 import chex
@@ -13,16 +12,11 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+from conftest import write_idx
 from weit_jax import input_pipeline as ip
 
 N_TRAIN, N_TEST = 50, 20
 MEAN, STD = 0.2860, 0.3530  # fashion_mnist_local defaults
-
-
-def write_idx(path, array):
-  header = b"\0\0\x08" + bytes([array.ndim]) + b"".join(struct.pack(">i", n) for n in array.shape)
-  with gzip.open(path, "wb") as f:
-    f.write(header + array.astype(np.uint8).tobytes())
 
 
 @pytest.fixture(scope="module")

@@ -32,7 +32,7 @@ class Checkpointer:
   """Periodic, asynchronous saves and resume of (state, data iterator) in ``workdir/checkpoints``."""
 
   def __init__(self, workdir: str, *, every: int, keep: int = 3, async_save: bool = True):
-    self.directory = epath.Path(workdir) / "checkpoints"
+    self.directory = epath.Path(absolute(workdir)) / "checkpoints"
     self.every = int(every)
     self.manager = ocp.CheckpointManager(
         self.directory,
@@ -58,20 +58,40 @@ class Checkpointer:
 
   def restore(self, step: int, abstract_state, data_iterator):
     """Restores ``step`` onto the shardings of ``abstract_state`` (ShapeDtypeStructs with
-    ``.sharding``); the data iterator is advanced in place to where it was."""
+    ``.sharding``: any mesh, any number of devices or processes); the data iterator is advanced in
+    place to where it was, unless another number of processes saved it (``data_process_count``)."""
     args = {"state": ocp.args.StandardRestore(abstract_state)}
-    if data_iterator is not None:
+    if data_iterator is not None and self.data_process_count(step) in (None, jax.process_count()):
       args["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
     try:
       restored = self.manager.restore(step, args=ocp.args.Composite(**args))
     except Exception as e:  # orbax raises many types; the user needs the folder and a way out
       earlier = [s for s in self.all_steps() if s < step]
-      hint = (f"rerun with --config.resume_step={earlier[-1]} to resume from the previous checkpoint"
-              if earlier else "remove the folder (or use a new --workdir) to start over")
+      hint = (f"rerun with --config.resume_step={earlier[-1]} to resume from the previous checkpoint "
+              "(the later ones are discarded)" if earlier
+              else "remove the folder (or use a new --workdir) to start over")
       raise CheckpointError(
-          f"checkpoint {self.directory / str(step)} is damaged or incomplete "
-          f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); {hint}.") from e
+          f"checkpoint {self.directory / str(step)} cannot be restored: damaged, incomplete, or written "
+          f"by another version ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); "
+          f"{hint}.") from e
     return restored["state"]
+
+  def data_process_count(self, step: int) -> int | None:
+    """How many processes saved ``step``'s data-iterator state (grain writes one
+    ``data/process_<i>-of-<n>.json`` per process); None if there is none. When it differs from
+    ``jax.process_count()``, ``restore`` restores the train state alone and the caller positions
+    the data."""
+    counts = {int(p.name.rpartition("-of-")[2].removesuffix(".json"))
+              for p in (self.directory / str(step) / "data").glob("process_*-of-*.json")}
+    return max(counts) if counts else None
+
+  def discard_after(self, step: int) -> list[int]:
+    """Deletes the checkpoints after ``step`` (a run rewound to ``step`` saves those steps anew);
+    returns their steps."""
+    later = [s for s in self.all_steps() if s > step]
+    for s in later:
+      self.manager.delete(s)
+    return later
 
   def wait(self):
     self.manager.wait_until_finished()
@@ -96,7 +116,7 @@ def export_params(directory: str, params, meta: Mapping[str, Any]) -> None:
 
   The JSON is written last (atomically), so a folder with ``export.json`` is a complete export.
   """
-  path = epath.Path(directory)
+  path = epath.Path(absolute(directory))
   if (path / EXPORT_META).exists():
     raise CheckpointError(f"{path} already holds an export; choose another folder.")
   path.mkdir(parents=True, exist_ok=True)
@@ -120,7 +140,7 @@ def read_export_meta(directory: str) -> dict:
 def restore_tree(directory: str, abstract_tree):
   """Restores a StandardCheckpointer tree onto the shapes and shardings of ``abstract_tree``,
   refusing clearly when the stored shapes differ."""
-  path = epath.Path(directory)
+  path = epath.Path(absolute(str(directory)))
   with ocp.StandardCheckpointer() as ckptr:
     stored = ckptr.metadata(path)
     stored = getattr(stored, "item_metadata", stored)

@@ -1,4 +1,4 @@
-"""The one place that initializes multi-process JAX.
+"""The one place that initializes multi-process JAX, and which rows of a batch each process feeds.
 
 On Cloud TPU VMs ``jax.distributed.initialize()`` reads everything from the environment. On CPU
 (tests, a laptop) set ``WEIT_COORDINATOR=host:port``, ``WEIT_NUM_PROCESSES`` and
@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 
 import jax
+import numpy as np
 
 _initialized = False
 
@@ -20,9 +21,13 @@ def initialize(config=None) -> None:
   coordinator = os.environ.get("WEIT_COORDINATOR")
   if coordinator:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    host = coordinator.rpartition(":")[0].strip("[]")
+    loopback = host in ("localhost", "::1") or host.startswith("127.")
     jax.distributed.initialize(coordinator_address=coordinator,
+                               coordinator_bind_address=coordinator if loopback else None,
                                num_processes=int(os.environ["WEIT_NUM_PROCESSES"]),
-                               process_id=int(os.environ["WEIT_PROCESS_ID"]))
+                               process_id=int(os.environ["WEIT_PROCESS_ID"]),
+                               initialization_timeout=int(os.environ.get("WEIT_INIT_TIMEOUT_S", 300)))
   elif _on_tpu_pod():
     jax.distributed.initialize()
   _initialized = True
@@ -32,3 +37,25 @@ def _on_tpu_pod() -> bool:
   # Multi-host TPU VMs set these; single-host runs need no coordination.
   hosts = os.environ.get("TPU_WORKER_HOSTNAMES") or os.environ.get("CLOUD_TPU_TASK_ID")
   return bool(hosts) and "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
+
+
+def process_batch_rows(mesh, global_batch_size: int) -> np.ndarray:
+  """The rows of a global batch (sorted) that this process's devices hold under the batch sharding
+  of ``mesh``: what this process must feed ``jax.make_array_from_process_local_data``, in that
+  order. Where the batch is replicated across processes, that is every row."""
+  import math
+  from weit_jax import sharding
+  spec = sharding.batch_sharding(mesh)
+  axes = spec.spec[0] if len(spec.spec) else None
+  axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+  ways = math.prod(mesh.shape[a] for a in axes)
+  if global_batch_size <= 0 or global_batch_size % ways:
+    raise ValueError(f"global batch size {global_batch_size} must be a positive multiple of the {ways} "
+                     f"batch shards of the mesh {dict(mesh.shape)}.")
+  shards = spec.addressable_devices_indices_map((int(global_batch_size),))
+  rows = set()
+  for index in shards.values():
+    rows.update(range(*index[0].indices(int(global_batch_size))))
+  if not rows:
+    raise ValueError(f"this process holds no device of the mesh {dict(mesh.shape)}.")
+  return np.asarray(sorted(rows), np.int64)

@@ -1,9 +1,12 @@
 """Input pipeline: ``tfds.data_source`` + grain, per-process sharding, numpy preprocessing. No TensorFlow.
 
-Every dataset is an array_record TFDS dataset read by random access. Each JAX process reads its
-own shard (``grain.sharding.ShardByJaxProcess``) and yields numpy batches of ``global_batch //
-process_count`` examples; the caller builds global arrays from them
-(``jax.make_array_from_process_local_data``).
+Every dataset is an array_record TFDS dataset read by random access. Training reads one global
+shuffled stream: global batch ``b`` is stream positions ``[b * B, (b + 1) * B)`` whatever the number
+of processes, and each JAX process reads the rows of every global batch that its devices hold
+(``make_train_iterator(..., mesh=mesh)``; by default the process's contiguous block). The caller
+builds global arrays from those local batches (``jax.make_array_from_process_local_data``). So a
+run gives the same global batches on 1 host or on 64, and can resume on another number of hosts
+(``seek``). Eval reads contiguous per-process shards (``grain.sharding.ShardByJaxProcess``).
 
 Datasets (``DATASETS``):
   fashion_mnist_local  built here from Debian's dataset-fashion-mnist IDX files (the default)
@@ -19,8 +22,10 @@ one-hot [B, num_classes] (soft after mixup; label smoothing is left to the loss)
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
+import sys
 import tempfile
 import types
 from typing import Any, Mapping
@@ -356,30 +361,117 @@ def _read_options(o) -> grain.ReadOptions:
   return grain.ReadOptions(num_threads=int(o.read_threads), prefetch_buffer_size=int(o.prefetch_buffer_size))
 
 
+class _GlobalBatchSampler:
+  """This process's rows of every global batch of one shuffled, endless stream.
+
+  The stream (every record once per epoch, reshuffled each epoch, a random seed per stream
+  position) does not depend on the number of processes: local batch ``b`` holds stream positions
+  ``b * global_batch_size + rows``. Grain's worker processes (``worker_count`` W) each build whole
+  batches from the local indices ``w, w + W, ...`` and are read round robin; the index mapping
+  accounts for that, so every local batch is still rows of one global batch, in order.
+  """
+
+  def __init__(self, num_records: int, *, global_batch_size: int, rows, seed: int, workers: int):
+    self._stream = grain.samplers.IndexSampler(num_records=num_records, shard_options=grain.sharding.NoSharding(),
+                                               shuffle=True, num_epochs=None, seed=seed)
+    self.num_records, self.global_batch_size, self.seed = num_records, global_batch_size, seed
+    self.rows = np.asarray(rows, np.int64)
+    self.local_batch = len(self.rows)
+    self.workers = max(int(workers), 1)
+
+  def __len__(self) -> int:
+    return sys.maxsize  # endless
+
+  def stream_position(self, index: int) -> int:
+    w, r = index % self.workers, index // self.workers
+    j, i = divmod(r, self.local_batch)
+    return (j * self.workers + w) * self.global_batch_size + int(self.rows[i])
+
+  def __getitem__(self, index: int) -> grain.RecordMetadata:
+    if index < 0:
+      raise IndexError(f"negative sampler index {index}")
+    meta = self._stream[self.stream_position(index)]
+    return grain.RecordMetadata(index=index, record_key=meta.record_key, rng=meta.rng)
+
+  def __repr__(self) -> str:  # grain checks it when restoring iterator state
+    return (f"_GlobalBatchSampler(num_records={self.num_records}, global_batch_size={self.global_batch_size}, "
+            f"rows={_ranges(self.rows)}, seed={self.seed}, workers={self.workers})")
+
+
+def _ranges(rows: np.ndarray) -> str:
+  """[0, 1, 2, 5, 6] -> '0-2,5-6' (short, exact)."""
+  parts, start = [], None
+  for k, r in enumerate(rows):
+    if start is None:
+      start = r
+    if k + 1 == len(rows) or rows[k + 1] != r + 1:
+      parts.append(f"{start}-{r}" if r != start else f"{r}")
+      start = None
+  return ",".join(parts)
+
+
+def _contiguous_rows(global_batch_size: int, shard_index: int, shard_count: int) -> np.ndarray:
+  local = _local_batch(global_batch_size, shard_count)
+  return np.arange(shard_index * local, (shard_index + 1) * local)
+
+
 def make_train_iterator(data_config: Any, *, global_batch_size: int, seed: int,
-                        shard_options: grain.sharding.ShardOptions | None = None) -> grain.DataLoader:
+                        shard_options: grain.sharding.ShardOptions | None = None,
+                        mesh=None) -> grain.DataLoader:
   """An endless, shuffled (reshuffled each epoch), augmented stream of this process's batches.
 
-  ``shard_options`` defaults to one shard per JAX process; pass ``ShardOptions(i, n)`` to read as
-  process ``i`` of ``n``. Same seed -> same batches; ``iter(loader)`` supports get_state/set_state.
+  Global batch ``b`` is the same examples (with the same augmentations) for any number of
+  processes. This process reads the rows of it that its devices hold in ``mesh`` (its rows of
+  ``sharding.batch_sharding(mesh)``; all rows where the batch is replicated across processes).
+  Without a mesh: the ``jax.process_index()``-th contiguous block, or with ``shard_options``
+  ``ShardOptions(i, n)`` the ``i``-th of ``n`` blocks. Same seed -> same batches;
+  ``iter(loader)`` supports get_state/set_state, and ``seek``.
   """
   o = _options(data_config)
   info = DATASETS[o.name]
-  shard = shard_options or grain.sharding.ShardByJaxProcess(drop_remainder=True)
-  local_batch = _local_batch(global_batch_size, shard.shard_count)
+  if mesh is not None:
+    from weit_jax import distributed
+    if global_batch_size <= 0:
+      raise ValueError(f"global batch size {global_batch_size} must be positive.")
+    rows = distributed.process_batch_rows(mesh, global_batch_size)
+  else:
+    shard = shard_options or grain.sharding.ShardByJaxProcess(drop_remainder=True)
+    rows = _contiguous_rows(global_batch_size, shard.shard_index, shard.shard_count)
   source = _open(data_config, o.train_split)
-  sampler = grain.samplers.IndexSampler(
-      num_records=len(source), shard_options=shard, shuffle=True, num_epochs=None, seed=int(seed) % 2**32)
+  sampler = _GlobalBatchSampler(len(source), global_batch_size=global_batch_size, rows=rows,
+                                seed=int(seed) % 2**32, workers=int(o.worker_count))
   operations = [
       _TrainPreprocess(info.num_classes, int(o.image_size), o.random_crop, int(o.crop_padding),
                        float(o.center_crop_fraction), bool(o.flip), tuple(o.mean), tuple(o.std)),
-      grain.transforms.Batch(local_batch, drop_remainder=True),
+      grain.transforms.Batch(len(rows), drop_remainder=True),
   ]
   if o.mixup_alpha > 0:
-    operations.append(_Mixup(float(o.mixup_alpha)))  # after Batch: it mixes examples of one batch
+    operations.append(_Mixup(float(o.mixup_alpha)))  # after Batch: it mixes examples of one local batch
   return grain.DataLoader(data_source=source, sampler=sampler, operations=operations,
                           worker_count=int(o.worker_count), worker_buffer_size=int(o.worker_buffer_size),
-                          shard_options=shard, read_options=_read_options(o))
+                          shard_options=grain.sharding.NoSharding(), read_options=_read_options(o))
+
+
+def seek(iterator, num_batches: int) -> None:
+  """Positions ``iter(make_train_iterator(...))`` so that its next batch is (this process's rows
+  of) global batch ``num_batches``: how a run resumes on another number of processes, where the
+  saved per-process iterator states do not apply."""
+  sampler = getattr(getattr(iterator, "_data_loader", None), "_sampler", None)
+  if not isinstance(sampler, _GlobalBatchSampler):
+    raise ValueError(f"cannot seek {type(iterator).__name__}: only iterators of make_train_iterator can seek.")
+  state = json.loads(iterator.get_state().decode())
+  workers, local = int(state["worker_count"]), sampler.local_batch
+  n = int(num_batches)
+  if workers == 0:
+    state["last_seen_indices"] = {"0": n * local - 1}
+    state["last_worker_index"] = -1
+  else:
+    # Worker w has built the batches w, w + W, ... among the first n; grain records, per worker,
+    # the last local index it read (see grain's DataLoader state).
+    done = [max(0, -(-(n - w) // workers)) for w in range(workers)]
+    state["last_seen_indices"] = {str(w): w - workers + done[w] * local * workers for w in range(workers)}
+    state["last_worker_index"] = (n - 1) % workers
+  iterator.set_state(json.dumps(state).encode())
 
 
 def make_eval_iterator(data_config: Any, *, global_batch_size: int, split: str | None = None,

@@ -159,6 +159,55 @@ def evaluate(eval_step, params, eval_batches: Iterable[Mapping[str, np.ndarray]]
   return {"eval_accuracy": totals["correct"] / n, "eval_loss": totals["loss"] / n}
 
 
+def _resume_data_at(data_iter, step: int, saved_by: int) -> None:
+  """One batch per step: the data resumes at global batch ``step`` (input_pipeline.seek), or, for
+  an iterator that cannot seek, from its start, with a warning."""
+  from weit_jax import input_pipeline
+  try:
+    input_pipeline.seek(data_iter, step)
+    metrics.log(f"The data state was saved by {saved_by} process(es), this run has {jax.process_count()}: "
+                f"the data resumes at global batch {step}.")
+  except ValueError as e:
+    metrics.log(f"warning: the data state was saved by {saved_by} process(es), this run has "
+                f"{jax.process_count()}, and {e} The data restarts from its first batch.")
+
+
+# --- divergence -----------------------------------------------------------------------------------
+
+def _diverged(ckpt, step: int, what: str) -> DivergenceError:
+  ckpt.wait()  # a save in flight (of a good state) completes first
+  good = ckpt.latest_step()
+  kept = (f"the last good checkpoint, step {good} in {ckpt.directory}, stays the latest" if good is not None
+          else "no checkpoint had been saved yet")
+  return DivergenceError(
+      f"training diverged at step {step}: {what}; {kept}. Lower --config.optim.lr, raise "
+      "--config.optim.warmup_steps or set --config.optim.clip_norm, and start over (a new --workdir, or "
+      "--config.overwrite=True); the same command would resume from the last good checkpoint with the "
+      "same settings.")
+
+
+def _check_finite(pending, ckpt) -> dict[str, float]:
+  """Host values of the last step's outputs; raises DivergenceError at the first step of
+  ``pending`` whose loss or gradient norm is not finite."""
+  host = jax.device_get([out for _, out in pending])
+  for (step, _), out in zip(pending, host):
+    if not (np.isfinite(out["loss"]) and np.isfinite(out["grad_norm"])):
+      raise _diverged(ckpt, step, f"loss={float(out['loss'])}, grad_norm={float(out['grad_norm'])}")
+  return {k: float(v) for k, v in host[-1].items()}
+
+
+@jax.jit
+def _finite_leaves(tree):
+  return jax.tree_util.tree_map(
+      lambda x: jnp.all(jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.inexact) else jnp.bool_(True), tree)
+
+
+def _nonfinite_paths(state) -> list[str]:
+  """The paths of the state's leaves holding a NaN or an infinity (one jitted reduction per leaf)."""
+  flags = jax.device_get(_finite_leaves(state))
+  return [jax.tree_util.keystr(path) for path, ok in jax.tree_util.tree_flatten_with_path(flags)[0] if not ok]
+
+
 # --- the loop -------------------------------------------------------------------------------------
 
 class _Preemption:
@@ -205,6 +254,13 @@ def run(config, workdir: str, task: Task, *, mesh, train_iter, make_eval_iter, i
   if resume_step is not None:
     state = ckpt.restore(resume_step, checkpoint.abstract_with_shardings(abstract, shardings), data_iter)
     metrics.log(f"Resuming from step {resume_step} (checkpoint {ckpt.directory / str(resume_step)}).")
+    later = ckpt.discard_after(resume_step)  # an explicit earlier resume_step rewinds the run
+    if later:
+      metrics.log(f"Discarded the later checkpoints {later}: the run continues from step {resume_step}. "
+                  "Drop --config.resume_step for later reruns.")
+    saved_by = ckpt.data_process_count(resume_step)
+    if saved_by not in (None, jax.process_count()):  # data state of another number of processes
+      _resume_data_at(data_iter, resume_step, saved_by)
   else:
     key = jax.random.key(int(config.seed))
     if initial_params is None:
@@ -222,6 +278,10 @@ def run(config, workdir: str, task: Task, *, mesh, train_iter, make_eval_iter, i
   last = {}
 
   # ----- train -----------------------------------------------------------------------------------
+  # Divergence: every step's loss and gradient norm stay on device (no per-step host sync) and are
+  # checked together on log, eval and save steps, so the first non-finite step is reported exactly;
+  # a state with a non-finite value is never saved, so the last good checkpoint stays the latest.
+  pending = []  # (step, device outputs) not yet checked
   try:
     with _Preemption() as preemption:
       step = start
@@ -229,23 +289,28 @@ def run(config, workdir: str, task: Task, *, mesh, train_iter, make_eval_iter, i
         batch = sharding.global_batch(next(data_iter), mesh)
         state, out = train_step(state, batch, step_key)
         step += 1
-        if step % log_every == 0 or step == total or step == start + 1:
-          out = {k: float(v) for k, v in jax.device_get(out).items()}
-          if not (np.isfinite(out["loss"]) and np.isfinite(out["grad_norm"])):
-            raise DivergenceError(
-                f"training diverged at step {step}: loss={out['loss']}, grad_norm={out['grad_norm']}; "
-                f"the last good checkpoint ({ckpt.latest_step()}) is kept. Lower optim.lr or raise "
-                "optim.warmup_steps, then rerun the same command to resume from it.")
+        pending.append((step, out))
+        stop = preemption.requested  # read once: a SIGTERM arriving later is handled after the next step
+        log_now = step % log_every == 0 or step == total or step == start + 1
+        eval_now = bool(eval_every) and step % eval_every == 0 and step != total
+        save_now = step % ckpt.every == 0 or step == total or stop
+        if log_now or eval_now or save_now:
+          out = _check_finite(pending, ckpt)
+          pending.clear()
+        if log_now:
           writer.write(step, out)
           writer.progress(step, out)
           last.update(out)
-        if eval_every and step % eval_every == 0 and step != total:
+        if eval_now:
           ev = evaluate(eval_step, state["params"], make_eval_iter(), mesh)
           writer.write(step, ev)
           metrics.log(f"  eval @ {step}: accuracy {ev['eval_accuracy']:.4f}, loss {ev['eval_loss']:.4f}")
-        if step % ckpt.every == 0 or step == total or preemption.requested:
+        if save_now:
+          bad = _nonfinite_paths(state)
+          if bad:
+            raise _diverged(ckpt, step, f"the train state has non-finite values in {bad[:3]} and is not saved")
           ckpt.save(step, state, data_iter, force=True)
-        if preemption.requested:
+        if stop:
           ckpt.wait()
           metrics.log(f"SIGTERM received: saved a checkpoint at step {step}; rerun the same command to resume.")
           raise SystemExit(143)

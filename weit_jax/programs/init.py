@@ -153,7 +153,8 @@ def _init_one(config, workdir, target: Target, templates, src_setup, src_params,
   before = train_loop.evaluate(eval_step, jax.device_put(initial, shardings["params"]), make_eval_iter(), mesh)
   metrics.log(f"[{target.name}] accuracy before scaler training: {before['eval_accuracy']:.4f}")
   if config.steps > 0:
-    train_iter = input_pipeline.make_train_iterator(data, global_batch_size=config.batch_size, seed=config.seed)
+    train_iter = input_pipeline.make_train_iterator(data, global_batch_size=config.batch_size, seed=config.seed,
+                                                     mesh=mesh)
     summary = train_loop.run(loop_config, tdir, task, mesh=mesh, train_iter=train_iter,
                              make_eval_iter=make_eval_iter, initial_params=initial,
                              title=f"scaler training {target.name}")

@@ -130,6 +130,9 @@ def initial_params_from_dense(config, setup: Setup, task: train_loop.Task, mesh)
 def run(config, workdir: str) -> dict:
   # ----- validate everything before anything compiles or writes --------------------------------
   setup = build(config)
+  teacher = load_teacher(config)
+  if config.init_templates_from:
+    checkpoint.read_export_meta(config.init_templates_from)  # refuses a folder that is not an export
   input_pipeline.prepare(config.data)
   train_loop.guard_workdir(config, workdir)
   mesh = sharding.make_mesh(dict(config.mesh))
@@ -139,10 +142,10 @@ def run(config, workdir: str) -> dict:
               f"(N={setup.gen.num_templates}, tiles {setup.gen.tiles}, constraint {config.constraint.mode}).")
 
   # ----- task, data ------------------------------------------------------------------------------
-  task = make_task(config, setup, teacher=load_teacher(config))
+  task = make_task(config, setup, teacher=teacher)
   initial = initial_params_from_dense(config, setup, task, mesh) if config.init_templates_from else None
   train_iter = input_pipeline.make_train_iterator(config.data, global_batch_size=config.batch_size,
-                                                   seed=config.seed)
+                                                   seed=config.seed, mesh=mesh)
   make_eval_iter = lambda: input_pipeline.make_eval_iterator(config.data, global_batch_size=config.batch_size)
 
   # ----- train -----------------------------------------------------------------------------------

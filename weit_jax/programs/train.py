@@ -63,12 +63,13 @@ def run(config, workdir: str) -> dict:
   cfg = model_config_from(config, fields)
   model = vit.ViT(cfg)
   input_pipeline.prepare(config.data)
-  train_loop.guard_workdir(config, workdir)
   mesh = sharding.make_mesh(dict(config.mesh))
-  init = initial_params(config, cfg, model, mesh)
+  init = initial_params(config, cfg, model, mesh)  # refuses an export of another shape
+  train_loop.guard_workdir(config, workdir)
   metrics.log(f"ViT {cfg.short_name()} from {config.init or 'random initialization'}.")
   task = make_task(config, model, cfg)
-  train_iter = input_pipeline.make_train_iterator(config.data, global_batch_size=config.batch_size, seed=config.seed)
+  train_iter = input_pipeline.make_train_iterator(config.data, global_batch_size=config.batch_size, seed=config.seed,
+                                                   mesh=mesh)
   make_eval_iter = lambda: input_pipeline.make_eval_iterator(config.data, global_batch_size=config.batch_size)
   return train_loop.run(config, workdir, task, mesh=mesh, train_iter=train_iter, make_eval_iter=make_eval_iter,
                         initial_params=init, summary_extra=dict(program="train", init=config.init or "random"),

@@ -1,0 +1,238 @@
+"""Multi-host on one machine: two JAX processes x 4 CPU devices (gloo collectives) pre-train a tiny
+model through ``main.py``; the same steps in this process (1 process x 8 devices) give the same
+losses; the checkpoint and an export they write restore on 8, 4 (another mesh) and 1 device(s),
+and training continues in one process from the data position the two processes reached.
+
+Run as a script (``python tests/test_multihost.py FLAGS...``), this file is one of the workers:
+it runs ``main.py``'s program, then exports the materialized auxiliary model from the workdir, as
+every process of a pod would.
+"""
+import dataclasses
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS, MORE_STEPS = 6, 9
+# Losses of 2 processes x 4 devices vs 1 process x 8 devices: the same global batches and the same
+# per-device program; only the cross-process all-reduce (gloo) may sum in another order.
+RTOL, ATOL = 1e-5, 1e-6
+PROCESS_TIMEOUT_S = 240
+
+
+def overrides(idx_dir: str, data_dir: str) -> dict:
+  """The runlocal pre-training config made tiny (flattened ``--config.`` paths)."""
+  return {
+      "model.variant": "mu/4", "weit.tiles.embed": 8, "weit.tiles.mlp": 8, "weit.tiles.kv": 8,
+      "weit.num_templates": 3, "batch_size": 32, "total_steps": STEPS, "checkpoint_every": 3,
+      "log_every": 1, "eval_every": 0, "optim.warmup_steps": 2,
+      "data.idx_dir": idx_dir, "data.data_dir": data_dir, "data.read_threads": 2,
+      "data.prefetch_buffer_size": 16, "data.flip": False, "data.crop_padding": 0,
+  }
+
+
+def apply(config, values: dict):
+  for path, value in values.items():
+    *parents, leaf = path.split(".")
+    node = config
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
+# --- the worker ------------------------------------------------------------------------------------
+
+def _worker(argv):
+  """``main.py``'s program with these flags, then an export of the auxiliary model's parameters,
+  materialized inside jit straight onto a mesh that spans both processes."""
+  sys.path.insert(0, ROOT)
+  import main as entry
+  from absl import flags
+  flags.FLAGS(["main.py", *argv])
+  entry.main([])
+  import jax
+  from weit_jax import checkpoint, sharding
+  from weit_jax.programs import pretrain
+  config, setup, params, step = pretrain.restore_templates(flags.FLAGS.workdir)
+  gen = setup.gen
+  mesh = sharding.make_mesh({"fsdp": -1})
+  out = sharding.shardings(gen.param_shapes(), gen.param_axes(), mesh)
+  plain = jax.jit(gen.materialize, out_shardings=out)(params["templates"], params["scalers"])
+  checkpoint.export_params(os.path.join(flags.FLAGS.workdir, "export"), plain,
+                           dict(model=dataclasses.asdict(setup.model_config), step=step))
+  print(f"worker {jax.process_index()} of {jax.process_count()}: {jax.local_device_count()} local devices, "
+        "done", flush=True)
+
+
+if __name__ == "__main__":
+  _worker(sys.argv[1:])
+  sys.exit(0)
+
+
+# --- the tests -------------------------------------------------------------------------------------
+
+import chex  # noqa: E402
+import jax  # noqa: E402
+import ml_collections  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from configs import vit_pretrain  # noqa: E402
+from weit_jax import checkpoint, sharding, train_loop  # noqa: E402
+from weit_jax.programs import pretrain  # noqa: E402
+
+
+def free_port() -> int:
+  with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def flag_value(v) -> str:
+  return str(v)
+
+
+@pytest.fixture(scope="module")
+def data(learnable_data):
+  """The tiny learnable dataset, built once here so the workers never race to build it."""
+  c = learnable_data(ml_collections.ConfigDict(vit_pretrain.get_config("runlocal").to_dict()))
+  return c.data.idx_dir, c.data.data_dir
+
+
+def make_config(data, **changes):
+  c = ml_collections.ConfigDict(vit_pretrain.get_config("runlocal").to_dict())
+  apply(c, overrides(*data))
+  c.update(changes)
+  return c
+
+
+def read_losses(workdir) -> dict[int, float]:
+  out = {}
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    for line in f:
+      r = json.loads(line)
+      if "loss" in r:
+        assert r["step"] not in out, f"step {r['step']} logged twice: more than one process writes metrics"
+        out[r["step"]] = r["loss"]
+  return out
+
+
+@pytest.fixture(scope="module")
+def runs(data, tmp_path_factory):
+  """Starts the two workers, runs the same steps here meanwhile (1 process x 8 devices), waits."""
+  two = str(tmp_path_factory.mktemp("two_processes"))
+  one = str(tmp_path_factory.mktemp("one_process"))
+  argv = ["--config=configs/vit_pretrain.py:runlocal", f"--workdir={two}"]
+  argv += [f"--config.{k}={flag_value(v)}" for k, v in overrides(*data).items()]
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4",
+             WEIT_COORDINATOR=f"127.0.0.1:{free_port()}", WEIT_NUM_PROCESSES="2", WEIT_INIT_TIMEOUT_S="60",
+             PYTHONUNBUFFERED="1")
+  logs = [open(os.path.join(two, f"worker{i}.log"), "w+") for i in range(2)]
+  procs = []
+  t0 = time.time()
+  try:
+    for i in range(2):
+      procs.append(subprocess.Popen([sys.executable, os.path.abspath(__file__), *argv], cwd=ROOT,
+                                    env=dict(env, WEIT_PROCESS_ID=str(i)), stdout=logs[i],
+                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL))
+    summary = pretrain.run(make_config(data), one)  # meanwhile, in this process
+    for i, p in enumerate(procs):
+      p.wait(timeout=max(1.0, PROCESS_TIMEOUT_S - (time.time() - t0)))
+    outputs = []
+    for f in logs:
+      f.seek(0)
+      outputs.append(f.read())
+    for i, p in enumerate(procs):
+      assert p.returncode == 0, f"worker {i} exited {p.returncode}:\n{outputs[i][-3000:]}"
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+        p.wait(timeout=30)
+    for f in logs:
+      f.close()
+  return dict(two=two, one=one, outputs=outputs, summary=summary)
+
+
+def test_two_processes_match_one_process(runs):
+  two, one = read_losses(runs["two"]), read_losses(runs["one"])
+  assert sorted(two) == sorted(one) == list(range(1, STEPS + 1))
+  np.testing.assert_allclose([two[s] for s in sorted(two)], [one[s] for s in sorted(one)], rtol=RTOL, atol=ATOL)
+  assert len(set(two.values())) > 1  # the steps differ: it trains
+  # Both workers ran 4 devices each as one 8-device job; only process 0 printed progress lines.
+  assert "worker 0 of 2: 4 local devices, done" in runs["outputs"][0]
+  assert "worker 1 of 2: 4 local devices, done" in runs["outputs"][1]
+  assert "step 6/6" in runs["outputs"][0] and "step 6/6" not in runs["outputs"][1]
+  assert sorted(os.listdir(os.path.join(runs["two"], "checkpoints", "6", "data"))) == [
+      "process_0-of-2.json", "process_1-of-2.json"]
+
+
+def restore_state(workdir, config, mesh, step=STEPS):
+  setup = pretrain.build(config)
+  task = pretrain.make_task(config, setup)
+  abstract, shardings = train_loop.state_shardings(task, mesh)
+  ckpt = checkpoint.Checkpointer(workdir, every=1)
+  try:
+    return ckpt.restore(step, checkpoint.abstract_with_shardings(abstract, shardings), None)
+  finally:
+    ckpt.close()
+
+
+def test_checkpoints_restore_on_other_device_counts_and_meshes(runs, data):
+  config = make_config(data)
+  devices = jax.devices()
+  meshes = {"8 devices": sharding.make_mesh({"fsdp": 8}),
+            "4 devices, another mesh": sharding.make_mesh({"fsdp": 2, "model": 2}, devices=devices[:4]),
+            "1 device": sharding.make_mesh({"data": 1}, devices=devices[:1])}
+  restored = {}
+  for run in ("two", "one"):
+    for name, mesh in meshes.items():
+      state = restore_state(runs[run], config, mesh)
+      leaves = jax.tree_util.tree_leaves(state["params"])
+      assert {len(x.sharding.device_set) for x in leaves} == {mesh.size}, name
+      assert int(state["step"]) == STEPS
+      restored[run, name] = jax.device_get(state)
+  # A tiled template is sharded as asked on the 4-device mesh (mlp tile 8 over model=2).
+  state = restore_state(runs["two"], config, meshes["4 devices, another mesh"])
+  kernel = state["params"]["templates"]["Transformer"]["encoderblock"]["MlpBlock_0"]["Dense_0"]["kernel"]
+  assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "model")
+  for run in ("two", "one"):
+    for name in meshes:
+      chex.assert_trees_all_equal(restored[run, name], restored[run, "8 devices"])
+  chex.assert_trees_all_close(restored["two", "1 device"], restored["one", "1 device"], rtol=1e-4, atol=1e-5)
+
+
+def test_export_of_two_processes_loads_on_any_mesh(runs, data):
+  export = os.path.join(runs["two"], "export")
+  one_device = checkpoint.load_params(export)
+  four = checkpoint.load_params(export, mesh=sharding.make_mesh({"fsdp": 2, "model": 2}, devices=jax.devices()[:4]))
+  eight = checkpoint.load_params(export, mesh=sharding.make_mesh({"data": 2, "fsdp": 4}))
+  kernel = four["Transformer"]["encoderblock"]["MlpBlock_0"]["Dense_0"]["kernel"]
+  assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "model")
+  assert len(one_device["head"]["kernel"].sharding.device_set) == 1
+  chex.assert_trees_all_equal(jax.device_get(four), jax.device_get(one_device))
+  chex.assert_trees_all_equal(jax.device_get(eight), jax.device_get(one_device))
+  # It is the two-process run's model: the one-process run's templates compose to the same weights.
+  setup = pretrain.build(make_config(data))
+  params = runs["summary"]["params"]
+  want = jax.device_get(setup.gen.materialize(params["templates"], params["scalers"]))
+  chex.assert_trees_all_close(jax.device_get(one_device), want, rtol=1e-4, atol=1e-5)
+
+
+def test_training_continues_in_one_process_where_two_stopped(runs, data, capsys):
+  """Same workdir, more steps: the 2-process run resumes here (1 process); its data continues at
+  global batch 6, so its losses equal the 1-process run resumed from its own checkpoint."""
+  longer = make_config(data, total_steps=MORE_STEPS)
+  resumed_two = pretrain.run(longer, runs["two"])
+  out = capsys.readouterr().out
+  assert "Resuming from step 6" in out
+  assert "saved by 2 process(es), this run has 1: the data resumes at global batch 6" in out
+  resumed_one = pretrain.run(longer, runs["one"])
+  assert resumed_two["resumed_from"] == resumed_one["resumed_from"] == STEPS
+  two, one = read_losses(runs["two"]), read_losses(runs["one"])
+  more = list(range(STEPS + 1, MORE_STEPS + 1))
+  np.testing.assert_allclose([two[s] for s in more], [one[s] for s in more], rtol=1e-4, atol=1e-5)

@@ -1,0 +1,397 @@
+"""Preemption, crashes and bad input lose nothing and explain themselves (issue 8).
+
+The runs are real ``python main.py`` subprocesses on one CPU device (tiny models, tiny learnable
+data), killed and restarted the way a scheduler would. Subprocesses share a persistent JAX
+compilation cache, so only the first run of each program compiles.
+
+Tolerance: a resumed run reproduces the uninterrupted run *exactly* — every logged loss, accuracy,
+gradient norm and the final eval metrics are compared with ``==`` (same compiled program, same
+restored bits, same batches from the restored data-iterator state).
+"""
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import jax
+import ml_collections
+import numpy as np
+import optax
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from configs import vit_pretrain
+from weit_jax import checkpoint, input_pipeline, losses, sharding, train_loop
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TIMEOUT = 300  # seconds, per subprocess (a cold compile on a loaded 2-core machine takes ~1 minute)
+TOTAL, EVERY = 20, 5
+
+PRETRAIN = ["--config=configs/vit_pretrain.py:runlocal", "--config.model.variant=mu/4",
+            "--config.weit.tiles.embed=8", "--config.weit.tiles.mlp=8", "--config.weit.tiles.kv=8",
+            "--config.batch_size=32", f"--config.total_steps={TOTAL}", f"--config.checkpoint_every={EVERY}",
+            "--config.log_every=1", "--config.eval_every=0", "--config.optim.warmup_steps=2"]
+TRAIN = ["--config=configs/vit_train.py:runlocal", "--config.batch_size=32", f"--config.total_steps={TOTAL}",
+         f"--config.checkpoint_every={EVERY}", "--config.log_every=1", "--config.eval_every=0",
+         "--config.optim.warmup_steps=2"]
+
+# Runs main.py, but SIGKILLs the process inside orbax's commit of step $WEIT_TEST_KILL_IN_SAVE: every
+# file of that step is written, only the final rename of its temporary folder is missing.
+KILL_IN_SAVE = r'''
+import os, runpy, signal, sys
+from orbax.checkpoint._src.path import atomicity
+_finalize = atomicity.AtomicRenameTemporaryPath.finalize
+async def finalize(self):
+  final = self._final_path
+  if final.parent.name == "checkpoints" and final.name == os.environ["WEIT_TEST_KILL_IN_SAVE"]:
+    os.kill(os.getpid(), signal.SIGKILL)
+  return await _finalize(self)
+atomicity.AtomicRenameTemporaryPath.finalize = finalize
+sys.argv[0] = "main.py"
+runpy.run_path("main.py", run_name="__main__")
+'''
+
+
+# --- subprocess plumbing ----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+  e = dict(os.environ)
+  e["XLA_FLAGS"] = " ".join(f for f in e.get("XLA_FLAGS", "").split()
+                            if not f.startswith("--xla_force_host_platform_device_count"))
+  e.update(JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
+           JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("jax_cache")),
+           JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+  e.pop("WEIT_DEBUG", None)
+  return e
+
+
+@pytest.fixture(scope="module")
+def data_flags(learnable_data):
+  c = learnable_data(ml_collections.ConfigDict(vit_pretrain.get_config("runlocal").to_dict()))
+  return [f"--config.data.idx_dir={c.data.idx_dir}", f"--config.data.data_dir={c.data.data_dir}",
+          "--config.data.read_threads=2", "--config.data.prefetch_buffer_size=16",
+          "--config.data.flip=False", "--config.data.crop_padding=0"]
+
+
+@dataclasses.dataclass
+class Result:
+  returncode: int
+  stdout: str
+  stderr: str
+  signalled_at: int | None = None  # the step whose progress line triggered the signal
+
+  def resumed_from(self):
+    m = re.search(r"Resuming from step (\d+)", self.stdout)
+    return int(m.group(1)) if m else None
+
+
+def run_main(args, workdir, env, *, signal_after_step=None, sig=signal.SIGKILL, extra_env=None,
+             wrapper=None, timeout=TIMEOUT) -> Result:
+  """``python main.py ARGS --workdir=WORKDIR``; with ``signal_after_step``, sends ``sig`` as soon as the
+  progress line of that step (or a later one) is printed. Always bounded by ``timeout``."""
+  cmd = [sys.executable] + (["-c", wrapper] if wrapper else ["main.py"]) + list(args) + [f"--workdir={workdir}"]
+  proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(env, **(extra_env or {})), stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+  out, err, sent = [], [], []
+
+  def read_stdout():
+    for line in proc.stdout:
+      out.append(line)
+      m = re.match(r"step\s+(\d+)/", line)
+      if signal_after_step is not None and not sent and m and int(m.group(1)) >= signal_after_step:
+        sent.append(int(m.group(1)))
+        proc.send_signal(sig)
+
+  readers = [threading.Thread(target=read_stdout, daemon=True),
+             threading.Thread(target=lambda: err.extend(proc.stderr), daemon=True)]
+  try:
+    for t in readers:
+      t.start()
+    proc.wait(timeout=timeout)
+    for t in readers:
+      t.join(timeout=10)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+      proc.wait()
+  return Result(proc.returncode, "".join(out), "".join(err), sent[0] if sent else None)
+
+
+def metrics(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def assert_same_as_reference(workdir, reference):
+  """Every record logged in ``workdir`` (killed runs and resumed ones alike) equals the uninterrupted
+  run's record of the same step, exactly; every step of the reference was logged."""
+  ref = {}
+  for r in metrics(reference):
+    ref.setdefault(r["step"], {}).update(r)
+  records = metrics(workdir)
+  for r in records:
+    want = {k: ref[r["step"]][k] for k in r}
+    assert r == want, f"step {r['step']}: {r} != uninterrupted {want}"
+  assert {r["step"] for r in records} == set(ref)
+  return records
+
+
+def committed_steps(workdir):
+  d = os.path.join(workdir, "checkpoints")
+  return sorted(int(n) for n in os.listdir(d) if n.isdigit()) if os.path.isdir(d) else []
+
+
+def ok(result):
+  assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+  return result
+
+
+# --- 1. preemption is invisible -----------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def pretrain_reference(tmp_path_factory, env, data_flags):
+  workdir = str(tmp_path_factory.mktemp("pretrain_ref") / "wd")
+  ok(run_main(PRETRAIN + data_flags, workdir, env))
+  return workdir
+
+
+@pytest.fixture(scope="module")
+def pretrain_interrupted(tmp_path_factory, env, data_flags, pretrain_reference):
+  """Pre-training SIGKILLed at an arbitrary step, restarted, SIGKILLed again in the middle of a save,
+  and restarted to the end: the same command every time."""
+  workdir = str(tmp_path_factory.mktemp("pretrain_kill") / "wd")
+  args = PRETRAIN + data_flags
+  runs = {"sigkill": run_main(args, workdir, env, signal_after_step=EVERY + 3)}
+  runs["committed_at_sigkill"] = committed_steps(workdir)
+  runs["kill_in_save"] = run_main(args, workdir, env, wrapper=KILL_IN_SAVE,
+                                  extra_env={"WEIT_TEST_KILL_IN_SAVE": str(3 * EVERY)})
+  runs["listing_after_kill_in_save"] = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
+  runs["final"] = ok(run_main(args, workdir, env))
+  return workdir, runs
+
+
+def test_pretrain_resumes_exactly_after_sigkill(pretrain_interrupted, pretrain_reference):
+  workdir, runs = pretrain_interrupted
+  killed = runs["sigkill"]
+  assert killed.returncode == -signal.SIGKILL and killed.signalled_at is not None, killed.stdout[-2000:]
+  assert killed.signalled_at < TOTAL
+  last = runs["committed_at_sigkill"][-1]  # the last checkpoint committed before the kill
+  assert last <= killed.signalled_at
+  assert runs["kill_in_save"].resumed_from() == last
+  assert_same_as_reference(workdir, pretrain_reference)
+  assert "Done: step 20" in runs["final"].stdout
+
+
+def test_checkpoint_killed_during_save_is_never_used(pretrain_interrupted, pretrain_reference):
+  workdir, runs = pretrain_interrupted
+  dying = runs["kill_in_save"]
+  assert dying.returncode == -signal.SIGKILL, dying.stdout[-2000:] + dying.stderr[-2000:]
+  # Orbax left step 15 as a temporary folder; the committed steps are those before it.
+  listing = runs["listing_after_kill_in_save"]
+  assert "15" not in listing and any(n.startswith("15.orbax-checkpoint-tmp") for n in listing), listing
+  assert runs["final"].resumed_from() == 10
+  # The restarted run removed the half-written folder and saved step 15 anew.
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["10", "15", "20"]
+  assert_same_as_reference(workdir, pretrain_reference)
+
+
+@pytest.fixture(scope="module")
+def train_reference(tmp_path_factory, env, data_flags):
+  workdir = str(tmp_path_factory.mktemp("train_ref") / "wd")
+  ok(run_main(TRAIN + data_flags, workdir, env))
+  return workdir
+
+
+def test_train_program_survives_sigkill_and_sigterm(tmp_path, env, data_flags, train_reference):
+  workdir = str(tmp_path / "wd")
+  args = TRAIN + data_flags
+  killed = run_main(args, workdir, env, signal_after_step=EVERY + 2)
+  assert killed.returncode == -signal.SIGKILL and killed.signalled_at < TOTAL, killed.stdout[-2000:]
+  last = committed_steps(workdir)[-1]
+  # SIGTERM (a TPU maintenance event, a scheduler): a checkpoint at the step it arrived, exit 143.
+  term = run_main(args, workdir, env, signal_after_step=2 * EVERY + 2, sig=signal.SIGTERM)
+  assert term.resumed_from() == last
+  assert term.returncode == 143, term.stdout[-2000:] + term.stderr[-2000:]
+  m = re.search(r"SIGTERM received: saved a checkpoint at step (\d+)", term.stdout)
+  assert m, term.stdout[-2000:]
+  saved = int(m.group(1))
+  assert term.signalled_at <= saved < TOTAL
+  assert committed_steps(workdir)[-1] == saved
+  assert max(r["step"] for r in metrics(workdir)) == saved  # it stopped right after the save
+  final = ok(run_main(args, workdir, env))
+  assert final.resumed_from() == saved
+  assert_same_as_reference(workdir, train_reference)
+
+
+# --- 2. a damaged checkpoint explains itself, and the previous one works ------------------------------
+
+def test_damaged_checkpoint_names_itself_and_falls_back(pretrain_interrupted, pretrain_reference, tmp_path,
+                                                        env, data_flags):
+  workdir = str(tmp_path / "wd")
+  shutil.copytree(pretrain_interrupted[0], workdir)
+  step_dir = os.path.join(workdir, "checkpoints", str(TOTAL))
+  data_files = [os.path.join(dp, f) for dp, _, fs in os.walk(os.path.join(step_dir, "state")) for f in fs
+                if os.sep + "d" + os.sep in os.path.join(dp, f)]
+  biggest = max(data_files, key=os.path.getsize)
+  with open(biggest, "r+b") as f:  # a file cut short (a full disk, a bad copy)
+    f.truncate(os.path.getsize(biggest) // 3)
+  args = PRETRAIN + data_flags
+  broken = run_main(args, workdir, env)
+  assert broken.returncode == 2, broken.stderr[-3000:]
+  assert "Traceback" not in broken.stderr
+  error = [line for line in broken.stderr.splitlines() if line.startswith("error: ")]
+  assert len(error) == 1 and step_dir in error[0] and f"--config.resume_step={TOTAL - EVERY}" in error[0], error
+  assert broken.stderr.splitlines()[-2] == error[0]  # the error is at the end, not lost in logs
+  # The fallback it names works: resume from step 15, the damaged step 20 is discarded and redone.
+  fallback = ok(run_main(args + [f"--config.resume_step={TOTAL - EVERY}"], workdir, env))
+  assert fallback.resumed_from() == TOTAL - EVERY
+  assert f"Discarded the later checkpoints [{TOTAL}]" in fallback.stdout
+  assert committed_steps(workdir)[-1] == TOTAL
+  assert_same_as_reference(workdir, pretrain_reference)
+
+
+# --- 3. bad input is refused before compiling, with nothing written -----------------------------------
+
+def snapshot(path):
+  """Every file under ``path`` with a hash of its bytes (None if ``path`` does not exist)."""
+  if not os.path.exists(path):
+    return None
+  out = {}
+  for dp, _, fs in os.walk(path):
+    for f in fs:
+      with open(os.path.join(dp, f), "rb") as fh:
+        out[os.path.relpath(os.path.join(dp, f), path)] = hashlib.sha256(fh.read()).hexdigest()
+  return out
+
+
+@pytest.fixture(scope="module")
+def small_export(tmp_path_factory):
+  """A plain ViT export (depth 1, 28x28 images) written the way the init program writes one."""
+  import flax.linen as nn
+  from weit_jax.models import vit
+  cfg = vit.make_config("mu/4", depth=1, image_size=28, channels=1, num_classes=10)
+  params = nn.unbox(jax.jit(vit.ViT(cfg).init)(jax.random.key(0), vit.dummy_input(cfg)))["params"]
+  path = str(tmp_path_factory.mktemp("export") / "export")
+  checkpoint.export_params(path, jax.device_get(params), {"model": dataclasses.asdict(cfg)})
+  return path
+
+
+# (name, args builder, expected message). ``W`` is a fresh workdir unless the case says otherwise.
+BAD_INPUT = {
+    "unknown variant": (lambda f: PRETRAIN + f["data"] + ["--config.model.variant=zz/4"], r"unknown ViT variant 'zz/4'"),
+    "unknown dataset": (lambda f: PRETRAIN + ["--config.data.name=nope"], r"unknown dataset 'nope'"),
+    "heads do not divide width": (lambda f: PRETRAIN + f["data"] + ["--config.model.num_heads=5"],
+                                  r"num_heads=5 does not divide width=32"),
+    "templates of another patch size": (
+        lambda f: ["--config=configs/vit_init.py:runlocal", f"--config.templates={f['pretrain']}",
+                   "--config.targets=patch=7"], r"template bank .* has tile shape"),
+    "templates from a run that is not pre-training": (
+        lambda f: ["--config=configs/vit_init.py:runlocal", f"--config.templates={f['train']}"],
+        r"holds a 'train' run, not pre-training"),
+    "export into a model of another shape": (
+        lambda f: TRAIN + f["data"] + [f"--config.init={f['export']}", "--config.data.image_size=32"],
+        r"export .* is a ViT .* differing fields .*'image_size': \(28, 32\)"),
+    "init that is not an export": (lambda f: TRAIN + f["data"] + [f"--config.init={f['pretrain']}"],
+                                   r"is not an export \(no export.json\)"),
+    "workdir of a different config": (lambda f: PRETRAIN + f["data"] + ["--config.seed=1"],
+                                      r"holds a run of a different config \(fields \['seed'\] differ\)"),
+    "missing Fashion-MNIST files": (
+        lambda f: PRETRAIN + ["--config.data.idx_dir=/nonexistent", f"--config.data.data_dir={f['empty']}"],
+        r"IDX files missing in /nonexistent.*sudo apt-get install dataset-fashion-mnist"),
+    "dataset not prepared": (lambda f: ["--config=configs/vit_pretrain.py", f"--config.data.data_dir={f['empty']}"],
+                             r"dataset 'imagenet2012' is not prepared .*tfds build imagenet2012"),
+}
+# Cases that must restore a checkpoint's abstract state first (which compiles the auxiliary model's
+# init statistics) before they can tell; the rest are refused before anything of the model compiles.
+NEEDS_CHECKPOINT = {"templates of another patch size", "templates from a run that is not pre-training"}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUT))
+def test_bad_input_is_refused_with_one_line_and_nothing_written(case, tmp_path, env, data_flags, small_export,
+                                                                 pretrain_interrupted, train_reference):
+  build, pattern = BAD_INPUT[case]
+  (tmp_path / "empty").mkdir()
+  flags = dict(data=data_flags, pretrain=pretrain_interrupted[0], train=train_reference, export=small_export,
+               empty=str(tmp_path / "empty"))
+  if case == "workdir of a different config":
+    workdir = str(tmp_path / "existing")
+    shutil.copytree(pretrain_interrupted[0], workdir)
+  else:
+    workdir = str(tmp_path / "new" / "wd")
+  watched = [workdir, pretrain_interrupted[0], train_reference, small_export]
+  before = [snapshot(p) for p in watched]
+  result = run_main(build(flags), workdir, dict(env, JAX_LOG_COMPILES="1"), timeout=120)
+  assert result.returncode == 2, f"{case}: exit {result.returncode}\n{result.stderr[-3000:]}"
+  lines = result.stderr.splitlines()
+  error = [line for line in lines if line.startswith("error: ")]
+  assert len(error) == 1 and lines[-2] == error[0], lines[-10:]
+  assert re.search(pattern, error[0]), error[0]
+  assert "Traceback" not in result.stderr
+  assert [snapshot(p) for p in watched] == before  # nothing written: a new workdir is not even created
+  compiled = set(re.findall(r"(?:Compiling jit\(|compilation cache hit for '?jit_)(\w+)", result.stderr))
+  assert not compiled & {"step_fn", "init", "eval_fn", "materialize"}, compiled
+  if case not in NEEDS_CHECKPOINT:
+    assert "stats" not in compiled, compiled
+
+
+# --- 4. divergence is caught -----------------------------------------------------------------------------
+
+def _nan_from_update(k: int) -> optax.GradientTransformation:
+  """Turns the updates NaN from the ``k``-th update on (1-based): the state after step k is NaN."""
+  def update(updates, count, params=None):
+    bad = count + 1 >= k
+    return jax.tree_util.tree_map(lambda u: jax.numpy.where(bad, jax.numpy.nan, u), updates), count + 1
+  return optax.GradientTransformation(lambda params: jax.numpy.zeros((), jax.numpy.int32), update)
+
+
+def _linear_task(nan_from: int) -> train_loop.Task:
+  """A linear classifier on the images: compiles in a blink."""
+  def logits_fn(params, images):
+    return images.reshape(images.shape[0], -1) @ params["w"] + params["b"]
+
+  def loss_fn(params, batch, key):
+    del key
+    return losses.softmax_cross_entropy(logits_fn(params, batch["image"]), batch["labels"]), {}
+  return train_loop.Task(
+      init_params=lambda key: {"w": 0.01 * jax.random.normal(key, (28 * 28, 10)), "b": jax.numpy.zeros(10)},
+      param_axes={"w": P(None, None), "b": P(None)}, loss_fn=loss_fn, logits_fn=logits_fn,
+      optimizer=optax.chain(optax.sgd(0.01), _nan_from_update(nan_from)), lr_schedule=lambda step: 0.01)
+
+
+@pytest.mark.parametrize("nan_from, log_every, every, message, good", [
+    # Logged every step: the first NaN loss (the step after the NaN update) stops the run.
+    (5, 1, 2, r"at step 6: loss=nan, grad_norm=nan", 4),
+    # Logged rarely: the unlogged steps are checked too, at the next save, and the exact step named.
+    (4, 100, 3, r"at step 5: loss=nan, grad_norm=nan", 3),
+    # Finite loss and gradient, but the state to save is NaN: it is not saved.
+    (6, 100, 3, r"at step 6: the train state has non-finite values in \[\"\['params'\]\['b'\]\"", 3),
+])
+def test_divergence_stops_with_the_step_and_keeps_the_last_good_checkpoint(nan_from, log_every, every, message,
+                                                                           good, learnable_data, tmp_path):
+  config = learnable_data(ml_collections.ConfigDict(vit_pretrain.get_config("runlocal").to_dict()))
+  config.update(dict(total_steps=12, log_every=log_every, checkpoint_every=every, eval_every=0, seed=0))
+  mesh = sharding.make_mesh({"data": -1})
+  train_iter = input_pipeline.make_train_iterator(config.data, global_batch_size=32, seed=0, mesh=mesh)
+  with pytest.raises(train_loop.DivergenceError, match=message) as e:
+    train_loop.run(config, str(tmp_path), _linear_task(nan_from), mesh=mesh, train_iter=train_iter,
+                   make_eval_iter=lambda: [])
+  assert f"the last good checkpoint, step {good} in {tmp_path}/checkpoints, stays the latest" in str(e.value)
+  assert committed_steps(str(tmp_path)) == list(range(every, good + 1, every))
+
+
+def test_divergence_from_the_command_line_exits_2_with_one_line(tmp_path, env, data_flags, pretrain_reference):
+  # NaN injected through the input normalization (std 0): a non-finite loss from the first step on.
+  result = run_main(PRETRAIN + data_flags + ["--config.data.std=(0.0,)"], str(tmp_path / "wd"), env)
+  assert result.returncode == 2, result.stderr[-3000:]
+  lines = result.stderr.splitlines()
+  assert lines[-2].startswith("error: training diverged at step 1: loss=nan"), lines[-5:]
+  assert "no checkpoint had been saved yet" in lines[-2] and "Traceback" not in result.stderr
+  assert committed_steps(str(tmp_path / "wd")) == []
