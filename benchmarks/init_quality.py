@@ -1,0 +1,741 @@
+r"""Initialization quality: WeiT against baseline initializers, on targets of several sizes.
+
+  python benchmarks/init_quality.py                  # the full run (~60 min on a 2-core machine alone)
+  python benchmarks/init_quality.py --quick          # smoke test: tiny budgets, 1 seed, a few minutes
+  python benchmarks/init_quality.py --estimate       # time one step of each size; print the projection
+
+Stages (each cached in ``--workdir``; an interrupted run continues where it stopped):
+
+1. Pre-training, all on Fashion-MNIST (``fashion_mnist_local``) for the same number of steps with
+   the same batch size: WeiT templates (``programs/pretrain.py``, auxiliary ``pico/4``), the TLEG
+   auxiliary model (``inits/tleg.py``, ``pico/4``) and the dense source of weight selection (a
+   plain ViT trained from random init by ``programs/train.py``; as large as the largest target
+   along every axis, so weight selection applies to every target).
+2. WeiT initialization of every target (``programs/init.py``: frozen templates, scaler training).
+3. For every target, method, dataset and seed: an export (``weit_jax.inits``), its eval accuracy
+   at step 0, and a fixed training budget with ``programs/train.py`` (eval every k steps).
+   Datasets: Fashion-MNIST (the pre-training data: same-dataset setting) and ``mnist_5k`` (5,000 real
+   MNIST digits, train 4,000 / test 1,000: the transfer setting; every method gets a new head).
+4. ``docs/results/init_quality.{md,json}`` and plots, written from the results only.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import math
+import os
+import platform
+import shutil
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
+
+import jax  # noqa: E402
+import ml_collections  # noqa: E402
+import numpy as np  # noqa: E402
+
+METHODS = ("random", "weit", "weight_selection", "tleg", "mimetic")
+LABELS = {"random": "random", "weit": "WeiT", "weight_selection": "weight selection", "tleg": "TLEG",
+          "mimetic": "mimetic"}
+COLORS = {"random": "tab:gray", "weit": "tab:red", "weight_selection": "tab:blue", "tleg": "tab:green",
+          "mimetic": "tab:purple"}
+DATASETS = ("fashion_mnist_local", "mnist_5k")
+DATASET_LABELS = {"fashion_mnist_local": "Fashion-MNIST (same dataset)", "mnist_5k": "MNIST-5k (transfer)"}
+
+AUXILIARY = "pico/4"  # WeiT's and TLEG's auxiliary model: d3-w64-h2-m128
+# Targets as init-program specs (fields not given come from the auxiliary; mlp keeps its ratio 2).
+TARGETS = (
+    ("shallower", "depth=2"),  # d2-w64
+    ("deeper", "depth=6"),  # d6-w64
+    ("narrower", "width=40,heads=2"),  # d3-w40: 40 is not a multiple of the embed tile (16)
+    ("wider", "width=96,heads=3"),  # d3-w96
+)
+# The dense source of weight selection: the union of the targets (depth 6, width 96, 3 heads of 32).
+DENSE_SOURCE = dict(depth=6, width=96, num_heads=3, mlp_dim=192, patch_size=4)
+
+BUDGETS = {
+    # pretrain: steps of each pre-training run (WeiT, TLEG, dense source); init: WeiT's scaler
+    # training steps / examples; train: steps of every downstream run, eval every `eval_every`.
+    "full": dict(pretrain_steps=1000, init_steps=100, init_examples=2000, train_steps=150, eval_every=25,
+                 batch_size=128, seeds=3, fmnist_eval="test[:2000]"),
+    "quick": dict(pretrain_steps=30, init_steps=5, init_examples=256, train_steps=20, eval_every=10,
+                  batch_size=64, seeds=1, fmnist_eval="test[:500]"),
+}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Setup
+# ---------------------------------------------------------------------------------------------------
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--workdir", default=None, help="cache of every stage (default workdirs/bench, "
+                 "workdirs/bench_quick with --quick)")
+  p.add_argument("--out", default=None, help="where the report goes (default docs/results; "
+                 "WORKDIR/results with --quick, so a smoke test never overwrites the real report)")
+  p.add_argument("--quick", action="store_true", help="tiny budgets and 1 seed: a smoke test")
+  p.add_argument("--estimate", action="store_true", help="time one training step of every size and "
+                 "print the projected wall time of the chosen budgets; trains nothing")
+  for key, value in BUDGETS["full"].items():
+    p.add_argument("--" + key.replace("_", "-"), type=type(value), default=None,
+                   help=f"override the budget (full: {value}, quick: {BUDGETS['quick'][key]})")
+  p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
+  p.add_argument("--datasets", default=",".join(DATASETS), help="comma-separated subset of " + ",".join(DATASETS))
+  args = p.parse_args(argv)
+  budget = dict(BUDGETS["quick" if args.quick else "full"])
+  for key in budget:
+    if getattr(args, key) is not None:
+      budget[key] = getattr(args, key)
+  args.budget = budget
+  args.workdir = os.path.abspath(args.workdir or ("workdirs/bench_quick" if args.quick else "workdirs/bench"))
+  args.out = os.path.abspath(args.out or (os.path.join(args.workdir, "results") if args.quick else "docs/results"))
+  args.methods = [m for m in args.methods.split(",") if m]
+  args.datasets = [d for d in args.datasets.split(",") if d]
+  for m in args.methods:
+    if m not in METHODS:
+      p.error(f"unknown method {m!r}; valid: {METHODS}")
+  for d in args.datasets:
+    if d not in DATASETS:
+      p.error(f"unknown dataset {d!r}; valid: {DATASETS}")
+  if "random" not in args.methods:
+    p.error("the speed-up is measured against random init: keep 'random' in --methods")
+  if budget["train_steps"] % budget["eval_every"]:
+    p.error(f"--train-steps={budget['train_steps']} must be a multiple of --eval-every={budget['eval_every']}")
+  return args
+
+
+def enable_compilation_cache(workdir: str) -> None:
+  """Every run of one target compiles the same step: keep the executables on disk across runs."""
+  jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, "jax_cache"))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def log(msg: str) -> None:
+  print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def unlocked(config) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(config.to_dict())
+
+
+def data_config(name: str, budget: dict):
+  from weit_jax import input_pipeline
+  d = input_pipeline.default_data_config(name)
+  if name == "fashion_mnist_local":
+    d.eval_split = budget["fmnist_eval"]
+  d.read_threads = 4
+  d.prefetch_buffer_size = 256
+  return d
+
+
+def aux_config():
+  from weit_jax.models import vit
+  return vit.make_config(AUXILIARY, image_size=28, channels=1, num_classes=10)
+
+
+def target_configs() -> dict:
+  """role -> ViTConfig, built exactly as programs/init.py builds them (so WeiT's exports match)."""
+  from weit_jax.programs import init as init_program
+  aux = aux_config()
+  out = {}
+  for role, spec in TARGETS:
+    (fields,) = init_program.parse_targets(spec, aux)
+    out[role] = init_program.target_config(fields, aux)
+  return out
+
+
+def dense_source_config():
+  from weit_jax.models import vit
+  return vit.make_config(None, image_size=28, channels=1, num_classes=10, **DENSE_SOURCE)
+
+
+def train_config(budget: dict, *, dataset: str, steps: int, seed: int, model=None, init=None, eval_every=0):
+  """A configs/vit_train.py:runlocal config: the same optimizer and schedule for every method."""
+  from configs import common, vit_train
+  c = unlocked(vit_train.get_config("runlocal"))
+  if model is not None:
+    c.model = common.model_config(None, **{k: getattr(model, k) for k in ("width", "depth", "mlp_dim", "num_heads",
+                                                                          "patch_size")})
+  c.init = init
+  c.data = data_config(dataset, budget)
+  c.seed = int(seed)
+  c.total_steps = int(steps)
+  c.batch_size = int(budget["batch_size"])
+  c.optim.warmup_steps = max(1, int(steps) // 10)
+  c.eval_every = int(eval_every)
+  c.log_every = int(eval_every) or max(1, int(steps) // 4)
+  c.checkpoint_every = max(1, int(steps) // 4)
+  return c
+
+
+def wall_clock(fn, *args, **kwargs):
+  t0 = time.time()
+  out = fn(*args, **kwargs)
+  return out, time.time() - t0
+
+
+# ---------------------------------------------------------------------------------------------------
+# Stage 1: pre-training (same data, same steps, same batch)
+# ---------------------------------------------------------------------------------------------------
+
+def _done(path: str, steps: int) -> dict | None:
+  if os.path.exists(path):
+    record = json.load(open(path))
+    if record.get("steps") == steps:
+      return record
+  return None
+
+
+def pretrain_weit(args) -> dict:
+  from configs import common, vit_pretrain
+  from weit_jax.programs import pretrain
+  b = args.budget
+  workdir = os.path.join(args.workdir, "pretrain", "weit")
+  record_path = os.path.join(workdir, "bench.json")
+  if (r := _done(record_path, b["pretrain_steps"])):
+    return r
+  c = unlocked(vit_pretrain.get_config("runlocal"))
+  c.model = common.model_config(AUXILIARY)
+  c.data = data_config("fashion_mnist_local", b)
+  c.total_steps, c.batch_size = b["pretrain_steps"], b["batch_size"]
+  c.optim.warmup_steps = min(c.optim.warmup_steps, max(1, b["pretrain_steps"] // 10))
+  c.eval_every, c.log_every = 0, max(1, b["pretrain_steps"] // 10)
+  c.checkpoint_every = max(1, b["pretrain_steps"] // 4)
+  log(f"pre-training WeiT templates ({AUXILIARY}, {b['pretrain_steps']} steps) in {workdir}")
+  summary, wall = wall_clock(pretrain.run, c, workdir)
+  record = dict(method="weit", model=aux_config().short_name(), steps=b["pretrain_steps"], workdir=workdir,
+                eval_accuracy=summary["eval_accuracy"], wall_s=round(wall, 1), lr=c.optim.lr)
+  json.dump(record, open(record_path, "w"), indent=2)
+  return record
+
+
+def pretrain_tleg(args) -> dict:
+  from weit_jax.inits import tleg
+  b = args.budget
+  workdir = os.path.join(args.workdir, "pretrain", "tleg")
+  record_path = os.path.join(workdir, "bench.json")
+  if (r := _done(record_path, b["pretrain_steps"])):
+    return r
+  c = train_config(b, dataset="fashion_mnist_local", steps=b["pretrain_steps"], seed=0, model=aux_config())
+  log(f"pre-training the TLEG auxiliary model ({AUXILIARY}, {b['pretrain_steps']} steps) in {workdir}")
+  summary, wall = wall_clock(tleg.pretrain, c, workdir)
+  record = dict(method="tleg", model=aux_config().short_name(), steps=b["pretrain_steps"], workdir=workdir,
+                export=tleg.export_dir(workdir), eval_accuracy=summary["eval_accuracy"], wall_s=round(wall, 1),
+                lr=c.optim.lr)
+  json.dump(record, open(record_path, "w"), indent=2)
+  return record
+
+
+def pretrain_dense(args) -> dict:
+  from weit_jax import checkpoint
+  from weit_jax.inits import common
+  from weit_jax.programs import train
+  b = args.budget
+  workdir = os.path.join(args.workdir, "pretrain", "dense")
+  record_path = os.path.join(workdir, "bench.json")
+  if (r := _done(record_path, b["pretrain_steps"])):
+    return r
+  cfg = dense_source_config()
+  c = train_config(b, dataset="fashion_mnist_local", steps=b["pretrain_steps"], seed=0, model=cfg)
+  log(f"pre-training the dense source {cfg.short_name()} ({b['pretrain_steps']} steps) in {workdir}")
+  summary, wall = wall_clock(train.run, c, workdir)
+  export = os.path.join(workdir, "export")
+  if os.path.exists(export):
+    shutil.rmtree(export)
+  checkpoint.export_params(export, common.to_numpy(summary["params"]),
+                           dict(model=dataclasses.asdict(cfg), init="dense_source", steps=b["pretrain_steps"]))
+  record = dict(method="weight_selection", model=cfg.short_name(), steps=b["pretrain_steps"], workdir=workdir,
+                export=export, eval_accuracy=summary["eval_accuracy"], wall_s=round(wall, 1), lr=c.optim.lr)
+  json.dump(record, open(record_path, "w"), indent=2)
+  return record
+
+
+def init_weit(args, weit_pretrain: dict) -> dict:
+  """programs/init.py for every target: role -> {export, accuracy before/after, wall}."""
+  from configs import vit_init
+  from weit_jax import checkpoint
+  from weit_jax.programs import init as init_program
+  b = args.budget
+  workdir = os.path.join(args.workdir, f"init_P{b['pretrain_steps']}_S{b['init_steps']}_E{b['init_examples']}")
+  record_path = os.path.join(workdir, "bench.json")
+  if os.path.exists(record_path):
+    return json.load(open(record_path))
+  c = unlocked(vit_init.get_config("runlocal"))
+  c.templates = weit_pretrain["workdir"]
+  c.templates_step = b["pretrain_steps"]
+  c.targets = ";".join(spec for _, spec in TARGETS)
+  c.steps, c.num_examples, c.batch_size = b["init_steps"], b["init_examples"], b["batch_size"]
+  c.optim.warmup_steps = min(c.optim.warmup_steps, max(1, b["init_steps"] // 10))
+  c.log_every = max(1, b["init_steps"] // 4)
+  c.checkpoint_every = max(1, b["init_steps"])
+  log(f"WeiT init of {len(TARGETS)} targets ({b['init_steps']} scaler-training steps each) in {workdir}")
+  _, wall = wall_clock(init_program.run, c, workdir)
+  out = {}
+  for role, cfg in target_configs().items():
+    export = os.path.join(workdir, cfg.short_name(), "export")
+    st = checkpoint.read_export_meta(export)["scaler_training"]
+    out[role] = dict(export=export, accuracy_before=st["accuracy_before"], accuracy_after=st["accuracy_after"])
+  record = dict(targets=out, wall_s=round(wall, 1), steps=b["init_steps"], num_examples=b["init_examples"],
+                lr=c.optim.lr)
+  json.dump(record, open(record_path, "w"), indent=2)
+  return record
+
+
+# ---------------------------------------------------------------------------------------------------
+# Stage 3: downstream runs
+# ---------------------------------------------------------------------------------------------------
+
+def applies(method: str, target, sources: dict) -> str | None:
+  """None if ``method`` can initialize ``target``; otherwise why not (the table says N/A)."""
+  from weit_jax.inits import tleg, weight_selection
+  try:
+    if method == "weight_selection":
+      weight_selection.check_sizes(sources["dense_config"], target)
+    elif method == "tleg":
+      tleg.check_sizes(aux_config(), target)
+  except ValueError as e:
+    return str(e).split(";")[0]
+  return None
+
+
+def source_for(method: str, role: str, sources: dict):
+  return {"random": None, "mimetic": None, "weit": (sources.get("weit") or {}).get(role),
+          "weight_selection": sources.get("dense"), "tleg": sources.get("tleg")}[method]
+
+
+def step0_accuracy(config, cfg) -> float:
+  """Eval accuracy of exactly the parameters train.run starts from."""
+  from weit_jax import input_pipeline, sharding, train_loop
+  from weit_jax.models import vit
+  from weit_jax.programs import train
+  model = vit.ViT(cfg)
+  mesh = sharding.make_mesh({"data": -1})
+  task = train.make_task(config, model, cfg)
+  _, shardings = train_loop.state_shardings(task, mesh)
+  params = jax.device_put(train.initial_params(config, cfg, model, mesh), shardings["params"])
+  eval_step = train_loop.make_eval_step(task, shardings["params"], sharding.batch_sharding(mesh), mesh)
+  batches = input_pipeline.make_eval_iterator(config.data, global_batch_size=config.batch_size)
+  return train_loop.evaluate(eval_step, params, batches, mesh)["eval_accuracy"]
+
+
+def eval_curve(workdir: str) -> dict[int, float]:
+  from weit_jax import metrics
+  curve = {}
+  for rec in metrics.read_metrics(workdir):  # the last record of a step wins
+    if "eval_accuracy" in rec:
+      curve[int(rec["step"])] = float(rec["eval_accuracy"])
+  return curve
+
+
+def run_one(args, method: str, role: str, cfg, dataset: str, seed: int, sources: dict) -> dict:
+  """One (method, target, dataset, seed): export, step-0 accuracy, training. Cached in its folder."""
+  from weit_jax import inits
+  from weit_jax.inits import common
+  from weit_jax.programs import train
+  b = args.budget
+  budget_key = {k: b[k] for k in ("train_steps", "eval_every", "batch_size", "fmnist_eval")}
+  run_dir = os.path.join(args.workdir, "runs", f"T{b['train_steps']}_k{b['eval_every']}_B{b['batch_size']}",
+                         dataset, cfg.short_name(), method, f"seed{seed}")
+  result_path = os.path.join(run_dir, "result.json")
+  if os.path.exists(result_path):
+    result = json.load(open(result_path))
+    if result.get("budget") == budget_key:
+      return result
+  if os.path.exists(run_dir):
+    shutil.rmtree(run_dir)  # an interrupted run starts over (runs are short)
+  t0 = time.time()
+  export = os.path.join(run_dir, "export")
+  init = inits.get(method)
+  params = init(source_for(method, role, sources), cfg, seed=seed)
+  if dataset != "fashion_mnist_local":  # transfer: a new task gets a new head, whatever the method
+    params["head"] = common.own_init(cfg, seed)["head"]
+  from weit_jax import checkpoint
+  checkpoint.export_params(export, params, dict(model=dataclasses.asdict(cfg), init=method, seed=seed,
+                                                source=inits.describe_source(source_for(method, role, sources)),
+                                                head="new" if dataset != "fashion_mnist_local" else "kept"))
+  c = train_config(b, dataset=dataset, steps=b["train_steps"], seed=seed, init=export, eval_every=b["eval_every"])
+  acc0 = step0_accuracy(c, cfg)
+  t_train = time.time()
+  summary = train.run(c, os.path.join(run_dir, "train"))
+  t_end = time.time()
+  curve = eval_curve(os.path.join(run_dir, "train"))
+  curve[0] = acc0
+  result = dict(method=method, target=cfg.short_name(), role=role, dataset=dataset, seed=seed, budget=budget_key,
+                curve={str(s): curve[s] for s in sorted(curve)}, final_accuracy=summary["eval_accuracy"],
+                step0_accuracy=acc0, wall_s=round(t_end - t0, 2), train_wall_s=round(t_end - t_train, 2))
+  shutil.rmtree(os.path.join(run_dir, "train", "checkpoints"), ignore_errors=True)  # only the curve is kept
+  shutil.rmtree(export, ignore_errors=True)
+  with open(result_path + ".tmp", "w") as f:
+    json.dump(result, f, indent=2)
+  os.replace(result_path + ".tmp", result_path)
+  return result
+
+
+# ---------------------------------------------------------------------------------------------------
+# Analysis
+# ---------------------------------------------------------------------------------------------------
+
+def steps_to_reach(steps: list[int], accs: list[float], threshold: float) -> float | None:
+  """The first step at which the (linearly interpolated) curve reaches ``threshold``; None if never."""
+  for i, (s, a) in enumerate(zip(steps, accs)):
+    if a >= threshold:
+      if i == 0:
+        return float(s)
+      s0, a0 = steps[i - 1], accs[i - 1]
+      return s0 + (s - s0) * (threshold - a0) / (a - a0)
+  return None
+
+
+def aggregate(results: list[dict], budget: dict) -> dict:
+  """dataset -> role -> method -> {steps, mean, std, final mean/std, step0 mean/std, seeds, speedup}."""
+  table: dict = {}
+  for r in results:
+    table.setdefault(r["dataset"], {}).setdefault(r["role"], {}).setdefault(r["method"], []).append(r)
+  out: dict = {}
+  T = budget["train_steps"]
+  for dataset, roles in table.items():
+    for role, methods in roles.items():
+      entry = {}
+      for method, runs in methods.items():
+        steps = sorted(int(s) for s in runs[0]["curve"])
+        acc = np.array([[r["curve"][str(s)] for s in steps] for r in runs])
+        final = np.array([r["final_accuracy"] for r in runs])
+        entry[method] = dict(target=runs[0]["target"], steps=steps, mean=acc.mean(0).tolist(), std=acc.std(0).tolist(),
+                             final_mean=float(final.mean()), final_std=float(final.std()),
+                             step0_mean=float(acc[:, 0].mean()), step0_std=float(acc[:, 0].std()),
+                             seeds=sorted(r["seed"] for r in runs), wall_s=float(sum(r["wall_s"] for r in runs)))
+      if "random" in entry:
+        threshold = entry["random"]["final_mean"]
+        for method, e in entry.items():
+          needed = steps_to_reach(e["steps"], e["mean"], threshold)
+          e["steps_to_random_final"] = needed
+          e["speedup"] = (None if needed is None else (math.inf if needed == 0 else T / needed))
+      out.setdefault(dataset, {})[role] = entry
+  return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------------------------------
+
+def fmt_acc(mean: float, std: float, n: int) -> str:
+  return f"{100 * mean:.1f} ± {100 * std:.1f}" if n > 1 else f"{100 * mean:.1f}"
+
+
+def fmt_speedup(e: dict, T: int) -> str:
+  if e.get("speedup") is None:
+    return f"not reached (final {100 * e['final_mean']:.1f})"
+  if math.isinf(e["speedup"]):
+    return "∞ (at step 0)"
+  return f"{e['speedup']:.1f}× ({e['steps_to_random_final']:.0f} steps)"
+
+
+def plot(agg: dict, dataset: str, roles: list[str], targets: dict, path: str, budget: dict) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, axes = plt.subplots(1, len(roles), figsize=(4.2 * len(roles), 3.8), squeeze=False)
+  for ax, role in zip(axes[0], roles):
+    for method in METHODS:
+      e = agg.get(dataset, {}).get(role, {}).get(method)
+      if e is None:
+        continue
+      s, m, sd = np.array(e["steps"]), 100 * np.array(e["mean"]), 100 * np.array(e["std"])
+      ax.plot(s, m, label=LABELS[method], color=COLORS[method], marker="o", ms=3)
+      ax.fill_between(s, m - sd, m + sd, color=COLORS[method], alpha=0.18, linewidth=0)
+    if "random" in agg.get(dataset, {}).get(role, {}):
+      ax.axhline(100 * agg[dataset][role]["random"]["final_mean"], color="k", ls=":", lw=0.8)
+    ax.set_title(f"{role}: {targets[role].short_name()}", fontsize=10)
+    ax.set_xlabel("training step")
+    ax.grid(alpha=0.3)
+  axes[0][0].set_ylabel("eval accuracy (%)")
+  axes[0][-1].legend(fontsize=8, loc="lower right")
+  n = budget["seeds"]
+  fig.suptitle(f"{DATASET_LABELS[dataset]}: mean over {n} seed{'s' * (n > 1)}"
+               f"{' (shaded: ± std)' if n > 1 else ''}; dotted: random init's final accuracy", fontsize=10)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def machine() -> dict:
+  cpu = platform.processor() or ""
+  try:
+    for line in open("/proc/cpuinfo"):
+      if line.startswith("model name"):
+        cpu = line.split(":", 1)[1].strip()
+        break
+  except OSError:
+    pass
+  return dict(cpu=cpu, cores=os.cpu_count(), platform=platform.platform(), python=platform.python_version(),
+              jax=jax.__version__, backend=jax.default_backend(), load_average=os.getloadavg())
+
+
+def _json_safe(x):
+  """Strict JSON: infinite speed-ups become the string 'inf', tuples lists."""
+  if isinstance(x, dict):
+    return {str(k): _json_safe(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [_json_safe(v) for v in x]
+  if isinstance(x, float) and not math.isfinite(x):
+    return str(x)
+  return x
+
+
+def write_report(args, agg: dict, results: list[dict], stages: dict, targets: dict, na: dict, info: dict) -> str:
+  b = args.budget
+  T = b["train_steps"]
+  os.makedirs(args.out, exist_ok=True)
+  roles = [role for role, _ in TARGETS]
+  plots = {}
+  for dataset in args.datasets:
+    name = f"init_quality_{dataset}.png"
+    plot(agg, dataset, roles, targets, os.path.join(args.out, name), b)
+    plots[dataset] = name
+  raw = dict(command=info["command"], date=info["date"], machine=info["machine"], budget=b,
+             wall_s=info["wall_s"], stages=stages, targets={r: dataclasses.asdict(c) for r, c in targets.items()},
+             not_applicable={f"{m}/{r}": why for (m, r), why in na.items()}, aggregate=agg, runs=results)
+  with open(os.path.join(args.out, "init_quality.json"), "w") as f:
+    json.dump(_json_safe(raw), f, indent=2)
+
+  methods = [m for m in METHODS if m in args.methods]
+  L = []
+  w = L.append
+  w("# Initialization quality: WeiT vs. baseline initializers\n")
+  w(f"Written by `benchmarks/init_quality.py` from its own results{' (**--quick smoke test: tiny budgets, not a result**)' if args.quick else ''}. "
+    "Nothing in this file is typed by hand.\n")
+  w("```\n" + info["command"] + "\n```\n")
+  m = info["machine"]
+  w(f"- Date: {info['date']}; this invocation's wall time: {info['wall_s'] / 60:.1f} min "
+    f"(all stages, cached or not: {info['total_recorded_s'] / 60:.1f} min of recorded work).")
+  w(f"- Machine: {m['cpu']}, {m['cores']} cores, {m['platform']}; JAX {m['jax']} ({m['backend']}); "
+    f"load average at start / end: {info['load_start'][0]:.1f} / {m['load_average'][0]:.1f} "
+    "(above the core count means the machine was shared and the times are pessimistic).")
+  w(f"- Seeds: {', '.join(str(s) for s in range(b['seeds']))} (data order and every random choice of an "
+    "initializer: random and mimetic weights, new heads). Spread: mean ± std over seeds.\n")
+
+  w("## What was run\n")
+  aux = aux_config()
+  w(f"- **Pre-training** (all on Fashion-MNIST, {b['pretrain_steps']} steps of batch {b['batch_size']} each, "
+    "so the compute budget in steps and examples is the same):")
+  for key, label in (("weit", "WeiT templates"), ("tleg", "TLEG auxiliary"), ("dense", "dense source of weight selection")):
+    if key in stages.get("pretrain", {}):
+      r = stages["pretrain"][key]
+      w(f"  - {label}: ViT {r['model']}, lr {r['lr']}, {r['wall_s'] / 60:.1f} min, eval accuracy "
+        f"{100 * r['eval_accuracy']:.1f}%")
+  if "init" in stages:
+    r = stages["init"]
+    w(f"- **WeiT initialization**: frozen templates, scalers of each target trained for {r['steps']} steps on "
+      f"{r['num_examples']} Fashion-MNIST training examples (lr {r['lr']}); {r['wall_s'] / 60:.1f} min for all "
+      "targets. This is extra data and compute that only WeiT uses; the tables count downstream steps only.")
+  w(f"- **Targets** (auxiliary of WeiT and TLEG: {aux.short_name()}; dense source: "
+    f"{dense_source_config().short_name()}, the union of the targets so that weight selection applies to all):")
+  for role, spec in TARGETS:
+    w(f"  - {role}: {targets[role].short_name()} (`{spec}`)")
+  w("  Runlocal tiles are embed 16, mlp 16, heads 1, kv 8: width 40 (and MLP 80) is not a tile multiple.")
+  w(f"- **Downstream**: `programs/train.py` (configs/vit_train.py:runlocal: AdamW lr 1e-3, weight decay 0.05, "
+    f"cosine, {max(1, T // 10)} warmup steps) for {T} steps of batch {b['batch_size']}, eval every "
+    f"{b['eval_every']} steps and at step 0. Fashion-MNIST eval on `{b['fmnist_eval']}` (a fixed subset keeps "
+    "evals cheap); MNIST-5k eval on its 1,000 test digits. Same dataset: the pre-trained heads are kept "
+    "(weight selection and mimetic use a fresh head, as their recipes say); transfer: every method gets a new "
+    "(zero) head.")
+  w("- **Speed-up**: training steps a method needs to reach the accuracy random init has at the end of the "
+    f"budget (mean over seeds, linear interpolation between evals), as `{T} / steps`. "
+    "'not reached' means below that accuracy for the whole budget.")
+  if na:
+    w("- **N/A** (the method cannot initialize that target): " + "; ".join(f"{LABELS[m]} on {r}: {why}" for (m, r), why in
+                                                                         sorted(na.items())) + ".")
+  w("")
+
+  for dataset in args.datasets:
+    d = agg.get(dataset, {})
+    w(f"## {DATASET_LABELS[dataset]}\n")
+    w(f"![accuracy vs step]({plots[dataset]})\n")
+    w(f"### Speed-up over random init ({T}-step budget)\n")
+    w("| target | " + " | ".join(LABELS[m] for m in methods) + " |")
+    w("|---|" + "---|" * len(methods))
+    for role in roles:
+      cells = [fmt_speedup(d[role][m], T) if m in d.get(role, {}) else "N/A" for m in methods]
+      w(f"| {role} {targets[role].short_name()} | " + " | ".join(cells) + " |")
+    w("")
+    for title, key in (("Accuracy at step 0 (%)", "step0"), (f"Accuracy after {T} steps (%)", "final")):
+      w(f"### {title}\n")
+      w("| target | " + " | ".join(LABELS[m] for m in methods) + " |")
+      w("|---|" + "---|" * len(methods))
+      for role in roles:
+        cells = []
+        for m in methods:
+          e = d.get(role, {}).get(m)
+          cells.append("N/A" if e is None else fmt_acc(e[f"{key}_mean"], e[f"{key}_std"], len(e["seeds"])))
+        w(f"| {role} {targets[role].short_name()} | " + " | ".join(cells) + " |")
+      w("")
+
+  w("## Where WeiT does and does not win\n")
+  w("Generated from the tables above (final accuracy, mean over seeds; 'ahead' means a higher mean, not "
+    "necessarily beyond the spread).\n")
+  for dataset in args.datasets:
+    for role in roles:
+      e = agg.get(dataset, {}).get(role, {})
+      if "weit" not in e:
+        continue
+      others = sorted(((v["final_mean"], m) for m, v in e.items() if m != "weit"), reverse=True)
+      better = [(a, m) for a, m in others if a > e["weit"]["final_mean"]]
+      wa = fmt_acc(e["weit"]["final_mean"], e["weit"]["final_std"], len(e["weit"]["seeds"]))
+      if better:
+        w(f"- {DATASET_LABELS[dataset]}, {role} ({targets[role].short_name()}): WeiT ({wa}) is **behind** "
+          + ", ".join(f"{LABELS[m]} ({fmt_acc(e[m]['final_mean'], e[m]['final_std'], len(e[m]['seeds']))})"
+                      for _, m in better) + ".")
+      else:
+        w(f"- {DATASET_LABELS[dataset]}, {role} ({targets[role].short_name()}): WeiT ({wa}) is ahead of every "
+          "other method" + (f" (next: {LABELS[others[0][1]]}, "
+                            f"{fmt_acc(e[others[0][1]]['final_mean'], e[others[0][1]]['final_std'], len(e[others[0][1]]['seeds']))})"
+                            if others else "") + ".")
+  w("")
+  w("## Raw data\n")
+  w("`init_quality.json`: every run's curve (eval accuracy by step), its seed and wall time, the aggregates, "
+    "the budgets and the pre-training records. Run folders (metrics.jsonl, curves.png) are under the "
+    f"workdir `{os.path.relpath(args.workdir)}`.")
+  path = os.path.join(args.out, "init_quality.md")
+  with open(path, "w") as f:
+    f.write("\n".join(L) + "\n")
+  return path
+
+
+# ---------------------------------------------------------------------------------------------------
+# --estimate: time one training step of every size
+# ---------------------------------------------------------------------------------------------------
+
+def time_steps(args) -> dict:
+  """Seconds per training step (wall and process CPU) of every size, on random batches."""
+  from weit_jax import sharding, train_loop
+  from weit_jax.models import vit
+  from weit_jax.programs import train
+  b = args.budget
+  mesh = sharding.make_mesh({"data": -1})
+  rng = np.random.default_rng(0)
+  B = b["batch_size"]
+  batch = sharding.global_batch({"image": rng.standard_normal((B, 28, 28, 1)).astype(np.float32),
+                                 "labels": np.eye(10, dtype=np.float32)[rng.integers(0, 10, B)]}, mesh)
+  sizes = dict(target_configs(), auxiliary=aux_config(), dense_source=dense_source_config())
+  out = {}
+  for name, cfg in sizes.items():
+    c = train_config(b, dataset="fashion_mnist_local", steps=100, seed=0, model=cfg)
+    task = train.make_task(c, vit.ViT(cfg), cfg)
+    _, sh = train_loop.state_shardings(task, mesh)
+    state = train_loop.make_init_state(task, sh)(jax.random.key(0))
+    step = train_loop.make_train_step(task, sh, sharding.batch_sharding(mesh), mesh)
+    for _ in range(3):
+      state, o = step(state, batch, jax.random.key(1))
+    jax.block_until_ready(o)
+    n, t0, c0 = 15, time.time(), time.process_time()
+    for _ in range(n):
+      state, o = step(state, batch, jax.random.key(1))
+    jax.block_until_ready(o)
+    out[name] = dict(model=cfg.short_name(), wall=(time.time() - t0) / n, cpu=(time.process_time() - c0) / n)
+    log(f"{name:13s} {cfg.short_name():22s} {1000 * out[name]['wall']:6.0f} ms/step wall, "
+        f"{1000 * out[name]['cpu']:6.0f} ms CPU")
+  return out
+
+
+def projection(args, per_step: dict, key: str = "wall", overhead_s: float = 4.0) -> dict:
+  """Projected seconds per stage from per-step times (train steps; evals at ~1/3 of a step per batch)."""
+  b = args.budget
+  targets = target_configs()
+  dense = dense_source_config()
+  pre = b["pretrain_steps"] * (2 * per_step["auxiliary"][key] + per_step["dense_source"][key])
+  init = sum(b["init_steps"] * 1.2 * per_step[r][key] for r in targets)
+  sources = {"dense_config": dense}
+  fm_eval = int(b["fmnist_eval"].split(":")[1].rstrip("]")) if ":" in b["fmnist_eval"] else 10000
+  runs, n_runs = 0.0, 0
+  for role, cfg in targets.items():
+    methods = [m for m in args.methods if not applies(m, cfg, sources)]
+    for dataset in args.datasets:
+      evals = (b["train_steps"] // b["eval_every"] + 1) * math.ceil(
+          (fm_eval if dataset == "fashion_mnist_local" else 1000) / b["batch_size"])
+      one = b["train_steps"] * per_step[role][key] + evals * per_step[role][key] / 3 + overhead_s
+      runs += one * len(methods) * b["seeds"]
+      n_runs += len(methods) * b["seeds"]
+  return dict(pretrain_s=pre, init_s=init, downstream_s=runs, runs=n_runs, total_s=pre + init + runs)
+
+
+# ---------------------------------------------------------------------------------------------------
+# main
+# ---------------------------------------------------------------------------------------------------
+
+def main(argv=None) -> None:
+  args = parse_args(argv)
+  t_start = time.time()
+  load_start = os.getloadavg()
+  os.makedirs(args.workdir, exist_ok=True)
+  enable_compilation_cache(args.workdir)
+  from absl import logging as absl_logging
+  absl_logging.set_verbosity(absl_logging.WARNING)
+  b = args.budget
+  log(f"budget: {b}; workdir {args.workdir}; report to {args.out}")
+
+  if args.estimate:
+    per_step = time_steps(args)
+    for key in ("wall", "cpu"):
+      p = projection(args, per_step, key)
+      log(f"projection from {key} time per step: pre-training {p['pretrain_s'] / 60:.1f} min, WeiT init "
+          f"{p['init_s'] / 60:.1f} min, {p['runs']} downstream runs {p['downstream_s'] / 60:.1f} min; total "
+          f"{p['total_s'] / 60:.1f} min (+ compilation)")
+    return
+
+  from weit_jax import inits, input_pipeline
+  for dataset in args.datasets:
+    input_pipeline.prepare(data_config(dataset, b))
+  targets = target_configs()
+
+  # ----- stage 1 and 2: pre-training, WeiT init ------------------------------------------------------
+  stages: dict = {"pretrain": {}}
+  sources: dict = {"dense_config": dense_source_config()}
+  if "weit" in args.methods:
+    stages["pretrain"]["weit"] = pretrain_weit(args)
+    stages["init"] = init_weit(args, stages["pretrain"]["weit"])
+    sources["weit"] = {role: r["export"] for role, r in stages["init"]["targets"].items()}
+  if "tleg" in args.methods:
+    stages["pretrain"]["tleg"] = pretrain_tleg(args)
+    sources["tleg"] = inits.TLEGSource.from_export(stages["pretrain"]["tleg"]["export"])
+  if "weight_selection" in args.methods:
+    stages["pretrain"]["dense"] = pretrain_dense(args)
+    sources["dense"] = inits.DenseSource.from_export(stages["pretrain"]["dense"]["export"])
+
+  # ----- stage 3: downstream runs ----------------------------------------------------------------------
+  na = {}
+  jobs = []
+  for role, cfg in targets.items():
+    for method in args.methods:
+      why = applies(method, cfg, sources)
+      if why:
+        na[(method, role)] = why
+        continue
+      for dataset in args.datasets:
+        for seed in range(b["seeds"]):
+          jobs.append((dataset, seed, role, method))
+  jobs.sort(key=lambda j: (j[1], DATASETS.index(j[0]), [r for r, _ in TARGETS].index(j[2]), METHODS.index(j[3])))
+  results = []
+  for i, (dataset, seed, role, method) in enumerate(jobs):
+    t0 = time.time()
+    r = run_one(args, method, role, targets[role], dataset, seed, sources)
+    results.append(r)
+    log(f"[{i + 1}/{len(jobs)}] {dataset} {targets[role].short_name()} {method} seed {seed}: step 0 "
+        f"{100 * r['step0_accuracy']:.1f}% -> {100 * r['final_accuracy']:.1f}% ({time.time() - t0:.0f}s)")
+
+  # ----- report -------------------------------------------------------------------------------------------
+  agg = aggregate(results, b)
+  recorded = sum(r["wall_s"] for r in results) + sum(r["wall_s"] for r in stages["pretrain"].values()) + \
+      stages.get("init", {}).get("wall_s", 0.0)
+  info = dict(command=" ".join(["python", "benchmarks/init_quality.py", *(sys.argv[1:] if argv is None else argv)]),
+              date=datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"), machine=machine(),
+              wall_s=time.time() - t_start, total_recorded_s=recorded, load_start=load_start)
+  path = write_report(args, agg, results, stages, targets, na, info)
+  log(f"report: {path}; wall time {info['wall_s'] / 60:.1f} min")
+
+
+if __name__ == "__main__":
+  main()
