@@ -57,12 +57,13 @@ TARGETS = (
 DENSE_SOURCE = dict(depth=6, width=96, num_heads=3, mlp_dim=192, patch_size=4)
 
 BUDGETS = {
-    # pretrain: steps of each pre-training run (WeiT, TLEG, dense source); init: WeiT's scaler
-    # training steps / examples; train: steps of every downstream run, eval every `eval_every`.
-    "full": dict(pretrain_steps=1000, init_steps=100, init_examples=2000, train_steps=150, eval_every=25,
-                 batch_size=128, seeds=3, fmnist_eval="test[:2000]"),
-    "quick": dict(pretrain_steps=30, init_steps=5, init_examples=256, train_steps=20, eval_every=10,
-                  batch_size=64, seeds=1, fmnist_eval="test[:500]"),
+    # pretrain_*: each pre-training run (WeiT, TLEG, dense source) and WeiT's scaler training;
+    # init_*: WeiT's scaler-training steps / examples; train_steps, batch_size: every downstream run,
+    # evaluated every `eval_every` steps on `fmnist_eval` (Fashion-MNIST) or the 1,000 MNIST-5k digits.
+    "full": dict(pretrain_steps=1000, pretrain_batch_size=128, init_steps=100, init_examples=2000,
+                 train_steps=150, batch_size=64, eval_every=25, seeds=3, fmnist_eval="test[:1000]"),
+    "quick": dict(pretrain_steps=30, pretrain_batch_size=64, init_steps=5, init_examples=256,
+                  train_steps=20, batch_size=32, eval_every=10, seeds=1, fmnist_eval="test[:500]"),
 }
 
 
@@ -153,7 +154,8 @@ def dense_source_config():
   return vit.make_config(None, image_size=28, channels=1, num_classes=10, **DENSE_SOURCE)
 
 
-def train_config(budget: dict, *, dataset: str, steps: int, seed: int, model=None, init=None, eval_every=0):
+def train_config(budget: dict, *, dataset: str, steps: int, seed: int, model=None, init=None, eval_every=0,
+                 batch_size=None):
   """A configs/vit_train.py:runlocal config: the same optimizer and schedule for every method."""
   from configs import common, vit_train
   c = unlocked(vit_train.get_config("runlocal"))
@@ -164,11 +166,11 @@ def train_config(budget: dict, *, dataset: str, steps: int, seed: int, model=Non
   c.data = data_config(dataset, budget)
   c.seed = int(seed)
   c.total_steps = int(steps)
-  c.batch_size = int(budget["batch_size"])
+  c.batch_size = int(batch_size or budget["batch_size"])
   c.optim.warmup_steps = max(1, int(steps) // 10)
   c.eval_every = int(eval_every)
   c.log_every = int(eval_every) or max(1, int(steps) // 4)
-  c.checkpoint_every = max(1, int(steps) // 4)
+  c.checkpoint_every = int(steps)  # only the final state (the loop always saves it); runs restart instead
   return c
 
 
@@ -182,6 +184,12 @@ def wall_clock(fn, *args, **kwargs):
 # Stage 1: pre-training (same data, same steps, same batch)
 # ---------------------------------------------------------------------------------------------------
 
+def pretrain_dir(args, name: str) -> str:
+  """Pre-training folders are keyed by their budget: a new budget never resumes an old run."""
+  b = args.budget
+  return os.path.join(args.workdir, "pretrain", f"{name}_P{b['pretrain_steps']}xB{b['pretrain_batch_size']}")
+
+
 def _done(path: str, steps: int) -> dict | None:
   if os.path.exists(path):
     record = json.load(open(path))
@@ -194,14 +202,14 @@ def pretrain_weit(args) -> dict:
   from configs import common, vit_pretrain
   from weit_jax.programs import pretrain
   b = args.budget
-  workdir = os.path.join(args.workdir, "pretrain", "weit")
+  workdir = pretrain_dir(args, "weit")
   record_path = os.path.join(workdir, "bench.json")
   if (r := _done(record_path, b["pretrain_steps"])):
     return r
   c = unlocked(vit_pretrain.get_config("runlocal"))
   c.model = common.model_config(AUXILIARY)
   c.data = data_config("fashion_mnist_local", b)
-  c.total_steps, c.batch_size = b["pretrain_steps"], b["batch_size"]
+  c.total_steps, c.batch_size = b["pretrain_steps"], b["pretrain_batch_size"]
   c.optim.warmup_steps = min(c.optim.warmup_steps, max(1, b["pretrain_steps"] // 10))
   c.eval_every, c.log_every = 0, max(1, b["pretrain_steps"] // 10)
   c.checkpoint_every = max(1, b["pretrain_steps"] // 4)
@@ -216,11 +224,13 @@ def pretrain_weit(args) -> dict:
 def pretrain_tleg(args) -> dict:
   from weit_jax.inits import tleg
   b = args.budget
-  workdir = os.path.join(args.workdir, "pretrain", "tleg")
+  workdir = pretrain_dir(args, "tleg")
   record_path = os.path.join(workdir, "bench.json")
   if (r := _done(record_path, b["pretrain_steps"])):
     return r
-  c = train_config(b, dataset="fashion_mnist_local", steps=b["pretrain_steps"], seed=0, model=aux_config())
+  c = train_config(b, dataset="fashion_mnist_local", steps=b["pretrain_steps"], seed=0, model=aux_config(),
+                   batch_size=b["pretrain_batch_size"])
+  c.checkpoint_every = max(1, b["pretrain_steps"] // 4)  # long: resumable
   log(f"pre-training the TLEG auxiliary model ({AUXILIARY}, {b['pretrain_steps']} steps) in {workdir}")
   summary, wall = wall_clock(tleg.pretrain, c, workdir)
   record = dict(method="tleg", model=aux_config().short_name(), steps=b["pretrain_steps"], workdir=workdir,
@@ -235,12 +245,14 @@ def pretrain_dense(args) -> dict:
   from weit_jax.inits import common
   from weit_jax.programs import train
   b = args.budget
-  workdir = os.path.join(args.workdir, "pretrain", "dense")
+  workdir = pretrain_dir(args, "dense")
   record_path = os.path.join(workdir, "bench.json")
   if (r := _done(record_path, b["pretrain_steps"])):
     return r
   cfg = dense_source_config()
-  c = train_config(b, dataset="fashion_mnist_local", steps=b["pretrain_steps"], seed=0, model=cfg)
+  c = train_config(b, dataset="fashion_mnist_local", steps=b["pretrain_steps"], seed=0, model=cfg,
+                   batch_size=b["pretrain_batch_size"])
+  c.checkpoint_every = max(1, b["pretrain_steps"] // 4)  # long: resumable
   log(f"pre-training the dense source {cfg.short_name()} ({b['pretrain_steps']} steps) in {workdir}")
   summary, wall = wall_clock(train.run, c, workdir)
   export = os.path.join(workdir, "export")
@@ -260,7 +272,7 @@ def init_weit(args, weit_pretrain: dict) -> dict:
   from weit_jax import checkpoint
   from weit_jax.programs import init as init_program
   b = args.budget
-  workdir = os.path.join(args.workdir, f"init_P{b['pretrain_steps']}_S{b['init_steps']}_E{b['init_examples']}")
+  workdir = pretrain_dir(args, "weit") + f"_init_S{b['init_steps']}xE{b['init_examples']}"
   record_path = os.path.join(workdir, "bench.json")
   if os.path.exists(record_path):
     return json.load(open(record_path))
@@ -268,7 +280,7 @@ def init_weit(args, weit_pretrain: dict) -> dict:
   c.templates = weit_pretrain["workdir"]
   c.templates_step = b["pretrain_steps"]
   c.targets = ";".join(spec for _, spec in TARGETS)
-  c.steps, c.num_examples, c.batch_size = b["init_steps"], b["init_examples"], b["batch_size"]
+  c.steps, c.num_examples, c.batch_size = b["init_steps"], b["init_examples"], b["pretrain_batch_size"]
   c.optim.warmup_steps = min(c.optim.warmup_steps, max(1, b["init_steps"] // 10))
   c.log_every = max(1, b["init_steps"] // 4)
   c.checkpoint_every = max(1, b["init_steps"])
@@ -337,9 +349,10 @@ def run_one(args, method: str, role: str, cfg, dataset: str, seed: int, sources:
   from weit_jax.inits import common
   from weit_jax.programs import train
   b = args.budget
-  budget_key = {k: b[k] for k in ("train_steps", "eval_every", "batch_size", "fmnist_eval")}
-  run_dir = os.path.join(args.workdir, "runs", f"T{b['train_steps']}_k{b['eval_every']}_B{b['batch_size']}",
-                         dataset, cfg.short_name(), method, f"seed{seed}")
+  budget_key = {k: v for k, v in b.items() if k != "seeds"}  # everything a run's result depends on
+  tag = (f"P{b['pretrain_steps']}xB{b['pretrain_batch_size']}_S{b['init_steps']}xE{b['init_examples']}"
+         f"_T{b['train_steps']}xB{b['batch_size']}_k{b['eval_every']}")
+  run_dir = os.path.join(args.workdir, "runs", tag, dataset, cfg.short_name(), method, f"seed{seed}")
   result_path = os.path.join(run_dir, "result.json")
   if os.path.exists(result_path):
     result = json.load(open(result_path))
@@ -520,7 +533,7 @@ def write_report(args, agg: dict, results: list[dict], stages: dict, targets: di
 
   w("## What was run\n")
   aux = aux_config()
-  w(f"- **Pre-training** (all on Fashion-MNIST, {b['pretrain_steps']} steps of batch {b['batch_size']} each, "
+  w(f"- **Pre-training** (all on Fashion-MNIST, {b['pretrain_steps']} steps of batch {b['pretrain_batch_size']} each, "
     "so the compute budget in steps and examples is the same):")
   for key, label in (("weit", "WeiT templates"), ("tleg", "TLEG auxiliary"), ("dense", "dense source of weight selection")):
     if key in stages.get("pretrain", {}):
@@ -529,7 +542,8 @@ def write_report(args, agg: dict, results: list[dict], stages: dict, targets: di
         f"{100 * r['eval_accuracy']:.1f}%")
   if "init" in stages:
     r = stages["init"]
-    w(f"- **WeiT initialization**: frozen templates, scalers of each target trained for {r['steps']} steps on "
+    w(f"- **WeiT initialization**: frozen templates, scalers of each target trained for {r['steps']} steps "
+      f"(batch {b['pretrain_batch_size']}) on "
       f"{r['num_examples']} Fashion-MNIST training examples (lr {r['lr']}); {r['wall_s'] / 60:.1f} min for all "
       "targets. This is extra data and compute that only WeiT uses; the tables count downstream steps only.")
   w(f"- **Targets** (auxiliary of WeiT and TLEG: {aux.short_name()}; dense source: "
@@ -610,21 +624,39 @@ def write_report(args, agg: dict, results: list[dict], stages: dict, targets: di
 # ---------------------------------------------------------------------------------------------------
 
 def time_steps(args) -> dict:
-  """Seconds per training step (wall and process CPU) of every size, on random batches."""
+  """Seconds per training step (wall and process CPU) of every size, on random batches: targets at
+  the downstream batch size, the pre-trained models at the pre-training batch size."""
+  from configs import common, vit_pretrain
   from weit_jax import sharding, train_loop
+  from weit_jax.inits import tleg
   from weit_jax.models import vit
-  from weit_jax.programs import train
+  from weit_jax.programs import pretrain, train
   b = args.budget
   mesh = sharding.make_mesh({"data": -1})
   rng = np.random.default_rng(0)
-  B = b["batch_size"]
-  batch = sharding.global_batch({"image": rng.standard_normal((B, 28, 28, 1)).astype(np.float32),
-                                 "labels": np.eye(10, dtype=np.float32)[rng.integers(0, 10, B)]}, mesh)
-  sizes = dict(target_configs(), auxiliary=aux_config(), dense_source=dense_source_config())
+
+  def plain_task(cfg, B):
+    return train.make_task(train_config(b, dataset="fashion_mnist_local", steps=100, seed=0, model=cfg, batch_size=B),
+                           vit.ViT(cfg), cfg)
+
+  def weit_task(cfg, B):
+    c = unlocked(vit_pretrain.get_config("runlocal"))
+    c.model = common.model_config(AUXILIARY)
+    c.total_steps, c.batch_size = 1000, B
+    return pretrain.make_task(c, pretrain.build(c))
+
+  def tleg_task(cfg, B):
+    return tleg.make_task(train_config(b, dataset="fashion_mnist_local", steps=100, seed=0, model=cfg, batch_size=B), cfg)
+
+  P = b["pretrain_batch_size"]
+  sizes = {role: (cfg, b["batch_size"], plain_task) for role, cfg in target_configs().items()}
+  sizes.update(weit_auxiliary=(aux_config(), P, weit_task), tleg_auxiliary=(aux_config(), P, tleg_task),
+               dense_source=(dense_source_config(), P, plain_task))
   out = {}
-  for name, cfg in sizes.items():
-    c = train_config(b, dataset="fashion_mnist_local", steps=100, seed=0, model=cfg)
-    task = train.make_task(c, vit.ViT(cfg), cfg)
+  for name, (cfg, B, make) in sizes.items():
+    batch = sharding.global_batch({"image": rng.standard_normal((B, 28, 28, 1)).astype(np.float32),
+                                   "labels": np.eye(10, dtype=np.float32)[rng.integers(0, 10, B)]}, mesh)
+    task = make(cfg, B)
     _, sh = train_loop.state_shardings(task, mesh)
     state = train_loop.make_init_state(task, sh)(jax.random.key(0))
     step = train_loop.make_train_step(task, sh, sharding.batch_sharding(mesh), mesh)
@@ -635,28 +667,28 @@ def time_steps(args) -> dict:
     for _ in range(n):
       state, o = step(state, batch, jax.random.key(1))
     jax.block_until_ready(o)
-    out[name] = dict(model=cfg.short_name(), wall=(time.time() - t0) / n, cpu=(time.process_time() - c0) / n)
-    log(f"{name:13s} {cfg.short_name():22s} {1000 * out[name]['wall']:6.0f} ms/step wall, "
+    out[name] = dict(model=cfg.short_name(), batch=B, wall=(time.time() - t0) / n, cpu=(time.process_time() - c0) / n)
+    log(f"{name:14s} {cfg.short_name():22s} batch {B:4d}: {1000 * out[name]['wall']:6.0f} ms/step wall, "
         f"{1000 * out[name]['cpu']:6.0f} ms CPU")
   return out
 
 
-def projection(args, per_step: dict, key: str = "wall", overhead_s: float = 4.0) -> dict:
-  """Projected seconds per stage from per-step times (train steps; evals at ~1/3 of a step per batch)."""
+def projection(args, per_step: dict, key: str = "wall", overhead_s: float = 3.0) -> dict:
+  """Projected seconds per stage from per-step times. An eval example costs about a third of a
+  training example; ``overhead_s`` per downstream run (export, step-0 eval, setup, final save, plot)."""
   b = args.budget
   targets = target_configs()
-  dense = dense_source_config()
-  pre = b["pretrain_steps"] * (2 * per_step["auxiliary"][key] + per_step["dense_source"][key])
-  init = sum(b["init_steps"] * 1.2 * per_step[r][key] for r in targets)
-  sources = {"dense_config": dense}
-  fm_eval = int(b["fmnist_eval"].split(":")[1].rstrip("]")) if ":" in b["fmnist_eval"] else 10000
+  sources = {"dense_config": dense_source_config()}
+  ratio = b["pretrain_batch_size"] / b["batch_size"]
+  pre = b["pretrain_steps"] * sum(per_step[k][key] for k in ("weit_auxiliary", "tleg_auxiliary", "dense_source"))
+  init = sum(b["init_steps"] * ratio * per_step[r][key] for r in targets)
+  fm_eval = (int(b["fmnist_eval"].split(":")[1].rstrip("]")) if ":" in b["fmnist_eval"] else 10_000)
   runs, n_runs = 0.0, 0
   for role, cfg in targets.items():
     methods = [m for m in args.methods if not applies(m, cfg, sources)]
     for dataset in args.datasets:
-      evals = (b["train_steps"] // b["eval_every"] + 1) * math.ceil(
-          (fm_eval if dataset == "fashion_mnist_local" else 1000) / b["batch_size"])
-      one = b["train_steps"] * per_step[role][key] + evals * per_step[role][key] / 3 + overhead_s
+      examples = (b["train_steps"] // b["eval_every"] + 2) * (fm_eval if dataset == "fashion_mnist_local" else 1000)
+      one = (b["train_steps"] + examples / b["batch_size"] / 3) * per_step[role][key] + overhead_s
       runs += one * len(methods) * b["seeds"]
       n_runs += len(methods) * b["seeds"]
   return dict(pretrain_s=pre, init_s=init, downstream_s=runs, runs=n_runs, total_s=pre + init + runs)

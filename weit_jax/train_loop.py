@@ -22,7 +22,8 @@ from weit_jax.losses import accuracy, softmax_cross_entropy
 
 
 class DivergenceError(RuntimeError):
-  pass
+  """A non-finite loss, gradient norm or train state; the message names the step and the last good
+  checkpoint."""
 
 
 @dataclasses.dataclass
@@ -196,16 +197,20 @@ def _check_finite(pending, ckpt) -> dict[str, float]:
   return {k: float(v) for k, v in host[-1].items()}
 
 
-@jax.jit
-def _finite_leaves(tree):
+def _finite_flags(tree):
   return jax.tree_util.tree_map(
       lambda x: jnp.all(jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.inexact) else jnp.bool_(True), tree)
 
 
-def _nonfinite_paths(state) -> list[str]:
-  """The paths of the state's leaves holding a NaN or an infinity (one jitted reduction per leaf)."""
-  flags = jax.device_get(_finite_leaves(state))
-  return [jax.tree_util.keystr(path) for path, ok in jax.tree_util.tree_flatten_with_path(flags)[0] if not ok]
+def _make_nonfinite_paths(mesh) -> Callable[[Any], list[str]]:
+  """``state -> paths of its leaves that hold a NaN or an infinity`` (one jitted reduction per leaf,
+  the flags replicated so every process reads them)."""
+  finite = jax.jit(_finite_flags, out_shardings=sharding.replicated(mesh))
+
+  def nonfinite_paths(state) -> list[str]:
+    flags = jax.device_get(finite(state))
+    return [jax.tree_util.keystr(path) for path, ok in jax.tree_util.tree_flatten_with_path(flags)[0] if not ok]
+  return nonfinite_paths
 
 
 # --- the loop -------------------------------------------------------------------------------------
@@ -272,6 +277,7 @@ def run(config, workdir: str, task: Task, *, mesh, train_iter, make_eval_iter, i
 
   train_step = make_train_step(task, shardings, batch_sh, mesh)
   eval_step = make_eval_step(task, shardings["params"], batch_sh, mesh)
+  nonfinite_paths = _make_nonfinite_paths(mesh)
   writer = metrics.MetricWriter(workdir, total, start)
   log_every, eval_every = int(config.log_every), int(config.get("eval_every") or 0)
   step_key = jax.random.key(int(config.seed) + 1)
@@ -306,7 +312,7 @@ def run(config, workdir: str, task: Task, *, mesh, train_iter, make_eval_iter, i
           writer.write(step, ev)
           metrics.log(f"  eval @ {step}: accuracy {ev['eval_accuracy']:.4f}, loss {ev['eval_loss']:.4f}")
         if save_now:
-          bad = _nonfinite_paths(state)
+          bad = nonfinite_paths(state)
           if bad:
             raise _diverged(ckpt, step, f"the train state has non-finite values in {bad[:3]} and is not saved")
           ckpt.save(step, state, data_iter, force=True)
