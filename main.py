@@ -26,12 +26,17 @@ def main(argv):
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # library INFO chatter hides the progress lines
   config = flags.FLAGS.config
-  distributed.initialize(config)
   if config.program not in PROGRAMS:
     raise ValueError(f"config.program={config.program!r}; use one of {PROGRAMS}.")
   if config.get("dry_run") and config.dry_run.get("topology"):
+    # Compile-only, in this one process: the host's own devices stay CPU (libtpu is only asked
+    # for the slice's description), unless JAX_PLATFORMS says otherwise.
+    if not os.environ.get("JAX_PLATFORMS"):
+      jax.config.update("jax_platforms", "cpu")
     from weit_jax import dry_run
-    return dry_run.run(config)
+    dry_run.run(config, checkpoint.absolute(flags.FLAGS.workdir))
+    return
+  distributed.initialize(config)
   program = importlib.import_module(f"weit_jax.programs.{config.program}")
   program.run(config, checkpoint.absolute(flags.FLAGS.workdir))
 

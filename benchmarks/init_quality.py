@@ -31,7 +31,8 @@ import shutil
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
+sys.path.insert(0, ROOT)
 
 import jax  # noqa: E402
 import ml_collections  # noqa: E402
@@ -91,8 +92,10 @@ def parse_args(argv=None):
     if getattr(args, key) is not None:
       budget[key] = getattr(args, key)
   args.budget = budget
-  args.workdir = os.path.abspath(args.workdir or ("workdirs/bench_quick" if args.quick else "workdirs/bench"))
-  args.out = os.path.abspath(args.out or (os.path.join(args.workdir, "results") if args.quick else "docs/results"))
+  default_workdir = os.path.join(ROOT, "workdirs", "bench_quick" if args.quick else "bench")
+  args.workdir = os.path.abspath(args.workdir or default_workdir)
+  args.out = os.path.abspath(args.out or (os.path.join(args.workdir, "results") if args.quick else
+                                          os.path.join(ROOT, "docs", "results")))
   args.methods = [m for m in args.methods.split(",") if m]
   args.datasets = [d for d in args.datasets.split(",") if d]
   for m in args.methods:
@@ -345,7 +348,7 @@ def eval_curve(workdir: str) -> dict[int, float]:
 
 def run_one(args, method: str, role: str, cfg, dataset: str, seed: int, sources: dict) -> dict:
   """One (method, target, dataset, seed): export, step-0 accuracy, training. Cached in its folder."""
-  from weit_jax import inits
+  from weit_jax import checkpoint, inits
   from weit_jax.inits import common
   from weit_jax.programs import train
   b = args.budget
@@ -366,7 +369,6 @@ def run_one(args, method: str, role: str, cfg, dataset: str, seed: int, sources:
   params = init(source_for(method, role, sources), cfg, seed=seed)
   if dataset != "fashion_mnist_local":  # transfer: a new task gets a new head, whatever the method
     params["head"] = common.own_init(cfg, seed)["head"]
-  from weit_jax import checkpoint
   checkpoint.export_params(export, params, dict(model=dataclasses.asdict(cfg), init=method, seed=seed,
                                                 source=inits.describe_source(source_for(method, role, sources)),
                                                 head="new" if dataset != "fashion_mnist_local" else "kept"))
@@ -439,7 +441,9 @@ def fmt_acc(mean: float, std: float, n: int) -> str:
   return f"{100 * mean:.1f} ± {100 * std:.1f}" if n > 1 else f"{100 * mean:.1f}"
 
 
-def fmt_speedup(e: dict, T: int) -> str:
+def fmt_speedup(e: dict, T: int, method: str) -> str:
+  if method == "random":
+    return f"1× (reference: {100 * e['final_mean']:.1f}% at step {T})"
   if e.get("speedup") is None:
     return f"not reached (final {100 * e['final_mean']:.1f})"
   if math.isinf(e["speedup"]):
@@ -451,14 +455,15 @@ def plot(agg: dict, dataset: str, roles: list[str], targets: dict, path: str, bu
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  fig, axes = plt.subplots(1, len(roles), figsize=(4.2 * len(roles), 3.8), squeeze=False)
+  fig, axes = plt.subplots(1, len(roles), figsize=(4.2 * len(roles), 3.9), squeeze=False)
+  handles = {}
   for ax, role in zip(axes[0], roles):
     for method in METHODS:
       e = agg.get(dataset, {}).get(role, {}).get(method)
       if e is None:
         continue
       s, m, sd = np.array(e["steps"]), 100 * np.array(e["mean"]), 100 * np.array(e["std"])
-      ax.plot(s, m, label=LABELS[method], color=COLORS[method], marker="o", ms=3)
+      (handles[method],) = ax.plot(s, m, label=LABELS[method], color=COLORS[method], marker="o", ms=3)
       ax.fill_between(s, m - sd, m + sd, color=COLORS[method], alpha=0.18, linewidth=0)
     if "random" in agg.get(dataset, {}).get(role, {}):
       ax.axhline(100 * agg[dataset][role]["random"]["final_mean"], color="k", ls=":", lw=0.8)
@@ -466,11 +471,13 @@ def plot(agg: dict, dataset: str, roles: list[str], targets: dict, path: str, bu
     ax.set_xlabel("training step")
     ax.grid(alpha=0.3)
   axes[0][0].set_ylabel("eval accuracy (%)")
-  axes[0][-1].legend(fontsize=8, loc="lower right")
+  order = [m for m in METHODS if m in handles]
+  fig.legend([handles[m] for m in order], [LABELS[m] for m in order], loc="lower center", ncol=len(order),
+             fontsize=9, frameon=False)
   n = budget["seeds"]
   fig.suptitle(f"{DATASET_LABELS[dataset]}: mean over {n} seed{'s' * (n > 1)}"
                f"{' (shaded: ± std)' if n > 1 else ''}; dotted: random init's final accuracy", fontsize=10)
-  fig.tight_layout()
+  fig.tight_layout(rect=(0, 0.07, 1, 1))
   fig.savefig(path, dpi=110)
   plt.close(fig)
 
@@ -519,8 +526,8 @@ def write_report(args, agg: dict, results: list[dict], stages: dict, targets: di
   L = []
   w = L.append
   w("# Initialization quality: WeiT vs. baseline initializers\n")
-  w(f"Written by `benchmarks/init_quality.py` from its own results{' (**--quick smoke test: tiny budgets, not a result**)' if args.quick else ''}. "
-    "Nothing in this file is typed by hand.\n")
+  quick = " (**--quick smoke test: tiny budgets, not a result**)" if args.quick else ""
+  w(f"Written by `benchmarks/init_quality.py` from its own results{quick}. Nothing in this file is typed by hand.\n")
   w("```\n" + info["command"] + "\n```\n")
   m = info["machine"]
   w(f"- Date: {info['date']}; this invocation's wall time: {info['wall_s'] / 60:.1f} min "
@@ -535,7 +542,8 @@ def write_report(args, agg: dict, results: list[dict], stages: dict, targets: di
   aux = aux_config()
   w(f"- **Pre-training** (all on Fashion-MNIST, {b['pretrain_steps']} steps of batch {b['pretrain_batch_size']} each, "
     "so the compute budget in steps and examples is the same):")
-  for key, label in (("weit", "WeiT templates"), ("tleg", "TLEG auxiliary"), ("dense", "dense source of weight selection")):
+  for key, label in (("weit", "WeiT templates"), ("tleg", "TLEG auxiliary"),
+                     ("dense", "dense source of weight selection")):
     if key in stages.get("pretrain", {}):
       r = stages["pretrain"][key]
       w(f"  - {label}: ViT {r['model']}, lr {r['lr']}, {r['wall_s'] / 60:.1f} min, eval accuracy "
@@ -559,10 +567,12 @@ def write_report(args, agg: dict, results: list[dict], stages: dict, targets: di
     "(zero) head.")
   w("- **Speed-up**: training steps a method needs to reach the accuracy random init has at the end of the "
     f"budget (mean over seeds, linear interpolation between evals), as `{T} / steps`. "
-    "'not reached' means below that accuracy for the whole budget.")
+    "'not reached' means below that accuracy for the whole budget; '∞ (at step 0)' means the initialization "
+    "already beats it before training (same dataset, kept head): compare the step-0 and final tables there. "
+    "In the transfer setting every method starts from a new head, so the speed-ups are finite and comparable.")
   if na:
-    w("- **N/A** (the method cannot initialize that target): " + "; ".join(f"{LABELS[m]} on {r}: {why}" for (m, r), why in
-                                                                         sorted(na.items())) + ".")
+    w("- **N/A** (the method cannot initialize that target): "
+      + "; ".join(f"{LABELS[m]} on {r}: {why}" for (m, r), why in sorted(na.items())) + ".")
   w("")
 
   for dataset in args.datasets:
@@ -573,7 +583,7 @@ def write_report(args, agg: dict, results: list[dict], stages: dict, targets: di
     w("| target | " + " | ".join(LABELS[m] for m in methods) + " |")
     w("|---|" + "---|" * len(methods))
     for role in roles:
-      cells = [fmt_speedup(d[role][m], T) if m in d.get(role, {}) else "N/A" for m in methods]
+      cells = [fmt_speedup(d[role][m], T, m) if m in d.get(role, {}) else "N/A" for m in methods]
       w(f"| {role} {targets[role].short_name()} | " + " | ".join(cells) + " |")
     w("")
     for title, key in (("Accuracy at step 0 (%)", "step0"), (f"Accuracy after {T} steps (%)", "final")):
@@ -591,6 +601,7 @@ def write_report(args, agg: dict, results: list[dict], stages: dict, targets: di
   w("## Where WeiT does and does not win\n")
   w("Generated from the tables above (final accuracy, mean over seeds; 'ahead' means a higher mean, not "
     "necessarily beyond the spread).\n")
+  acc = lambda v: fmt_acc(v["final_mean"], v["final_std"], len(v["seeds"]))
   for dataset in args.datasets:
     for role in roles:
       e = agg.get(dataset, {}).get(role, {})
@@ -598,21 +609,50 @@ def write_report(args, agg: dict, results: list[dict], stages: dict, targets: di
         continue
       others = sorted(((v["final_mean"], m) for m, v in e.items() if m != "weit"), reverse=True)
       better = [(a, m) for a, m in others if a > e["weit"]["final_mean"]]
-      wa = fmt_acc(e["weit"]["final_mean"], e["weit"]["final_std"], len(e["weit"]["seeds"]))
+      wa = acc(e["weit"])
       if better:
         w(f"- {DATASET_LABELS[dataset]}, {role} ({targets[role].short_name()}): WeiT ({wa}) is **behind** "
-          + ", ".join(f"{LABELS[m]} ({fmt_acc(e[m]['final_mean'], e[m]['final_std'], len(e[m]['seeds']))})"
-                      for _, m in better) + ".")
+          + ", ".join(f"{LABELS[m]} ({acc(e[m])})" for _, m in better) + ".")
       else:
+        nxt = (f" (next: {LABELS[others[0][1]]}, {acc(e[others[0][1]])})" if others else "")
         w(f"- {DATASET_LABELS[dataset]}, {role} ({targets[role].short_name()}): WeiT ({wa}) is ahead of every "
-          "other method" + (f" (next: {LABELS[others[0][1]]}, "
-                            f"{fmt_acc(e[others[0][1]]['final_mean'], e[others[0][1]]['final_std'], len(e[others[0][1]]['seeds']))})"
-                            if others else "") + ".")
+          f"other method{nxt}.")
+  cells = [(d, r) for d in args.datasets for r in roles if "weit" in agg.get(d, {}).get(r, {})]
+  if cells:
+    best_final = sum(max(agg[d][r].items(), key=lambda kv: kv[1]["final_mean"])[0] == "weit" for d, r in cells)
+    speed = lambda e: -1.0 if e.get("speedup") is None else e["speedup"]
+    best_speed = sum(max(((m, e) for m, e in agg[d][r].items() if m != "random"), key=lambda kv: speed(kv[1]))[0]
+                     == "weit" for d, r in cells)
+    w(f"\nIn {len(cells)} (dataset, target) cells, WeiT has the best final accuracy in {best_final} and the "
+      f"largest speed-up over random init in {best_speed} (ties count for whichever method is listed first).")
+  w("")
+  w("## Time per downstream run\n")
+  w("Measured wall time of one downstream run (export, step-0 eval, training, evals), mean over its runs:\n")
+  w("| target | " + " | ".join(DATASET_LABELS[d] for d in args.datasets) + " |")
+  w("|---|" + "---|" * len(args.datasets))
+  for role in roles:
+    row = []
+    for dataset in args.datasets:
+      walls = [r["wall_s"] for r in results if r["role"] == role and r["dataset"] == dataset]
+      row.append(f"{np.mean(walls):.0f} s ({len(walls)} runs)" if walls else "-")
+    w(f"| {role} {targets[role].short_name()} | " + " | ".join(row) + " |")
+  w("")
+  w("## Why these sizes and budgets\n")
+  w(f"- The auxiliary model ({AUXILIARY}) is the runlocal pre-training default; the targets change one thing "
+    "each (depth down, depth up, width down to a non-tile width, width up), so every row asks one question.")
+  w("- The dense source is the smallest model that contains every target (depth, width, MLP, heads and head "
+    "size), so weight selection applies everywhere; it is larger than WeiT's and TLEG's auxiliary model, so "
+    "the same step budget costs it more compute (a favourable setting for weight selection).")
+  w("- Budgets: the whole benchmark is meant to fit in about an hour on a 2-core CPU. "
+    "`python benchmarks/init_quality.py --estimate` times one training step of every size on the machine at "
+    "hand and projects the wall time of the chosen budgets; override any budget with its flag "
+    "(`--train-steps`, `--pretrain-steps`, `--seeds`, ...). Short downstream budgets are where an "
+    "initialization matters most.")
   w("")
   w("## Raw data\n")
   w("`init_quality.json`: every run's curve (eval accuracy by step), its seed and wall time, the aggregates, "
     "the budgets and the pre-training records. Run folders (metrics.jsonl, curves.png) are under the "
-    f"workdir `{os.path.relpath(args.workdir)}`.")
+    f"workdir `{os.path.relpath(args.workdir, ROOT)}`.")
   path = os.path.join(args.out, "init_quality.md")
   with open(path, "w") as f:
     f.write("\n".join(L) + "\n")
@@ -646,7 +686,8 @@ def time_steps(args) -> dict:
     return pretrain.make_task(c, pretrain.build(c))
 
   def tleg_task(cfg, B):
-    return tleg.make_task(train_config(b, dataset="fashion_mnist_local", steps=100, seed=0, model=cfg, batch_size=B), cfg)
+    c = train_config(b, dataset="fashion_mnist_local", steps=100, seed=0, model=cfg, batch_size=B)
+    return tleg.make_task(c, cfg)
 
   P = b["pretrain_batch_size"]
   sizes = {role: (cfg, b["batch_size"], plain_task) for role, cfg in target_configs().items()}

@@ -51,4 +51,10 @@ def training_fields(config: ml_collections.ConfigDict, *, total_steps: int, batc
   config.resume_step = ml_collections.config_dict.placeholder(int)
   config.overwrite = False
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, model=1))
-  config.dry_run = ml_collections.ConfigDict(dict(topology=ml_collections.config_dict.placeholder(str)))
+  # Compile-only dry run for a TPU slice (weit_jax/dry_run.py): topology e.g. 'v5e:16x16'; materialize
+  # e.g. 'H/14' also compiles the init program's materialize step for that target; hbm_gib overrides
+  # the chip's memory.
+  config.dry_run = ml_collections.ConfigDict(dict(
+      topology=ml_collections.config_dict.placeholder(str),
+      materialize=ml_collections.config_dict.placeholder(str),
+      hbm_gib=ml_collections.config_dict.placeholder(float)))

@@ -137,7 +137,8 @@ CASES = [
     # pico (d3 w64 h2 k32 m128) -> d2 w40 h2 k20 m80: nothing divides, first 2 of 3 layers.
     (SOURCE, vit.make_config("mu/4", width=40, num_heads=2, mlp_dim=80, **FORMAT)),
     # d3 w64 h4 k16 m128 -> d1 w24 h2 k12 m48: heads 0 and 2 of 4.
-    (vit.make_config("pico/4", num_heads=4, **FORMAT), vit.make_config("mu/4", depth=1, width=24, mlp_dim=48, **FORMAT)),
+    (vit.make_config("pico/4", num_heads=4, **FORMAT),
+     vit.make_config("mu/4", depth=1, width=24, mlp_dim=48, **FORMAT)),
     # pico -> mu: everything divides (step 2), heads all kept.
     (SOURCE, TARGET),
 ]

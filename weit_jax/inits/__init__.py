@@ -73,7 +73,8 @@ def _weit(source, target: vit.ViTConfig, *, seed: int = 0) -> dict:
   """The export of ``programs/init.py`` (a folder), checked against the target; a different number
   of classes gets a new head (the target's own init), like ``programs/train.py`` does."""
   if not isinstance(source, str):
-    raise ValueError(f"weit needs the init program's export folder (WORKDIR/<size>/export); got {type(source).__name__}.")
+    raise ValueError("weit needs the init program's export folder (WORKDIR/<size>/export); "
+                     f"got {type(source).__name__}.")
   exported = vit.ViTConfig(**checkpoint.read_export_meta(source)["model"])
   if dataclasses.replace(exported, num_classes=target.num_classes, dtype=target.dtype) != target:
     checkpoint.load_params(source, expected_model=target)  # raises, naming the differing fields

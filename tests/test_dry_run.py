@@ -1,0 +1,177 @@
+"""Compile-only dry runs (weit_jax/dry_run.py): the real pre-training and materialize steps compiled
+for a slice, memory and FLOPs read back. Here on the CPU compiler with this process's 8 fake
+devices (``cpu:N``); with libtpu installed (the ``tpu`` extra, in its own environment) also for a
+real TPU topology."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from configs import vit_pretrain
+from weit_jax import dry_run
+from weit_jax.models import vit
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = {"model.variant": "mu/4", "weit.tiles": dict(embed=8, mlp=8, heads=1, kv=8), "weit.num_templates": 3,
+        "batch_size": 64, "optim.warmup_steps": 2}
+
+
+def tiny_config(topology="cpu:8", **dry):
+  c = ml_collections.ConfigDict(vit_pretrain.get_config("runlocal").to_dict())
+  for path, value in TINY.items():
+    *parents, leaf = path.split(".")
+    node = c
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  c.dry_run.topology = topology
+  c.dry_run.update(dry)
+  return c
+
+
+def test_parse_topology():
+  t = dry_run.parse_topology("v5e:16x16")
+  assert (t.chip.generation, t.shape, t.num_chips, t.chip.hbm_gib, t.chip.peak_tflops) == ("v5e", (16, 16), 256, 16, 197)
+  assert dry_run.parse_topology("v4:2x2x4").num_chips == 16
+  assert dry_run.parse_topology("v5p:4x4x4").chip.libtpu_name == "v5"
+  for bad in ("v5e:4x4x4", "v7:4x4", "v5e", "v4:2x2"):
+    with pytest.raises(ValueError, match="dry_run.topology"):
+      dry_run.parse_topology(bad)
+  with pytest.raises(ValueError, match="xla_force_host_platform_device_count=16"):
+    dry_run.topology_devices(dry_run.parse_topology("cpu:16"))
+
+
+def test_hlo_flops_count_loop_bodies_as_often_as_they_run():
+  """XLA's cost analysis counts a scan's body once; the HLO count multiplies by the trip count."""
+  def f(x, w):
+    return jax.lax.scan(lambda c, _: (jnp.tanh(c @ w), None), x, None, length=7)[0]
+  x, w = jnp.ones((32, 64)), jnp.ones((64, 64))
+  compiled = jax.jit(f).lower(x, w).compile()
+  flops, notes = dry_run.hlo_matmul_flops(compiled.as_text())
+  assert notes == []
+  assert flops == 7 * 2 * 32 * 64 * 64
+
+
+# A TPU-style module (shapes from the ViT-B/16 step compiled for v5e): a batched dot written as a
+# convolution whose window spans the batch dimensions with lhs dilation, inside a scanned loop.
+TPU_HLO = """
+HloModule jit_step
+
+%fused_computation.1 (param_0: bf16[16,197,12,64], param_1: bf16[16,197,12,64]) -> bf16[16,12,197,197] {
+  %param_0 = bf16[16,197,12,64]{3,2,1,0} parameter(0)
+  %param_1 = bf16[16,197,12,64]{3,2,1,0} parameter(1)
+  ROOT %convolution.1 = bf16[16,12,197,197]{3,2,1,0} convolution(%param_0, %param_1), window={size=16x12 stride=15x11 lhs_dilate=16x12}, dim_labels=0b1f_0o1i->01bf
+}
+
+%cond (p: (s32[], bf16[16,197,12,64])) -> pred[] {
+  %p = (s32[], bf16[16,197,12,64]{3,2,1,0}) parameter(0)
+  %constant.9 = s32[] constant(12)
+  %gte = s32[] get-tuple-element(%p), index=0
+  ROOT %lt = pred[] compare(%gte, %constant.9), direction=LT
+}
+
+%body (p: (s32[], bf16[16,197,12,64])) -> (s32[], bf16[16,197,12,64]) {
+  %p = (s32[], bf16[16,197,12,64]{3,2,1,0}) parameter(0)
+  %x = bf16[16,197,12,64]{3,2,1,0} get-tuple-element(%p), index=1
+  %fusion.1 = bf16[16,12,197,197]{3,2,1,0} fusion(%x, %x), kind=kOutput, calls=%fused_computation.1
+  %patches = bf16[16,14,14,768]{3,2,1,0} parameter(1)
+  %kernel = bf16[16,16,3,768]{3,2,1,0} parameter(2)
+  %image = bf16[16,224,224,3]{3,2,1,0} parameter(3)
+  %convolution.2 = bf16[16,14,14,768]{3,2,1,0} convolution(%image, %kernel), window={size=16x16 stride=16x16}, dim_labels=b01f_01io->b01f
+  ROOT %t = (s32[], bf16[16,197,12,64]{3,2,1,0}) tuple(%gte, %x)
+}
+
+ENTRY %main (a: bf16[16,197,12,64]) -> (s32[], bf16[16,197,12,64]) {
+  %a = bf16[16,197,12,64]{3,2,1,0} parameter(0)
+  %zero = s32[] constant(0)
+  %init = (s32[], bf16[16,197,12,64]{3,2,1,0}) tuple(%zero, %a)
+  ROOT %while.1 = (s32[], bf16[16,197,12,64]{3,2,1,0}) while(%init), condition=%cond, body=%body
+}
+"""
+
+
+def test_hlo_flops_of_tpu_style_batched_dots_and_patch_convolutions():
+  flops, notes = dry_run.hlo_matmul_flops(TPU_HLO)
+  assert notes == []
+  scores = 2 * 16 * 12 * 197 * 197 * 64  # batch 16 x heads 12 of (197 x 64) @ (64 x 197)
+  patches = 2 * 16 * 14 * 14 * 768 * (16 * 16 * 3)
+  assert flops == 12 * (scores + patches)
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("dry"))
+  c = tiny_config(materialize="depth=3,width=48,heads=3")
+  c.mesh = dict(data=2, fsdp=2, model=2)
+  return dry_run.run(c, workdir), workdir
+
+
+def test_dry_run_compiles_the_real_steps_and_reports_memory_and_flops(report):
+  results, workdir = report
+  assert json.loads(open(os.path.join(workdir, "dry_run.json")).read())["steps"].keys() == {"pretrain_step",
+                                                                                           "materialize"}
+  assert results["chips"] == 8 and results["mesh"] == {"data": 2, "fsdp": 2, "model": 2}
+  step = results["steps"]["pretrain_step"]
+  assert step["fits"] and step["per_chip_batch"] == 8
+  assert 0 < step["argument_bytes"] and 0 < step["temp_bytes"] < step["total_bytes"] < step["hbm_bytes"]
+  # The state (templates, scalers, Adam moments: float32; templates sharded along their tile axes
+  # over fsdp and model) is an argument, donated to the outputs.
+  full = 4 * (3 * step["template_params"] + 3 * step["scaler_params"])
+  assert full / 4 < step["argument_bytes"] < full + 16 * 28 * 28 * 4 + 16 * 10 * 4 + 4096
+  assert step["alias_bytes"] > 0.9 * (step["argument_bytes"] - 16 * 28 * 28 * 4 - 16 * 10 * 4 - 4096)
+  # FLOPs: the plain ViT's model FLOPs plus materializing the weights, per chip; the scan over
+  # layers makes XLA's own count smaller.
+  cfg = vit.make_config("mu/4", image_size=28, channels=1, num_classes=10)
+  assert step["model_flops_per_chip"] == pytest.approx(dry_run.vit_train_flops(cfg, 64) / 8)
+  assert step["model_flops_per_chip"] < step["flops_per_chip"] < 3 * step["model_flops_per_chip"]
+  assert step["xla_cost_flops"] < step["flops_per_chip"]
+  assert 0.3 < step["mfu_bound"] < 1
+  assert step["step_time_at_peak_s"] == pytest.approx(step["flops_per_chip"] / 1e12)
+  mat = results["steps"]["materialize"]
+  assert mat["model"] == "d3-w48-h3-m96-p4" and mat["fits"] and mat["note"] is None
+  # float32 weights written straight into their shardings: every chip holds about a quarter (the
+  # widths over fsdp x model), more where a dimension does not split.
+  assert 4 * mat["materialized_params"] / 4 <= mat["output_bytes"] < 0.6 * 4 * mat["materialized_params"]
+  assert mat["flops_per_chip"] > 0
+
+
+def test_a_template_set_that_cannot_feed_the_target_is_noted():
+  from weit_jax import sharding
+  from weit_jax.programs import pretrain
+  c = tiny_config()
+  mesh = sharding.make_mesh({"fsdp": 2}, devices=jax.devices()[:2])
+  _, cfg, _, note, _ = dry_run.compile_materialize(c, pretrain.build(c), "mu/2", mesh)
+  assert cfg.patch_size == 2 and "cannot feed d2-w32-h2-m64-p2" in note
+
+
+def test_a_step_that_does_not_fit_exits_2_with_one_line(tmp_path):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  args = [sys.executable, "main.py", "--config=configs/vit_pretrain.py:runlocal", f"--workdir={tmp_path}",
+          "--config.model.variant=mu/4", "--config.weit.tiles.embed=8", "--config.weit.tiles.mlp=8",
+          "--config.weit.tiles.kv=8", "--config.batch_size=32", "--config.dry_run.topology=cpu:4",
+          "--config.dry_run.hbm_gib=0.0001"]
+  proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  lines = [l for l in proc.stderr.splitlines() if l.strip()]
+  assert lines[-1].startswith("error: pretrain_step does not fit on cpu:4:"), proc.stderr[-2000:]
+  assert sum(l.startswith("error:") for l in lines) == 1
+  assert "DOES NOT FIT" in proc.stdout
+  assert json.loads((tmp_path / "dry_run.json").read_text())["steps"]["pretrain_step"]["fits"] is False
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                    reason="needs libtpu (the 'tpu' extra; see docs/scale.md)")
+def test_tpu_topology_compiles_without_a_tpu(tmp_path):
+  c = tiny_config("v5e:2x2")
+  results = dry_run.run(c, str(tmp_path))
+  assert results["device_kind"] == "TPU v5 lite" and results["chips"] == 4
+  step = results["steps"]["pretrain_step"]
+  assert step["fits"] and step["hbm_bytes"] == 16 * 2 ** 30
+  assert step["model_flops_per_chip"] <= step["flops_per_chip"] < 3 * step["model_flops_per_chip"]
