@@ -188,6 +188,44 @@ def materialize_table(runs) -> list[str]:
   return out
 
 
+def findings(runs) -> list[str]:
+  """A few sentences computed from the rows (so they stay true when the table is regenerated)."""
+  out = ["## Reading the numbers", ""]
+  pre = [(r, r["result"]["steps"]["pretrain_step"]) for r in runs
+         if r["row"][0] == "pretrain" and r["result"] and "pretrain_step" in r["result"]["steps"]]
+  for variant in sorted({r["row"][1] for r, _ in pre}):
+    rows = [(r, s) for r, s in pre if r["row"][1] == variant and _batch(r["row"][3]) == 4096]
+    fit = [(r, s) for r, s in rows if s.get("fits") and "argument_bytes" in s]
+    no = [r["row"][2] for r, s in rows if not s.get("fits")]
+    if not fit:
+      out.append(f"- ViT-{variant} at global batch 4096 fits on none of {', '.join(no)}.")
+      continue
+    state = max(s["argument_bytes"] for _, s in fit) / GIB
+    tight = max(fit, key=lambda rs: rs[1]["per_chip_batch"])
+    out.append(
+        f"- ViT-{variant} at global batch 4096 fits on {', '.join(r['row'][2] for r, _ in fit)}"
+        + (f"; not on {', '.join(no)}" if no else "") + f". The arguments are small (at most {state:.2f} GiB "
+        f"per chip: the templates, scalers and their Adam moments, replicated over `data`, and the batch "
+        f"shard); temporaries for the per-chip batch are the rest (activations kept for the backward "
+        f"pass, no rematerialization): {tight[1]['temp_bytes'] / GIB:.1f} GiB at "
+        f"{tight[1]['per_chip_batch']:g} images per chip on {tight[0]['row'][2]}.")
+    for r, s in fit:
+      if r["row"][2] == "v5e:16x16":
+        out.append(f"  On v5e:16x16: {s['flops_per_chip']:.3g} FLOPs per chip per step, at least "
+                   f"{1e3 * s['step_time_at_peak_s']:.1f} ms per step at peak, i.e. at most "
+                   f"{4096 / s['step_time_at_peak_s'] / 1e3:.0f}k images/s for the slice.")
+  mfu = [s["mfu_bound"] for _, s in pre if s.get("mfu_bound")]
+  if mfu:
+    out.append(f"- The compiled FLOPs are the plain ViT's model FLOPs to within {100 * abs(1 - min(mfu)):.1f}%: "
+               f"materializing the weights from the templates every step costs little next to the "
+               f"forward and backward at these per-chip batches, so the MFU bound is "
+               f"{100 * min(mfu):.1f}-{100 * max(mfu):.1f}%; what the real MFU is depends on what the FLOPs "
+               "leave out (communication, memory-bound work, input), which needs a TPU to measure.")
+  out.append("- XLA's own cost analysis reports about 1/depth of the compiled FLOPs: it counts the "
+             "scanned encoder's body once.")
+  return out + [""]
+
+
 def machine() -> str:
   import jax
   try:
@@ -210,6 +248,7 @@ def write(runs, out_path, header_note, *, made: str, date: str):
   lines += pretrain_table(runs)
   lines += ["", "## Materializing ViT-H/14 (the init program's export step)", ""]
   lines += materialize_table(runs)
+  lines += [""] + findings(runs)
   lines += ["", "## Commands", "", "Each row, as run (with `JAX_PLATFORMS=cpu`, in the environment that has "
             "libtpu):", ""]
   lines += [f"    {r['command']}    # {r['status']}, {r['wall_s']:.0f} s" for r in runs]

@@ -119,7 +119,7 @@ def test_dry_run_compiles_the_real_steps_and_reports_memory_and_flops(report):
                                                                                            "materialize"}
   assert results["chips"] == 8 and results["mesh"] == {"data": 2, "fsdp": 2, "model": 2}
   step = results["steps"]["pretrain_step"]
-  assert step["fits"] and step["per_chip_batch"] == 8
+  assert step["fits"] and step["per_chip_batch"] == 16  # 64 over data x fsdp; model splits the work
   assert 0 < step["argument_bytes"] and 0 < step["temp_bytes"] < step["total_bytes"] < step["hbm_bytes"]
   # The state (templates, scalers, Adam moments: float32; templates sharded along their tile axes
   # over fsdp and model) is an argument, donated to the outputs.

@@ -1,6 +1,5 @@
 """Multi-host on one machine: two JAX processes x 4 CPU devices (gloo collectives) pre-train a tiny
-model through ``main.py``; the same steps in this process (1 process x 8 devices) give the same
-losses; the checkpoint and an export they write restore on 8, 4 (another mesh) and 1 device(s);
+model through ``main.py``; the same steps in 1 process x 8 devices give the same losses; the checkpoint and an export they write restore on 8, 4 (another mesh) and 1 device(s);
 and training continues in one process from the data position the two processes reached.
 
 Run as a script (``python tests/test_multihost.py FLAGS...``), this file is one of the workers:
@@ -16,11 +15,11 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STEPS, MORE_STEPS = 6, 9  # the two processes train 6 steps; here 9 in one go, and 6 -> 9 resumed
+STEPS, MORE_STEPS = 6, 9  # 2 processes train 6 steps, 1 process 9; the 2-process run then resumes to 9
 # Losses of 2 processes x 4 devices vs 1 process x 8 devices: the same global batches and the same
-# per-device program; the cross-process all-reduce (gloo) may sum in another order, and the
-# workers' code is compiled with less LLVM optimization (4x faster to compile; vectorized sums may
-# round differently). Observed: at most 2e-7, relative. Consecutive batches' losses differ by
+# per-device program; the cross-process all-reduce (gloo) may sum in another order. (Both compile
+# with less LLVM optimization: 4x faster to compile; this test process, which resumes a run,
+# does not, so its vectorized sums may round differently.) Observed: at most 2e-7, relative. Consecutive batches' losses differ by
 # ~3e-4 here (steps 3 on; at steps 1-2 the zero-initialized head predicts uniformly), so a batch
 # out of place would show.
 RTOL, ATOL = 1e-5, 1e-6
@@ -66,6 +65,10 @@ def _worker(argv):
   flags.FLAGS(["main.py", *argv])
   entry.main([])
   import jax
+  print(f"worker {jax.process_index()} of {jax.process_count()}: {jax.local_device_count()} local devices, "
+        "trained", flush=True)
+  if not os.environ.get("WEIT_TEST_EXPORT"):
+    return
   from weit_jax import checkpoint, sharding
   from weit_jax.programs import pretrain
   config, setup, params, step = pretrain.restore_templates(flags.FLAGS.workdir)
@@ -75,8 +78,7 @@ def _worker(argv):
   plain = jax.jit(gen.materialize, out_shardings=out)(params["templates"], params["scalers"])
   checkpoint.export_params(os.path.join(flags.FLAGS.workdir, "export"), plain,
                            dict(model=dataclasses.asdict(setup.model_config), step=step))
-  print(f"worker {jax.process_index()} of {jax.process_count()}: {jax.local_device_count()} local devices, "
-        "done", flush=True)
+  print(f"worker {jax.process_index()} of {jax.process_count()}: exported", flush=True)
 
 
 if __name__ == "__main__":
@@ -130,30 +132,37 @@ def read_losses(workdir) -> dict[int, float]:
 
 @pytest.fixture(scope="module")
 def runs(data, tmp_path_factory):
-  """Starts the two workers (6 steps), runs 9 steps here meanwhile (1 process x 8 devices), waits."""
+  """Two workers (2 processes x 4 devices, 6 steps) and, at the same time, one process x 8 devices
+  (9 steps), all through main.py; waits for them (bounded) and kills what is left."""
   two = str(tmp_path_factory.mktemp("two_processes"))
   one = str(tmp_path_factory.mktemp("one_process"))
-  argv = ["--config=configs/vit_pretrain.py:runlocal", f"--workdir={two}"]
-  argv += [f"--config.{k}={v}" for k, v in overrides(*data).items()]
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=WORKER_XLA_FLAGS, WEIT_NUM_PROCESSES="2",
-             WEIT_COORDINATOR=f"127.0.0.1:{free_port()}", WEIT_INIT_TIMEOUT_S="60", PYTHONUNBUFFERED="1")
-  logs = [open(os.path.join(two, f"worker{i}.log"), "w+") for i in range(2)]
-  procs = []
+  flags = [f"--config.{k}={v}" for k, v in overrides(*data).items()]
+  base = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+  for var in ("WEIT_COORDINATOR", "WEIT_NUM_PROCESSES", "WEIT_PROCESS_ID"):
+    base.pop(var, None)
+  coordinator = f"127.0.0.1:{free_port()}"
+  jobs = [(f"worker{i}", two, [], dict(base, XLA_FLAGS=WORKER_XLA_FLAGS, WEIT_COORDINATOR=coordinator,
+                                         WEIT_NUM_PROCESSES="2", WEIT_PROCESS_ID=str(i), WEIT_INIT_TIMEOUT_S="60",
+                                         WEIT_TEST_EXPORT="1"))
+          for i in range(2)]
+  jobs.append(("single", one, [f"--config.total_steps={MORE_STEPS}"],
+               dict(base, XLA_FLAGS=WORKER_XLA_FLAGS.replace("count=4", "count=8"))))
+  logs, procs = [], []
   t0 = time.time()
   try:
-    for i in range(2):
-      procs.append(subprocess.Popen([sys.executable, os.path.abspath(__file__), *argv], cwd=ROOT,
-                                    env=dict(env, WEIT_PROCESS_ID=str(i)), stdout=logs[i],
-                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL))
-    pretrain.run(make_config(data, total_steps=MORE_STEPS), one)  # meanwhile, in this process
+    for name, workdir, extra, env in jobs:
+      logs.append(open(os.path.join(workdir, f"{name}.log"), "w+"))
+      argv = ["--config=configs/vit_pretrain.py:runlocal", f"--workdir={workdir}", *flags, *extra]
+      procs.append(subprocess.Popen([sys.executable, os.path.abspath(__file__), *argv], cwd=ROOT, env=env,
+                                    stdout=logs[-1], stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL))
     for p in procs:
       p.wait(timeout=max(1.0, PROCESS_TIMEOUT_S - (time.time() - t0)))
     outputs = []
     for f in logs:
       f.seek(0)
       outputs.append(f.read())
-    for i, p in enumerate(procs):
-      assert p.returncode == 0, f"worker {i} exited {p.returncode}:\n{outputs[i][-3000:]}"
+    for (name, *_), p, out in zip(jobs, procs, outputs):
+      assert p.returncode == 0, f"{name} exited {p.returncode}:\n{out[-3000:]}"
   finally:
     for p in procs:
       if p.poll() is None:
@@ -171,8 +180,9 @@ def test_two_processes_match_one_process(runs):
   np.testing.assert_allclose([two[s] for s in steps], [one[s] for s in steps], rtol=RTOL, atol=ATOL)
   assert len({round(v, 4) for v in two.values()}) > 2  # the steps differ: it trains
   # Both workers ran 4 devices each as one 8-device job; only process 0 printed progress lines.
-  assert "worker 0 of 2: 4 local devices, done" in runs["outputs"][0]
-  assert "worker 1 of 2: 4 local devices, done" in runs["outputs"][1]
+  assert "worker 0 of 2: 4 local devices, trained" in runs["outputs"][0]
+  assert "worker 1 of 2: 4 local devices, trained" in runs["outputs"][1]
+  assert "worker 0 of 1: 8 local devices, trained" in runs["outputs"][2]
   assert "step 6/6" in runs["outputs"][0] and "step 6/6" not in runs["outputs"][1]
   data_files = os.listdir(os.path.join(runs["two"], "checkpoints", str(STEPS), "data"))
   assert sorted(f for f in data_files if f.endswith(".json")) == ["process_0-of-2.json", "process_1-of-2.json"]

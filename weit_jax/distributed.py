@@ -23,6 +23,8 @@ def initialize(config=None) -> None:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     host = coordinator.rpartition(":")[0].strip("[]")
     loopback = host in ("localhost", "::1") or host.startswith("127.")
+    if loopback:
+      _gloo_on_loopback()
     jax.distributed.initialize(coordinator_address=coordinator,
                                coordinator_bind_address=coordinator if loopback else None,
                                num_processes=int(os.environ["WEIT_NUM_PROCESSES"]),
@@ -31,6 +33,23 @@ def initialize(config=None) -> None:
   elif _on_tpu_pod():
     jax.distributed.initialize()
   _initialized = True
+
+
+def _gloo_on_loopback() -> None:
+  """jax creates gloo's TCP transport without an address, so gloo listens on whatever the host
+  name resolves to; with a loopback coordinator (tests, one machine) keep it on 127.0.0.1 too."""
+  try:
+    from jax._src.lib import _jax
+    make = _jax.make_gloo_tcp_collectives
+    if getattr(make, "weit_loopback", False):
+      return
+
+    def on_loopback(distributed_client, hostname=None, interface=None):
+      return make(distributed_client=distributed_client, hostname=hostname or "127.0.0.1", interface=interface)
+    on_loopback.weit_loopback = True
+    _jax.make_gloo_tcp_collectives = on_loopback
+  except (ImportError, AttributeError, TypeError):  # another jax: its default applies
+    pass
 
 
 def _on_tpu_pod() -> bool:

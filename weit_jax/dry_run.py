@@ -403,7 +403,7 @@ def run(config, workdir: str | None = None) -> dict[str, Any]:
       out = compiled_fn()
     except Exception as e:  # the TPU compiler refuses programs that exceed HBM
       text = str(e)
-      if "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower() or "exceeds" in text.lower():
+      if "RESOURCE_EXHAUSTED" in text or "ran out of memory" in text.lower():
         first = next((l for l in text.splitlines() if l.strip()), text)[:300]
         failures.append(f"{name} does not fit on {topo.name} ({kind}, {hbm:g} GiB HBM): {first}")
         results["steps"][name] = dict(fits=False, error=first)
@@ -430,7 +430,8 @@ def run(config, workdir: str | None = None) -> dict[str, Any]:
     cfg, b = setup.model_config, int(config.batch_size)
     model_flops = vit_train_flops(cfg, b) / len(devices)
     counts = setup.gen.counts()
-    extra = dict(model=cfg.short_name(), batch_size=b, per_chip_batch=b / len(devices),
+    batch_ways = mesh.shape["data"] * mesh.shape["fsdp"]  # the batch's shards (model: split work)
+    extra = dict(model=cfg.short_name(), batch_size=b, per_chip_batch=b / batch_ways,
                  model_flops_per_chip=model_flops,
                  template_params=counts["templates"], scaler_params=counts["scalers"],
                  materialized_params=counts["materialized"])
