@@ -186,18 +186,23 @@ class WeightGenerator:
     and the other templates start learning as soon as their scalers move.
     """
     flat_stats = traverse_util.flatten_dict(stats) if stats is not None else {}
+    banks = sorted(self.banks.items())
+    # One draw for every bank: a random call per bank would compile one RNG kernel each, which
+    # dominates the compile time of a jitted init (tens of seconds on CPU for a small ViT).
+    sizes = [n for _, b in banks for n in (math.prod(b.template_shape), math.prod(b.scaler_shape))]
+    noise = jax.random.normal(key, (sum(sizes),), jnp.float32)
+    pieces = iter(jnp.split(noise, np.cumsum(sizes)[:-1]))
     templates, scalers = {}, {}
-    keys = jax.random.split(key, 2 * len(self.banks))
-    for i, (path, b) in enumerate(sorted(self.banks.items())):
+    for path, b in banks:
       mean, std = (float(v) for v in flat_stats[path]) if path in flat_stats else (0.0, b.crop[0] ** -0.5)
-      t = jax.random.normal(keys[2 * i], b.template_shape, jnp.float32)
+      t = next(pieces).reshape(b.template_shape)
+      s = next(pieces).reshape(b.scaler_shape)
       if std <= 1e-3 * abs(mean) or std == 0.0:
         templates[path] = t.at[0].set(1.0)
         scalers[path] = _constant_scalers(b, mean)
       else:
         templates[path] = t
-        scalers[path] = std / math.sqrt(b.num_templates) * jax.random.normal(
-            keys[2 * i + 1], b.scaler_shape, jnp.float32)
+        scalers[path] = std / math.sqrt(b.num_templates) * s
     return traverse_util.unflatten_dict(templates), traverse_util.unflatten_dict(scalers)
 
   def materialize(self, templates: Mapping[str, Any], scalers: Mapping[str, Any],
