@@ -12,7 +12,7 @@ import pytest
 from flax import traverse_util
 
 from configs import vit_init, vit_pretrain, vit_train
-from weit_jax import checkpoint, generator, sharding
+from weit_jax import checkpoint, generator, scaler_init, sharding
 from weit_jax.models import vit
 from weit_jax.programs import init as init_program
 from weit_jax.programs import pretrain, train
@@ -112,16 +112,27 @@ def test_init_exports_every_target(initialized):
 
 
 def test_scaler_training_leaves_templates_bit_identical(pretrained, initialized):
-  _, _, params, _ = pretrain.restore_templates(pretrained[0], 12)
-  want = traverse_util.flatten_dict(jax.device_get(params["templates"]))
+  _, src, params, _ = pretrain.restore_templates(pretrained[0], 12)
+  templates = jax.device_get(params["templates"])
+  want = traverse_util.flatten_dict(templates)
+  src_stats = generator.param_stats(src.model, vit.dummy_input(src.model_config))
   for name in initialized[1]:
     compact = _restore_compact(os.path.join(initialized[0], name, "compact"))
     got = traverse_util.flatten_dict(compact["templates"])
     assert got.keys() == want.keys()
     for k in want:
       np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(want[k]), err_msg=str(k))
-    scalers_moved = any(np.abs(np.asarray(v)).sum() > 0 for v in traverse_util.flatten_dict(compact["scalers"]).values())
-    assert scalers_moved
+    # ... while the scalers moved away from where the heuristic put them.
+    cfg = vit.ViTConfig(**checkpoint.read_export_meta(os.path.join(initialized[0], name, "export"))["model"])
+    model = vit.ViT(cfg)
+    gen = generator.WeightGenerator.from_model(model, vit.dummy_input(cfg), tiles=TILES, num_templates=3)
+    start = scaler_init.init_scalers("interpolate", gen, templates, key=jax.random.key(0),
+                                     target_stats=generator.param_stats(model, vit.dummy_input(cfg)),
+                                     source=src.gen, source_scalers=jax.device_get(params["scalers"]),
+                                     source_stats=src_stats)
+    moved = [float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in zip(
+        jax.tree_util.tree_leaves(compact["scalers"]), jax.tree_util.tree_leaves(start))]
+    assert max(moved) > 1e-4, moved
 
 
 def _restore_compact(path):
@@ -193,3 +204,19 @@ def test_new_head_for_another_number_of_classes(initialized):
   assert params["head"]["kernel"].shape == (32, 5)
   exported = jax.device_get(checkpoint.load_params(export))
   np.testing.assert_array_equal(params["embedding"]["kernel"], exported["embedding"]["kernel"])
+
+
+def test_init_heuristic_only_and_overwrite(pretrained, learnable_data, tmp_path):
+  """steps=0 exports the heuristic's scalers; overwrite starts the targets over."""
+  workdir = str(tmp_path / "init0")
+  c = init_config(learnable_data, pretrained[0], "depth=3", steps=0)
+  r = init_program.run(c, workdir)["d3-w32-h2-m64-p4"]
+  assert r["steps"] == 0 and r["accuracy_before"] == r["accuracy_after"]
+  assert not os.path.exists(os.path.join(workdir, "d3-w32-h2-m64-p4", "checkpoints"))
+  c2 = init_config(learnable_data, pretrained[0], "depth=3", steps=2)
+  c2.num_examples = 96  # another config (the run length alone may change between resumes)
+  with pytest.raises(ValueError, match="holds a run of a different config"):
+    init_program.run(c2, workdir)
+  c2.overwrite = True
+  r2 = init_program.run(c2, workdir)["d3-w32-h2-m64-p4"]
+  assert r2["steps"] == 2 and r2["num_examples"] == 96  # trained anew, not "already exported; skipping"

@@ -9,7 +9,7 @@ import dataclasses
 import json
 import signal
 import time
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +18,7 @@ import optax
 from etils import epath
 
 from weit_jax import checkpoint, metrics, sharding
-from weit_jax.losses import accuracy, softmax_cross_entropy
+from weit_jax.losses import accuracy
 
 
 class DivergenceError(RuntimeError):
@@ -48,13 +48,17 @@ class Task:
 # --- workdir guard --------------------------------------------------------------------------------
 
 # Fields that may change between a run and its resume (length, logging cadence, this guard itself).
-RESUMABLE_FIELDS = ("total_steps", "checkpoint_every", "keep_checkpoints", "eval_every", "log_every",
+RESUMABLE_FIELDS = ("total_steps", "steps", "checkpoint_every", "keep_checkpoints", "eval_every", "log_every",
                     "overwrite", "resume_step", "dry_run")
 
 
-def guard_workdir(config, workdir: str) -> None:
-  """Refuses a workdir that holds a run of a different config (unless ``config.overwrite``);
-  records this config otherwise. Called before anything compiles. Local or ``gs://`` paths."""
+def guard_workdir(config, workdir: str, also_remove: Sequence[str] = ()) -> None:
+  """Refuses a workdir that holds a run of a different config (unless ``config.overwrite``, which
+  removes the old run's files, and ``also_remove``); records this config otherwise. Called before
+  anything compiles. Local or ``gs://`` paths."""
+  for name in ("log_every", "checkpoint_every"):
+    if int(config.get(name, 1)) < 1:
+      raise ValueError(f"{name}={config.get(name)} must be at least 1.")
   wd = epath.Path(workdir)
   path = wd / "config.json"
   current = json.loads(config.to_json_best_effort())
@@ -68,7 +72,7 @@ def guard_workdir(config, workdir: str) -> None:
         raise ValueError(f"workdir {workdir} holds a run of a different config (fields {diff} differ); "
                          "use another --workdir, or --config.overwrite=True to start it over.")
       if metrics.is_main():  # overwrite: the old run must not be resumed or plotted
-        for name in ("checkpoints", "metrics.jsonl", "summary.json", "tensorboard"):
+        for name in ("checkpoints", "metrics.jsonl", "summary.json", "tensorboard", *also_remove):
           if (wd / name).is_dir():
             (wd / name).rmtree()
           elif (wd / name).exists():
@@ -112,16 +116,21 @@ def _like_params(tree, abstract_params, param_sh, default):
   return jax.tree_util.tree_map_with_path(pick, tree)
 
 
-def make_init_state(task: Task, shardings, with_initial_params: bool = False):
-  """Jitted ``key[, params] -> state``; given params are passed as arguments (never baked into the
-  program as constants)."""
-  def init(key, params=None):
+def make_init_state(task: Task, shardings):
+  """``(key, params=None) -> state``, jitted with the state's shardings. Given params (host arrays
+  from an export or an extraction) are placed onto their shardings first, then passed as
+  arguments: never baked into the program as constants; ``device_put`` also takes host arrays for
+  shardings that span processes, which ``jit`` refuses."""
+  def init(key, params):
     params = task.init_params(key) if params is None else params
     return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": task.optimizer.init(params)}
-  if with_initial_params:
-    return jax.jit(init, in_shardings=(sharding.replicated(shardings["step"].mesh), shardings["params"]),
-                   out_shardings=shardings)
-  return jax.jit(init, out_shardings=shardings)
+  init = jax.jit(init, out_shardings=shardings)
+
+  def make(key, params=None):
+    if params is not None:
+      params = jax.device_put(params, shardings["params"])
+    return init(key, params)
+  return make
 
 
 def make_train_step(task: Task, shardings, batch_sharding, mesh):
@@ -268,10 +277,7 @@ def run(config, workdir: str, task: Task, *, mesh, train_iter, make_eval_iter, i
       _resume_data_at(data_iter, resume_step, saved_by)
   else:
     key = jax.random.key(int(config.seed))
-    if initial_params is None:
-      state = make_init_state(task, shardings)(key)
-    else:
-      state = make_init_state(task, shardings, True)(key, initial_params)
+    state = make_init_state(task, shardings)(key, initial_params)
     metrics.log(f"Starting a new run in {workdir}.")
   start = int(jax.device_get(state["step"]))
 

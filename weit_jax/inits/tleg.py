@@ -149,11 +149,7 @@ def make_task(config, cfg: vit.ViTConfig) -> train_loop.Task:
   def logits_fn(tree, images):
     return model.apply({"params": to_plain(tree, cfg.depth)}, images)
 
-  def loss_fn(tree, batch, key):
-    del key
-    logits = logits_fn(tree, batch["image"])
-    return losses.softmax_cross_entropy(logits, batch["labels"], config.label_smoothing), {
-        "accuracy": jnp.mean(losses.accuracy(logits, batch["labels"]))}
+  loss_fn = losses.classification(logits_fn, config.label_smoothing)
 
   optim_config = optim.with_total_steps(config.optim, config.total_steps)
   tx = optim.make_optimizer(optim_config, jax.eval_shape(init_params, jax.random.key(0)),
@@ -185,7 +181,8 @@ def pretrain(config, workdir: str) -> dict:
   mesh = sharding.make_mesh(dict(config.mesh))
   metrics.log(f"TLEG auxiliary ViT {cfg.short_name()}: layer l = A + (l/{cfg.depth}) B.")
   task = make_task(config, cfg)
-  train_iter = input_pipeline.make_train_iterator(config.data, global_batch_size=config.batch_size, seed=config.seed)
+  train_iter = input_pipeline.make_train_iterator(config.data, global_batch_size=config.batch_size, seed=config.seed,
+                                                   mesh=mesh)
   make_eval_iter = lambda: input_pipeline.make_eval_iterator(config.data, global_batch_size=config.batch_size)
   summary = train_loop.run(config, workdir, task, mesh=mesh, train_iter=train_iter, make_eval_iter=make_eval_iter,
                            summary_extra=dict(program="tleg_pretrain"), title=f"TLEG pre-training {cfg.short_name()}")

@@ -10,13 +10,8 @@ import dataclasses
 import json
 
 import jax
-import jax.numpy as jnp
-import ml_collections
-import numpy as np
-import orbax.checkpoint as ocp
 from etils import epath
 
-from weit_jax.checkpoint import absolute
 from weit_jax import checkpoint, generator, input_pipeline, losses, metrics, optim, scaler_init, sharding, train_loop
 from weit_jax.models import vit
 from weit_jax.programs import pretrain
@@ -78,7 +73,7 @@ def run(config, workdir: str) -> dict:
     raise ValueError("config.templates is not set; give the pre-training workdir: --config.templates=DIR.")
   if config.steps < 0 or config.num_examples < 1:
     raise ValueError(f"steps={config.steps} must be >= 0 and num_examples={config.num_examples} >= 1.")
-  optim.schedule(optim.with_total_steps(config.optim, max(int(config.steps), 1)))  # validates the schedule
+  optim.schedule(_optim_config(config))  # validates the schedule
   src_config, src_setup, src_params, src_step = pretrain.restore_templates(config.templates, config.templates_step)
   source = src_setup.model_config
   targets = []
@@ -94,25 +89,35 @@ def run(config, workdir: str) -> dict:
   data = src_config.data.copy_and_resolve_references()
   data.train_split = f"{src_config.data.train_split}[:{int(config.num_examples)}]"
   input_pipeline.prepare(data)
-  train_loop.guard_workdir(config, workdir)
+  train_loop.guard_workdir(config, workdir, also_remove=names)  # overwrite: the old targets go too
   mesh = sharding.make_mesh(dict(config.mesh))
   templates = jax.device_get(src_params["templates"])
   metrics.log(f"Templates from {config.templates} (step {src_step}); auxiliary ViT {source.short_name()}; "
               f"{len(targets)} target(s): {', '.join(names)}.")
 
+  source_stats = generator.param_stats(src_setup.model, vit.dummy_input(source))
   results = {}
   for target in targets:
     results[target.name] = _init_one(config, workdir, target, templates, src_setup, src_params, src_step,
-                                     data, mesh)
+                                     source_stats, data, mesh)
   if metrics.is_main():
     (epath.Path(workdir) / "targets.json").write_text(json.dumps(results, indent=2))
   return results
 
 
-def _init_one(config, workdir, target: Target, templates, src_setup, src_params, src_step, data, mesh) -> dict:
+def _optim_config(config):
+  """The scaler-training optimizer config; ``steps=0`` (heuristic only) needs no warmup."""
+  c = optim.with_total_steps(config.optim, max(int(config.steps), 1))
+  if int(config.steps) == 0:
+    c.warmup_steps = 0
+  return c
+
+
+def _init_one(config, workdir, target: Target, templates, src_setup, src_params, src_step, source_stats,
+              data, mesh) -> dict:
   tdir = str(epath.Path(workdir) / target.name)
   export_dir = str(epath.Path(tdir) / "export")
-  if (epath.Path(export_dir) / checkpoint.EXPORT_META).exists():
+  if (epath.Path(export_dir) / checkpoint.EXPORT_META).exists():  # written last: the target is done
     metrics.log(f"[{target.name}] already exported in {export_dir}; skipping.")
     return checkpoint.read_export_meta(export_dir)["scaler_training"]
   gen, cfg = target.gen, target.model_config
@@ -125,22 +130,18 @@ def _init_one(config, workdir, target: Target, templates, src_setup, src_params,
   scalers = scaler_init.init_scalers(
       config.scaler_init, gen, templates, key=jax.random.key(int(config.seed)), target_stats=stats,
       source=src_setup.gen, source_scalers=jax.device_get(src_params["scalers"]),
-      source_stats=generator.param_stats(src_setup.model, vit.dummy_input(src_setup.model_config)))
+      source_stats=source_stats)
 
   # ----- train only the scalers --------------------------------------------------------------------
   def forward(params, images):
     return target.model.apply({"params": gen.materialize(params["templates"], params["scalers"])}, images)
 
-  def loss_fn(params, batch, key):
-    del key
-    logits = forward(params, batch["image"])
-    return losses.softmax_cross_entropy(logits, batch["labels"], config.label_smoothing), {
-        "accuracy": jnp.mean(losses.accuracy(logits, batch["labels"]))}
+  loss_fn = losses.classification(forward, config.label_smoothing)
 
   loop_config = config.copy_and_resolve_references()
   with loop_config.unlocked():
     loop_config.total_steps = max(int(config.steps), 1)
-  optim_config = optim.with_total_steps(config.optim, loop_config.total_steps)
+  optim_config = _optim_config(config)
   initial = {"templates": templates, "scalers": scalers}
   tx = optim.make_optimizer(optim_config, initial, weight_decay={"scalers": config.scaler_wd},
                             frozen="^templates/")
@@ -167,15 +168,18 @@ def _init_one(config, workdir, target: Target, templates, src_setup, src_params,
   plain = jax.jit(gen.materialize, out_shardings=out_sh)(params["templates"], params["scalers"])
   record = dict(
       model=dataclasses.asdict(cfg),
-      template_source=dict(workdir=absolute(config.templates), step=int(src_step)),
+      template_source=dict(workdir=checkpoint.absolute(config.templates), step=int(src_step)),
       scaler_training=dict(heuristic=config.scaler_init, steps=int(config.steps),
                            num_examples=int(config.num_examples), batch_size=int(config.batch_size),
                            lr=float(config.optim.lr), seed=int(config.seed),
                            accuracy_before=before["eval_accuracy"], accuracy_after=after),
       params=counts)
-  checkpoint.export_params(export_dir, plain, record)
-  checkpoint.export_params(str(epath.Path(tdir) / "compact"),
-                           {"templates": params["templates"], "scalers": params["scalers"]},
+  # The compact form first: the plain export's export.json marks the target as done.
+  compact_dir = epath.Path(tdir) / "compact"
+  if compact_dir.exists():  # left by a run that died before the plain export
+    compact_dir.rmtree()
+  checkpoint.export_params(str(compact_dir), {"templates": params["templates"], "scalers": params["scalers"]},
                            dict(record, tiles=dict(gen.tiles), num_templates=gen.num_templates, form="compact"))
+  checkpoint.export_params(export_dir, plain, record)
   metrics.log(f"[{target.name}] accuracy after scaler training: {after:.4f}; exported to {export_dir}")
   return record["scaler_training"]

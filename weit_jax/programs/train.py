@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 
 import jax
-import jax.numpy as jnp
 import flax.linen as nn
 import numpy as np
 
@@ -40,11 +39,7 @@ def make_task(config, model: vit.ViT, cfg: vit.ViTConfig) -> train_loop.Task:
   def logits_fn(params, images):
     return model.apply({"params": params}, images)
 
-  def loss_fn(params, batch, key):
-    del key
-    logits = logits_fn(params, batch["image"])
-    return losses.softmax_cross_entropy(logits, batch["labels"], config.label_smoothing), {
-        "accuracy": jnp.mean(losses.accuracy(logits, batch["labels"]))}
+  loss_fn = losses.classification(logits_fn, config.label_smoothing)
 
   optim_config = optim.with_total_steps(config.optim, config.total_steps)
   tx = optim.make_optimizer(optim_config, jax.eval_shape(init_params, jax.random.key(0)),
