@@ -229,8 +229,8 @@ def write_doc(results, path, command, wall):
            "Every figure below is what that run printed; rerun the command to reproduce.", "",
            "## 1. Training-step overhead of the template model", "",
            "A pre-training step (weights = materialize(templates, scalers) inside the step, gradients to both) "
-           "vs a step of the plain ViT of the same size, same batch and optimizer (Adam), on 8 fake CPU "
-           "devices sharing this machine's cores. Throughput in images/s: median over interleaved repetitions "
+           "vs a step of the plain ViT of the same size, same batch and optimizer (Adam), on one CPU "
+           "device (this machine's 2 cores). Throughput in images/s: median over interleaved repetitions "
            "(min-max in brackets). Target: ratio >= 0.97.", "",
            "| size | model | batch | plain img/s | template img/s | ratio (median) | ratio range |",
            "|---|---|---:|---:|---:|---:|---:|"]
@@ -265,6 +265,23 @@ def write_doc(results, path, command, wall):
             "| depth | model | trace + lower s | compile s |", "|---:|---|---:|---:|"]
   for r in results["compile"]:
     lines.append(f"| {r['depth']} | {r['model']} | {r['trace_lower_s']:.2f} | {r['compile_s']:.2f} |")
+  scale = os.path.join(os.path.dirname(path), "scale_runs.json")
+  if os.path.exists(scale):  # per-chip FLOPs and the MFU bound from the TPU dry runs (docs/scale.md)
+    with open(scale) as f:
+      runs = json.load(f)["runs"]
+    lines += ["", "## 5. ViT-B/16 pre-training on TPU slices: FLOPs and MFU bound", "",
+              "From the compile-only dry runs of `benchmarks/scale_table.py` (`docs/scale_runs.json`, see "
+              "[scale.md](scale.md)): FLOPs per chip of the compiled step (template model), the plain ViT's "
+              "model FLOPs, and their ratio, the MFU the step reaches at most (materializing the weights "
+              "from templates is the difference). Not measured on a TPU.", "",
+              "| slice | chips | batch per chip | compiled FLOPs per chip | model FLOPs per chip | step time at peak | MFU bound |",
+              "|---|---:|---:|---:|---:|---:|---:|"]
+    for run in runs:
+      step = (run.get("result") or {}).get("steps", {}).get("pretrain_step", {})
+      if run["row"][:2] == ["pretrain", "B/16"] and step.get("fits") and step.get("mfu_bound"):
+        lines.append(f"| {run['row'][2]} | {run['result']['chips']} | {step['per_chip_batch']:.0f} | "
+                     f"{step['flops_per_chip']:.3g} | {step['model_flops_per_chip']:.3g} | "
+                     f"{step['step_time_at_peak_s'] * 1e3:.1f} ms | {step['mfu_bound']:.2%} |")
   lines.append("")
   with open(path, "w") as f:
     f.write("\n".join(lines) + "\n")
@@ -274,7 +291,14 @@ def main():
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--quick", action="store_true")
   p.add_argument("--out", default="docs/performance.md")
+  p.add_argument("--render", action="store_true", help="rewrite the markdown from the saved JSON only")
   a = p.parse_args()
+  if a.render:
+    with open(os.path.splitext(a.out)[0] + ".json") as f:
+      saved = json.load(f)
+    write_doc(saved, a.out, saved["command"], saved["wall_s"])
+    print(f"wrote {a.out} from its JSON")
+    return
   t0 = time.time()
   mesh = sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
   small = ("small", dict(variant="pico/4"), 28, 128)
