@@ -52,7 +52,11 @@ def _run():
       raise
     print(f"error: {e}", file=sys.stderr)
     print("(set WEIT_DEBUG=1 for the traceback)", file=sys.stderr)
-    sys.exit(2)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # os._exit: reads still in flight in orbax/tensorstore threads (a damaged checkpoint) would
+    # otherwise print tracebacks during interpreter shutdown, burying the one-line error.
+    os._exit(2)
 
 
 if __name__ == "__main__":

@@ -244,13 +244,16 @@ def test_damaged_checkpoint_names_itself_and_falls_back(pretrain_interrupted, pr
   step_dir = os.path.join(workdir, "checkpoints", str(TOTAL))
   data_files = [os.path.join(dp, f) for dp, _, fs in os.walk(os.path.join(step_dir, "state")) for f in fs
                 if os.sep + "d" + os.sep in os.path.join(dp, f)]
-  biggest = max(data_files, key=os.path.getsize)
-  with open(biggest, "r+b") as f:  # a file cut short (a full disk, a bad copy)
-    f.truncate(os.path.getsize(biggest) // 3)
+  assert data_files, step_dir
+  for path in data_files:  # data files cut short (a full disk, a bad copy); every one, since which
+    with open(path, "r+b") as f:  # of them the manifest references depends on orbax's layout
+      f.truncate(os.path.getsize(path) // 3)
   args = PRETRAIN + data_flags
   broken = run_main(args, workdir, env)
   assert broken.returncode == 2, broken.stderr[-3000:]
-  assert "Traceback" not in broken.stderr
+  # No stack trace from inside orbax or this package. (Tensorstore's reader threads may still print
+  # asyncio "Event loop is closed" noise before the error on some runs; it names no frame of ours.)
+  assert not [l for l in broken.stderr.splitlines() if "orbax" in l or "weit_jax" in l], broken.stderr[-3000:]
   error = [line for line in broken.stderr.splitlines() if line.startswith("error: ")]
   assert len(error) == 1 and step_dir in error[0] and f"--config.resume_step={TOTAL - EVERY}" in error[0], error
   assert broken.stderr.splitlines()[-2] == error[0]  # the error is at the end, not lost in logs

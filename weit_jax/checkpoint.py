@@ -63,9 +63,12 @@ class Checkpointer:
     args = {"state": ocp.args.StandardRestore(abstract_state)}
     if data_iterator is not None and self.data_process_count(step) in (None, jax.process_count()):
       args["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+    hooks = _quiet_closed_event_loop()
     try:
       restored = self.manager.restore(step, args=ocp.args.Composite(**args))
+      hooks.restore()
     except Exception as e:  # orbax raises many types; the user needs the folder and a way out
+      # (the quiet hooks stay: reads still in flight keep failing against the closed loop)
       earlier = [s for s in self.all_steps() if s < step]
       hint = (f"rerun with --config.resume_step={earlier[-1]} to resume from the previous checkpoint "
               "(the later ones are discarded)" if earlier
@@ -99,6 +102,23 @@ class Checkpointer:
   def close(self):
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+class _quiet_closed_event_loop:
+  """While installed, drops the "Event loop is closed" errors that tensorstore's reader threads
+  report when a restore fails part-way (a damaged checkpoint); every other error is printed."""
+
+  def __init__(self):
+    import sys
+    self._sys, self._previous = sys, sys.excepthook
+
+    def hook(kind, value, tb):
+      if not (isinstance(value, RuntimeError) and "Event loop is closed" in str(value)):
+        self._previous(kind, value, tb)
+    sys.excepthook = hook
+
+  def restore(self):
+    self._sys.excepthook = self._previous
 
 
 def abstract_with_shardings(abstract_tree, sharding_tree):

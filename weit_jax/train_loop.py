@@ -266,7 +266,11 @@ def run(config, workdir: str, task: Task, *, mesh, train_iter, make_eval_iter, i
     raise ValueError(f"resume_step={resume_step} is not a checkpoint in {ckpt.directory}; "
                      f"available: {ckpt.all_steps()}.")
   if resume_step is not None:
-    state = ckpt.restore(resume_step, checkpoint.abstract_with_shardings(abstract, shardings), data_iter)
+    try:
+      state = ckpt.restore(resume_step, checkpoint.abstract_with_shardings(abstract, shardings), data_iter)
+    except Exception:
+      ckpt.close()  # stop orbax's background threads, so the error is the last thing printed
+      raise
     metrics.log(f"Resuming from step {resume_step} (checkpoint {ckpt.directory / str(resume_step)}).")
     later = ckpt.discard_after(resume_step)  # an explicit earlier resume_step rewinds the run
     if later:
