@@ -519,8 +519,8 @@ def write_report(args, agg: dict, results: list[dict], stages: dict, targets: di
   raw = dict(command=info["command"], date=info["date"], machine=info["machine"], budget=b,
              wall_s=info["wall_s"], stages=stages, targets={r: dataclasses.asdict(c) for r, c in targets.items()},
              not_applicable={f"{m}/{r}": why for (m, r), why in na.items()}, aggregate=agg, runs=results)
-  with open(os.path.join(args.out, "init_quality.json"), "w") as f:
-    json.dump(_json_safe(raw), f, indent=2)
+  with open(os.path.join(args.out, "init_quality.json"), "w") as f:  # paths relative to the repo
+    f.write(json.dumps(_json_safe(raw), indent=2).replace(ROOT + os.sep, ""))
 
   methods = [m for m in METHODS if m in args.methods]
   L = []
