@@ -331,7 +331,7 @@ def step0_accuracy(config, cfg) -> float:
   mesh = sharding.make_mesh({"data": -1})
   task = train.make_task(config, model, cfg)
   _, shardings = train_loop.state_shardings(task, mesh)
-  params = jax.device_put(train.initial_params(config, cfg, model, mesh), shardings["params"])
+  params = jax.device_put(train.initial_params(config, cfg, model), shardings["params"])
   eval_step = train_loop.make_eval_step(task, shardings["params"], sharding.batch_sharding(mesh), mesh)
   batches = input_pipeline.make_eval_iterator(config.data, global_batch_size=config.batch_size)
   return train_loop.evaluate(eval_step, params, batches, mesh)["eval_accuracy"]

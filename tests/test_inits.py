@@ -105,7 +105,7 @@ def test_every_export_loads_for_the_target_and_trains_from_config_init(tmp_path)
     chex.assert_trees_all_close(loaded, params, rtol=0, atol=0)
     # What `--config.init=EXPORT` does in programs/train.py.
     config = ml_collections.ConfigDict(dict(init=directory, seed=0))
-    chex.assert_trees_all_close(train.initial_params(config, TARGET, vit.ViT(TARGET), None), params, rtol=0, atol=0)
+    chex.assert_trees_all_close(train.initial_params(config, TARGET, vit.ViT(TARGET)), params, rtol=0, atol=0)
   with pytest.raises(checkpoint.CheckpointError, match="already holds an export"):
     inits.get("random").export(str(tmp_path / "exports" / "random"), None, TARGET)
 

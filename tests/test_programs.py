@@ -200,7 +200,7 @@ def test_new_head_for_another_number_of_classes(initialized):
   export = os.path.join(initialized[0], "d1-w32-h2-m64-p4", "export")
   cfg = vit.ViTConfig(**dict(checkpoint.read_export_meta(export)["model"], num_classes=5))
   c = ml_collections.ConfigDict(dict(init=export, seed=0))
-  params = train.initial_params(c, cfg, vit.ViT(cfg), None)
+  params = train.initial_params(c, cfg, vit.ViT(cfg))
   assert params["head"]["kernel"].shape == (32, 5)
   exported = jax.device_get(checkpoint.load_params(export))
   np.testing.assert_array_equal(params["embedding"]["kernel"], exported["embedding"]["kernel"])

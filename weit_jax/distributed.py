@@ -53,9 +53,8 @@ def _gloo_on_loopback() -> None:
 
 
 def _on_tpu_pod() -> bool:
-  # Multi-host TPU VMs set these; single-host runs need no coordination.
-  hosts = os.environ.get("TPU_WORKER_HOSTNAMES") or os.environ.get("CLOUD_TPU_TASK_ID")
-  return bool(hosts) and "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
+  # Multi-host TPU VMs list their workers here; single-host runs need no coordination.
+  return "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
 
 
 def process_batch_rows(mesh, global_batch_size: int) -> np.ndarray:

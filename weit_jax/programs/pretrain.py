@@ -114,7 +114,7 @@ def load_teacher(config):
   return vit.ViT(t_cfg), checkpoint.load_params(config.distill.teacher)
 
 
-def initial_params_from_dense(config, setup: Setup, task: train_loop.Task, mesh):
+def initial_params_from_dense(config, setup: Setup, task: train_loop.Task):
   """Closed-form templates (Van Loan-Pitsianis + truncated SVD) from a dense plain-ViT export."""
   from weit_jax import extract
   dense = checkpoint.load_params(config.init_templates_from)
@@ -143,7 +143,7 @@ def run(config, workdir: str) -> dict:
 
   # ----- task, data ------------------------------------------------------------------------------
   task = make_task(config, setup, teacher=teacher)
-  initial = initial_params_from_dense(config, setup, task, mesh) if config.init_templates_from else None
+  initial = initial_params_from_dense(config, setup, task) if config.init_templates_from else None
   train_iter = input_pipeline.make_train_iterator(config.data, global_batch_size=config.batch_size,
                                                    seed=config.seed, mesh=mesh)
   make_eval_iter = lambda: input_pipeline.make_eval_iterator(config.data, global_batch_size=config.batch_size)

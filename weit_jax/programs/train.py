@@ -13,7 +13,7 @@ from weit_jax.models import vit
 from weit_jax.programs.pretrain import model_config_from
 
 
-def initial_params(config, cfg: vit.ViTConfig, model: vit.ViT, mesh):
+def initial_params(config, cfg: vit.ViTConfig, model: vit.ViT):
   """The export's parameters (with a fresh head if the number of classes differs), or None."""
   if not config.init:
     return None
@@ -59,7 +59,7 @@ def run(config, workdir: str) -> dict:
   model = vit.ViT(cfg)
   input_pipeline.prepare(config.data)
   mesh = sharding.make_mesh(dict(config.mesh))
-  init = initial_params(config, cfg, model, mesh)  # refuses an export of another shape
+  init = initial_params(config, cfg, model)  # refuses an export of another shape
   train_loop.guard_workdir(config, workdir)
   metrics.log(f"ViT {cfg.short_name()} from {config.init or 'random initialization'}.")
   task = make_task(config, model, cfg)
