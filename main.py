@@ -41,21 +41,57 @@ def main(argv):
   program.run(config, checkpoint.absolute(flags.FLAGS.workdir))
 
 
+def _parse_flags(argv):
+  """absl's flag parsing, with every mistake on the command line raised as a ValueError (one
+  ``error:`` line, exit 2) instead of absl's usage dump or ml_collections' traceback."""
+  try:
+    return flags.FLAGS(argv)
+  except (AttributeError, KeyError) as e:  # an override of a field the config does not have
+    raise ValueError(_unknown_override(argv) or str(e)) from e
+  except flags.Error as e:  # a value of the wrong type, a missing --workdir, an unknown flag
+    raise ValueError(str(e)) from e
+
+
+def _unknown_override(argv) -> str | None:
+  """Names the first ``--config.a.b=...`` override whose field the config file does not define,
+  with the fields that level does have."""
+  import runpy
+  import ml_collections
+  spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+  if spec is None:
+    return None
+  path, colon, arg = spec.partition(":")
+  config = runpy.run_path(path)["get_config"](*([arg] if colon else []))
+  for a in argv:
+    if not a.startswith("--config."):
+      continue
+    field = a[len("--config."):].split("=", 1)[0]
+    node, walked = config, ["config"]
+    for name in field.split("."):
+      if not isinstance(node, ml_collections.ConfigDict) or name not in node:
+        fields = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+        return (f"unknown config field --config.{field}: {'.'.join(walked)} has no field {name!r}; "
+                f"its fields are {fields}.")
+      node = node[name]
+      walked.append(name)
+  return None
+
+
 def _run():
-  """Usage errors (bad config, missing data, damaged checkpoint) end as one readable line, exit 2."""
+  """Usage errors (bad flags or config, missing data, damaged checkpoint, divergence) end as one
+  readable line, the last one on stderr, with exit code 2 (WEIT_DEBUG=1 shows the traceback)."""
   from weit_jax.checkpoint import CheckpointError
   from weit_jax.train_loop import DivergenceError
   try:
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)
   except (ValueError, FileNotFoundError, CheckpointError, DivergenceError) as e:
     if os.environ.get("WEIT_DEBUG"):
       raise
-    print(f"error: {e}", file=sys.stderr)
-    print("(set WEIT_DEBUG=1 for the traceback)", file=sys.stderr)
     sys.stdout.flush()
-    sys.stderr.flush()
-    # os._exit: reads still in flight in orbax/tensorstore threads (a damaged checkpoint) would
-    # otherwise print tracebacks during interpreter shutdown, burying the one-line error.
+    print("error: " + " ".join(str(e).split()), file=sys.stderr, flush=True)
+    # The programs stop their own background work (checkpoint writes and reads, metric writers)
+    # before they raise; os._exit skips the interpreter's teardown of library threads (grain's
+    # readers, tensorstore), which has nothing left to say.
     os._exit(2)
 
 

@@ -8,6 +8,8 @@ finished.
 """
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
 from typing import Any, Mapping
@@ -63,12 +65,10 @@ class Checkpointer:
     args = {"state": ocp.args.StandardRestore(abstract_state)}
     if data_iterator is not None and self.data_process_count(step) in (None, jax.process_count()):
       args["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
-    hooks = _quiet_closed_event_loop()
     try:
-      restored = self.manager.restore(step, args=ocp.args.Composite(**args))
-      hooks.restore()
+      with _settled_event_loops():
+        restored = self.manager.restore(step, args=ocp.args.Composite(**args))
     except Exception as e:  # orbax raises many types; the user needs the folder and a way out
-      # (the quiet hooks stay: reads still in flight keep failing against the closed loop)
       earlier = [s for s in self.all_steps() if s < step]
       hint = (f"rerun with --config.resume_step={earlier[-1]} to resume from the previous checkpoint "
               "(the later ones are discarded)" if earlier
@@ -104,21 +104,36 @@ class Checkpointer:
     self.manager.close()
 
 
-class _quiet_closed_event_loop:
-  """While installed, drops the "Event loop is closed" errors that tensorstore's reader threads
-  report when a restore fails part-way (a damaged checkpoint); every other error is printed."""
+class _SettlingEventLoop(asyncio.SelectorEventLoop):
+  """An event loop that, before it closes, lets the tasks still pending on it finish.
 
-  def __init__(self):
-    import sys
-    self._sys, self._previous = sys, sys.excepthook
+  Orbax runs a restore on a fresh event loop and closes it as soon as the restore returns or
+  raises. When one read of a damaged checkpoint fails, the others are still in flight in
+  tensorstore's threads; each would later post its result to the closed loop and print a
+  "RuntimeError: Event loop is closed" traceback, possibly after the run's own error message.
+  Finishing them first leaves nothing running once the restore has failed."""
 
-    def hook(kind, value, tb):
-      if not (isinstance(value, RuntimeError) and "Event loop is closed" in str(value)):
-        self._previous(kind, value, tb)
-    sys.excepthook = hook
+  def close(self):
+    if not self.is_running() and not self.is_closed():
+      pending = [t for t in asyncio.all_tasks(self) if not t.done()]
+      if pending:
+        self.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+    super().close()
 
-  def restore(self):
-    self._sys.excepthook = self._previous
+
+class _SettlingEventLoopPolicy(asyncio.DefaultEventLoopPolicy):
+  _loop_factory = _SettlingEventLoop
+
+
+@contextlib.contextmanager
+def _settled_event_loops():
+  """New event loops made inside (orbax's, for one restore) settle their tasks before closing."""
+  previous = asyncio.get_event_loop_policy()
+  asyncio.set_event_loop_policy(_SettlingEventLoopPolicy())
+  try:
+    yield
+  finally:
+    asyncio.set_event_loop_policy(previous)
 
 
 def abstract_with_shardings(abstract_tree, sharding_tree):
