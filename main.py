@@ -3,6 +3,9 @@ r"""weit_jax entry point: parses flags and runs the program the config names.
   python main.py --config=configs/vit_pretrain.py:runlocal --workdir=workdirs/pretrain
   python main.py --config=configs/vit_init.py:runlocal --config.templates=workdirs/pretrain --workdir=workdirs/init
   python main.py --config=configs/vit_train.py:runlocal --config.init=workdirs/init/pico/export --workdir=workdirs/train
+
+``--check``: validate the config, data and workdir as the run would, print what was checked, and
+write nothing.
 """
 import importlib
 import os
@@ -11,10 +14,19 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-config_flags.DEFINE_config_file("config", None, "Config file; e.g. configs/vit_pretrain.py:runlocal.",
-                                lock_config=True)
-flags.DEFINE_string("workdir", None, "Where this run writes everything (checkpoints, metrics, plots).")
-flags.mark_flags_as_required(["config", "workdir"])
+
+
+def define_flags(flag_values=flags.FLAGS):
+  config_flags.DEFINE_config_file("config", None, "Config file; e.g. configs/vit_pretrain.py:runlocal.",
+                                  lock_config=True, flag_values=flag_values)
+  flags.DEFINE_string("workdir", None, "Where this run writes everything (checkpoints, metrics, plots).",
+                      flag_values=flag_values)
+  flags.DEFINE_bool("check", False, "Only validate the config, data and workdir; write nothing.",
+                    flag_values=flag_values)
+  flags.mark_flags_as_required(["config", "workdir"], flag_values=flag_values)
+
+
+define_flags()
 
 PROGRAMS = ("pretrain", "init", "train")
 
@@ -38,14 +50,19 @@ def main(argv):
     return
   distributed.initialize(config)
   program = importlib.import_module(f"weit_jax.programs.{config.program}")
-  program.run(config, checkpoint.absolute(flags.FLAGS.workdir))
+  workdir = checkpoint.absolute(flags.FLAGS.workdir)
+  if flags.FLAGS.check:
+    program.validate(config, workdir)
+    print(f"The {config.program} config is valid for {workdir}; nothing was written.")
+    return
+  program.run(config, workdir)
 
 
-def _parse_flags(argv):
+def parse_flags(argv, flag_values=flags.FLAGS):
   """absl's flag parsing, with every mistake on the command line raised as a ValueError (one
   ``error:`` line, exit 2) instead of absl's usage dump or ml_collections' traceback."""
   try:
-    return flags.FLAGS(argv)
+    return flag_values(argv)
   except (AttributeError, KeyError) as e:  # an override of a field the config does not have
     raise ValueError(_unknown_override(argv) or str(e)) from e
   except flags.Error as e:  # a value of the wrong type, a missing --workdir, an unknown flag
@@ -83,7 +100,7 @@ def _run():
   from weit_jax.checkpoint import CheckpointError
   from weit_jax.train_loop import DivergenceError
   try:
-    app.run(main, flags_parser=_parse_flags)
+    app.run(main, flags_parser=parse_flags)
   except (ValueError, FileNotFoundError, CheckpointError, DivergenceError) as e:
     if os.environ.get("WEIT_DEBUG"):
       raise

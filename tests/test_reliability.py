@@ -225,9 +225,7 @@ def test_train_program_survives_sigkill_and_sigterm(tmp_path, env, data_flags, t
   term = run_main(args, workdir, env, signal_after_step=2 * EVERY + 2, sig=signal.SIGTERM)
   assert term.resumed_from() == last
   assert term.returncode == 143, term.stdout[-2000:] + term.stderr[-2000:]
-  m = re.search(r"SIGTERM received: saved a checkpoint at step (\d+)", term.stdout)
-  assert m, term.stdout[-2000:]
-  saved = int(m.group(1))
+  saved = _saved_at(term)
   assert term.signalled_at <= saved < TOTAL
   assert committed_steps(workdir)[-1] == saved
   assert max(r["step"] for r in metrics(workdir)) == saved  # it stopped right after the save
@@ -302,6 +300,44 @@ def test_a_failed_restore_leaves_no_read_in_flight():
   assert tasks[0].done() and tasks[0].result() == "late"
   assert not late_errors
   assert asyncio.get_event_loop_policy() is policy  # put back
+
+
+# --- 2b. a preempted run resumes on another mesh and device count ------------------------------------
+
+def _eight_devices(env):
+  return {"XLA_FLAGS": env["XLA_FLAGS"] + " --xla_force_host_platform_device_count=8"}
+
+
+def _saved_at(result) -> int:
+  m = re.search(r"SIGTERM received: saved a checkpoint at step (\d+)", result.stdout)
+  assert m, result.stdout[-2000:] + result.stderr[-2000:]
+  return int(m.group(1))
+
+
+def test_pretraining_resumes_on_another_mesh_and_device_count(tmp_path, env, data_flags):
+  """8 devices with fsdp=8, stopped (SIGTERM, as a pod's maintenance event); resumed on the same 8
+  devices as data=2 x fsdp=4, stopped again; resumed on 1 device to the end. The workdir guard
+  accepts each restart, and every logged loss equals the uninterrupted 8-device run's (to float
+  tolerance: another mesh sums in another order)."""
+  args = PRETRAIN + data_flags
+  reference = str(tmp_path / "reference")
+  ok(run_main(args + ["--config.mesh.fsdp=8", "--config.mesh.data=1"], reference, env, extra_env=_eight_devices(env)))
+  workdir = str(tmp_path / "wd")
+  first = run_main(args + ["--config.mesh.fsdp=8", "--config.mesh.data=1"], workdir, env,
+                   extra_env=_eight_devices(env), signal_after_step=EVERY + 1, sig=signal.SIGTERM)
+  assert first.returncode == 143, first.stdout[-2000:] + first.stderr[-2000:]
+  second = run_main(args + ["--config.mesh.fsdp=4", "--config.mesh.data=2"], workdir, env,
+                    extra_env=_eight_devices(env), signal_after_step=3 * EVERY + 1, sig=signal.SIGTERM)
+  assert second.returncode == 143 and second.resumed_from() == _saved_at(first), second.stderr[-2000:]
+  third = ok(run_main(args, workdir, env))  # one device, the config's default mesh
+  assert third.resumed_from() == _saved_at(second) and "Done: step 20" in third.stdout
+  ref = {r["step"]: r for r in metrics(reference) if "loss" in r}
+  logged = [r for r in metrics(workdir) if "loss" in r]
+  assert sorted({r["step"] for r in logged}) == sorted(ref)
+  for r in logged:
+    np.testing.assert_allclose([r["loss"], r["grad_norm"]], [ref[r["step"]]["loss"], ref[r["step"]]["grad_norm"]],
+                               rtol=2e-4, err_msg=f"step {r['step']}")
+    assert r["lr"] == ref[r["step"]]["lr"]
 
 
 # --- 3. bad input is refused before compiling, with nothing written -----------------------------------

@@ -378,11 +378,12 @@ def format_report(title: str, r: dict[str, Any]) -> str:
 def run(config, workdir: str | None = None) -> dict[str, Any]:
   """The dry run ``config.dry_run`` describes; prints its reports, writes ``WORKDIR/dry_run.json``.
   Raises SystemExit(2) after one line on stderr when a step does not fit."""
-  from weit_jax import sharding
+  from weit_jax import config_checks, sharding
   if config.program != "pretrain":
     raise ValueError(f"dry runs compile the pre-training step (config.program={config.program!r}); use "
                      "configs/vit_pretrain.py, with --config.dry_run.materialize=TARGET for the init "
                      "program's materialize step.")
+  config_checks.check_ranges(config)
   dry = config.dry_run
   topo = parse_topology(dry.topology)
   hbm = float(dry.get("hbm_gib") or topo.chip.hbm_gib)

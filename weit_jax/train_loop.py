@@ -17,7 +17,7 @@ import numpy as np
 import optax
 from etils import epath
 
-from weit_jax import checkpoint, metrics, sharding
+from weit_jax import checkpoint, config_checks, metrics, sharding
 from weit_jax.losses import accuracy
 
 
@@ -47,41 +47,42 @@ class Task:
 
 # --- workdir guard --------------------------------------------------------------------------------
 
-# Fields that may change between a run and its resume (length, logging cadence, this guard itself).
-RESUMABLE_FIELDS = ("total_steps", "steps", "checkpoint_every", "keep_checkpoints", "eval_every", "log_every",
-                    "overwrite", "resume_step", "dry_run")
+def check_workdir(config, workdir: str) -> bool:
+  """Refuses a workdir that holds a run of a different config, unless ``config.overwrite``; writes
+  nothing. Only run-defining fields count (``config_checks.run_defining``): a run may resume on
+  another mesh or device count, or with another cadence or length. Returns whether an old run is
+  there to be overwritten. Local or ``gs://`` paths."""
+  path = epath.Path(workdir) / "config.json"
+  if not path.exists():
+    return False
+  previous = config_checks.run_defining(json.loads(path.read_text()))
+  current = config_checks.run_defining(json.loads(config.to_json_best_effort()))
+  if previous == current:
+    return False
+  if not config.get("overwrite", False):
+    diff = sorted(k for k in set(previous) | set(current) if previous.get(k) != current.get(k))
+    raise ValueError(f"workdir {workdir} holds a run of a different config (fields {diff} differ); "
+                     "use another --workdir, or --config.overwrite=True to start it over.")
+  return True
 
 
 def guard_workdir(config, workdir: str, also_remove: Sequence[str] = ()) -> None:
-  """Refuses a workdir that holds a run of a different config (unless ``config.overwrite``, which
-  removes the old run's files, and ``also_remove``); records this config otherwise. Called before
-  anything compiles. Local or ``gs://`` paths."""
-  for name in ("log_every", "checkpoint_every"):
-    if int(config.get(name, 1)) < 1:
-      raise ValueError(f"{name}={config.get(name)} must be at least 1.")
+  """``check_workdir``, then claims the workdir: removes an old run that ``config.overwrite``
+  replaces (its checkpoints, metrics, and ``also_remove``) and records this config. Call it after
+  every other validation: it is the first write of a run."""
+  overwrite = check_workdir(config, workdir)
   wd = epath.Path(workdir)
-  path = wd / "config.json"
-  current = json.loads(config.to_json_best_effort())
-  comparable = lambda c: {k: v for k, v in c.items() if k not in RESUMABLE_FIELDS}
-  if path.exists():
-    previous = json.loads(path.read_text())
-    if comparable(previous) != comparable(current):
-      diff = sorted(k for k in set(previous) | set(current)
-                    if previous.get(k) != current.get(k) and k not in RESUMABLE_FIELDS)
-      if not config.get("overwrite", False):
-        raise ValueError(f"workdir {workdir} holds a run of a different config (fields {diff} differ); "
-                         "use another --workdir, or --config.overwrite=True to start it over.")
-      if metrics.is_main():  # overwrite: the old run must not be resumed or plotted
-        for name in ("checkpoints", "metrics.jsonl", "summary.json", "tensorboard", *also_remove):
-          if (wd / name).is_dir():
-            (wd / name).rmtree()
-          elif (wd / name).exists():
-            (wd / name).unlink()
   if metrics.is_main():
+    if overwrite:  # the old run must not be resumed or plotted
+      for name in ("checkpoints", "metrics.jsonl", "summary.json", "tensorboard", *also_remove):
+        if (wd / name).is_dir():
+          (wd / name).rmtree()
+        elif (wd / name).exists():
+          (wd / name).unlink()
     wd.mkdir(parents=True, exist_ok=True)
     tmp = wd / "config.json.tmp"
-    tmp.write_text(json.dumps(current, indent=2, sort_keys=True))
-    tmp.replace(path)
+    tmp.write_text(json.dumps(json.loads(config.to_json_best_effort()), indent=2, sort_keys=True))
+    tmp.replace(wd / "config.json")
 
 
 # --- state ----------------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
-from weit_jax import checkpoint, input_pipeline, losses, metrics, optim, sharding, train_loop
+from weit_jax import checkpoint, config_checks, input_pipeline, losses, metrics, optim, sharding, train_loop
 from weit_jax.inits import common
 from weit_jax.models import vit
 
@@ -171,14 +171,15 @@ def pretrain(config, workdir: str) -> dict:
   from weit_jax.programs.pretrain import model_config_from
   if config.get("init"):
     raise ValueError("TLEG pre-training starts from its own initialization; unset config.init.")
+  config_checks.check_ranges(config)
   optim.schedule(optim.with_total_steps(config.optim, config.total_steps))
   cfg = model_config_from(config)
+  mesh = sharding.make_mesh(dict(config.mesh))
   input_pipeline.prepare(config.data)
   config = config.copy_and_resolve_references()
   with config.unlocked():
     config.program = "tleg_pretrain"  # a workdir of another program is refused by the guard
   train_loop.guard_workdir(config, workdir)
-  mesh = sharding.make_mesh(dict(config.mesh))
   metrics.log(f"TLEG auxiliary ViT {cfg.short_name()}: layer l = A + (l/{cfg.depth}) B.")
   task = make_task(config, cfg)
   train_iter = input_pipeline.make_train_iterator(config.data, global_batch_size=config.batch_size, seed=config.seed,

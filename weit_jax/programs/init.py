@@ -12,7 +12,8 @@ import json
 import jax
 from etils import epath
 
-from weit_jax import checkpoint, generator, input_pipeline, losses, metrics, optim, scaler_init, sharding, train_loop
+from weit_jax import (checkpoint, config_checks, distributed, generator, input_pipeline, losses, metrics, optim,
+                      scaler_init, sharding, train_loop)
 from weit_jax.models import vit
 from weit_jax.programs import pretrain
 
@@ -67,13 +68,27 @@ class Target:
   name: str
 
 
-def run(config, workdir: str) -> dict:
-  # ----- validate and load what is shared: templates, data ---------------------------------------
+@dataclasses.dataclass
+class Validated:
+  """What ``validate`` loaded and built: the template source and every target."""
+  src_config: object
+  src_setup: pretrain.Setup
+  src_params: dict
+  src_step: int
+  targets: list[Target]
+  data: object
+  mesh: jax.sharding.Mesh
+
+
+def validate(config, workdir: str) -> Validated:
+  """Every check of an init run, before anything compiles or is written to ``workdir``: the
+  templates are restored (read) and every target is checked against them."""
+  config_checks.check_ranges(config)
   if not config.templates:
     raise ValueError("config.templates is not set; give the pre-training workdir: --config.templates=DIR.")
-  if config.steps < 0 or config.num_examples < 1:
-    raise ValueError(f"steps={config.steps} must be >= 0 and num_examples={config.num_examples} >= 1.")
   optim.schedule(_optim_config(config))  # validates the schedule
+  mesh = sharding.make_mesh(dict(config.mesh))
+  distributed.process_batch_rows(mesh, int(config.batch_size))  # the batch splits over the mesh
   src_config, src_setup, src_params, src_step = pretrain.restore_templates(config.templates, config.templates_step)
   source = src_setup.model_config
   targets = []
@@ -89,17 +104,25 @@ def run(config, workdir: str) -> dict:
   data = src_config.data.copy_and_resolve_references()
   data.train_split = f"{src_config.data.train_split}[:{int(config.num_examples)}]"
   input_pipeline.prepare(data)
-  train_loop.guard_workdir(config, workdir, also_remove=names)  # overwrite: the old targets go too
-  mesh = sharding.make_mesh(dict(config.mesh))
-  templates = jax.device_get(src_params["templates"])
-  metrics.log(f"Templates from {config.templates} (step {src_step}); auxiliary ViT {source.short_name()}; "
-              f"{len(targets)} target(s): {', '.join(names)}.")
+  train_loop.check_workdir(config, workdir)
+  return Validated(src_config, src_setup, src_params, src_step, targets, data, mesh)
 
-  source_stats = generator.param_stats(src_setup.model, vit.dummy_input(source))
+
+def run(config, workdir: str) -> dict:
+  # ----- validate and load what is shared: templates, data ---------------------------------------
+  v = validate(config, workdir)
+  names = [t.name for t in v.targets]
+  train_loop.guard_workdir(config, workdir, also_remove=names)  # overwrite: the old targets go too
+  source = v.src_setup.model_config
+  templates = jax.device_get(v.src_params["templates"])
+  metrics.log(f"Templates from {config.templates} (step {v.src_step}); auxiliary ViT {source.short_name()}; "
+              f"{len(v.targets)} target(s): {', '.join(names)}.")
+
+  source_stats = generator.param_stats(v.src_setup.model, vit.dummy_input(source))
   results = {}
-  for target in targets:
-    results[target.name] = _init_one(config, workdir, target, templates, src_setup, src_params, src_step,
-                                     source_stats, data, mesh)
+  for target in v.targets:
+    results[target.name] = _init_one(config, workdir, target, templates, v.src_setup, v.src_params, v.src_step,
+                                     source_stats, v.data, v.mesh)
   if metrics.is_main():
     (epath.Path(workdir) / "targets.json").write_text(json.dumps(results, indent=2))
   return results

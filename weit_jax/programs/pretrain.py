@@ -14,7 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from weit_jax import checkpoint, generator, input_pipeline, losses, metrics, optim, sharding, train_loop
+from weit_jax import (checkpoint, config_checks, distributed, generator, input_pipeline, losses, metrics, optim,
+                      sharding, train_loop)
 from weit_jax.models import vit
 
 MODES = ("hard", "soft")
@@ -104,10 +105,18 @@ def make_task(config, setup: Setup, *, teacher=None) -> train_loop.Task:
                          logits_fn=forward, optimizer=tx, lr_schedule=optim.schedule(optim_config))
 
 
-def load_teacher(config):
+def check_teacher(config) -> None:
+  """Refuses a distillation setting that cannot work (reads only the teacher's export record)."""
   if not config.distill.teacher:
     if config.distill.weight:
       raise ValueError("distill.weight is set but distill.teacher is not; give a plain-ViT export folder.")
+    return
+  checkpoint.read_export_meta(config.distill.teacher)
+
+
+def load_teacher(config):
+  check_teacher(config)
+  if not config.distill.teacher:
     return None
   meta = checkpoint.read_export_meta(config.distill.teacher)
   t_cfg = vit.ViTConfig(**meta["model"])
@@ -127,15 +136,26 @@ def initial_params_from_dense(config, setup: Setup, task: train_loop.Task):
   return jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32), params)
 
 
-def run(config, workdir: str) -> dict:
-  # ----- validate everything before anything compiles or writes --------------------------------
+def validate(config, workdir: str) -> tuple[Setup, jax.sharding.Mesh]:
+  """Every check of a pre-training run, before anything compiles or is written to ``workdir``
+  (the embedded dataset may be built into its own data_dir)."""
+  config_checks.check_ranges(config)
   setup = build(config)
-  teacher = load_teacher(config)
+  check_teacher(config)
   if config.init_templates_from:
     checkpoint.read_export_meta(config.init_templates_from)  # refuses a folder that is not an export
-  input_pipeline.prepare(config.data)
-  train_loop.guard_workdir(config, workdir)
   mesh = sharding.make_mesh(dict(config.mesh))
+  distributed.process_batch_rows(mesh, int(config.batch_size))  # the batch splits over the mesh
+  input_pipeline.prepare(config.data)
+  train_loop.check_workdir(config, workdir)
+  return setup, mesh
+
+
+def run(config, workdir: str) -> dict:
+  # ----- validate everything before anything compiles or writes --------------------------------
+  setup, mesh = validate(config, workdir)
+  teacher = load_teacher(config)
+  train_loop.guard_workdir(config, workdir)
   counts = setup.gen.counts()
   metrics.log(f"Auxiliary ViT {setup.model_config.short_name()}: {counts['materialized']:,} weights from "
               f"{counts['templates']:,} template and {counts['scalers']:,} scaler parameters "

@@ -8,7 +8,8 @@ import jax
 import flax.linen as nn
 import numpy as np
 
-from weit_jax import checkpoint, input_pipeline, losses, metrics, optim, sharding, train_loop
+from weit_jax import (checkpoint, config_checks, distributed, input_pipeline, losses, metrics, optim, sharding,
+                      train_loop)
 from weit_jax.models import vit
 from weit_jax.programs.pretrain import model_config_from
 
@@ -48,8 +49,10 @@ def make_task(config, model: vit.ViT, cfg: vit.ViTConfig) -> train_loop.Task:
                          loss_fn=loss_fn, logits_fn=logits_fn, optimizer=tx, lr_schedule=optim.schedule(optim_config))
 
 
-def run(config, workdir: str) -> dict:
-  # ----- validate everything before anything compiles or writes --------------------------------
+def validate(config, workdir: str):
+  """Every check of a training run, before anything compiles or is written to ``workdir``.
+  Returns (model config, model, mesh, initial params or None)."""
+  config_checks.check_ranges(config)
   optim.schedule(optim.with_total_steps(config.optim, config.total_steps))  # validates the schedule
   fields = None
   if config.init:  # the size comes from the export
@@ -57,9 +60,16 @@ def run(config, workdir: str) -> dict:
     fields = dict({k: getattr(exported, k) for k in vit.SIZE_FIELDS}, dtype=config.model.dtype)
   cfg = model_config_from(config, fields)
   model = vit.ViT(cfg)
-  input_pipeline.prepare(config.data)
   mesh = sharding.make_mesh(dict(config.mesh))
+  distributed.process_batch_rows(mesh, int(config.batch_size))  # the batch splits over the mesh
+  input_pipeline.prepare(config.data)
   init = initial_params(config, cfg, model)  # refuses an export of another shape
+  train_loop.check_workdir(config, workdir)
+  return cfg, model, mesh, init
+
+
+def run(config, workdir: str) -> dict:
+  cfg, model, mesh, init = validate(config, workdir)
   train_loop.guard_workdir(config, workdir)
   metrics.log(f"ViT {cfg.short_name()} from {config.init or 'random initialization'}.")
   task = make_task(config, model, cfg)
