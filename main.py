@@ -16,9 +16,11 @@ from ml_collections import config_flags
 
 
 
-def define_flags(flag_values=flags.FLAGS):
+def define_flags(flag_values=flags.FLAGS, sys_argv=None):
+  """``--config``, ``--workdir``, ``--check`` on ``flag_values``; ``sys_argv`` (default sys.argv) is
+  where ml_collections finds the ``--config.FIELD`` overrides."""
   config_flags.DEFINE_config_file("config", None, "Config file; e.g. configs/vit_pretrain.py:runlocal.",
-                                  lock_config=True, flag_values=flag_values)
+                                  lock_config=True, flag_values=flag_values, sys_argv=sys_argv)
   flags.DEFINE_string("workdir", None, "Where this run writes everything (checkpoints, metrics, plots).",
                       flag_values=flag_values)
   flags.DEFINE_bool("check", False, "Only validate the config, data and workdir; write nothing.",

@@ -318,7 +318,8 @@ def test_pretraining_resumes_on_another_mesh_and_device_count(tmp_path, env, dat
   """8 devices with fsdp=8, stopped (SIGTERM, as a pod's maintenance event); resumed on the same 8
   devices as data=2 x fsdp=4, stopped again; resumed on 1 device to the end. The workdir guard
   accepts each restart, and every logged loss equals the uninterrupted 8-device run's (to float
-  tolerance: another mesh sums in another order)."""
+  tolerance: another mesh sums in another order; observed at most 1.2e-7, relative, while
+  consecutive batches' losses differ by ~3e-4 from step 3 on, so a batch out of place would show)."""
   args = PRETRAIN + data_flags
   reference = str(tmp_path / "reference")
   ok(run_main(args + ["--config.mesh.fsdp=8", "--config.mesh.data=1"], reference, env, extra_env=_eight_devices(env)))
@@ -336,7 +337,7 @@ def test_pretraining_resumes_on_another_mesh_and_device_count(tmp_path, env, dat
   assert sorted({r["step"] for r in logged}) == sorted(ref)
   for r in logged:
     np.testing.assert_allclose([r["loss"], r["grad_norm"]], [ref[r["step"]]["loss"], ref[r["step"]]["grad_norm"]],
-                               rtol=2e-4, err_msg=f"step {r['step']}")
+                               rtol=1e-5, atol=1e-6, err_msg=f"step {r['step']}")
     assert r["lr"] == ref[r["step"]]["lr"]
 
 

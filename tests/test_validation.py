@@ -67,9 +67,10 @@ def templates_workdir(tmp_path_factory, data_flags):
 
 def parse(argv, workdir):
   """``main.py ARGV --workdir=WORKDIR``'s config, parsed exactly as main.py parses it."""
+  argv = ["main.py", *argv, f"--workdir={workdir}"]
   fv = flags.FlagValues()
-  main.define_flags(fv)
-  main.parse_flags(["main.py", *argv, f"--workdir={workdir}"], fv)
+  main.define_flags(fv, sys_argv=argv)
+  main.parse_flags(argv, fv)
   return fv.config, fv.workdir
 
 
