@@ -7,9 +7,9 @@ r"""Initialization quality: WeiT against baseline initializers, on targets of se
 Stages (each cached in ``--workdir``; an interrupted run continues where it stopped):
 
 1. Pre-training, all on Fashion-MNIST (``fashion_mnist_local``) for the same number of steps with
-   the same batch size: WeiT templates (``programs/pretrain.py``, auxiliary ``pico/4``), the TLEG
-   auxiliary model (``inits/tleg.py``, ``pico/4``) and the dense source of weight selection (a
-   plain ViT trained from random init by ``programs/train.py``; as large as the largest target
+   the same batch size: WeiT templates (``programs/pretrain.py``, the family's auxiliary model), the
+   TLEG auxiliary model (``inits/tleg.py``, the same size) and the dense source of weight selection
+   (a plain model trained from random init by ``programs/train.py``; as large as the largest target
    along every axis, so weight selection applies to every target).
 2. WeiT initialization of every target (``programs/init.py``: frozen templates, scaler training).
 3. For every target, method, dataset and seed: an export (``weit_jax.inits``), its eval accuracy
@@ -21,7 +21,6 @@ Stages (each cached in ``--workdir``; an interrupted run continues where it stop
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import json
 import math
@@ -46,16 +45,37 @@ COLORS = {"random": "tab:gray", "weit": "tab:red", "weight_selection": "tab:blue
 DATASETS = ("fashion_mnist_local", "mnist_5k")
 DATASET_LABELS = {"fashion_mnist_local": "Fashion-MNIST (same dataset)", "mnist_5k": "MNIST-5k (transfer)"}
 
-AUXILIARY = "pico/4"  # WeiT's and TLEG's auxiliary model: d3-w64-h2-m128
-# Targets as init-program specs (fields not given come from the auxiliary; mlp keeps its ratio 2).
-TARGETS = (
-    ("shallower", "depth=2"),  # d2-w64
-    ("deeper", "depth=6"),  # d6-w64
-    ("narrower", "width=40,heads=2"),  # d3-w40: 40 is not a multiple of the embed tile (16)
-    ("wider", "width=96,heads=3"),  # d3-w96
-)
-# The dense source of weight selection: the union of the targets (depth 6, width 96, 3 heads of 32).
-DENSE_SOURCE = dict(depth=6, width=96, num_heads=3, mlp_dim=192, patch_size=4)
+# Per model family: the auxiliary model of WeiT and TLEG (``config.model`` fields), the targets as
+# init-program specs (fields not given come from the auxiliary; a ViT's MLP keeps its ratio 2), the
+# dense source of weight selection (the union of the targets), the runlocal configs, the report's
+# name and the tiles in words.
+SETUPS = {
+    "vit": dict(
+        auxiliary=dict(variant="pico/4"),  # d3-w64-h2-m128
+        targets=(("shallower", "depth=2"),  # d2-w64
+                 ("deeper", "depth=6"),  # d6-w64
+                 ("narrower", "width=40,heads=2"),  # d3-w40: 40 is not a multiple of the embed tile (16)
+                 ("wider", "width=96,heads=3")),  # d3-w96
+        dense_source=dict(depth=6, width=96, num_heads=3, mlp_dim=192, patch_size=4),
+        report="init_quality",
+        tiles="Runlocal tiles are embed 16, mlp 16, heads 1, kv 8: width 40 (and MLP 80) is not a tile multiple."),
+    "resnet": dict(
+        auxiliary=dict(variant="mu", depth="3"),  # r3-3-3-w8-g4: stages of 8/16/32 bottleneck channels
+        targets=(("shallower", "depth=2"),  # r2-2-2-w8
+                 ("deeper", "depth=5"),  # r5-5-5-w8
+                 ("narrower", "width=6,groups=2"),  # r3-3-3-w6: 6 (and 24, 12, 48, ...) are not tile multiples
+                 ("wider", "width=12")),  # r3-3-3-w12
+        dense_source=dict(depth="5", width=12, num_groups=4),
+        report="init_quality_resnet",
+        tiles="Tiles are stem 4, mid{s} 4, res{s} 16 (conv kernels: both channel axes; the spatial kernel "
+              "whole in the template): width 6 (stage channels 6/24, 12/48, 24/96) is not a tile multiple."),
+}
+FAMILY = "vit"  # set from --family by parse_args
+
+
+def setup() -> dict:
+  return SETUPS[FAMILY]
+
 
 BUDGETS = {
     # pretrain_*: each pre-training run (WeiT, TLEG, dense source) and WeiT's scaler training;
@@ -78,6 +98,7 @@ def parse_args(argv=None):
                  "workdirs/bench_quick with --quick)")
   p.add_argument("--out", default=None, help="where the report goes (default docs/results; "
                  "WORKDIR/results with --quick, so a smoke test never overwrites the real report)")
+  p.add_argument("--family", default="vit", choices=sorted(SETUPS), help="the model family to benchmark")
   p.add_argument("--quick", action="store_true", help="tiny budgets and 1 seed: a smoke test")
   p.add_argument("--estimate", action="store_true", help="time one training step of every size and "
                  "print the projected wall time of the chosen budgets; trains nothing")
@@ -87,12 +108,15 @@ def parse_args(argv=None):
   p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
   p.add_argument("--datasets", default=",".join(DATASETS), help="comma-separated subset of " + ",".join(DATASETS))
   args = p.parse_args(argv)
+  global FAMILY
+  FAMILY = args.family
   budget = dict(BUDGETS["quick" if args.quick else "full"])
   for key in budget:
     if getattr(args, key) is not None:
       budget[key] = getattr(args, key)
   args.budget = budget
-  default_workdir = os.path.join(ROOT, "workdirs", "bench_quick" if args.quick else "bench")
+  default_workdir = os.path.join(ROOT, "workdirs", ("bench_quick" if args.quick else "bench")
+                                 + ("" if args.family == "vit" else f"_{args.family}"))
   args.workdir = os.path.abspath(args.workdir or default_workdir)
   args.out = os.path.abspath(args.out or (os.path.join(args.workdir, "results") if args.quick else
                                           os.path.join(ROOT, "docs", "results")))
@@ -101,6 +125,8 @@ def parse_args(argv=None):
   for m in args.methods:
     if m not in METHODS:
       p.error(f"unknown method {m!r}; valid: {METHODS}")
+  if args.family != "vit" and "mimetic" in args.methods:
+    args.methods.remove("mimetic")  # sets self-attention weights; reported as N/A
   for d in args.datasets:
     if d not in DATASETS:
       p.error(f"unknown dataset {d!r}; valid: {DATASETS}")
@@ -136,35 +162,47 @@ def data_config(name: str, budget: dict):
   return d
 
 
+def configs(program: str):
+  """The family's runlocal config module of ``program`` (pretrain, init, train)."""
+  import importlib
+  return importlib.import_module(f"configs.{FAMILY}_{program}")
+
+
+def model_fields(**fields) -> ml_collections.ConfigDict:
+  from configs import common
+  fields = dict(fields)
+  return common.model_config(fields.pop("variant", None), family=FAMILY, **fields)
+
+
 def aux_config():
-  from weit_jax.models import vit
-  return vit.make_config(AUXILIARY, image_size=28, channels=1, num_classes=10)
+  from weit_jax import models
+  return models.from_config(model_fields(**setup()["auxiliary"]), dict(image_size=28, channels=1, num_classes=10))
 
 
 def target_configs() -> dict:
-  """role -> ViTConfig, built exactly as programs/init.py builds them (so WeiT's exports match)."""
-  from weit_jax.programs import init as init_program
+  """role -> model config, built exactly as programs/init.py builds them (so WeiT's exports match)."""
+  from weit_jax import models
   aux = aux_config()
   out = {}
-  for role, spec in TARGETS:
-    (fields,) = init_program.parse_targets(spec, aux)
-    out[role] = init_program.target_config(fields, aux)
+  for role, spec in setup()["targets"]:
+    (fields,) = models.parse_targets(spec, models.family_of(aux))
+    out[role] = models.target_config(fields, aux)
   return out
 
 
 def dense_source_config():
-  from weit_jax.models import vit
-  return vit.make_config(None, image_size=28, channels=1, num_classes=10, **DENSE_SOURCE)
+  from weit_jax import models
+  return models.from_config(model_fields(**setup()["dense_source"]), dict(image_size=28, channels=1, num_classes=10))
 
 
 def train_config(budget: dict, *, dataset: str, steps: int, seed: int, model=None, init=None, eval_every=0,
                  batch_size=None):
-  """A configs/vit_train.py:runlocal config: the same optimizer and schedule for every method."""
-  from configs import common, vit_train
-  c = unlocked(vit_train.get_config("runlocal"))
+  """A configs/<family>_train.py:runlocal config: the same optimizer and schedule for every method."""
+  from weit_jax import models
+  c = unlocked(configs("train").get_config("runlocal"))
   if model is not None:
-    c.model = common.model_config(None, **{k: getattr(model, k) for k in ("width", "depth", "mlp_dim", "num_heads",
-                                                                          "patch_size")})
+    family = models.family_of(model)
+    c.model = model_fields(**{k: getattr(model, k) for k in family.target_fields})
   c.init = init
   c.data = data_config(dataset, budget)
   c.seed = int(seed)
@@ -202,21 +240,20 @@ def _done(path: str, steps: int) -> dict | None:
 
 
 def pretrain_weit(args) -> dict:
-  from configs import common, vit_pretrain
   from weit_jax.programs import pretrain
   b = args.budget
   workdir = pretrain_dir(args, "weit")
   record_path = os.path.join(workdir, "bench.json")
   if (r := _done(record_path, b["pretrain_steps"])):
     return r
-  c = unlocked(vit_pretrain.get_config("runlocal"))
-  c.model = common.model_config(AUXILIARY)
+  c = unlocked(configs("pretrain").get_config("runlocal"))
+  c.model = model_fields(**setup()["auxiliary"])
   c.data = data_config("fashion_mnist_local", b)
   c.total_steps, c.batch_size = b["pretrain_steps"], b["pretrain_batch_size"]
   c.optim.warmup_steps = min(c.optim.warmup_steps, max(1, b["pretrain_steps"] // 10))
   c.eval_every, c.log_every = 0, max(1, b["pretrain_steps"] // 10)
   c.checkpoint_every = max(1, b["pretrain_steps"] // 4)
-  log(f"pre-training WeiT templates ({AUXILIARY}, {b['pretrain_steps']} steps) in {workdir}")
+  log(f"pre-training WeiT templates ({aux_config().short_name()}, {b['pretrain_steps']} steps) in {workdir}")
   summary, wall = wall_clock(pretrain.run, c, workdir)
   record = dict(method="weit", model=aux_config().short_name(), steps=b["pretrain_steps"], workdir=workdir,
                 eval_accuracy=summary["eval_accuracy"], wall_s=round(wall, 1), lr=c.optim.lr)
@@ -234,7 +271,7 @@ def pretrain_tleg(args) -> dict:
   c = train_config(b, dataset="fashion_mnist_local", steps=b["pretrain_steps"], seed=0, model=aux_config(),
                    batch_size=b["pretrain_batch_size"])
   c.checkpoint_every = max(1, b["pretrain_steps"] // 4)  # long: resumable
-  log(f"pre-training the TLEG auxiliary model ({AUXILIARY}, {b['pretrain_steps']} steps) in {workdir}")
+  log(f"pre-training the TLEG auxiliary model ({aux_config().short_name()}, {b['pretrain_steps']} steps) in {workdir}")
   summary, wall = wall_clock(tleg.pretrain, c, workdir)
   record = dict(method="tleg", model=aux_config().short_name(), steps=b["pretrain_steps"], workdir=workdir,
                 export=tleg.export_dir(workdir), eval_accuracy=summary["eval_accuracy"], wall_s=round(wall, 1),
@@ -244,7 +281,7 @@ def pretrain_tleg(args) -> dict:
 
 
 def pretrain_dense(args) -> dict:
-  from weit_jax import checkpoint
+  from weit_jax import checkpoint, models
   from weit_jax.inits import common
   from weit_jax.programs import train
   b = args.budget
@@ -262,7 +299,7 @@ def pretrain_dense(args) -> dict:
   if os.path.exists(export):
     shutil.rmtree(export)
   checkpoint.export_params(export, common.to_numpy(summary["params"]),
-                           dict(model=dataclasses.asdict(cfg), init="dense_source", steps=b["pretrain_steps"]))
+                           dict(model=models.to_record(cfg), init="dense_source", steps=b["pretrain_steps"]))
   record = dict(method="weight_selection", model=cfg.short_name(), steps=b["pretrain_steps"], workdir=workdir,
                 export=export, eval_accuracy=summary["eval_accuracy"], wall_s=round(wall, 1), lr=c.optim.lr)
   json.dump(record, open(record_path, "w"), indent=2)
@@ -271,7 +308,6 @@ def pretrain_dense(args) -> dict:
 
 def init_weit(args, weit_pretrain: dict) -> dict:
   """programs/init.py for every target: role -> {export, accuracy before/after, wall}."""
-  from configs import vit_init
   from weit_jax import checkpoint
   from weit_jax.programs import init as init_program
   b = args.budget
@@ -279,15 +315,15 @@ def init_weit(args, weit_pretrain: dict) -> dict:
   record_path = os.path.join(workdir, "bench.json")
   if os.path.exists(record_path):
     return json.load(open(record_path))
-  c = unlocked(vit_init.get_config("runlocal"))
+  c = unlocked(configs("init").get_config("runlocal"))
   c.templates = weit_pretrain["workdir"]
   c.templates_step = b["pretrain_steps"]
-  c.targets = ";".join(spec for _, spec in TARGETS)
+  c.targets = ";".join(spec for _, spec in setup()["targets"])
   c.steps, c.num_examples, c.batch_size = b["init_steps"], b["init_examples"], b["pretrain_batch_size"]
   c.optim.warmup_steps = min(c.optim.warmup_steps, max(1, b["init_steps"] // 10))
   c.log_every = max(1, b["init_steps"] // 4)
   c.checkpoint_every = max(1, b["init_steps"])
-  log(f"WeiT init of {len(TARGETS)} targets ({b['init_steps']} scaler-training steps each) in {workdir}")
+  log(f"WeiT init of {len(setup()['targets'])} targets ({b['init_steps']} scaler-training steps each) in {workdir}")
   _, wall = wall_clock(init_program.run, c, workdir)
   out = {}
   for role, cfg in target_configs().items():
@@ -306,9 +342,11 @@ def init_weit(args, weit_pretrain: dict) -> dict:
 
 def applies(method: str, target, sources: dict) -> str | None:
   """None if ``method`` can initialize ``target``; otherwise why not (the table says N/A)."""
-  from weit_jax.inits import tleg, weight_selection
+  from weit_jax.inits import mimetic, tleg, weight_selection
   try:
-    if method == "weight_selection":
+    if method == "mimetic":
+      mimetic.check_target(target)
+    elif method == "weight_selection":
       weight_selection.check_sizes(sources["dense_config"], target)
     elif method == "tleg":
       tleg.check_sizes(aux_config(), target)
@@ -324,14 +362,12 @@ def source_for(method: str, role: str, sources: dict):
 
 def step0_accuracy(config, cfg) -> float:
   """Eval accuracy of exactly the parameters train.run starts from."""
-  from weit_jax import input_pipeline, sharding, train_loop
-  from weit_jax.models import vit
+  from weit_jax import input_pipeline, models, sharding, train_loop
   from weit_jax.programs import train
-  model = vit.ViT(cfg)
   mesh = sharding.make_mesh({"data": -1})
-  task = train.make_task(config, model, cfg)
+  task = train.make_task(config, models.build(cfg), cfg)
   _, shardings = train_loop.state_shardings(task, mesh)
-  params = jax.device_put(train.initial_params(config, cfg, model), shardings["params"])
+  params = jax.device_put(train.initial_params(config, cfg), shardings["params"])
   eval_step = train_loop.make_eval_step(task, shardings["params"], sharding.batch_sharding(mesh), mesh)
   batches = input_pipeline.make_eval_iterator(config.data, global_batch_size=config.batch_size)
   return train_loop.evaluate(eval_step, params, batches, mesh)["eval_accuracy"]
@@ -348,8 +384,7 @@ def eval_curve(workdir: str) -> dict[int, float]:
 
 def run_one(args, method: str, role: str, cfg, dataset: str, seed: int, sources: dict) -> dict:
   """One (method, target, dataset, seed): export, step-0 accuracy, training. Cached in its folder."""
-  from weit_jax import checkpoint, inits
-  from weit_jax.inits import common
+  from weit_jax import checkpoint, inits, models
   from weit_jax.programs import train
   b = args.budget
   budget_key = {k: v for k, v in b.items() if k != "seeds"}  # everything a run's result depends on
@@ -368,8 +403,8 @@ def run_one(args, method: str, role: str, cfg, dataset: str, seed: int, sources:
   init = inits.get(method)
   params = init(source_for(method, role, sources), cfg, seed=seed)
   if dataset != "fashion_mnist_local":  # transfer: a new task gets a new head, whatever the method
-    params["head"] = common.own_init(cfg, seed)["head"]
-  checkpoint.export_params(export, params, dict(model=dataclasses.asdict(cfg), init=method, seed=seed,
+    params = models.with_fresh_classifier(params, cfg, seed)
+  checkpoint.export_params(export, params, dict(model=models.to_record(cfg), init=method, seed=seed,
                                                 source=inits.describe_source(source_for(method, role, sources)),
                                                 head="new" if dataset != "fashion_mnist_local" else "kept"))
   c = train_config(b, dataset=dataset, steps=b["train_steps"], seed=seed, init=export, eval_every=b["eval_every"])
@@ -507,25 +542,28 @@ def _json_safe(x):
 
 
 def write_report(args, agg: dict, results: list[dict], stages: dict, targets: dict, na: dict, info: dict) -> str:
+  from weit_jax import models
   b = args.budget
   T = b["train_steps"]
   os.makedirs(args.out, exist_ok=True)
-  roles = [role for role, _ in TARGETS]
+  roles = [role for role, _ in setup()["targets"]]
+  report = setup()["report"]
   plots = {}
   for dataset in args.datasets:
-    name = f"init_quality_{dataset}.png"
+    name = f"{report}_{dataset}.png"
     plot(agg, dataset, roles, targets, os.path.join(args.out, name), b)
     plots[dataset] = name
   raw = dict(command=info["command"], date=info["date"], machine=info["machine"], budget=b,
-             wall_s=info["wall_s"], stages=stages, targets={r: dataclasses.asdict(c) for r, c in targets.items()},
+             wall_s=info["wall_s"], stages=stages, targets={r: models.to_record(c) for r, c in targets.items()},
              not_applicable={f"{m}/{r}": why for (m, r), why in na.items()}, aggregate=agg, runs=results)
-  with open(os.path.join(args.out, "init_quality.json"), "w") as f:  # paths relative to the repo
+  with open(os.path.join(args.out, f"{report}.json"), "w") as f:  # paths relative to the repo
     f.write(json.dumps(_json_safe(raw), indent=2).replace(ROOT + os.sep, ""))
 
   methods = [m for m in METHODS if m in args.methods]
   L = []
   w = L.append
-  w("# Initialization quality: WeiT vs. baseline initializers\n")
+  family_name = {"vit": "ViTs", "resnet": "ResNets"}.get(FAMILY, FAMILY)
+  w(f"# Initialization quality of {family_name}: WeiT vs. baseline initializers\n")
   quick = " (**--quick smoke test: tiny budgets, not a result**)" if args.quick else ""
   w(f"Written by `benchmarks/init_quality.py` from its own results{quick}. Nothing in this file is typed by hand.\n")
   w("```\n" + info["command"] + "\n```\n")
@@ -546,7 +584,7 @@ def write_report(args, agg: dict, results: list[dict], stages: dict, targets: di
                      ("dense", "dense source of weight selection")):
     if key in stages.get("pretrain", {}):
       r = stages["pretrain"][key]
-      w(f"  - {label}: ViT {r['model']}, lr {r['lr']}, {r['wall_s'] / 60:.1f} min, eval accuracy "
+      w(f"  - {label}: {FAMILY} {r['model']}, lr {r['lr']}, {r['wall_s'] / 60:.1f} min, eval accuracy "
         f"{100 * r['eval_accuracy']:.1f}%")
   if "init" in stages:
     r = stages["init"]
@@ -556,10 +594,10 @@ def write_report(args, agg: dict, results: list[dict], stages: dict, targets: di
       "targets. This is extra data and compute that only WeiT uses; the tables count downstream steps only.")
   w(f"- **Targets** (auxiliary of WeiT and TLEG: {aux.short_name()}; dense source: "
     f"{dense_source_config().short_name()}, the union of the targets so that weight selection applies to all):")
-  for role, spec in TARGETS:
+  for role, spec in setup()["targets"]:
     w(f"  - {role}: {targets[role].short_name()} (`{spec}`)")
-  w("  Runlocal tiles are embed 16, mlp 16, heads 1, kv 8: width 40 (and MLP 80) is not a tile multiple.")
-  w(f"- **Downstream**: `programs/train.py` (configs/vit_train.py:runlocal: AdamW lr 1e-3, weight decay 0.05, "
+  w("  " + setup()["tiles"])
+  w(f"- **Downstream**: `programs/train.py` (configs/{FAMILY}_train.py:runlocal: AdamW lr 1e-3, weight decay 0.05, "
     f"cosine, {max(1, T // 10)} warmup steps) for {T} steps of batch {b['batch_size']}, eval every "
     f"{b['eval_every']} steps and at step 0. Fashion-MNIST eval on `{b['fmnist_eval']}` (a fixed subset keeps "
     "evals cheap); MNIST-5k eval on its 1,000 test digits. Same dataset: the pre-trained heads are kept "
@@ -638,7 +676,7 @@ def write_report(args, agg: dict, results: list[dict], stages: dict, targets: di
     w(f"| {role} {targets[role].short_name()} | " + " | ".join(row) + " |")
   w("")
   w("## Why these sizes and budgets\n")
-  w(f"- The auxiliary model ({AUXILIARY}) is the runlocal pre-training default; the targets change one thing "
+  w(f"- The auxiliary model ({aux_config().short_name()}) is a small runlocal size; the targets change one thing "
     "each (depth down, depth up, width down to a non-tile width, width up), so every row asks one question.")
   w("- The dense source is the smallest model that contains every target (depth, width, MLP, heads and head "
     "size), so weight selection applies everywhere; it is larger than WeiT's and TLEG's auxiliary model, so "
@@ -650,10 +688,10 @@ def write_report(args, agg: dict, results: list[dict], stages: dict, targets: di
     "initialization matters most.")
   w("")
   w("## Raw data\n")
-  w("`init_quality.json`: every run's curve (eval accuracy by step), its seed and wall time, the aggregates, "
+  w(f"`{report}.json`: every run's curve (eval accuracy by step), its seed and wall time, the aggregates, "
     "the budgets and the pre-training records. Run folders (metrics.jsonl, curves.png) are under the "
     f"workdir `{os.path.relpath(args.workdir, ROOT)}`.")
-  path = os.path.join(args.out, "init_quality.md")
+  path = os.path.join(args.out, f"{report}.md")
   with open(path, "w") as f:
     f.write("\n".join(L) + "\n")
   return path
@@ -666,10 +704,8 @@ def write_report(args, agg: dict, results: list[dict], stages: dict, targets: di
 def time_steps(args) -> dict:
   """Seconds per training step (wall and process CPU) of every size, on random batches: targets at
   the downstream batch size, the pre-trained models at the pre-training batch size."""
-  from configs import common, vit_pretrain
-  from weit_jax import sharding, train_loop
+  from weit_jax import models, sharding, train_loop
   from weit_jax.inits import tleg
-  from weit_jax.models import vit
   from weit_jax.programs import pretrain, train
   b = args.budget
   mesh = sharding.make_mesh({"data": -1})
@@ -677,11 +713,11 @@ def time_steps(args) -> dict:
 
   def plain_task(cfg, B):
     return train.make_task(train_config(b, dataset="fashion_mnist_local", steps=100, seed=0, model=cfg, batch_size=B),
-                           vit.ViT(cfg), cfg)
+                           models.build(cfg), cfg)
 
   def weit_task(cfg, B):
-    c = unlocked(vit_pretrain.get_config("runlocal"))
-    c.model = common.model_config(AUXILIARY)
+    c = unlocked(configs("pretrain").get_config("runlocal"))
+    c.model = model_fields(**setup()["auxiliary"])
     c.total_steps, c.batch_size = 1000, B
     return pretrain.make_task(c, pretrain.build(c))
 
@@ -782,7 +818,7 @@ def main(argv=None) -> None:
   na = {}
   jobs = []
   for role, cfg in targets.items():
-    for method in args.methods:
+    for method in args.methods + (["mimetic"] if FAMILY != "vit" else []):
       why = applies(method, cfg, sources)
       if why:
         na[(method, role)] = why
@@ -790,7 +826,8 @@ def main(argv=None) -> None:
       for dataset in args.datasets:
         for seed in range(b["seeds"]):
           jobs.append((dataset, seed, role, method))
-  jobs.sort(key=lambda j: (j[1], DATASETS.index(j[0]), [r for r, _ in TARGETS].index(j[2]), METHODS.index(j[3])))
+  roles = [r for r, _ in setup()["targets"]]
+  jobs.sort(key=lambda j: (j[1], DATASETS.index(j[0]), roles.index(j[2]), METHODS.index(j[3])))
   results = []
   for i, (dataset, seed, role, method) in enumerate(jobs):
     t0 = time.time()

@@ -78,7 +78,7 @@ Columns:
 - *step time at peak* = FLOPs per chip / the chip's peak dense bf16 FLOP/s (v5e 197 T, v4 275 T,
   v5p 459 T, v6e 918 T): a lower bound on the step time.
 - *model FLOPs per chip*: the plain ViT's matmuls and attention, forward and backward
-  (`dry_run.vit_train_flops`). *MFU bound* = model FLOPs / compiled FLOPs: the MFU the step would
+  (`models.vit.train_flops`). *MFU bound* = model FLOPs / compiled FLOPs: the MFU the step would
   reach running at peak; what is missing is materializing the weights from the templates (once per
   step on every chip, so it weighs more at small per-chip batches).
 

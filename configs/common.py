@@ -27,21 +27,29 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(out)
 
 
-def model_config(variant: str | None = "B/16", **sizes) -> ml_collections.ConfigDict:
-  """The ViT size: a variant name plus explicit overrides (None = from the variant)."""
-  fields = dict(variant=variant, width=None, depth=None, mlp_dim=None, num_heads=None, patch_size=None,
-                dtype="float32")
-  fields.update(sizes)
-  c = ml_collections.ConfigDict(fields)
-  for name in ("width", "depth", "mlp_dim", "num_heads", "patch_size"):
-    if c[name] is None:
-      c[name] = ml_collections.config_dict.placeholder(int)
+# Per model family (weit_jax.models), the size fields a config may override, with their
+# command-line types. A ResNet's depth is blocks per stage: 2 (every stage) or '3-4-6-3'.
+SIZE_FIELDS = {
+    "vit": dict(width=int, depth=int, mlp_dim=int, num_heads=int, patch_size=int),
+    "resnet": dict(width=int, depth=str, num_groups=int, stem=str),
+}
+
+
+def model_config(variant: str | None = "B/16", family: str = "vit", **sizes) -> ml_collections.ConfigDict:
+  """A model: its family, a variant name, and explicit size overrides (None = from the variant)."""
+  c = ml_collections.ConfigDict(dict(family=family, variant=variant, dtype=sizes.pop("dtype", "float32")))
+  for name, kind in SIZE_FIELDS[family].items():
+    value = sizes.pop(name, None)
+    c[name] = ml_collections.config_dict.placeholder(kind) if value is None else value
+  if sizes:
+    raise ValueError(f"unknown {family} size fields {sorted(sizes)}; valid: {sorted(SIZE_FIELDS[family])}.")
   return c
 
 
 def training_fields(config: ml_collections.ConfigDict, *, total_steps: int, batch_size: int) -> None:
   """Run length, cadence, checkpoints, mesh: the fields every program shares."""
   config.seed = 0
+  config.task = "classification"  # weit_jax.tasks
   config.total_steps = total_steps
   config.batch_size = batch_size
   config.log_every = 50

@@ -28,6 +28,7 @@ def get_config(arg=None):
   config.scaler_wd = 0.0
   common.training_fields(config, total_steps=1000, batch_size=1024)
   del config["total_steps"]  # the scaler-training length is `steps`
+  del config["task"]  # the templates' pre-training task
   config.optim = ml_collections.ConfigDict(dict(
       lr=1e-2, warmup_steps=50, schedule="cosine", min_lr_ratio=0.0, b1=0.9, b2=0.999, clip_norm=1.0,
       wd_paths=".*"))

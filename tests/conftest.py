@@ -13,6 +13,15 @@ def _eight_devices():
   assert jax.device_count() == 8, "tests expect 8 fake CPU devices (XLA_FLAGS was set too late)"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _compilation_cache(tmp_path_factory):
+  """One persistent compilation cache for the session: tests that build the same model (its init,
+  its parameter statistics, the same step) compile it once. Fresh per session, so nothing stale."""
+  jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
 def write_idx(path, array):
   import gzip
   import struct

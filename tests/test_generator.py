@@ -146,6 +146,23 @@ def test_init_matches_model_scale_and_constants():
       assert 0.7 * std < float(jnp.std(w)) < 1.3 * std, (path, float(jnp.std(w)), std)
 
 
+@pytest.mark.parametrize("family", ["vit", "resnet"])
+def test_param_stats_equal_numpy_statistics_of_the_models_own_init(family):
+  from weit_jax import models
+  from weit_jax.models import resnet
+  cfg = (vit.make_config("mu/4", image_size=28, channels=1, num_classes=10) if family == "vit"
+         else resnet.make_config("mu", image_size=16, channels=1, num_classes=10))
+  model = models.build(cfg)
+  stats = traverse_util.flatten_dict(G.param_stats(model, models.dummy_input(cfg), key=jax.random.key(3)))
+  params = traverse_util.flatten_dict(models.init_params(cfg, 3))
+  assert stats.keys() == params.keys()
+  for path, w in params.items():
+    w = np.asarray(w, np.float64)
+    np.testing.assert_allclose(stats[path], [w.mean(), w.std()], rtol=1e-4, atol=1e-6, err_msg=str(path))
+    if w.std() == 0:
+      assert stats[path][1] == 0.0, path  # constants stay exactly constant (init() relies on it)
+
+
 def test_counts():
   _, _, gen = vit_generator(depth=3, width=40, num_heads=5, mlp_dim=100)
   c = gen.counts()

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from weit_jax import checkpoint, inits
+from weit_jax import checkpoint, inits, models
 from weit_jax.inits import common, mimetic, tleg, weight_selection
 from weit_jax.models import vit
 
@@ -100,12 +100,12 @@ def test_every_export_loads_for_the_target_and_trains_from_config_init(tmp_path)
     params = inits.get(name)(source, TARGET, seed=4)
     assert inits.get(name).export(directory, source, TARGET, seed=4) == directory
     meta = checkpoint.read_export_meta(directory)
-    assert meta["init"] == name and meta["model"] == dataclasses.asdict(TARGET) and meta["seed"] == 4
+    assert meta["init"] == name and meta["model"] == models.to_record(TARGET) and meta["seed"] == 4
     loaded = jax.device_get(checkpoint.load_params(directory, expected_model=TARGET))
     chex.assert_trees_all_close(loaded, params, rtol=0, atol=0)
     # What `--config.init=EXPORT` does in programs/train.py.
     config = ml_collections.ConfigDict(dict(init=directory, seed=0))
-    chex.assert_trees_all_close(train.initial_params(config, TARGET, vit.ViT(TARGET)), params, rtol=0, atol=0)
+    chex.assert_trees_all_close(train.initial_params(config, TARGET), params, rtol=0, atol=0)
   with pytest.raises(checkpoint.CheckpointError, match="already holds an export"):
     inits.get("random").export(str(tmp_path / "exports" / "random"), None, TARGET)
 
@@ -180,22 +180,23 @@ def test_weight_selection_keeps_a_same_size_model_and_reads_an_export(tmp_path):
 
 
 @pytest.mark.parametrize("source_cfg,target_cfg,larger", [
-    (TARGET, SOURCE, r"depth \(3 > 2\), width \(64 > 32\), mlp_dim \(128 > 64\), head_dim \(32 > 16\);"),
-    (SOURCE, vit.make_config("pico/4", depth=4, **FORMAT), r"depth \(4 > 3\); source d3-w64"),
-    (SOURCE, vit.make_config("pico/4", mlp_dim=192, **FORMAT), r"mlp_dim \(192 > 128\);"),
+    # Named by logical axis: embed = width, mlp = mlp_dim, heads = num_heads, kv = head dim, layers = depth.
+    (TARGET, SOURCE, r"embed \(64 > 32\), kv \(32 > 16\), mlp \(128 > 64\), layers \(3 > 2\);"),
+    (SOURCE, vit.make_config("pico/4", depth=4, **FORMAT), r"layers \(4 > 3\); source d3-w64"),
+    (SOURCE, vit.make_config("pico/4", mlp_dim=192, **FORMAT), r"mlp \(192 > 128\);"),
     (vit.make_config("pico/4", num_heads=4, **FORMAT), vit.make_config("mu/4", num_heads=1, **FORMAT),
-     r"head_dim \(32 > 16\);"),
-    (SOURCE, vit.make_config("mu/4", width=48, num_heads=3, **FORMAT), r"num_heads \(3 > 2\);"),
+     r"kv \(32 > 16\);"),
+    (SOURCE, vit.make_config("mu/4", width=48, num_heads=3, **FORMAT), r"heads \(3 > 2\);"),
 ], ids=["everything", "depth", "mlp", "head_dim", "heads"])
 def test_weight_selection_refuses_to_grow(source_cfg, target_cfg, larger):
   with pytest.raises(ValueError, match="weight selection cannot grow a model: the target is larger than the "
-                     "source in " + larger):
+                     "source along " + larger):
     inits.get("weight_selection")(inits.DenseSource(source_cfg, seeded_params(source_cfg, 0)), target_cfg)
 
 
 def test_weight_selection_refuses_another_patch_size():
   target = vit.make_config("mu/7", **FORMAT)
-  with pytest.raises(ValueError, match=r"same patch_size in source and target.*source 4, target 7"):
+  with pytest.raises(ValueError, match=r"same 'patch_h' axis in source and target.*source 4, target 7"):
     inits.get("weight_selection")(inits.DenseSource(SOURCE, seeded_params(SOURCE, 0)), target)
 
 
@@ -234,7 +235,7 @@ def test_tleg_expands_the_auxiliary_to_any_depth():
 
 def test_tleg_refuses_another_width_and_renews_a_head_of_other_classes():
   source = inits.TLEGSource(SOURCE, tleg_tree(SOURCE, 0))
-  with pytest.raises(ValueError, match=r"TLEG expands depth only: the target's width \(32\) differs"):
+  with pytest.raises(ValueError, match=r"TLEG expands depth only: the target differs from the auxiliary model along embed \(32 vs 64\)"):
     inits.get("tleg")(source, vit.make_config("pico/4", width=32, num_heads=2, **FORMAT))
   five = vit.make_config("pico/4", depth=2, image_size=28, channels=1, num_classes=5)
   params = inits.get("tleg")(source, five, seed=0)
@@ -262,8 +263,7 @@ def test_tleg_pretraining_trains_a_and_b_and_exports(learnable_data, tmp_path):
   assert not np.allclose(flat(source.tree["A"])[k], flat(start["A"])[k])
   # The trained auxiliary's function is the TLEG model's: expand to its own depth and compare.
   images = jax.random.normal(jax.random.key(2), (4, 28, 28, 1))
-  task = tleg.make_task(c, source.config)
-  want = task.logits_fn(source.tree, images)
+  want = vit.ViT(source.config).apply({"params": tleg.to_plain(source.tree, source.config)}, images)
   got = vit.ViT(source.config).apply({"params": inits.get("tleg")(source, source.config)}, images)
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
   assert float(jnp.std(got)) > 0
@@ -328,7 +328,7 @@ def test_weit_passes_an_export_through_and_refuses_another_size(tmp_path):
   directory = str(tmp_path / "weit")
   params = fake_weit_export(directory, TARGET, seed=9)
   chex.assert_trees_all_close(inits.get("weit")(directory, TARGET), params, rtol=0, atol=0)
-  with pytest.raises(checkpoint.CheckpointError, match="is a ViT d2-w32-h2-m64-p4 but the model asked for is d3"):
+  with pytest.raises(checkpoint.CheckpointError, match="is a vit d2-w32-h2-m64-p4 but the model asked for is a vit d3"):
     inits.get("weit")(directory, vit.make_config("mu/4", depth=3, **FORMAT))
   five = vit.make_config("mu/4", image_size=28, channels=1, num_classes=5)
   renewed = inits.get("weit")(directory, five)

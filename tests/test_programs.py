@@ -12,7 +12,7 @@ import pytest
 from flax import traverse_util
 
 from configs import vit_init, vit_pretrain, vit_train
-from weit_jax import checkpoint, generator, scaler_init, sharding
+from weit_jax import checkpoint, generator, models, scaler_init, sharding
 from weit_jax.models import vit
 from weit_jax.programs import init as init_program
 from weit_jax.programs import pretrain, train
@@ -108,7 +108,7 @@ def test_init_exports_every_target(initialized):
     meta = checkpoint.read_export_meta(os.path.join(workdir, name, "export"))
     assert meta["template_source"]["step"] == 12
     assert set(meta["scaler_training"]) >= {"accuracy_before", "accuracy_after", "heuristic", "steps"}
-    assert vit.ViTConfig(**meta["model"]).short_name() == name
+    assert models.from_record(meta["model"]).short_name() == name
 
 
 def test_scaler_training_leaves_templates_bit_identical(pretrained, initialized):
@@ -123,7 +123,7 @@ def test_scaler_training_leaves_templates_bit_identical(pretrained, initialized)
     for k in want:
       np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(want[k]), err_msg=str(k))
     # ... while the scalers moved away from where the heuristic put them.
-    cfg = vit.ViTConfig(**checkpoint.read_export_meta(os.path.join(initialized[0], name, "export"))["model"])
+    cfg = models.from_record(checkpoint.read_export_meta(os.path.join(initialized[0], name, "export"))["model"])
     model = vit.ViT(cfg)
     gen = generator.WeightGenerator.from_model(model, vit.dummy_input(cfg), tiles=TILES, num_templates=3)
     start = scaler_init.init_scalers("interpolate", gen, templates, key=jax.random.key(0),
@@ -145,7 +145,7 @@ def test_export_preserves_the_template_models_function(initialized):
   workdir, results = initialized
   name = "d2-w36-h3-m72-p4"
   meta = checkpoint.read_export_meta(os.path.join(workdir, name, "export"))
-  cfg = vit.ViTConfig(**meta["model"])
+  cfg = models.from_record(meta["model"])
   model = vit.ViT(cfg)
   gen = generator.WeightGenerator.from_model(model, vit.dummy_input(cfg), tiles=TILES, num_templates=3)
   compact = _restore_compact(os.path.join(workdir, name, "compact"))
@@ -174,7 +174,7 @@ def test_export_restores_on_one_and_eight_devices(initialized):
 def test_mismatched_export_is_refused(initialized):
   export = os.path.join(initialized[0], "d4-w32-h2-m64-p4", "export")
   other = vit.make_config("mu/4", depth=3, image_size=28, channels=1, num_classes=10)
-  with pytest.raises(checkpoint.CheckpointError, match=r"is a ViT d4-w32-h2-m64-p4 but the model asked for is d3-w32"):
+  with pytest.raises(checkpoint.CheckpointError, match=r"is a vit d4-w32-h2-m64-p4 but the model asked for is a vit d3-w32"):
     checkpoint.load_params(export, expected_model=other)
   with pytest.raises(checkpoint.CheckpointError, match="is not an export"):
     checkpoint.load_params(initialized[0])
@@ -198,9 +198,9 @@ def test_train_from_export_and_from_scratch(initialized, learnable_data, tmp_pat
 
 def test_new_head_for_another_number_of_classes(initialized):
   export = os.path.join(initialized[0], "d1-w32-h2-m64-p4", "export")
-  cfg = vit.ViTConfig(**dict(checkpoint.read_export_meta(export)["model"], num_classes=5))
+  cfg = models.from_record(dict(checkpoint.read_export_meta(export)["model"], num_classes=5))
   c = ml_collections.ConfigDict(dict(init=export, seed=0))
-  params = train.initial_params(c, cfg, vit.ViT(cfg))
+  params = train.initial_params(c, cfg)
   assert params["head"]["kernel"].shape == (32, 5)
   exported = jax.device_get(checkpoint.load_params(export))
   np.testing.assert_array_equal(params["embedding"]["kernel"], exported["embedding"]["kernel"])

@@ -29,7 +29,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from configs import vit_pretrain
-from weit_jax import checkpoint, input_pipeline, losses, sharding, train_loop
+from weit_jax import checkpoint, input_pipeline, losses, sharding, tasks, train_loop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT = 300  # seconds, per subprocess (a cold compile on a loaded 2-core machine takes ~1 minute)
@@ -381,7 +381,7 @@ BAD_INPUT = {
         r"holds a 'train' run, not pre-training"),
     "export into a model of another shape": (
         lambda f: TRAIN + f["data"] + [f"--config.init={f['export']}", "--config.data.image_size=32"],
-        r"export .* is a ViT .* differing fields .*'image_size': \(28, 32\)"),
+        r"export .* is a vit .* differing fields .*'image_size': \(28, 32\)"),
     "init that is not an export": (lambda f: TRAIN + f["data"] + [f"--config.init={f['pretrain']}"],
                                    r"is not an export \(no export.json\)"),
     "workdir of a different config": (lambda f: PRETRAIN + f["data"] + ["--config.seed=1"],
@@ -450,7 +450,8 @@ def _linear_task(nan_from: int) -> train_loop.Task:
     return losses.softmax_cross_entropy(logits_fn(params, batch["image"]), batch["labels"]), {}
   return train_loop.Task(
       init_params=lambda key: {"w": 0.01 * jax.random.normal(key, (28 * 28, 10)), "b": jax.numpy.zeros(10)},
-      param_axes={"w": P(None, None), "b": P(None)}, loss_fn=loss_fn, logits_fn=logits_fn,
+      param_axes={"w": P(None, None), "b": P(None)}, loss_fn=loss_fn,
+      eval_fn=tasks.Classification(None).eval_fn(logits_fn),
       optimizer=optax.chain(optax.sgd(0.01), _nan_from_update(nan_from)), lr_schedule=lambda step: 0.01)
 
 

@@ -196,21 +196,24 @@ def _flat_shapes(tree) -> dict[str, tuple]:
 
 
 def load_params(directory: str, mesh=None, expected_model=None):
-  """Restores an export (plain ViT parameters) onto one device, or sharded onto ``mesh`` by the
-  logical rules. ``expected_model``: a ``ViTConfig`` the export must match (checked first)."""
+  """Restores an export (plain parameters of any model family) onto one device, or sharded onto
+  ``mesh`` by the logical rules. ``expected_model``: a model config the export must match (checked
+  first; the dtype may differ)."""
+  import dataclasses
   import flax.linen as nn
-  from weit_jax import sharding
-  from weit_jax.models import vit
+  from weit_jax import models, sharding
 
-  meta = read_export_meta(directory)
-  recorded = vit.ViTConfig(**meta["model"])
+  recorded = models.from_record(read_export_meta(directory)["model"])
   if expected_model is not None:
-    diff = {k: (getattr(recorded, k), getattr(expected_model, k)) for k in vit.SIZE_FIELDS + (
-        "image_size", "channels", "num_classes") if getattr(recorded, k) != getattr(expected_model, k)}
+    have, want = models.to_record(recorded), models.to_record(expected_model)
+    diff = {k: (have.get(k), want.get(k)) for k in sorted(set(have) | set(want))
+            if k != "dtype" and have.get(k) != want.get(k)}
     if diff:
-      raise CheckpointError(f"export {directory} is a ViT {recorded.short_name()} but the model asked for is "
-                            f"{expected_model.short_name()}; differing fields (export, requested): {diff}.")
-  boxed = jax.eval_shape(vit.ViT(recorded).init, jax.random.key(0), vit.dummy_input(recorded))
+      raise CheckpointError(f"export {directory} is a {have['family']} {recorded.short_name()} but the model asked "
+                            f"for is a {want['family']} {expected_model.short_name()}; differing fields (export, "
+                            f"requested): {diff}.")
+    recorded = dataclasses.replace(recorded, dtype=expected_model.dtype)
+  boxed = jax.eval_shape(models.build(recorded).init, jax.random.key(0), models.dummy_input(recorded))
   abstract = nn.unbox(boxed)["params"]
   if mesh is None:
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])

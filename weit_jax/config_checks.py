@@ -71,6 +71,10 @@ PLACEMENT_FIELDS = (
 )
 
 
+# Fields added after runs were recorded: a recorded config without one had this value.
+ADDED_FIELDS = {"model.family": "vit", "target.family": "vit", "task": "classification"}
+
+
 def flatten(config: ml_collections.ConfigDict | Mapping[str, Any]) -> dict[str, Any]:
   """Dotted field name -> value, for every leaf of ``config`` (a ConfigDict or its JSON dict)."""
   tree = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else dict(config)
@@ -110,5 +114,9 @@ def check_ranges(config) -> None:
 
 def run_defining(config) -> dict[str, Any]:
   """The fields of ``config`` (ConfigDict or its recorded JSON dict) that define the run."""
-  return {k: v for k, v in flatten(config).items()
-          if not any(fnmatch.fnmatchcase(k, p) for p in PLACEMENT_FIELDS)}
+  fields = flatten(config)
+  for field, value in ADDED_FIELDS.items():
+    parent = field.rpartition(".")[0]
+    if field not in fields and (not parent or any(k.startswith(parent + ".") for k in fields)):
+      fields[field] = value
+  return {k: v for k, v in fields.items() if not any(fnmatch.fnmatchcase(k, p) for p in PLACEMENT_FIELDS)}

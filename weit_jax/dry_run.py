@@ -151,15 +151,13 @@ def compile_pretrain_step(config, mesh, setup=None):
 def compile_materialize(config, setup, target: str, mesh):
   """The init program's materialize step for ``target`` (e.g. 'H/14'): templates and scalers, sharded
   by the rules, -> the plain parameters, straight into the target's shardings. Returns (compiled,
-  the target's ViTConfig, a note when the pre-training config's templates cannot feed it, seconds)."""
-  from weit_jax import generator, sharding
-  from weit_jax.models import vit
-  from weit_jax.programs import init as init_program
-  fields = init_program.parse_targets(target, setup.model_config)
+  the target's model config, a note when the pre-training config's templates cannot feed it, seconds)."""
+  from weit_jax import generator, models, sharding
+  fields = models.parse_targets(target, models.family_of(setup.model_config))
   if len(fields) != 1:
     raise ValueError(f"dry_run.materialize={target!r}: give one target size.")
-  cfg = init_program.target_config(fields[0], setup.model_config)
-  gen = generator.WeightGenerator.from_model(vit.ViT(cfg), vit.dummy_input(cfg), tiles=dict(config.weit.tiles),
+  cfg = models.target_config(fields[0], setup.model_config)
+  gen = generator.WeightGenerator.from_model(models.build(cfg), models.dummy_input(cfg), tiles=dict(config.weit.tiles),
                                              num_templates=int(config.weit.num_templates))
   note = None
   try:
@@ -178,16 +176,6 @@ def compile_materialize(config, setup, target: str, mesh):
 
 
 # --- what is reported ----------------------------------------------------------------------------
-
-def vit_train_flops(cfg, batch_size: int) -> float:
-  """Model FLOPs of one training step of the plain ViT: matmuls and attention (multiply-add = 2),
-  3x the forward (forward, input and weight gradients), except the patch embedding, whose input
-  (the images) needs no gradient: 2x. The numerator of MFU."""
-  t, w, m, d = cfg.num_tokens, cfg.width, cfg.mlp_dim, cfg.depth
-  per_layer = 2 * t * (4 * w * w + 2 * w * m) + 2 * 2 * t * t * w  # qkv+out, mlp; scores and values
-  embed = 2 * (t - 1) * cfg.patch_size ** 2 * cfg.channels * w
-  return (3.0 * (d * per_layer + 2 * w * cfg.num_classes) + 2.0 * embed) * batch_size
-
 
 def analyze(compiled, chip: Chip, hbm_gib: float) -> dict[str, Any]:
   """Per-chip memory (XLA's buffer assignment) and FLOPs of a compiled step (its per-chip SPMD
@@ -368,7 +356,7 @@ def format_report(title: str, r: dict[str, Any]) -> str:
            f"{r['peak_flops_per_chip'] / 1e12:g} TFLOP/s (bf16)"]
   lines += [f"  note: {n}" for n in r.get("flops_notes", ())]
   if r.get("model_flops_per_chip"):
-    lines.append(f"  model FLOPs per chip {r['model_flops_per_chip']:.3e} (the plain ViT's matmuls and attention, "
+    lines.append(f"  model FLOPs per chip {r['model_flops_per_chip']:.3e} (the plain model's matmuls, convolutions and attention, "
                  f"forward and backward): MFU at most {100 * r['mfu_bound']:.1f}% (the rest of the compiled FLOPs: "
                  "materializing the weights from templates, recomputation)")
   lines.append(f"  compiled in {r['compile_s']:.1f} s")
@@ -378,7 +366,7 @@ def format_report(title: str, r: dict[str, Any]) -> str:
 def run(config, workdir: str | None = None) -> dict[str, Any]:
   """The dry run ``config.dry_run`` describes; prints its reports, writes ``WORKDIR/dry_run.json``.
   Raises SystemExit(2) after one line on stderr when a step does not fit."""
-  from weit_jax import config_checks, sharding
+  from weit_jax import config_checks, models, sharding
   if config.program != "pretrain":
     raise ValueError(f"dry runs compile the pre-training step (config.program={config.program!r}); use "
                      "configs/vit_pretrain.py, with --config.dry_run.materialize=TARGET for the init "
@@ -429,7 +417,8 @@ def run(config, workdir: str | None = None) -> dict[str, Any]:
   def pretrain_step():
     compiled, _, seconds = compile_pretrain_step(config, mesh, setup)
     cfg, b = setup.model_config, int(config.batch_size)
-    model_flops = vit_train_flops(cfg, b) / len(devices)
+    train_flops = models.family_of(cfg).train_flops
+    model_flops = train_flops(cfg, b) / len(devices) if train_flops else None
     counts = setup.gen.counts()
     batch_ways = mesh.shape["data"] * mesh.shape["fsdp"]  # the batch's shards (model: split work)
     extra = dict(model=cfg.short_name(), batch_size=b, per_chip_batch=b / batch_ways,
@@ -439,7 +428,8 @@ def run(config, workdir: str | None = None) -> dict[str, Any]:
     return compiled, extra, seconds
 
   variant = config.model.get("variant")
-  record("pretrain_step", f"Pre-training step, auxiliary ViT {variant or ''} (global batch {config.batch_size}):",
+  record("pretrain_step", f"Pre-training step, auxiliary {config.model.get('family', 'vit')} {variant or ''} "
+         f"(global batch {config.batch_size}):",
          pretrain_step)
 
   target = dry.get("materialize")

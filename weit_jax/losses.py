@@ -27,16 +27,6 @@ def accuracy(logits: jnp.ndarray, labels: jnp.ndarray) -> jnp.ndarray:
   return (jnp.argmax(logits, -1) == jnp.argmax(labels, -1)).astype(jnp.float32)
 
 
-def classification(logits_fn, label_smoothing: float = 0.0):
-  """``loss_fn(params, batch, key) -> (cross-entropy, {'accuracy'})`` for a plain classifier."""
-  def loss_fn(params, batch, key):
-    del key
-    logits = logits_fn(params, batch["image"])
-    return softmax_cross_entropy(logits, batch["labels"], label_smoothing), {
-        "accuracy": jnp.mean(accuracy(logits, batch["labels"]))}
-  return loss_fn
-
-
 def template_diversity(templates) -> jnp.ndarray:
   """Overlap between the templates of each bank: ``sum_banks ||G - diag(G)||^2``.
 

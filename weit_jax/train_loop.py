@@ -18,7 +18,6 @@ import optax
 from etils import epath
 
 from weit_jax import checkpoint, config_checks, metrics, sharding
-from weit_jax.losses import accuracy
 
 
 class DivergenceError(RuntimeError):
@@ -33,14 +32,15 @@ class Task:
   init_params: key -> trainable tree (traced under jit).
   param_axes: logical axis names (PartitionSpec) per leaf of the trainable tree.
   loss_fn: (params, batch, key) -> (scalar loss, dict of scalar metrics).
-  logits_fn: (params, images) -> logits, for eval.
+  eval_fn: (params, eval batch) -> per-batch sums with a ``count`` (``tasks.Task.eval_fn``); the
+    loop reports ``eval_<name>`` = sum / count over the eval set.
   optimizer: the optax transformation (with its schedule for logging).
   lr_schedule: step -> learning rate, for logging.
   """
   init_params: Callable[[jax.Array], Any]
   param_axes: Any
   loss_fn: Callable[..., tuple[jnp.ndarray, Mapping[str, jnp.ndarray]]]
-  logits_fn: Callable[[Any, jnp.ndarray], jnp.ndarray]
+  eval_fn: Callable[[Any, Mapping[str, jnp.ndarray]], Mapping[str, jnp.ndarray]]
   optimizer: optax.GradientTransformation
   lr_schedule: Callable[[Any], Any]
 
@@ -150,24 +150,23 @@ def make_train_step(task: Task, shardings, batch_sharding, mesh):
 
 
 def make_eval_step(task: Task, param_shardings, batch_sharding, mesh):
-  def eval_fn(params, batch):
-    logits = task.logits_fn(params, batch["image"])
-    per_example_loss = -jnp.sum(batch["labels"] * jax.nn.log_softmax(logits), -1)
-    mask = batch["mask"]
-    return {"correct": jnp.sum(accuracy(logits, batch["labels"]) * mask),
-            "loss": jnp.sum(per_example_loss * mask), "count": jnp.sum(mask)}
-  return jax.jit(eval_fn, in_shardings=(param_shardings, batch_sharding),
+  return jax.jit(task.eval_fn, in_shardings=(param_shardings, batch_sharding),
                  out_shardings=sharding.replicated(mesh))
 
 
 def evaluate(eval_step, params, eval_batches: Iterable[Mapping[str, np.ndarray]], mesh) -> dict[str, float]:
-  totals = {"correct": 0.0, "loss": 0.0, "count": 0.0}
+  """``eval_<name>``: each of ``eval_step``'s sums over the whole eval set, divided by its count."""
+  totals: dict[str, float] = {}
   for local in eval_batches:
     out = jax.device_get(eval_step(params, sharding.global_batch(local, mesh)))
-    for k in totals:
-      totals[k] += float(out[k])
-  n = max(totals["count"], 1.0)
-  return {"eval_accuracy": totals["correct"] / n, "eval_loss": totals["loss"] / n}
+    for k, v in out.items():
+      totals[k] = totals.get(k, 0.0) + float(v)
+  n = max(totals.pop("count", 0.0), 1.0)
+  return {f"eval_{k}": v / n for k, v in totals.items()}
+
+
+def format_eval(ev: Mapping[str, float]) -> str:
+  return ", ".join(f"{k.removeprefix('eval_')} {v:.4f}" for k, v in sorted(ev.items()))
 
 
 def _resume_data_at(data_iter, step: int, saved_by: int) -> None:
@@ -321,7 +320,7 @@ def run(config, workdir: str, task: Task, *, mesh, train_iter, make_eval_iter, i
         if eval_now:
           ev = evaluate(eval_step, state["params"], make_eval_iter(), mesh)
           writer.write(step, ev)
-          metrics.log(f"  eval @ {step}: accuracy {ev['eval_accuracy']:.4f}, loss {ev['eval_loss']:.4f}")
+          metrics.log(f"  eval @ {step}: {format_eval(ev)}")
         if save_now:
           bad = nonfinite_paths(state)
           if bad:
@@ -341,12 +340,10 @@ def run(config, workdir: str, task: Task, *, mesh, train_iter, make_eval_iter, i
   writer.write(total, ev)
   writer.close()
   wall = time.time() - t_start
-  summary = dict(summary_extra or {}, final_step=total, eval_accuracy=ev["eval_accuracy"],
-                 eval_loss=ev["eval_loss"], final_train_loss=last.get("loss"), wall_time_s=round(wall, 1),
-                 resumed_from=resume_step)
+  summary = dict(summary_extra or {}, final_step=total, **ev, final_train_loss=last.get("loss"),
+                 wall_time_s=round(wall, 1), resumed_from=resume_step)
   if metrics.is_main():
     (epath.Path(workdir) / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
   plot = metrics.plot_curves(workdir, title)
-  metrics.log(f"Done: step {total}, eval accuracy {ev['eval_accuracy']:.4f}, eval loss {ev['eval_loss']:.4f}, "
-              f"wall time {wall:.0f}s. Curves: {plot}")
+  metrics.log(f"Done: step {total}, eval {format_eval(ev)}, wall time {wall:.0f}s. Curves: {plot}")
   return dict(summary, params=state["params"])

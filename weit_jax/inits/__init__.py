@@ -1,8 +1,8 @@
-"""Baseline initializers behind one interface: ``(source, target ViTConfig) -> plain params``.
+"""Baseline initializers behind one interface: ``(source, target model config) -> plain params``.
 
-Every initializer returns a nested dict of float32 numpy arrays with exactly the tree of
-``nn.unbox(vit.ViT(target).init(...))['params']``, and can write it as an export that
-``configs/vit_train.py`` trains (``--config.init=EXPORT``)::
+Every initializer returns a nested dict of float32 numpy arrays with exactly the tree of the
+target model's ``init`` (any family of ``weit_jax.models``), and can write it as an export that
+``configs/<family>_train.py`` trains (``--config.init=EXPORT``)::
 
   from weit_jax import inits
   params = inits.get("mimetic")(None, target_cfg, seed=0)
@@ -11,9 +11,10 @@ Every initializer returns a nested dict of float32 numpy arrays with exactly the
 Names (``INITIALIZERS``) and their sources:
 
   random            None            the model's own initializers (the control)
-  weight_selection  DenseSource     a larger pre-trained plain ViT, or its export folder (Xu et al. 2024)
-  tleg              TLEGSource      a trained TLEG auxiliary model, or its export folder (Xia et al. 2024)
-  mimetic           None            data-free attention structure (Trockman & Kolter 2023)
+  weight_selection  DenseSource     a larger pre-trained plain model, or its export folder (Xu et al. 2024)
+  tleg              TLEGSource      a trained TLEG auxiliary model, or its export folder (Xia et al. 2024);
+                                    depth only
+  mimetic           None            data-free attention structure (Trockman & Kolter 2023); ViTs only
   weit              export folder   the init program's export (WeiT), passed through
 """
 from __future__ import annotations
@@ -21,11 +22,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Mapping
 
-from weit_jax import checkpoint
+from weit_jax import checkpoint, models
 from weit_jax.inits import common, mimetic, tleg, weight_selection
 from weit_jax.inits.tleg import TLEGSource
 from weit_jax.inits.weight_selection import DenseSource
-from weit_jax.models import vit
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,21 +36,20 @@ class Initializer:
   needs_source: bool
   summary: str
 
-  def __call__(self, source: Any, target: vit.ViTConfig, *, seed: int = 0) -> dict:
-    if not isinstance(target, vit.ViTConfig):
-      raise ValueError(f"{self.name}: the target must be a vit.ViTConfig, got {type(target).__name__}.")
+  def __call__(self, source: Any, target, *, seed: int = 0) -> dict:
+    models.family_of(target)  # raises for anything that is not a model config
     if self.needs_source and source is None:
       raise ValueError(f"initializer {self.name!r} needs a source: {self.summary}.")
     params = self.fn(source, target, seed=int(seed))
     common.check_tree(params, target, self.name)
     return params
 
-  def export(self, directory: str, source: Any, target: vit.ViTConfig, *, seed: int = 0,
+  def export(self, directory: str, source: Any, target, *, seed: int = 0,
              meta: Mapping[str, Any] | None = None) -> str:
     """Writes ``self(source, target, seed=seed)`` as an export (``checkpoint.export_params``) with
     ``model`` (the target), ``init`` (this name), ``seed`` and ``source`` recorded. Returns the folder."""
     params = self(source, target, seed=seed)
-    record = dict(meta or {}, model=dataclasses.asdict(target), init=self.name, seed=int(seed),
+    record = dict(meta or {}, model=models.to_record(target), init=self.name, seed=int(seed),
                   source=describe_source(source))
     checkpoint.export_params(directory, params, record)
     return directory
@@ -64,24 +63,25 @@ def describe_source(source: Any) -> str | None:
   return source.describe() if hasattr(source, "describe") else type(source).__name__
 
 
-def _random(source, target: vit.ViTConfig, *, seed: int = 0) -> dict:
+def _random(source, target, *, seed: int = 0) -> dict:
   del source
   return common.own_init(target, seed)
 
 
-def _weit(source, target: vit.ViTConfig, *, seed: int = 0) -> dict:
+def _weit(source, target, *, seed: int = 0) -> dict:
   """The export of ``programs/init.py`` (a folder), checked against the target; a different number
   of classes gets a new head (the target's own init), like ``programs/train.py`` does."""
   if not isinstance(source, str):
     raise ValueError("weit needs the init program's export folder (WORKDIR/<size>/export); "
                      f"got {type(source).__name__}.")
-  exported = vit.ViTConfig(**checkpoint.read_export_meta(source)["model"])
-  if dataclasses.replace(exported, num_classes=target.num_classes, dtype=target.dtype) != target:
+  exported = models.from_record(checkpoint.read_export_meta(source)["model"])
+  if type(exported) is not type(target) or dataclasses.replace(
+      exported, num_classes=target.num_classes, dtype=target.dtype) != target:
     checkpoint.load_params(source, expected_model=target)  # raises, naming the differing fields
-    raise ValueError(f"export {source} is a ViT {exported.short_name()}, not the target {target.short_name()}.")
+    raise ValueError(f"export {source} is a {exported.short_name()}, not the target {target.short_name()}.")
   params = common.to_numpy(checkpoint.load_params(source))
   if exported.num_classes != target.num_classes:
-    params["head"] = common.own_init(target, seed)["head"]
+    params = models.with_fresh_classifier(params, target, seed)
   return params
 
 
@@ -89,7 +89,7 @@ INITIALIZERS: dict[str, Initializer] = {
     "random": Initializer("random", _random, False, "no source; the model's own initializers"),
     "weight_selection": Initializer(
         "weight_selection", weight_selection.select, True,
-        "a larger pre-trained plain ViT (weight_selection.DenseSource or a plain-ViT export folder)"),
+        "a larger pre-trained plain model (weight_selection.DenseSource or a plain-model export folder)"),
     "tleg": Initializer("tleg", tleg.expand, True,
                         "a trained TLEG auxiliary model (tleg.TLEGSource or its export folder)"),
     "mimetic": Initializer("mimetic", mimetic.init, False, "no source; data-free"),

@@ -10,15 +10,15 @@ import jax
 import numpy as np
 from flax import traverse_util
 
-from weit_jax.models import vit
+from weit_jax import models
 
-LAYERS = "layers"  # the scanned depth axis (nn.scan metadata_params in models/vit.py)
+LAYERS = "layers"  # the scanned depth axis (nn.scan metadata_params in every family's blocks)
 Path = tuple[str, ...]
 
 
 @functools.lru_cache(maxsize=64)
-def _abstract(cfg: vit.ViTConfig):
-  boxed = jax.eval_shape(vit.ViT(cfg).init, jax.random.key(0), vit.dummy_input(cfg))
+def _abstract(cfg):
+  boxed = jax.eval_shape(models.build(cfg).init, jax.random.key(0), models.dummy_input(cfg))
   shapes = {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(nn.unbox(boxed)["params"]).items()}
   is_spec = lambda x: isinstance(x, jax.sharding.PartitionSpec)
   specs = jax.tree_util.tree_map(tuple, nn.get_partition_spec(boxed)["params"], is_leaf=is_spec)
@@ -26,37 +26,52 @@ def _abstract(cfg: vit.ViTConfig):
   return shapes, axes
 
 
-def shapes(cfg: vit.ViTConfig) -> dict[Path, tuple[int, ...]]:
-  """Path -> shape of every parameter of ``vit.ViT(cfg)`` (no computation)."""
+def shapes(cfg) -> dict[Path, tuple[int, ...]]:
+  """Path -> shape of every parameter of the model of ``cfg`` (no computation)."""
   return dict(_abstract(cfg)[0])
 
 
-def axes(cfg: vit.ViTConfig) -> dict[Path, tuple[str | None, ...]]:
+def axes(cfg) -> dict[Path, tuple[str | None, ...]]:
   """Path -> logical axis names (from ``nn.get_partition_spec`` of the abstract init)."""
   return dict(_abstract(cfg)[1])
 
 
-def axis_sizes(cfg: vit.ViTConfig) -> dict[str, int]:
-  """Logical axis name -> its size in this model (the same for every parameter that carries it)."""
+def axis_sizes(cfg) -> dict[str, int]:
+  """Width axis name -> its size in this model (the same for every parameter that carries it). The
+  other axes (``models.FIXED_AXES``: layers, kernels, tokens, ...) vary by parameter; see
+  ``fixed_axis_differences``."""
   out: dict[str, int] = {}
   for path, ax in axes(cfg).items():
     for name, n in zip(ax, shapes(cfg)[path]):
-      if name is None:
+      if name is None or name in models.FIXED_AXES:
         continue
       if out.setdefault(name, n) != n:
         raise ValueError(f"logical axis {name!r} has sizes {out[name]} and {n} in one model ({'/'.join(path)}).")
   return out
 
 
-def is_layer_param(path: Path, cfg: vit.ViTConfig) -> bool:
+def fixed_axis_differences(source, target) -> list[tuple[str, str, int | None, int]]:
+  """``(parameter path, axis name, source size, target size)`` for every fixed (non-width) axis of
+  the target whose size differs from the source's (a parameter the source lacks: source size None)."""
+  src_shapes, src_axes = shapes(source), axes(source)
+  out = []
+  for path, ax in axes(target).items():
+    for i, name in enumerate(ax):
+      if name is None or name in models.FIXED_AXES:
+        n_src = src_shapes[path][i] if path in src_shapes and src_axes[path] == ax else None
+        if n_src != shapes(target)[path][i]:
+          out.append(("/".join(path), name, n_src, shapes(target)[path][i]))
+  return out
+
+
+def is_layer_param(path: Path, cfg) -> bool:
   ax = axes(cfg)[path]
   return bool(ax) and ax[0] == LAYERS
 
 
-def own_init(cfg: vit.ViTConfig, seed: int) -> dict:
-  """The model's own initializers (``vit.ViT(cfg).init``), as a nested dict of float32 numpy arrays."""
-  params = jax.jit(vit.ViT(cfg).init)(jax.random.key(int(seed)), vit.dummy_input(cfg))
-  return to_numpy(nn.unbox(params)["params"])
+def own_init(cfg, seed: int) -> dict:
+  """The model's own initializers, as a nested dict of float32 numpy arrays."""
+  return models.init_params(cfg, seed)
 
 
 def to_numpy(tree) -> Any:
@@ -72,18 +87,12 @@ def unflatten(flat: Mapping[Path, Any]) -> dict:
   return traverse_util.unflatten_dict(dict(flat))
 
 
-def check_tree(params: Mapping, cfg: vit.ViTConfig, what: str) -> None:
-  """Raises ValueError unless ``params`` has exactly the paths and shapes of ``vit.ViT(cfg)``."""
+def check_tree(params: Mapping, cfg, what: str) -> None:
+  """Raises ValueError unless ``params`` has exactly the paths and shapes of the model of ``cfg``."""
   want = shapes(cfg)
   have = {k: tuple(np.shape(v)) for k, v in flatten(params).items()}
   if want != have:
     diff = sorted(set(want.items()) ^ set(have.items()))[:4]
-    raise ValueError(f"{what}: parameters do not match a ViT {cfg.short_name()}; first differences "
+    raise ValueError(f"{what}: parameters do not match a {models.family_of(cfg).name} {cfg.short_name()}; first "
+                     f"differences "
                      f"(path, shape): {diff}.")
-
-
-def size_fields(cfg: vit.ViTConfig) -> dict[str, int]:
-  """The sizes an initializer may compare between source and target (head_dim included)."""
-  return dict(depth=cfg.depth, width=cfg.width, mlp_dim=cfg.mlp_dim, num_heads=cfg.num_heads,
-              head_dim=cfg.head_dim, patch_size=cfg.patch_size, image_size=cfg.image_size,
-              channels=cfg.channels, num_classes=cfg.num_classes)

@@ -30,6 +30,7 @@ from __future__ import annotations
 import numpy as np
 
 from weit_jax.inits import common
+from weit_jax import models
 from weit_jax.models import vit
 
 ALPHA1, BETA1 = 0.7, 0.7  # query-key
@@ -64,9 +65,17 @@ def attention_layer(rng: np.random.Generator, width: int, num_heads: int, *, alp
   return dict(query=query, key=key, value=value, out=out, qk_targets=qk_targets, vo_target=m)
 
 
+def check_target(target) -> None:
+  """Only models with self-attention (ViTs): a ResNet has none, so the method does not apply."""
+  if not isinstance(target, vit.ViTConfig):
+    raise ValueError(f"mimetic initialization sets self-attention weights; a {models.family_of(target).name} "
+                     "model has none (N/A).")
+
+
 def init(source, target: vit.ViTConfig, *, seed: int = 0, **coefficients) -> dict:
   """The target's own init with every attention layer's q, k, v, out kernels set mimetically."""
   del source  # data-free
+  check_target(target)
   params = common.own_init(target, seed)
   rng = np.random.default_rng([int(seed), 0x313])  # independent of the own-init stream
   att = params

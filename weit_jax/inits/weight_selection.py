@@ -4,7 +4,8 @@ A smaller target is initialized with a subset of a larger pre-trained model's we
 
 - **layers**: the first N blocks of the source (N = target depth): the paper's "first-N" layer
   selection.
-- **every width axis** (``embed``, ``mlp``, ``heads``, ``kv``): the paper's *uniform* element
+- **every width axis** (a ViT's ``embed``, ``mlp``, ``heads``, ``kv``; a ResNet's ``stem``,
+  ``mid{s}``, ``res{s}``: every logical axis but ``models.FIXED_AXES``): the paper's *uniform* element
   selection, evenly spaced indices. As in the authors' code: when the source size is a multiple
   of the target size, indices ``0, s, 2s, ...`` (step ``s = n_src // n_tgt``); otherwise
   ``round(linspace(0, n_src - 1, n_tgt))``.
@@ -14,12 +15,14 @@ A smaller target is initialized with a subset of a larger pre-trained model's we
   heads and the same per-head dimensions in query, key, value and out. (The paper's per-tensor
   selection over a fused qkv matrix is not head-aware; selecting heads and head dimensions
   separately is the natural reading for a model with separate ``heads`` and ``kv`` axes.)
-- **head**: re-initialized with the target model's own initializer (a new task, possibly a
-  different number of classes, so ``classes`` may differ).
+- **head** (every parameter with a ``classes`` axis): re-initialized with the target model's own
+  initializer (a new task, possibly a different number of classes, so ``classes`` may differ).
 
-Every other axis (``tokens``, ``patch_h``, ``patch_w``, ``channels`` and unnamed ones) must match:
-the patch size, image size and channels of source and target must be equal. Weight selection
-cannot grow a model: a target larger than the source along any dimension is refused.
+Every other axis (``tokens``, ``patch_h``, ``patch_w``, ``conv_h``, ``conv_w``, ``channels`` and
+unnamed ones) must match: the patch or kernel size, image size and channels of source and target
+must be equal. Weight selection cannot grow a model: a target larger than the source along any
+dimension is refused. The paper also covers ConvNets (ConvNeXt); for a ResNet, the same rules
+select the first units of every stage and evenly spaced channels.
 """
 from __future__ import annotations
 
@@ -28,31 +31,25 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from weit_jax import checkpoint
+from weit_jax import checkpoint, models
 from weit_jax.inits import common
-from weit_jax.models import vit
 
-SELECTED_AXES = ("embed", "mlp", "heads", "kv")  # evenly spaced indices
-FIRST_N_AXES = (common.LAYERS,)  # the first N entries
-REINITIALIZED = ("head",)  # top-level parameters taken from the target's own init
-# The config field behind each selectable dimension, for error messages.
-FIELD_OF_AXIS = {"layers": "depth", "embed": "width", "mlp": "mlp_dim", "heads": "num_heads", "kv": "head_dim"}
-MUST_MATCH = ("patch_size", "image_size", "channels")
+FIRST_N_AXES = (common.LAYERS,)  # the first N entries; every other non-fixed axis: evenly spaced
 
 
 @dataclasses.dataclass(frozen=True)
 class DenseSource:
-  """A pre-trained plain ViT: its config and its parameters (nested dict)."""
-  config: vit.ViTConfig
+  """A pre-trained plain model (any family): its config and its parameters (nested dict)."""
+  config: Any
   params: Mapping[str, Any]
 
   @classmethod
   def from_export(cls, directory: str) -> "DenseSource":
-    cfg = vit.ViTConfig(**checkpoint.read_export_meta(directory)["model"])
+    cfg = models.from_record(checkpoint.read_export_meta(directory)["model"])
     return cls(cfg, common.to_numpy(checkpoint.load_params(directory)))
 
   def describe(self) -> str:
-    return f"dense ViT {self.config.short_name()}"
+    return f"dense {models.family_of(self.config).name} {self.config.short_name()}"
 
 
 def uniform_indices(n_source: int, n_target: int) -> np.ndarray:
@@ -64,56 +61,59 @@ def uniform_indices(n_source: int, n_target: int) -> np.ndarray:
   return np.round(np.linspace(0, n_source - 1, n_target)).astype(np.int64)
 
 
-def check_sizes(source: vit.ViTConfig, target: vit.ViTConfig) -> None:
-  """Raises ValueError naming every dimension where the target is larger than the source (or a
-  format field that differs). Called before anything is computed."""
-  s, t = common.size_fields(source), common.size_fields(target)
-  larger = [f"{field} ({t[field]} > {s[field]})" for field in ("depth", "width", "mlp_dim", "num_heads", "head_dim")
-            if t[field] > s[field]]
+def check_sizes(source, target) -> None:
+  """Raises ValueError naming every axis where the target is larger than the source (or a fixed
+  axis that differs). Called before anything is computed."""
+  fs, ft = models.family_of(source).name, models.family_of(target).name
+  if fs != ft:
+    raise ValueError(f"weight selection needs a source of the target's family; source {fs}, target {ft}.")
+  s, t = common.axis_sizes(source), common.axis_sizes(target)
+  larger = [f"{name} ({t[name]} > {s.get(name, 0)})" for name in sorted(t) if t[name] > s.get(name, 0)]
+  differ = common.fixed_axis_differences(source, target)
+  larger += sorted({f"{name} ({n_t} > {n_s})" for path, name, n_s, n_t in differ
+                    if name in FIRST_N_AXES and n_s is not None and n_t > n_s})
   if larger:
     raise ValueError(
-        f"weight selection cannot grow a model: the target is larger than the source in {', '.join(larger)}; "
+        f"weight selection cannot grow a model: the target is larger than the source along {', '.join(larger)}; "
         f"source {source.short_name()}, target {target.short_name()}. Use a source at least as large along "
-        "every dimension (depth, width, mlp_dim, num_heads, head_dim).")
-  for field in MUST_MATCH:
-    if t[field] != s[field]:
-      raise ValueError(f"weight selection needs the same {field} in source and target (the tokens and "
-                       f"patch-embedding axes are copied whole); source {s[field]}, target {t[field]}.")
+        "every axis.")
+  for path, name, n_s, n_t in differ:
+    if n_s is None:
+      raise ValueError(f"weight selection: the source has no parameter {path} of the target's layout.")
+    if name not in FIRST_N_AXES and name != "classes":
+      raise ValueError(f"weight selection needs the same {name!r} axis in source and target (it is copied "
+                       f"whole: patch or kernel size, image size, channels); {path}: source {n_s}, target {n_t}.")
 
 
-def axis_indices(source: vit.ViTConfig, target: vit.ViTConfig) -> dict[str, np.ndarray]:
-  """Logical axis name -> the source indices the target keeps (one choice per axis name)."""
+def axis_indices(source, target) -> dict[str, np.ndarray]:
+  """Width axis name -> the source indices the target keeps (one choice per axis name)."""
   check_sizes(source, target)
   src, tgt = common.axis_sizes(source), common.axis_sizes(target)
-  out = {}
-  for name, n in tgt.items():
-    if name in FIRST_N_AXES:
-      out[name] = np.arange(n)
-    elif name in SELECTED_AXES:
-      out[name] = uniform_indices(src[name], n)
-  return out
+  return {name: uniform_indices(src[name], n) for name, n in tgt.items()}
 
 
-def select(source: DenseSource | str, target: vit.ViTConfig, *, seed: int = 0) -> dict:
+def select(source: DenseSource | str, target, *, seed: int = 0) -> dict:
   """The target's parameters selected from ``source`` (a ``DenseSource`` or an export folder)."""
   if isinstance(source, str):
     source = DenseSource.from_export(source)
   if not isinstance(source, DenseSource):
-    raise ValueError("weight_selection needs a DenseSource (config + params) or a plain-ViT export folder; "
+    raise ValueError("weight_selection needs a DenseSource (config + params) or a plain-model export folder; "
                      f"got {type(source).__name__}.")
   common.check_tree(source.params, source.config, "weight_selection source")
   index = axis_indices(source.config, target)
   src_flat = common.flatten(source.params)
-  fresh = None
+  head = set(models.classifier_paths(target))
+  fresh = common.flatten(common.own_init(target, seed)) if head else {}
   out = {}
   for path, shape in common.shapes(target).items():
-    if path[0] in REINITIALIZED:
-      fresh = common.flatten(common.own_init(target, seed)) if fresh is None else fresh
+    if path in head:
       out[path] = fresh[path]
       continue
     w = np.asarray(src_flat[path], np.float32)
     for axis, name in enumerate(common.axes(target)[path]):
-      if name in index:
+      if name in FIRST_N_AXES:
+        w = np.take(w, np.arange(shape[axis]), axis=axis)
+      elif name in index:
         w = np.take(w, index[name], axis=axis)
       elif w.shape[axis] != shape[axis]:
         raise ValueError(f"{'/'.join(path)}: axis {axis} ({name}) has size {w.shape[axis]} in the source "

@@ -184,5 +184,15 @@ class ViT(nn.Module):
     return logits.astype(jnp.float32)
 
 
+def train_flops(cfg: ViTConfig, batch_size: int) -> float:
+  """Model FLOPs of one training step of the plain ViT: matmuls and attention (multiply-add = 2),
+  3x the forward (forward, input and weight gradients), except the patch embedding, whose input
+  (the images) needs no gradient: 2x. The numerator of MFU."""
+  t, w, m, d = cfg.num_tokens, cfg.width, cfg.mlp_dim, cfg.depth
+  per_layer = 2 * t * (4 * w * w + 2 * w * m) + 2 * 2 * t * t * w  # qkv+out, mlp; scores and values
+  embed = 2 * (t - 1) * cfg.patch_size ** 2 * cfg.channels * w
+  return (3.0 * (d * per_layer + 2 * w * cfg.num_classes) + 2.0 * embed) * batch_size
+
+
 def dummy_input(config: ViTConfig, batch: int = 1):
   return jnp.zeros((batch, config.image_size, config.image_size, config.channels), jnp.float32)

@@ -9,61 +9,32 @@ from __future__ import annotations
 import dataclasses
 import json
 
+import flax.linen as nn
 import jax
 from etils import epath
 
-from weit_jax import (checkpoint, config_checks, distributed, generator, input_pipeline, losses, metrics, optim,
-                      scaler_init, sharding, train_loop)
-from weit_jax.models import vit
+from weit_jax import (checkpoint, config_checks, distributed, generator, metrics, models, optim, scaler_init,
+                      sharding, tasks, train_loop)
 from weit_jax.programs import pretrain
 
-_ALIASES = {"heads": "num_heads", "mlp": "mlp_dim", "patch": "patch_size"}
-
-
-def parse_targets(spec: str, source: vit.ViTConfig) -> list[dict]:
-  """``'S/16;Ti/16;depth=7,width=320,heads=5'`` -> model field dicts. Fields not given come from the
-  variant, else from the source (auxiliary) model; ``mlp`` defaults to the source's MLP ratio."""
-  targets = []
-  for item in filter(None, (s.strip() for s in spec.split(";"))):
-    fields: dict = {}
-    for part in filter(None, (p.strip() for p in item.split(","))):
-      key, eq, value = part.partition("=")
-      if not eq:
-        fields["variant"] = key
-        continue
-      key = _ALIASES.get(key, key)
-      if key not in vit.SIZE_FIELDS and key != "variant":
-        raise ValueError(f"target {item!r}: unknown field {key!r}; use a variant (e.g. S/16) and/or "
-                         f"depth, width, heads, mlp, patch.")
-      fields[key] = value if key == "variant" else int(value)
-    targets.append(fields)
-  if not targets:
-    raise ValueError("no target size given; set --config.target.variant, or --config.targets='S/16;Ti/16'.")
-  return targets
-
-
-def target_config(fields: dict, source: vit.ViTConfig) -> vit.ViTConfig:
-  fields = dict(fields)
-  variant = fields.pop("variant", None)
-  base = vit.parse_variant(variant) if variant else {k: getattr(source, k) for k in vit.SIZE_FIELDS}
-  base.update(fields)
-  if "width" in fields and "mlp_dim" not in fields and not variant:
-    base["mlp_dim"] = fields["width"] * source.mlp_dim // source.width
-  return vit.make_config(**base, image_size=source.image_size, channels=source.channels,
-                         num_classes=source.num_classes, dtype=source.dtype)
-
-
-def _targets_from_config(config, source: vit.ViTConfig) -> list[vit.ViTConfig]:
+def _targets_from_config(config, source) -> list:
+  """Target model configs: ``config.targets`` ('S/16;depth=7,width=320,heads=5', sizes of the
+  templates' family), else ``config.target``."""
+  family = models.family_of(source)
   if config.targets:
-    return [target_config(f, source) for f in parse_targets(config.targets, source)]
+    return [models.target_config(f, source) for f in models.parse_targets(config.targets, family)]
   fields = {k: v for k, v in config.target.items() if v is not None and k != "dtype"}
-  return [target_config(fields, source)]
+  wanted = fields.pop("family", family.name)
+  if wanted != family.name:
+    raise ValueError(f"config.target is a {wanted} model, but the templates in {config.templates} are of the "
+                     f"{family.name} family; give a {family.name} target (configs/{family.name}_init.py).")
+  return [models.target_config(fields, source)]
 
 
 @dataclasses.dataclass
 class Target:
-  model_config: vit.ViTConfig
-  model: vit.ViT
+  model_config: object
+  model: nn.Module
   gen: generator.WeightGenerator
   name: str
 
@@ -76,7 +47,7 @@ class Validated:
   src_params: dict
   src_step: int
   targets: list[Target]
-  data: object
+  task: tasks.Task  # the pre-training task, on num_examples examples
   mesh: jax.sharding.Mesh
 
 
@@ -93,19 +64,22 @@ def validate(config, workdir: str) -> Validated:
   source = src_setup.model_config
   targets = []
   for cfg in _targets_from_config(config, source):
-    model = vit.ViT(cfg)
-    gen = generator.WeightGenerator.from_model(model, vit.dummy_input(cfg), tiles=dict(src_config.weit.tiles),
+    model = models.build(cfg)
+    gen = generator.WeightGenerator.from_model(model, models.dummy_input(cfg), tiles=dict(src_config.weit.tiles),
                                                num_templates=int(src_config.weit.num_templates))
     gen.check_templates(src_params["templates"])
     targets.append(Target(cfg, model, gen, cfg.short_name()))
   names = [t.name for t in targets]
   if len(set(names)) != len(names):
     raise ValueError(f"targets repeat a size: {names}.")
-  data = src_config.data.copy_and_resolve_references()
-  data.train_split = f"{src_config.data.train_split}[:{int(config.num_examples)}]"
-  input_pipeline.prepare(data)
+  # The task and data of pre-training, on its first num_examples training examples.
+  task_config = src_config.copy_and_resolve_references()
+  task_config.data.train_split = f"{src_config.data.train_split}[:{int(config.num_examples)}]"
+  task_config.label_smoothing = config.label_smoothing
+  task = tasks.from_config(task_config)
+  task.prepare()
   train_loop.check_workdir(config, workdir)
-  return Validated(src_config, src_setup, src_params, src_step, targets, data, mesh)
+  return Validated(src_config, src_setup, src_params, src_step, targets, task, mesh)
 
 
 def run(config, workdir: str) -> dict:
@@ -115,14 +89,14 @@ def run(config, workdir: str) -> dict:
   train_loop.guard_workdir(config, workdir, also_remove=names)  # overwrite: the old targets go too
   source = v.src_setup.model_config
   templates = jax.device_get(v.src_params["templates"])
-  metrics.log(f"Templates from {config.templates} (step {v.src_step}); auxiliary ViT {source.short_name()}; "
+  metrics.log(f"Templates from {config.templates} (step {v.src_step}); auxiliary {source.short_name()}; "
               f"{len(v.targets)} target(s): {', '.join(names)}.")
 
-  source_stats = generator.param_stats(v.src_setup.model, vit.dummy_input(source))
+  source_stats = generator.param_stats(v.src_setup.model, models.dummy_input(source))
   results = {}
   for target in v.targets:
     results[target.name] = _init_one(config, workdir, target, templates, v.src_setup, v.src_params, v.src_step,
-                                     source_stats, v.data, v.mesh)
+                                     source_stats, v.task, v.mesh)
   if metrics.is_main():
     (epath.Path(workdir) / "targets.json").write_text(json.dumps(results, indent=2))
   return results
@@ -137,7 +111,7 @@ def _optim_config(config):
 
 
 def _init_one(config, workdir, target: Target, templates, src_setup, src_params, src_step, source_stats,
-              data, mesh) -> dict:
+              task, mesh) -> dict:
   tdir = str(epath.Path(workdir) / target.name)
   export_dir = str(epath.Path(tdir) / "export")
   if (epath.Path(export_dir) / checkpoint.EXPORT_META).exists():  # written last: the target is done
@@ -149,17 +123,15 @@ def _init_one(config, workdir, target: Target, templates, src_setup, src_params,
               f"(heuristic {config.scaler_init}).")
 
   # ----- scalers by heuristic ----------------------------------------------------------------------
-  stats = generator.param_stats(target.model, vit.dummy_input(cfg))
+  stats = generator.param_stats(target.model, models.dummy_input(cfg))
   scalers = scaler_init.init_scalers(
       config.scaler_init, gen, templates, key=jax.random.key(int(config.seed)), target_stats=stats,
       source=src_setup.gen, source_scalers=jax.device_get(src_params["scalers"]),
       source_stats=source_stats)
 
   # ----- train only the scalers --------------------------------------------------------------------
-  def forward(params, images):
-    return target.model.apply({"params": gen.materialize(params["templates"], params["scalers"])}, images)
-
-  loss_fn = losses.classification(forward, config.label_smoothing)
+  def forward(params, *inputs):
+    return target.model.apply({"params": gen.materialize(params["templates"], params["scalers"])}, *inputs)
 
   loop_config = config.copy_and_resolve_references()
   with loop_config.unlocked():
@@ -168,34 +140,35 @@ def _init_one(config, workdir, target: Target, templates, src_setup, src_params,
   initial = {"templates": templates, "scalers": scalers}
   tx = optim.make_optimizer(optim_config, initial, weight_decay={"scalers": config.scaler_wd},
                             frozen="^templates/")
-  task = train_loop.Task(init_params=lambda key: initial, param_axes={
-      "templates": gen.template_axes(), "scalers": gen.scaler_axes()}, loss_fn=loss_fn, logits_fn=forward,
-      optimizer=tx, lr_schedule=optim.schedule(optim_config))
-  make_eval_iter = lambda: input_pipeline.make_eval_iterator(data, global_batch_size=config.batch_size)
-  _, shardings = train_loop.state_shardings(task, mesh)
-  eval_step = train_loop.make_eval_step(task, shardings["params"], sharding.batch_sharding(mesh), mesh)
+  trainable = train_loop.Task(init_params=lambda key: initial, param_axes={
+      "templates": gen.template_axes(), "scalers": gen.scaler_axes()}, loss_fn=task.loss_fn(forward),
+      eval_fn=task.eval_fn(forward), optimizer=tx, lr_schedule=optim.schedule(optim_config))
+  make_eval_iter = lambda: task.eval_iterator(config.batch_size)
+  _, shardings = train_loop.state_shardings(trainable, mesh)
+  eval_step = train_loop.make_eval_step(trainable, shardings["params"], sharding.batch_sharding(mesh), mesh)
   before = train_loop.evaluate(eval_step, jax.device_put(initial, shardings["params"]), make_eval_iter(), mesh)
-  metrics.log(f"[{target.name}] accuracy before scaler training: {before['eval_accuracy']:.4f}")
+  metrics.log(f"[{target.name}] before scaler training: {train_loop.format_eval(before)}")
   if config.steps > 0:
-    train_iter = input_pipeline.make_train_iterator(data, global_batch_size=config.batch_size, seed=config.seed,
-                                                     mesh=mesh)
-    summary = train_loop.run(loop_config, tdir, task, mesh=mesh, train_iter=train_iter,
+    train_iter = task.train_iterator(config.batch_size, config.seed, mesh)
+    summary = train_loop.run(loop_config, tdir, trainable, mesh=mesh, train_iter=train_iter,
                              make_eval_iter=make_eval_iter, initial_params=initial,
                              title=f"scaler training {target.name}")
-    params, after = summary.pop("params"), summary["eval_accuracy"]
+    params = summary.pop("params")
+    after = {k: v for k, v in summary.items() if k.startswith("eval_")}
   else:
-    params, after = jax.device_put(initial, shardings["params"]), before["eval_accuracy"]
+    params, after = jax.device_put(initial, shardings["params"]), before
 
   # ----- materialize with the target's shardings, export -------------------------------------------
   out_sh = sharding.shardings(gen.param_shapes(), gen.param_axes(), mesh)
   plain = jax.jit(gen.materialize, out_shardings=out_sh)(params["templates"], params["scalers"])
   record = dict(
-      model=dataclasses.asdict(cfg),
+      model=models.to_record(cfg),
       template_source=dict(workdir=checkpoint.absolute(config.templates), step=int(src_step)),
       scaler_training=dict(heuristic=config.scaler_init, steps=int(config.steps),
                            num_examples=int(config.num_examples), batch_size=int(config.batch_size),
                            lr=float(config.optim.lr), seed=int(config.seed),
-                           accuracy_before=before["eval_accuracy"], accuracy_after=after),
+                           **{f"{k.removeprefix('eval_')}_before": v for k, v in before.items()},
+                           **{f"{k.removeprefix('eval_')}_after": v for k, v in after.items()}),
       params=counts)
   # The compact form first: the plain export's export.json marks the target as done.
   compact_dir = epath.Path(tdir) / "compact"
@@ -204,5 +177,5 @@ def _init_one(config, workdir, target: Target, templates, src_setup, src_params,
   checkpoint.export_params(str(compact_dir), {"templates": params["templates"], "scalers": params["scalers"]},
                            dict(record, tiles=dict(gen.tiles), num_templates=gen.num_templates, form="compact"))
   checkpoint.export_params(export_dir, plain, record)
-  metrics.log(f"[{target.name}] accuracy after scaler training: {after:.4f}; exported to {export_dir}")
+  metrics.log(f"[{target.name}] after scaler training: {train_loop.format_eval(after)}; exported to {export_dir}")
   return record["scaler_training"]

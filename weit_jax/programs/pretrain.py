@@ -1,9 +1,10 @@
 """Stage 1: constraint-based pre-training of weight templates (DESIGN.md sections 1 and 3).
 
 The trainable tree is ``{'templates', 'scalers'}`` (``hard``) or ``{'dense', 'templates',
-'scalers'}`` (``soft``); the model is the plain ViT applied to ``materialize(templates, scalers)``
-(or to ``dense``). Optional: distillation from a plain-ViT teacher export, and templates extracted
-in closed form from a dense checkpoint as the starting point.
+'scalers'}`` (``soft``); the model (any family of ``weit_jax.models``, ``config.model.family``) is
+applied to ``materialize(templates, scalers)`` (or to ``dense``), and trained for the task of
+``weit_jax.tasks`` (``config.task``). Optional, for classification: distillation from a teacher
+export; and templates extracted in closed form from a dense checkpoint as the starting point.
 """
 from __future__ import annotations
 
@@ -11,12 +12,10 @@ import dataclasses
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from weit_jax import (checkpoint, config_checks, distributed, generator, input_pipeline, losses, metrics, optim,
-                      sharding, train_loop)
-from weit_jax.models import vit
+from weit_jax import (checkpoint, config_checks, distributed, generator, losses, metrics, models, optim, sharding,
+                      tasks, train_loop)
 
 MODES = ("hard", "soft")
 
@@ -24,45 +23,45 @@ MODES = ("hard", "soft")
 @dataclasses.dataclass
 class Setup:
   """Everything static about a pre-training config: built and validated before anything compiles."""
-  model_config: vit.ViTConfig
-  model: vit.ViT
+  model_config: object  # the auxiliary model's config (any family)
+  model: nn.Module
   gen: generator.WeightGenerator
+  task: tasks.Task
 
 
-def model_config_from(config, model_fields=None) -> vit.ViTConfig:
-  """The ViT config from ``config.model`` (or ``model_fields``) and the dataset's image format."""
-  info = input_pipeline.dataset_info(config.data.name)
-  fields = dict(model_fields if model_fields is not None else config.model)
-  variant = fields.pop("variant", None)
-  return vit.make_config(variant, image_size=int(config.data.image_size), channels=int(info.channels),
-                         num_classes=int(info.num_classes), **fields)
+def model_config_from(config, model_fields=None):
+  """The model config from ``config.model`` (or ``model_fields``) and the fields its task's data
+  fixes (image size, channels, classes)."""
+  fields = model_fields if model_fields is not None else config.model
+  return models.from_config(fields, tasks.from_config(config).model_fields())
 
 
 def build(config) -> Setup:
   if config.constraint.mode not in MODES:
     raise ValueError(f"constraint.mode={config.constraint.mode!r}; use one of {MODES}.")
   optim.schedule(optim.with_total_steps(config.optim, config.total_steps))  # validates the schedule
+  task = tasks.from_config(config)
   cfg = model_config_from(config)
-  model = vit.ViT(cfg)
-  gen = generator.WeightGenerator.from_model(model, vit.dummy_input(cfg), tiles=dict(config.weit.tiles),
+  model = models.build(cfg)
+  gen = generator.WeightGenerator.from_model(model, models.dummy_input(cfg), tiles=dict(config.weit.tiles),
                                              num_templates=int(config.weit.num_templates))
   if config.batch_size % jax.process_count():
     raise ValueError(f"batch_size={config.batch_size} must be divisible by the {jax.process_count()} processes.")
-  return Setup(cfg, model, gen)
+  return Setup(cfg, model, gen, task)
 
 
 def make_task(config, setup: Setup, *, teacher=None) -> train_loop.Task:
-  """The pre-training task. ``teacher``: (ViT module, its params) for distillation, or None."""
-  model, gen = setup.model, setup.gen
+  """The pre-training task. ``teacher``: (model module, its params) for distillation, or None."""
+  model, gen, task = setup.model, setup.gen, setup.task
   soft = config.constraint.mode == "soft"
-  stats = generator.param_stats(model, vit.dummy_input(setup.model_config))
+  stats = generator.param_stats(model, models.dummy_input(setup.model_config))
 
   def init_params(key):
     k_gen, k_dense = jax.random.split(key)
     templates, scalers = gen.init(k_gen, stats)
     params = {"templates": templates, "scalers": scalers}
     if soft:
-      params["dense"] = nn.unbox(model.init(k_dense, vit.dummy_input(setup.model_config)))["params"]
+      params["dense"] = nn.unbox(model.init(k_dense, models.dummy_input(setup.model_config)))["params"]
     if teacher is not None:
       params["teacher"] = teacher[1]
     return params
@@ -73,18 +72,18 @@ def make_task(config, setup: Setup, *, teacher=None) -> train_loop.Task:
   if teacher is not None:
     axes["teacher"] = jax.tree_util.tree_map(lambda _: jax.sharding.PartitionSpec(), teacher[1])
 
-  def forward(params, images):
+  def forward(params, *inputs):
     weights = params["dense"] if soft else gen.materialize(params["templates"], params["scalers"])
-    return model.apply({"params": weights}, images)
+    return model.apply({"params": weights}, *inputs)
 
   def loss_fn(params, batch, key):
-    del key
-    logits = forward(params, batch["image"])
-    ce = losses.softmax_cross_entropy(logits, batch["labels"], config.label_smoothing)
-    loss, aux = ce, {"ce": ce, "accuracy": jnp.mean(losses.accuracy(logits, batch["labels"]))}
-    if teacher is not None and config.distill.weight:
-      t_logits = teacher[0].apply({"params": jax.lax.stop_gradient(params["teacher"])}, batch["image"])
-      kd = losses.distillation(logits, t_logits, config.distill.temperature)
+    inputs = task.inputs(batch, key)
+    outputs = forward(params, *inputs)
+    objective, aux = task.loss(outputs, batch, key)
+    loss, aux = objective, dict(aux, objective=objective)
+    if teacher is not None and config.distill.weight:  # classification only (check_teacher)
+      t_logits = teacher[0].apply({"params": jax.lax.stop_gradient(params["teacher"])}, *inputs)
+      kd = losses.distillation(outputs, t_logits, config.distill.temperature)
       loss, aux["distill"] = loss + config.distill.weight * kd, kd
     if config.constraint.diversity:
       div = losses.template_diversity(params["templates"])
@@ -102,15 +101,17 @@ def make_task(config, setup: Setup, *, teacher=None) -> train_loop.Task:
                     "dense": config.constraint.dense_wd if soft else 0.0},
       frozen="^teacher/" if teacher is not None else None)
   return train_loop.Task(init_params=init_params, param_axes=axes, loss_fn=loss_fn,
-                         logits_fn=forward, optimizer=tx, lr_schedule=optim.schedule(optim_config))
+                         eval_fn=task.eval_fn(forward), optimizer=tx, lr_schedule=optim.schedule(optim_config))
 
 
 def check_teacher(config) -> None:
   """Refuses a distillation setting that cannot work (reads only the teacher's export record)."""
   if not config.distill.teacher:
     if config.distill.weight:
-      raise ValueError("distill.weight is set but distill.teacher is not; give a plain-ViT export folder.")
+      raise ValueError("distill.weight is set but distill.teacher is not; give a plain-model export folder.")
     return
+  if not isinstance(tasks.from_config(config), tasks.Classification):
+    raise ValueError(f"distillation (distill.teacher) needs the classification task, not {config.task!r}.")
   checkpoint.read_export_meta(config.distill.teacher)
 
 
@@ -118,13 +119,12 @@ def load_teacher(config):
   check_teacher(config)
   if not config.distill.teacher:
     return None
-  meta = checkpoint.read_export_meta(config.distill.teacher)
-  t_cfg = vit.ViTConfig(**meta["model"])
-  return vit.ViT(t_cfg), checkpoint.load_params(config.distill.teacher)
+  t_cfg = models.from_record(checkpoint.read_export_meta(config.distill.teacher)["model"])
+  return models.build(t_cfg), checkpoint.load_params(config.distill.teacher)
 
 
 def initial_params_from_dense(config, setup: Setup, task: train_loop.Task):
-  """Closed-form templates (Van Loan-Pitsianis + truncated SVD) from a dense plain-ViT export."""
+  """Closed-form templates (Van Loan-Pitsianis + truncated SVD) from a dense plain-model export."""
   from weit_jax import extract
   dense = checkpoint.load_params(config.init_templates_from)
   templates, scalers, errors = extract.extract_templates(setup.gen, jax.device_get(dense))
@@ -146,7 +146,7 @@ def validate(config, workdir: str) -> tuple[Setup, jax.sharding.Mesh]:
     checkpoint.read_export_meta(config.init_templates_from)  # refuses a folder that is not an export
   mesh = sharding.make_mesh(dict(config.mesh))
   distributed.process_batch_rows(mesh, int(config.batch_size))  # the batch splits over the mesh
-  input_pipeline.prepare(config.data)
+  setup.task.prepare()
   train_loop.check_workdir(config, workdir)
   return setup, mesh
 
@@ -157,16 +157,16 @@ def run(config, workdir: str) -> dict:
   teacher = load_teacher(config)
   train_loop.guard_workdir(config, workdir)
   counts = setup.gen.counts()
-  metrics.log(f"Auxiliary ViT {setup.model_config.short_name()}: {counts['materialized']:,} weights from "
+  metrics.log(f"Auxiliary {models.family_of(setup.model_config).name} {setup.model_config.short_name()}: "
+              f"{counts['materialized']:,} weights from "
               f"{counts['templates']:,} template and {counts['scalers']:,} scaler parameters "
               f"(N={setup.gen.num_templates}, tiles {setup.gen.tiles}, constraint {config.constraint.mode}).")
 
   # ----- task, data ------------------------------------------------------------------------------
   task = make_task(config, setup, teacher=teacher)
   initial = initial_params_from_dense(config, setup, task) if config.init_templates_from else None
-  train_iter = input_pipeline.make_train_iterator(config.data, global_batch_size=config.batch_size,
-                                                   seed=config.seed, mesh=mesh)
-  make_eval_iter = lambda: input_pipeline.make_eval_iterator(config.data, global_batch_size=config.batch_size)
+  train_iter = setup.task.train_iterator(config.batch_size, config.seed, mesh)
+  make_eval_iter = lambda: setup.task.eval_iterator(config.batch_size)
 
   # ----- train -----------------------------------------------------------------------------------
   summary = train_loop.run(config, workdir, task, mesh=mesh, train_iter=train_iter,
@@ -188,7 +188,7 @@ def restore_templates(workdir: str, step: int | None = None):
   path = epath.Path(workdir) / "config.json"
   if not path.exists():
     raise ValueError(f"{workdir} is not a pre-training workdir (no config.json); give the --workdir "
-                     "that `main.py --config=configs/vit_pretrain.py` wrote.")
+                     "that `main.py --config=configs/<family>_pretrain.py` wrote.")
   config = ml_collections.ConfigDict(json.loads(path.read_text()))
   if config.get("program") != "pretrain":
     raise ValueError(f"{workdir} holds a {config.get('program')!r} run, not pre-training.")

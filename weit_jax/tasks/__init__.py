@@ -1,0 +1,35 @@
+"""Tasks: what a program trains a model *for*, behind one small interface (DESIGN.md section 7).
+
+A task (``config.task``; default ``classification``) gives the programs:
+
+  model_fields()              the model config fields the data fixes (image size, channels, classes)
+  prepare()                   checks (and, for the embedded datasets, builds) the data; no workdir write
+  train_iterator(batch, seed, mesh) / eval_iterator(batch)
+                              this process's batches (dicts of numpy arrays)
+  inputs(batch, key)          the model's positional inputs for a batch
+  loss(outputs, batch, key)   ``(scalar loss, dict of scalar metrics)`` from the model's outputs
+  eval_sums(outputs, batch)   per-batch sums with a ``count``; the loop reports ``eval_<name>`` =
+                              sum / count over the eval set
+
+``pretrain``, ``init`` and ``train`` are written once against it and a model family
+(``weit_jax.models``): the constraint regularizer, scaler training, materialize, export and
+checkpointing are the same for every task. ``Task.loss_fn(forward)`` and ``Task.eval_fn(forward)``
+bind a task to a model's ``forward(params, *inputs)``. Image generation and control add tasks here.
+"""
+from __future__ import annotations
+
+from weit_jax.tasks.base import Task
+from weit_jax.tasks.classification import Classification
+
+TASKS = {"classification": Classification}
+
+
+def from_config(config):
+  """The task of a program config (``config.task``, default classification) over ``config.data``."""
+  name = config.get("task", "classification")
+  if name not in TASKS:
+    raise ValueError(f"unknown task {name!r}; use one of {sorted(TASKS)} (config.task).")
+  return TASKS[name].from_config(config)
+
+
+__all__ = ["Classification", "TASKS", "Task", "from_config"]
