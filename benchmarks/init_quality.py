@@ -65,7 +65,7 @@ SETUPS = {
                  ("deeper", "depth=5"),  # r5-5-5-w8
                  ("narrower", "width=6,groups=2"),  # r3-3-3-w6: 6 (and 24, 12, 48, ...) are not tile multiples
                  ("wider", "width=12")),  # r3-3-3-w12
-        dense_source=dict(depth="5", width=12, num_groups=4),
+        dense_source=dict(variant="mu", depth="5", width=12),
         report="init_quality_resnet",
         tiles="Tiles are stem 4, mid{s} 4, res{s} 16 (conv kernels: both channel axes; the spatial kernel "
               "whole in the template): width 6 (stage channels 6/24, 12/48, 24/96) is not a tile multiple."),

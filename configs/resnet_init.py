@@ -40,9 +40,9 @@ def get_config(arg=None):
   if arg.runlocal:
     config.target = common.model_config(arg.target if arg.target != "R26" else "mu", family="resnet")
     config.num_examples = 2000
-    config.steps = 100
-    config.batch_size = 128
-    config.optim.warmup_steps = 10
-    config.log_every = 20
-    config.checkpoint_every = 100
+    config.steps = 50
+    config.batch_size = 64
+    config.optim.warmup_steps = 5
+    config.log_every = 10
+    config.checkpoint_every = 50
   return config

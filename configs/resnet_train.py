@@ -30,11 +30,11 @@ def get_config(arg=None):
     config.model = common.model_config(arg.variant if arg.variant != "R50" else "mu", family="resnet")
     config.data = input_pipeline.default_data_config("fashion_mnist_local")
     config.label_smoothing = 0.0
-    config.total_steps = 500
-    config.batch_size = 128
+    config.total_steps = 200
+    config.batch_size = 64
     config.optim.lr = 1e-3
-    config.optim.warmup_steps = 50
-    config.log_every = 50
-    config.eval_every = 250
-    config.checkpoint_every = 250
+    config.optim.warmup_steps = 20
+    config.log_every = 25
+    config.eval_every = 100
+    config.checkpoint_every = 100
   return config
