@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
