@@ -5,6 +5,7 @@ workdir's recorded run) before its first write. These tests call each program's 
 ``run`` in-process on tiny learnable data, and parse command lines the way ``main.py`` does, so no
 test here compiles a training step except the one pre-training fixture that the init cases need.
 """
+import fnmatch
 import hashlib
 import json
 import os
@@ -17,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import main
-from configs import vit_init, vit_pretrain, vit_train
+from configs import resnet_init, resnet_pretrain, resnet_train, vit_init, vit_pretrain, vit_train
 from weit_jax import checkpoint, config_checks, train_loop
 from weit_jax.programs import init as init_program
 from weit_jax.programs import pretrain, train
@@ -133,9 +134,12 @@ def test_numeric_fields_are_range_checked(module, field, bad, good):
 
 
 def test_every_default_config_is_in_range():
-  for module in (vit_pretrain, vit_init, vit_train):
+  for module in (vit_pretrain, vit_init, vit_train, resnet_pretrain, resnet_init, resnet_train):
     for arg in (None, "runlocal"):
-      config_checks.check_ranges(module.get_config(arg))
+      config = module.get_config(arg)
+      config_checks.check_ranges(config)  # raises for a default out of range
+      covered = [f for f in config_checks.flatten(config) if any(fnmatch.fnmatchcase(f, p) for p in config_checks.RANGES)]
+      assert len(covered) >= 10, (module.__name__, arg, covered)  # the table reaches this config's fields
 
 
 # --- bad input writes nothing ----------------------------------------------------------------------
@@ -229,15 +233,19 @@ CONTRACT = settings(max_examples=25, deadline=None, derandomize=True, database=N
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 
 
-def _check_contract(program, argv, workdir):
-  """Accepted, or refused with a user error (one line: what main.py prints) and nothing written."""
+def _check_contract(program, argv, workdir) -> str:
+  """Accepted, or refused with a user error (one line: what main.py prints) and nothing written.
+  Returns which."""
   before = snapshot(workdir)
+  outcome = "accepted"
   try:
     config, _ = parse(argv, workdir)
     PROGRAMS[program].validate(config, workdir)
   except USER_ERRORS as e:
     assert str(e).strip(), argv
+    outcome = "refused"
   assert snapshot(workdir) == before, argv
+  return outcome
 
 
 @pytest.mark.parametrize("program", ["pretrain", "train"])
@@ -247,25 +255,31 @@ def test_contract_for_drawn_overrides(program, data_flags, tmp_path):
   config, _ = parse(base, workdir)
   train_loop.guard_workdir(config, workdir)  # a previous run of the base config is there
 
+  outcomes = set()
+
   @CONTRACT
   @given(overrides(program))
   def check(extra):
-    _check_contract(program, base + extra, workdir)
-    _check_contract(program, base + extra, str(tmp_path / "absent"))
+    outcomes.add(_check_contract(program, base + extra, workdir))
+    outcomes.add(_check_contract(program, base + extra, str(tmp_path / "absent")))
   check()
+  assert outcomes == {"accepted", "refused"}  # the draws reach both sides of the contract
 
 
 def test_contract_for_drawn_init_overrides(data_flags, templates_workdir, tmp_path):
   base = base_argv("init", data_flags, templates_workdir)
   watched = templates_workdir
 
+  outcomes = set()
+
   @settings(CONTRACT, max_examples=12)
   @given(overrides("init"))
   def check(extra):
     before = snapshot(watched)
-    _check_contract("init", base + extra, str(tmp_path / "absent"))
+    outcomes.add(_check_contract("init", base + extra, str(tmp_path / "absent")))
     assert snapshot(watched) == before  # the templates' run is read, never written
   check()
+  assert "refused" in outcomes
 
 
 def test_init_validates_before_writing(templates_workdir, data_flags, tmp_path):
