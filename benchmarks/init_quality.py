@@ -67,6 +67,11 @@ SETUPS = {
                  ("wider", "width=12")),  # r3-3-3-w12
         dense_source=dict(variant="mu", depth="5", width=12),
         report="init_quality_resnet",
+        weit_tiles=(3, 4),  # configs/resnet_pretrain.tiles(stages, tile): width 8 is two tiles, as the ViT's 64 is four
+        # Convolutions at 14x14 with 8-48 channels run slowly on a CPU: fewer pre-training and
+        # downstream steps keep the whole benchmark near an hour on two cores (--estimate says 127 min
+        # with the ViT's budget).
+        budget=dict(pretrain_steps=600, train_steps=100, eval_every=20),
         tiles="Tiles are stem 4, mid{s} 4, res{s} 16 (conv kernels: both channel axes; the spatial kernel "
               "whole in the template): width 6 (stage channels 6/24, 12/48, 24/96) is not a tile multiple."),
 }
@@ -111,6 +116,8 @@ def parse_args(argv=None):
   global FAMILY
   FAMILY = args.family
   budget = dict(BUDGETS["quick" if args.quick else "full"])
+  if not args.quick:
+    budget.update(SETUPS[FAMILY].get("budget", {}))
   for key in budget:
     if getattr(args, key) is not None:
       budget[key] = getattr(args, key)
@@ -248,6 +255,8 @@ def pretrain_weit(args) -> dict:
     return r
   c = unlocked(configs("pretrain").get_config("runlocal"))
   c.model = model_fields(**setup()["auxiliary"])
+  if "weit_tiles" in setup():
+    c.weit.tiles = configs("pretrain").tiles(*setup()["weit_tiles"])
   c.data = data_config("fashion_mnist_local", b)
   c.total_steps, c.batch_size = b["pretrain_steps"], b["pretrain_batch_size"]
   c.optim.warmup_steps = min(c.optim.warmup_steps, max(1, b["pretrain_steps"] // 10))

@@ -27,10 +27,12 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(out)
 
 
-# Per model family (weit_jax.models), the size fields a config may override, with their
-# command-line types. A ResNet's depth is blocks per stage: 2 (every stage) or '3-4-6-3'.
+# Per model family (weit_jax.models), the fields a config may override (sizes and options), with
+# their command-line types; unset (None) means the variant's value, else the model's default. A
+# ResNet's depth is blocks per stage: 2 (every stage) or '3-4-6-3'. A ViT's pool_type ('tok', 'gap')
+# and posemb ('learn', 'sincos2d') are big_vision's options (default tok + learn).
 SIZE_FIELDS = {
-    "vit": dict(width=int, depth=int, mlp_dim=int, num_heads=int, patch_size=int),
+    "vit": dict(width=int, depth=int, mlp_dim=int, num_heads=int, patch_size=int, pool_type=str, posemb=str),
     "resnet": dict(width=int, depth=str, num_groups=int, stem=str),
 }
 

@@ -27,6 +27,9 @@ def unlocked(config):
 def pretrain_config(learnable_data, **overrides):
   c = unlocked(vit_pretrain.get_config("runlocal"))
   c.model.variant = "mu/4"
+  # big_vision's "better plain ViT baselines" options: every program below honours them (the
+  # default tok + learn runs through test_launch and test_reliability).
+  c.model.pool_type, c.model.posemb = "gap", "sincos2d"
   c.weit.tiles = TILES
   c.weit.num_templates = 3
   c.batch_size = 32
@@ -103,7 +106,7 @@ def initialized(pretrained, learnable_data, tmp_path_factory):
 
 def test_init_exports_every_target(initialized):
   workdir, results = initialized
-  assert sorted(results) == ["d1-w32-h2-m64-p4", "d2-w36-h3-m72-p4", "d4-w32-h2-m64-p4"]
+  assert sorted(results) == [f"{n}-gap-sincos2d" for n in ("d1-w32-h2-m64-p4", "d2-w36-h3-m72-p4", "d4-w32-h2-m64-p4")]
   for name, r in results.items():
     meta = checkpoint.read_export_meta(os.path.join(workdir, name, "export"))
     assert meta["template_source"]["step"] == 12
@@ -143,7 +146,7 @@ def _restore_compact(path):
 
 def test_export_preserves_the_template_models_function(initialized):
   workdir, results = initialized
-  name = "d2-w36-h3-m72-p4"
+  name = "d2-w36-h3-m72-p4-gap-sincos2d"
   meta = checkpoint.read_export_meta(os.path.join(workdir, name, "export"))
   cfg = models.from_record(meta["model"])
   model = vit.ViT(cfg)
@@ -158,7 +161,7 @@ def test_export_preserves_the_template_models_function(initialized):
 
 
 def test_export_restores_on_one_and_eight_devices(initialized):
-  export = os.path.join(initialized[0], "d4-w32-h2-m64-p4", "export")
+  export = os.path.join(initialized[0], "d4-w32-h2-m64-p4-gap-sincos2d", "export")
   one = checkpoint.load_params(export)
   kernel = one["Transformer"]["encoderblock"]["MlpBlock_0"]["Dense_0"]["kernel"]
   assert len(kernel.sharding.device_set) == 1
@@ -172,16 +175,17 @@ def test_export_restores_on_one_and_eight_devices(initialized):
 
 
 def test_mismatched_export_is_refused(initialized):
-  export = os.path.join(initialized[0], "d4-w32-h2-m64-p4", "export")
+  export = os.path.join(initialized[0], "d4-w32-h2-m64-p4-gap-sincos2d", "export")
   other = vit.make_config("mu/4", depth=3, image_size=28, channels=1, num_classes=10)
-  with pytest.raises(checkpoint.CheckpointError, match=r"is a vit d4-w32-h2-m64-p4 but the model asked for is a vit d3-w32"):
+  with pytest.raises(checkpoint.CheckpointError, match=r"is a vit d4-w32-h2-m64-p4-gap-sincos2d but the model asked "
+                                                       r"for is a vit d3-w32.*'pool_type': \('gap', 'tok'\)"):
     checkpoint.load_params(export, expected_model=other)
   with pytest.raises(checkpoint.CheckpointError, match="is not an export"):
     checkpoint.load_params(initialized[0])
 
 
 def test_train_from_export_and_from_scratch(initialized, learnable_data, tmp_path):
-  export = os.path.join(initialized[0], "d1-w32-h2-m64-p4", "export")
+  export = os.path.join(initialized[0], "d1-w32-h2-m64-p4-gap-sincos2d", "export")
   results = {}
   for label, init in (("weit", export), ("random", None)):
     c = unlocked(vit_train.get_config("runlocal,variant=mu/4"))
@@ -191,13 +195,14 @@ def test_train_from_export_and_from_scratch(initialized, learnable_data, tmp_pat
     learnable_data(c)
     results[label] = train.run(c, str(tmp_path / label))
   assert results["weit"]["init"] == export and results["random"]["init"] == "random"
-  # The export's depth (1) is used, not the config's variant (mu: depth 2).
+  # The export's depth (1) and options (gap: no class token) are used, not the config's variant (mu: depth 2).
   assert results["weit"]["params"]["Transformer"]["encoderblock"]["LayerNorm_0"]["scale"].shape[0] == 1
+  assert "cls" not in results["weit"]["params"] and "cls" in results["random"]["params"]
   assert results["random"]["params"]["Transformer"]["encoderblock"]["LayerNorm_0"]["scale"].shape[0] == 2
 
 
 def test_new_head_for_another_number_of_classes(initialized):
-  export = os.path.join(initialized[0], "d1-w32-h2-m64-p4", "export")
+  export = os.path.join(initialized[0], "d1-w32-h2-m64-p4-gap-sincos2d", "export")
   cfg = models.from_record(dict(checkpoint.read_export_meta(export)["model"], num_classes=5))
   c = ml_collections.ConfigDict(dict(init=export, seed=0))
   params = train.initial_params(c, cfg)
@@ -210,13 +215,13 @@ def test_init_heuristic_only_and_overwrite(pretrained, learnable_data, tmp_path)
   """steps=0 exports the heuristic's scalers; overwrite starts the targets over."""
   workdir = str(tmp_path / "init0")
   c = init_config(learnable_data, pretrained[0], "depth=3", steps=0)
-  r = init_program.run(c, workdir)["d3-w32-h2-m64-p4"]
+  r = init_program.run(c, workdir)["d3-w32-h2-m64-p4-gap-sincos2d"]
   assert r["steps"] == 0 and r["accuracy_before"] == r["accuracy_after"]
-  assert not os.path.exists(os.path.join(workdir, "d3-w32-h2-m64-p4", "checkpoints"))
+  assert not os.path.exists(os.path.join(workdir, "d3-w32-h2-m64-p4-gap-sincos2d", "checkpoints"))
   c2 = init_config(learnable_data, pretrained[0], "depth=3", steps=2)
   c2.num_examples = 96  # another config (the run length alone may change between resumes)
   with pytest.raises(ValueError, match="holds a run of a different config"):
     init_program.run(c2, workdir)
   c2.overwrite = True
-  r2 = init_program.run(c2, workdir)["d3-w32-h2-m64-p4"]
+  r2 = init_program.run(c2, workdir)["d3-w32-h2-m64-p4-gap-sincos2d"]
   assert r2["steps"] == 2 and r2["num_examples"] == 96  # trained anew, not "already exported; skipping"

@@ -166,7 +166,7 @@ def test_targets_derive_what_they_do_not_name():
   family = models.get("resnet")
   t = [models.target_config(f, source) for f in models.parse_targets("depth=2;width=12;depth=2-3-4,groups=2", family)]
   assert [c.depth for c in t] == [(2, 2, 2), (3, 3, 3), (2, 3, 4)]
-  assert [c.width for c in t] == [24, 12, 24] and t[2].num_groups == 2 and t[0].stem == "small"
+  assert [c.width for c in t] == [24, 12, 24] and t[2].num_groups == 2 and t[0].stem == "strided"
   with pytest.raises(ValueError, match=r"unknown resnet field 'heads'"):
     models.parse_targets("heads=2", family)
 

@@ -10,22 +10,41 @@ from flax import traverse_util
 from weit_jax.models import vit
 
 
-def reference_forward(params, images, cfg):
-  """A straightforward numpy ViT (einsum attention), written independently of the Flax module."""
+def posemb_sincos_2d(h, w, width, temperature=10_000.0):
+  """MoCo v3's table as big_vision writes it: [sin(x w), cos(x w), sin(y w), cos(y w)], w = T^-i/(d/4-1)."""
+  rows, cols = np.divmod(np.arange(h * w), w)  # token m = row * w + col
+  omega = temperature ** -(np.arange(width // 4) / (width // 4 - 1))
+  x, y = np.outer(cols, omega), np.outer(rows, omega)
+  return np.concatenate([np.sin(x), np.cos(x), np.sin(y), np.cos(y)], axis=1)[None]
+
+
+def reference_forward(params, images, cfg, legacy=False):
+  """big_vision's ``vit._Model.__call__`` in numpy (einsum attention), written from its equations,
+  independently of the Flax module: the position embedding is added to the patch tokens before
+  the class token is prepended (``tok``); the head reads token 0 (``tok``) or the mean (``gap``).
+  ``legacy``: weit_jax's layout before 2026-11-29 (class token first, then one position embedding
+  for every token)."""
   p = traverse_util.flatten_dict(jax.tree_util.tree_map(lambda x: np.asarray(x, np.float64), params), sep="/")
   x = np.asarray(images, np.float64)
   n, hh, ww, c = x.shape
   ps = cfg.patch_size
   patches = x.reshape(n, hh // ps, ps, ww // ps, ps, c).transpose(0, 1, 3, 2, 4, 5).reshape(n, -1, ps * ps * c)
   tok = patches @ p["embedding/kernel"].reshape(-1, cfg.width) + p["embedding/bias"]
-  tok = np.concatenate([np.broadcast_to(p["cls"], (n, 1, cfg.width)), tok], 1) + p["pos_embedding"]
+  pos = p["pos_embedding"] if cfg.posemb == "learn" else posemb_sincos_2d(hh // ps, ww // ps, cfg.width)
+  cls = lambda: np.broadcast_to(p["cls"], (n, 1, cfg.width))
+  if legacy:
+    tok = np.concatenate([cls(), tok], 1) + pos
+  else:
+    tok = tok + pos
+    if cfg.pool_type == "tok":
+      tok = np.concatenate([cls(), tok], 1)
 
   def ln(v, scale, bias):
     mu = v.mean(-1, keepdims=True)
     var = ((v - mu) ** 2).mean(-1, keepdims=True)
     return (v - mu) / np.sqrt(var + 1e-6) * scale + bias
 
-  def gelu(v):  # tanh approximation, as flax's nn.gelu default
+  def gelu(v):  # tanh approximation, as flax's nn.gelu default (big_vision's MlpBlock calls it)
     return 0.5 * v * (1 + np.tanh(np.sqrt(2 / np.pi) * (v + 0.044715 * v ** 3)))
 
   blk = "Transformer/encoderblock/"
@@ -45,7 +64,32 @@ def reference_forward(params, images, cfg):
     y = gelu(y @ g("MlpBlock_0/Dense_0/kernel") + g("MlpBlock_0/Dense_0/bias"))
     tok = tok + y @ g("MlpBlock_0/Dense_1/kernel") + g("MlpBlock_0/Dense_1/bias")
   tok = ln(tok, p["Transformer/encoder_norm/scale"], p["Transformer/encoder_norm/bias"])
-  return tok[:, 0] @ p["head/kernel"] + p["head/bias"]
+  pooled = tok[:, 0] if cfg.pool_type == "tok" else tok.mean(axis=1)
+  return pooled @ p["head/kernel"] + p["head/bias"]
+
+
+def big_vision_tree(cfg):
+  """Parameter names and shapes of big_vision's ``vit.Model(num_classes, width, depth, mlp_dim,
+  num_heads, patch_size, pool_type, posemb, scan=True)``, read off its module definitions."""
+  w, m, h, L, p = cfg.width, cfg.mlp_dim, cfg.num_heads, cfg.depth, cfg.patch_size
+  tree = {"embedding/kernel": (p, p, cfg.channels, w), "embedding/bias": (w,),
+          "Transformer/encoder_norm/scale": (w,), "Transformer/encoder_norm/bias": (w,),
+          "head/kernel": (w, cfg.num_classes), "head/bias": (cfg.num_classes,)}
+  if cfg.posemb == "learn":  # big_vision's get_posemb: a parameter only when learned
+    tree["pos_embedding"] = (1, (cfg.image_size // p) ** 2, w)
+  if cfg.pool_type == "tok":
+    tree["cls"] = (1, 1, w)
+  block = "Transformer/encoderblock/"
+  for ln in ("LayerNorm_0", "LayerNorm_1"):
+    tree.update({f"{block}{ln}/scale": (L, w), f"{block}{ln}/bias": (L, w)})
+  for proj in ("query", "key", "value"):
+    tree.update({f"{block}MultiHeadDotProductAttention_0/{proj}/kernel": (L, w, h, w // h),
+                 f"{block}MultiHeadDotProductAttention_0/{proj}/bias": (L, h, w // h)})
+  tree.update({f"{block}MultiHeadDotProductAttention_0/out/kernel": (L, h, w // h, w),
+               f"{block}MultiHeadDotProductAttention_0/out/bias": (L, w),
+               f"{block}MlpBlock_0/Dense_0/kernel": (L, w, m), f"{block}MlpBlock_0/Dense_0/bias": (L, m),
+               f"{block}MlpBlock_0/Dense_1/kernel": (L, m, w), f"{block}MlpBlock_0/Dense_1/bias": (L, w)})
+  return tree
 
 
 def randomized(params, seed):
@@ -56,7 +100,11 @@ def randomized(params, seed):
       treedef, [jnp.asarray(rng.normal(scale=0.3, size=x.shape), jnp.float32) for x in leaves])
 
 
-@pytest.mark.parametrize("overrides", [dict(variant="mu/4"), dict(variant="pico/7", depth=2, width=48, num_heads=3)])
+OPTIONS = [dict(pool_type=pool, posemb=posemb) for pool in ("tok", "gap") for posemb in ("learn", "sincos2d")]
+
+
+@pytest.mark.parametrize("overrides", [dict(variant="mu/4"), dict(variant="pico/7", depth=2, width=48, num_heads=3)]
+                         + [dict(variant="mu/7", **o) for o in OPTIONS[1:]])
 def test_forward_matches_reference(overrides):
   cfg = vit.make_config(image_size=28, channels=2, num_classes=5, **overrides)
   model = vit.ViT(cfg)
@@ -74,14 +122,26 @@ def test_big_vision_names_and_shapes():
   flat = traverse_util.flatten_dict(nn.unbox(abstract)["params"], sep="/")
   flat = {k: v.shape for k, v in flat.items()}
   assert flat["embedding/kernel"] == (16, 16, 3, 768)
-  assert flat["pos_embedding"] == (1, 197, 768)
+  assert flat["pos_embedding"] == (1, 196, 768)  # patches only, as big_vision
   assert flat["cls"] == (1, 1, 768)
   assert flat["Transformer/encoderblock/MultiHeadDotProductAttention_0/query/kernel"] == (12, 768, 12, 64)
   assert flat["Transformer/encoderblock/MlpBlock_0/Dense_0/kernel"] == (12, 768, 3072)
   assert flat["Transformer/encoder_norm/scale"] == (768,)
   assert flat["head/kernel"] == (768, 1000)
   total = sum(int(np.prod(v)) for v in flat.values())
-  assert total == 86_567_656  # ViT-B/16 with a 1000-class head, as published
+  assert total == 86_566_888  # big_vision's ViT-B/16 with a 1000-class head (the class token has no position embedding)
+
+
+@pytest.mark.parametrize("options", OPTIONS)
+def test_parameter_tree_is_big_visions(options):
+  cfg = vit.make_config("mu/4", image_size=12, channels=3, num_classes=5, **options)
+  abstract = jax.eval_shape(vit.ViT(cfg).init, jax.random.key(0), vit.dummy_input(cfg))
+  flat = traverse_util.flatten_dict(nn.unbox(abstract)["params"], sep="/")
+  assert {k: v.shape for k, v in flat.items()} == big_vision_tree(cfg)
+
+
+def test_sincos_table_is_big_visions():
+  np.testing.assert_allclose(np.asarray(vit.posemb_sincos_2d(3, 4, 16)), posemb_sincos_2d(3, 4, 16), atol=1e-6)
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -90,6 +150,9 @@ def test_big_vision_names_and_shapes():
     (dict(variant="S/16", patch_size=15), "patch_size=15 does not divide image_size=224"),
     (dict(width=64, depth=2), r"ViT sizes \['mlp_dim', 'num_heads', 'patch_size'\] are not set"),
     (dict(variant="S/16", depth=0), "depth=0 must be a positive integer"),
+    (dict(variant="S/16", pool_type="map"), r"pool_type='map'; use one of \('tok', 'gap'\)"),
+    (dict(variant="S/16", posemb="sincos"), r"posemb='sincos'; use one of \('learn', 'sincos2d'\)"),
+    (dict(variant="mu/4", width=30, posemb="sincos2d"), r"sincos2d' needs a width that is a multiple of 4"),
 ])
 def test_bad_config_is_explained(kwargs, match):
   with pytest.raises(ValueError, match=match):

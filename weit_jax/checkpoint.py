@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import os
+import zipfile
 from typing import Any, Mapping
 
 import grain
@@ -144,13 +145,17 @@ def abstract_with_shardings(abstract_tree, sharding_tree):
 # --- exports: plain parameter trees --------------------------------------------------------------
 
 EXPORT_META = "export.json"
+BIG_VISION_NPZ = "params.npz"
 
 
 def export_params(directory: str, params, meta: Mapping[str, Any]) -> None:
-  """Writes ``params`` (a plain nested dict) and a JSON record beside it.
+  """Writes ``params`` (a plain nested dict) and a JSON record beside it; for a model whose tree is
+  big_vision's own (``meta['model']`` of a family with ``big_vision_npz``, plain parameters: no
+  ``form``), also ``params.npz`` in big_vision's checkpoint format.
 
   The JSON is written last (atomically), so a folder with ``export.json`` is a complete export.
   """
+  from weit_jax import models
   path = epath.Path(absolute(directory))
   if (path / EXPORT_META).exists():
     raise CheckpointError(f"{path} already holds an export; choose another folder.")
@@ -158,10 +163,35 @@ def export_params(directory: str, params, meta: Mapping[str, Any]) -> None:
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(path / "params", params, force=True)
     ckptr.wait_until_finished()
+  record = meta.get("model")
+  if record is not None and "form" not in meta and models.get(record.get("family") or "vit").big_vision_npz:
+    write_big_vision_npz(path / BIG_VISION_NPZ, params)
   if jax.process_index() == 0:
     tmp = path / (EXPORT_META + ".tmp")
     tmp.write_text(json.dumps(dict(meta), indent=2, sort_keys=True, default=str))
     tmp.rename(path / EXPORT_META)
+
+
+def write_big_vision_npz(path, params) -> None:
+  """``params`` as big_vision's ``.npz`` checkpoint: one float32 array per parameter, keyed by its
+  ``/``-joined path (``Transformer/encoderblock/MlpBlock_0/Dense_0/kernel``), what big_vision's
+  ``utils.load_params`` reads. Arrays are gathered and written one at a time (a sharded model is
+  never whole in one host's memory twice); process 0 writes, to a temporary name renamed at the end."""
+  from flax import traverse_util
+  from jax.experimental import multihost_utils
+  path = epath.Path(path)
+  tmp = path.parent / (path.name + ".tmp")
+  main = jax.process_index() == 0
+  with contextlib.ExitStack() as stack:
+    zf = stack.enter_context(zipfile.ZipFile(stack.enter_context(tmp.open("wb")), "w", allowZip64=True)) if main else None
+    for names, leaf in sorted(traverse_util.flatten_dict(dict(params)).items()):
+      if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+        leaf = multihost_utils.process_allgather(leaf, tiled=True)  # a collective: every process calls it
+      if main:
+        with zf.open("/".join(names) + ".npy", "w", force_zip64=True) as f:
+          np.lib.format.write_array(f, np.asarray(jax.device_get(leaf), np.float32), allow_pickle=False)
+  if main:
+    tmp.rename(path)
 
 
 def read_export_meta(directory: str) -> dict:
@@ -203,7 +233,9 @@ def load_params(directory: str, mesh=None, expected_model=None):
   import flax.linen as nn
   from weit_jax import models, sharding
 
-  recorded = models.from_record(read_export_meta(directory)["model"])
+  record = read_export_meta(directory)["model"]
+  recorded = models.from_record(record)
+  legacy = models.family_of(recorded).legacy if models.is_legacy(record) else None
   if expected_model is not None:
     have, want = models.to_record(recorded), models.to_record(expected_model)
     diff = {k: (have.get(k), want.get(k)) for k in sorted(set(have) | set(want))
@@ -220,4 +252,9 @@ def load_params(directory: str, mesh=None, expected_model=None):
     target = jax.tree_util.tree_map(lambda _: device, abstract)
   else:
     target = sharding.shardings(abstract, nn.get_partition_spec(boxed)["params"], mesh)
-  return restore_tree(epath.Path(directory) / "params", abstract_with_shardings(abstract, target))
+  if legacy is None:
+    return restore_tree(epath.Path(directory) / "params", abstract_with_shardings(abstract, target))
+  # An older layout of the family's parameters: restore what it stored, convert exactly.
+  stored = restore_tree(epath.Path(directory) / "params",
+                        abstract_with_shardings(legacy.stored_shapes(abstract), target))
+  return jax.tree_util.tree_map(jax.device_put, legacy.upgrade(stored), target)

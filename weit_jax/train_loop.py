@@ -60,6 +60,10 @@ def check_workdir(config, workdir: str) -> bool:
   if previous == current:
     return False
   if not config.get("overwrite", False):
+    if (note := config_checks.legacy_layout(json.loads(path.read_text()))):
+      raise ValueError(f"workdir {workdir} holds a run this version cannot resume: {note}. Use another "
+                       "--workdir, or --config.overwrite=True to start it over; exports of that version "
+                       "still load (they are converted exactly).")
     diff = sorted(k for k in set(previous) | set(current) if previous.get(k) != current.get(k))
     raise ValueError(f"workdir {workdir} holds a run of a different config (fields {diff} differ); "
                      "use another --workdir, or --config.overwrite=True to start it over.")

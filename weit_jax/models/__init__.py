@@ -14,8 +14,13 @@ A family (``config.model.family``: ``vit``, ``resnet``) is:
                   target spec does not name them; ``aliases`` are short spec keys (``heads``)
   derive          ``(spec fields, base fields, source config) -> fields``: how a target size
                   derives what it does not name (e.g. the ViT's MLP ratio, a ResNet's stages)
+  option_fields   fields that fix the computation beyond the sizes (a ViT's pooling and position
+                  embedding): a target always has its templates' options
   data_fields     the fields set from the dataset (image size, channels, classes)
   train_flops     ``(config, batch) -> model FLOPs of one training step`` (for MFU), or None
+  legacy          how records of an older layout of the family's parameters load (``Legacy``), or None
+  big_vision_npz  whether exports also write big_vision's ``params.npz`` (the parameter tree is
+                  big_vision's own model's)
 
 The programs, initializers, dry run and benchmarks go through this registry (``get``, ``build``,
 ``dummy_input``, ``to_record`` / ``from_record`` for the ``model`` record of exports and runs)
@@ -42,6 +47,16 @@ FIXED_AXES = frozenset({"layers", "classes", "tokens", "patch_h", "patch_w", "co
 
 
 @dataclasses.dataclass(frozen=True)
+class Legacy:
+  """An older parameter layout of a family: which records have it, the shapes it stored, and the
+  exact conversion of its parameters to today's layout."""
+  is_legacy: Callable[[Mapping[str, Any]], bool]  # a model record or a workdir's config.model
+  stored_shapes: Callable[[dict], dict]  # today's abstract params -> the shapes a legacy export holds
+  upgrade: Callable[[dict], dict]  # legacy params -> today's, the same function of the input
+  note: str  # why it is legacy, for messages
+
+
+@dataclasses.dataclass(frozen=True)
 class Family:
   name: str
   config_cls: type
@@ -53,8 +68,11 @@ class Family:
   target_fields: tuple[str, ...]
   aliases: Mapping[str, str]
   derive: Callable[[dict, dict, Any], dict]
+  option_fields: tuple[str, ...] = ()
   data_fields: tuple[str, ...] = ("image_size", "channels", "num_classes")
   train_flops: Callable[[Any, int], float] | None = None
+  legacy: Legacy | None = None
+  big_vision_npz: bool = False
 
 
 def _vit_derive(fields: dict, base: dict, source) -> dict:
@@ -76,7 +94,10 @@ def _resnet_derive(fields: dict, base: dict, source) -> dict:
 FAMILIES: dict[str, Family] = {
     "vit": Family("vit", vit.ViTConfig, vit.make_config, vit.VARIANTS, vit.parse_variant, vit.ViT,
                   vit.dummy_input, vit.SIZE_FIELDS, {"heads": "num_heads", "mlp": "mlp_dim", "patch": "patch_size"},
-                  _vit_derive, train_flops=vit.train_flops),
+                  _vit_derive, option_fields=vit.OPTION_FIELDS, train_flops=vit.train_flops,
+                  legacy=Legacy(vit.legacy_record, vit.legacy_param_shapes, vit.upgrade_legacy_params,
+                                vit.LEGACY_NOTE),
+                  big_vision_npz=True),
     "resnet": Family("resnet", resnet.ResNetConfig, resnet.make_config, resnet.VARIANTS, resnet.parse_variant,
                      resnet.ResNet, resnet.dummy_input, resnet.SIZE_FIELDS + ("stem",), resnet.ALIASES,
                      _resnet_derive, train_flops=resnet.train_flops),
@@ -135,9 +156,21 @@ def to_record(config) -> dict:
   return dict(dataclasses.asdict(config), family=family_of(config).name)
 
 
+def is_legacy(record: Mapping[str, Any]) -> bool:
+  """Whether a model record (or a workdir's recorded ``config.model``) has an older parameter layout
+  of its family (see ``Legacy``)."""
+  family = get(record.get("family") or "vit")
+  return family.legacy is not None and family.legacy.is_legacy(record)
+
+
+def legacy_note(record: Mapping[str, Any]) -> str:
+  return get(record.get("family") or "vit").legacy.note
+
+
 def from_record(record: Mapping[str, Any]):
   """A model config from ``to_record``'s output; records without a family (written before there
-  were families) are ViTs."""
+  were families) are ViTs. A legacy record (``is_legacy``) gives today's config of the same model:
+  ``checkpoint.load_params`` converts its parameters."""
   fields = dict(record)
   family = get(fields.pop("family", "vit"))
   valid = {f.name for f in dataclasses.fields(family.config_cls)}
@@ -184,16 +217,24 @@ def parse_targets(spec: str, family: Family) -> list[dict]:
 def target_config(fields: Mapping[str, Any], source):
   """The config of one target (``parse_targets`` output) initialized from templates of ``source``:
   fields the target does not name come from its variant, else from the source; the dataset's
-  fields and dtype always from the source."""
+  fields, the options (``option_fields``) and dtype always from the source."""
   family = family_of(source)
   fields = dict(fields)
+  for name in family.option_fields:
+    if fields.get(name, getattr(source, name)) != getattr(source, name):
+      raise ValueError(
+          f"a target with {name}={fields[name]!r} cannot be composed from templates pre-trained with "
+          f"{name}={getattr(source, name)!r}: a target has its templates' "
+          f"{' and '.join(family.option_fields)}; pre-train templates with --config.model.{name}={fields[name]!r}.")
+    fields.pop(name, None)
   variant = fields.pop("variant", None)
   base = family.parse_variant(variant) if variant else {k: getattr(source, k) for k in family.target_fields}
   base.update(family.derive(dict(fields, **({"variant": variant} if variant else {})), base, source))
   base.pop("variant", None)
-  data = {k: getattr(source, k) for k in family.data_fields}
+  data = {k: getattr(source, k) for k in family.data_fields + family.option_fields}
   return family.make_config(**base, **data, dtype=source.dtype)
 
 
-__all__ = ["FAMILIES", "FIXED_AXES", "Family", "build", "classifier_paths", "dummy_input", "family_of", "from_config", "from_record",
-           "get", "init_params", "parse_targets", "resnet", "target_config", "to_record", "vit", "with_fresh_classifier"]
+__all__ = ["FAMILIES", "FIXED_AXES", "Family", "Legacy", "build", "classifier_paths", "dummy_input", "family_of",
+           "from_config", "from_record", "get", "init_params", "is_legacy", "legacy_note", "parse_targets", "resnet",
+           "target_config", "to_record", "vit", "with_fresh_classifier"]

@@ -26,12 +26,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-STEMS = ("small", "imagenet")  # 3x3/1, no pooling (28-32 px images) | 7x7/2 + 3x3/2 max pool
+# The root conv: 3x3/1 (full resolution) | 3x3/2 (28-32 px images: stages at 1/2, 1/4, 1/8 of the input,
+# about a quarter of the compute of 'small') | 7x7/2 + 3x3/2 max pool (ImageNet).
+STEMS = ("small", "strided", "imagenet")
 VARIANTS = {
-    "femto": dict(width=8, depth=(2,), stem="small", num_groups=4),  # one stage: smoke tests
-    "mu": dict(width=8, depth=(2, 2, 2), stem="small", num_groups=4),
-    "pico": dict(width=16, depth=(2, 2, 2), stem="small", num_groups=4),
-    "nano": dict(width=24, depth=(3, 3, 3), stem="small", num_groups=4),
+    "femto": dict(width=8, depth=(2,), stem="strided", num_groups=4),  # one stage: smoke tests
+    "mu": dict(width=8, depth=(2, 2, 2), stem="strided", num_groups=4),
+    "pico": dict(width=16, depth=(2, 2, 2), stem="strided", num_groups=4),
+    "nano": dict(width=24, depth=(3, 3, 3), stem="strided", num_groups=4),
     "R26": dict(width=64, depth=(2, 2, 2, 2), stem="imagenet", num_groups=32),
     "R50": dict(width=64, depth=(3, 4, 6, 3), stem="imagenet", num_groups=32),
     "R101": dict(width=64, depth=(3, 4, 23, 3), stem="imagenet", num_groups=32),
@@ -217,7 +219,8 @@ class ResNet(nn.Module):
     if c.stem == "imagenet":
       x = StdConv(c.width, (7, 7), ("channels", "stem"), (2, 2), dtype, name="conv_root")(x)
     else:
-      x = StdConv(c.width, (3, 3), ("channels", "stem"), dtype=dtype, name="conv_root")(x)
+      strides = (2, 2) if c.stem == "strided" else (1, 1)
+      x = StdConv(c.width, (3, 3), ("channels", "stem"), strides, dtype, name="conv_root")(x)
     x = nn.relu(_group_norm(c.num_groups, "stem", dtype, "gn_root")(x))
     if c.stem == "imagenet":
       x = nn.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")
@@ -257,6 +260,8 @@ def train_flops(config: ResNetConfig, batch_size: int) -> float:
     root = conv(size, 7, config.channels, config.width)
     size = -(-size // 2)  # max pool
   else:
+    if config.stem == "strided":
+      size = -(-size // 2)
     root = conv(size, 3, config.channels, config.width)
   body, c_in = 0.0, config.width
   for stage, depth in enumerate(config.depth, 1):

@@ -1,8 +1,20 @@
-"""The plain Vision Transformer, any size, with big_vision's parameter names and shapes.
+"""The plain Vision Transformer, any size: big_vision's ``vit.Model`` (``scan=True``), parameter for
+parameter and operation for operation, for ``pool_type`` in {``tok``, ``gap``} and ``posemb`` in
+{``learn``, ``sincos2d``}.
+
+As big_vision's: the position embedding is added to the patch tokens *before* the class token is
+prepended (the class token has none); ``sincos2d`` has no parameter, ``gap`` no class token; pre-norm
+blocks, ``encoder_norm``, then the head on token 0 (``tok``) or on the mean of all tokens (``gap``).
+An export loads into big_vision's ViT with the same sizes and options (its ``params.npz``).
 
 Every parameter carries logical axis names (``embed``, ``mlp``, ``heads``, ``kv``, ...). The same
 names drive sharding (``weit_jax.sharding``) and the Kronecker composition (``weit_jax.generator``):
 the model itself knows nothing of templates.
+
+Records written before this layout (weit_jax 2026-11-28 and earlier: the class token had a learned
+position embedding, ``pos_embedding`` of ``patches + 1`` rows, and the record no ``pool_type``) are
+``legacy_record``s: ``upgrade_legacy_params`` converts their parameters exactly, as big_vision's
+``fix_old_checkpoints`` does (the class token's position embedding is added to the class token).
 """
 from __future__ import annotations
 
@@ -11,6 +23,7 @@ import re
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 # Named sizes: big_vision's, plus small ones that train in minutes on a laptop CPU.
@@ -26,6 +39,10 @@ VARIANTS = {
     "H": dict(width=1280, depth=32, mlp_dim=5120, num_heads=16),
 }
 SIZE_FIELDS = ("width", "depth", "mlp_dim", "num_heads", "patch_size")
+POOL_TYPES = ("tok", "gap")  # head on the class token | on the mean of the patch tokens
+POSEMBS = ("learn", "sincos2d")  # a learned parameter | MoCo v3's fixed 2-D sin-cos table
+# The fields that fix a ViT's computation beyond its sizes: templates serve only targets that share them.
+OPTION_FIELDS = ("pool_type", "posemb")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,17 +57,24 @@ class ViTConfig:
   channels: int = 3
   num_classes: int = 1000
   dtype: str = "float32"
+  pool_type: str = "tok"
+  posemb: str = "learn"
+
+  @property
+  def num_patches(self) -> int:
+    return (self.image_size // self.patch_size) ** 2
 
   @property
   def num_tokens(self) -> int:
-    return (self.image_size // self.patch_size) ** 2 + 1  # patches + class token
+    return self.num_patches + (self.pool_type == "tok")  # patches (+ class token)
 
   @property
   def head_dim(self) -> int:
     return self.width // self.num_heads
 
   def short_name(self) -> str:
-    return f"d{self.depth}-w{self.width}-h{self.num_heads}-m{self.mlp_dim}-p{self.patch_size}"
+    options = "" if (self.pool_type, self.posemb) == ("tok", "learn") else f"-{self.pool_type}-{self.posemb}"
+    return f"d{self.depth}-w{self.width}-h{self.num_heads}-m{self.mlp_dim}-p{self.patch_size}{options}"
 
 
 def parse_variant(variant: str) -> dict[str, int]:
@@ -89,7 +113,23 @@ def make_config(variant: str | None = None, **overrides: Any) -> ViTConfig:
     raise ValueError(f"patch_size={cfg.patch_size} does not divide image_size={cfg.image_size}.")
   if cfg.dtype not in ("float32", "bfloat16"):
     raise ValueError(f"dtype={cfg.dtype!r}; use 'float32' or 'bfloat16'.")
+  if cfg.pool_type not in POOL_TYPES:
+    raise ValueError(f"ViT pool_type={cfg.pool_type!r}; use one of {POOL_TYPES} (big_vision's names).")
+  if cfg.posemb not in POSEMBS:
+    raise ValueError(f"ViT posemb={cfg.posemb!r}; use one of {POSEMBS} (big_vision's names).")
+  if cfg.posemb == "sincos2d" and (cfg.width % 4 or cfg.width < 8):
+    raise ValueError(f"posemb='sincos2d' needs a width that is a multiple of 4 and at least 8 (sin and cos "
+                     f"of rows and columns, at least two frequencies); width={cfg.width}.")
   return cfg
+
+
+def posemb_sincos_2d(h: int, w: int, width: int, temperature: float = 10_000.0):
+  """MoCo v3's fixed 2-D position embedding, ``(1, h * w, width)``, as big_vision computes it."""
+  y, x = jnp.mgrid[:h, :w]
+  omega = 1.0 / temperature ** (jnp.arange(width // 4) / (width // 4 - 1))
+  y = jnp.einsum("m,d->md", y.flatten(), omega)
+  x = jnp.einsum("m,d->md", x.flatten(), omega)
+  return jnp.concatenate([jnp.sin(x), jnp.cos(x), jnp.sin(y), jnp.cos(y)], axis=1)[None]
 
 
 def _p(init, axes):
@@ -157,8 +197,8 @@ class Encoder(nn.Module):
 
 
 class ViT(nn.Module):
-  """ViT with a class token ("tok" pooling), big_vision names: embedding, cls, pos_embedding,
-  Transformer/encoderblock/..., Transformer/encoder_norm, head."""
+  """big_vision names: embedding, pos_embedding (``learn``), cls (``tok``), Transformer/encoderblock/...,
+  Transformer/encoder_norm, head."""
   config: ViTConfig
 
   @nn.compact
@@ -171,13 +211,17 @@ class ViT(nn.Module):
                 bias_init=_p(nn.initializers.zeros, ("embed",)))(images.astype(dtype))
     n, h, w, d = x.shape
     x = x.reshape(n, h * w, d)
-    cls = self.param("cls", _p(nn.initializers.zeros, (None, None, "embed")), (1, 1, d))
-    x = jnp.concatenate([jnp.tile(cls.astype(dtype), (n, 1, 1)), x], axis=1)
-    pos = self.param("pos_embedding", _p(nn.initializers.normal(stddev=d ** -0.5), (None, "tokens", "embed")),
-                     (1, h * w + 1, d))
-    x = x + pos.astype(dtype)
+    if c.posemb == "learn":
+      pos = self.param("pos_embedding", _p(nn.initializers.normal(stddev=d ** -0.5), (None, "tokens", "embed")),
+                       (1, h * w, d))
+    else:
+      pos = posemb_sincos_2d(h, w, d)
+    x = x + pos.astype(dtype)  # before the class token, which has no position embedding
+    if c.pool_type == "tok":
+      cls = self.param("cls", _p(nn.initializers.zeros, (None, None, "embed")), (1, 1, d))
+      x = jnp.concatenate([jnp.tile(cls.astype(dtype), (n, 1, 1)), x], axis=1)
     x = Encoder(c.depth, c.mlp_dim, c.num_heads, dtype=dtype, name="Transformer")(x)
-    x = x[:, 0]
+    x = x[:, 0] if c.pool_type == "tok" else jnp.mean(x, axis=1)
     logits = nn.Dense(c.num_classes, dtype=dtype, name="head",
                       kernel_init=_p(nn.initializers.zeros, ("embed", "classes")),
                       bias_init=_p(nn.initializers.zeros, ("classes",)))(x)
@@ -190,9 +234,34 @@ def train_flops(cfg: ViTConfig, batch_size: int) -> float:
   (the images) needs no gradient: 2x. The numerator of MFU."""
   t, w, m, d = cfg.num_tokens, cfg.width, cfg.mlp_dim, cfg.depth
   per_layer = 2 * t * (4 * w * w + 2 * w * m) + 2 * 2 * t * t * w  # qkv+out, mlp; scores and values
-  embed = 2 * (t - 1) * cfg.patch_size ** 2 * cfg.channels * w
+  embed = 2 * cfg.num_patches * cfg.patch_size ** 2 * cfg.channels * w
   return (3.0 * (d * per_layer + 2 * w * cfg.num_classes) + 2.0 * embed) * batch_size
 
 
 def dummy_input(config: ViTConfig, batch: int = 1):
   return jnp.zeros((batch, config.image_size, config.image_size, config.channels), jnp.float32)
+
+
+def legacy_record(record) -> bool:
+  """Whether a ViT's recorded config (an export's ``model`` record or a workdir's ``config.model``)
+  predates big_vision's position-embedding layout: such records have no ``pool_type``."""
+  return "pool_type" not in record
+
+
+LEGACY_NOTE = ("it was written by weit_jax before 2026-11-29, whose ViT gave the class token a position "
+               "embedding (pos_embedding of patches + 1 rows); this ViT computes what big_vision's does")
+
+
+def legacy_param_shapes(abstract: dict) -> dict:
+  """The parameter shapes a legacy export stored for a model whose new-layout shapes are ``abstract``."""
+  pos = abstract["pos_embedding"]
+  return dict(abstract, pos_embedding=jax.ShapeDtypeStruct((1, pos.shape[1] + 1, pos.shape[2]), pos.dtype,
+                                                            sharding=getattr(pos, "sharding", None)))
+
+
+def upgrade_legacy_params(params: dict) -> dict:
+  """Legacy parameters (``tok``, ``learn``) -> this layout, computing exactly the same function: the
+  class token's row of the position embedding is added to the class token (big_vision's
+  ``fix_old_checkpoints`` does the same)."""
+  pos = params["pos_embedding"]
+  return dict(params, cls=params["cls"] + pos[:, :1], pos_embedding=pos[:, 1:])

@@ -192,6 +192,10 @@ def restore_templates(workdir: str, step: int | None = None):
   config = ml_collections.ConfigDict(json.loads(path.read_text()))
   if config.get("program") != "pretrain":
     raise ValueError(f"{workdir} holds a {config.get('program')!r} run, not pre-training.")
+  if (note := config_checks.legacy_layout(config.to_dict())):
+    raise ValueError(f"the templates in {workdir} cannot be used: {note}, and templates do not convert "
+                     "exactly (a class token and its position embedding are two template banks). Pre-train "
+                     "templates again with this version.")
   setup = build(config)
   task = make_task(config, setup, teacher=load_teacher(config))  # the state's shape includes the teacher
   mesh = sharding.make_mesh({"data": -1})

@@ -1,0 +1,151 @@
+"""Exports in big_vision's format, exports restored with orbax alone, and the earlier layout.
+
+The ViT itself against big_vision's equations (every option) is in test_vit.py. Here: exports write
+big_vision's ``params.npz`` (``/``-joined keys, as its ``utils.load_params`` reads), restore with
+nothing but ``orbax.checkpoint.StandardCheckpointer``, and exports of the earlier layout (the class
+token had a position embedding) load converted, computing the same function; workdirs and templates
+of that layout are refused with what to do.
+"""
+import dataclasses
+import json
+import os
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from flax import traverse_util
+
+from test_vit import big_vision_tree, randomized, reference_forward
+from weit_jax import checkpoint, config_checks, models, train_loop
+from weit_jax.models import vit
+
+IMAGE, CHANNELS, CLASSES = 12, 3, 5
+
+
+def small_vit(pool_type="tok", posemb="learn"):
+  return vit.make_config(width=16, depth=2, mlp_dim=24, num_heads=2, patch_size=4, image_size=IMAGE,
+                         channels=CHANNELS, num_classes=CLASSES, pool_type=pool_type, posemb=posemb)
+
+
+def random_params(cfg, seed):
+  return jax.tree.map(np.asarray, randomized(models.init_params(cfg, 0), seed))
+
+
+def flat_shapes(params):
+  return {"/".join(k): tuple(np.shape(v)) for k, v in traverse_util.flatten_dict(params).items()}
+
+
+def test_templates_of_one_option_refuse_a_target_of_another():
+  source = small_vit("gap", "sincos2d")
+  target = models.target_config(dict(depth=3), source)
+  assert (target.pool_type, target.posemb, target.depth) == ("gap", "sincos2d", 3)  # options come along
+  with pytest.raises(ValueError, match=r"pool_type='tok' cannot be composed from templates pre-trained with "
+                                       r"pool_type='gap'.*--config.model.pool_type='tok'"):
+    models.target_config(dict(pool_type="tok"), source)
+
+
+# --- exports --------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def export(tmp_path_factory):
+  cfg = small_vit()
+  params = random_params(cfg, seed=3)
+  directory = str(tmp_path_factory.mktemp("export") / "export")
+  checkpoint.export_params(directory, params, dict(model=models.to_record(cfg), init="test"))
+  return directory, cfg, params
+
+
+def test_export_writes_big_visions_npz(export):
+  directory, cfg, params = export
+  with np.load(os.path.join(directory, "params.npz"), allow_pickle=False) as npz:
+    stored = dict(npz)
+  assert {k: v.shape for k, v in stored.items()} == big_vision_tree(cfg)
+  for key, value in traverse_util.flatten_dict(params, sep="/").items():
+    np.testing.assert_array_equal(stored[key], value)
+  assert all(v.dtype == np.float32 for v in stored.values())
+  assert not [f for f in os.listdir(directory) if f.endswith(".tmp")]
+
+
+def test_export_restores_with_orbax_alone(export):
+  """README's 'Use an export elsewhere': nothing of weit_jax, no target tree."""
+  directory, _, params = export
+  with ocp.StandardCheckpointer() as ckptr:
+    restored = ckptr.restore(os.path.abspath(os.path.join(directory, "params")))
+  jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, restored), params)
+
+
+def test_resnet_exports_write_no_npz(tmp_path):
+  """big_vision's bit.py has one module per unit, not a scanned stack: no npz that would not load."""
+  cfg = models.resnet.make_config("femto", image_size=8, channels=1, num_classes=3)
+  checkpoint.export_params(str(tmp_path / "e"), models.init_params(cfg, 0), dict(model=models.to_record(cfg)))
+  assert sorted(os.listdir(tmp_path / "e")) == ["export.json", "params"]
+
+
+# --- the earlier layout ---------------------------------------------------------------------------
+
+def legacy_record(cfg):
+  record = models.to_record(cfg)
+  del record["pool_type"], record["posemb"]
+  return record
+
+
+def test_a_legacy_export_loads_converted_and_computes_the_same(tmp_path):
+  cfg = small_vit()
+  params = random_params(cfg, seed=4)
+  tokens = (IMAGE // cfg.patch_size) ** 2 + 1
+  params["pos_embedding"] = np.random.default_rng(5).normal(size=(1, tokens, cfg.width)).astype(np.float32)
+  checkpoint.export_params(str(tmp_path / "old"), params, dict(model=legacy_record(cfg)))
+  images = np.random.default_rng(6).normal(size=(2, IMAGE, IMAGE, CHANNELS)).astype(np.float32)
+  want = reference_forward(params, images, cfg, legacy=True)
+
+  loaded = jax.device_get(checkpoint.load_params(str(tmp_path / "old"), expected_model=cfg))
+  assert flat_shapes(loaded) == big_vision_tree(cfg)
+  np.testing.assert_allclose(np.asarray(models.build(cfg).apply({"params": loaded}, images)), want,
+                             rtol=2e-4, atol=2e-4)
+  # The conversion is big_vision's fix_old_checkpoints: its row 0 joins the class token.
+  np.testing.assert_allclose(loaded["cls"], params["cls"] + params["pos_embedding"][:, :1], rtol=1e-6)
+
+
+def legacy_workdir(tmp_path, program):
+  cfg = dict(program=program, model=dict(variant="mu/4", width=None, depth=None, mlp_dim=None, num_heads=None,
+                                         patch_size=None, dtype="float32"), seed=0)
+  os.makedirs(tmp_path, exist_ok=True)
+  (tmp_path / "config.json").write_text(json.dumps(cfg))
+  return cfg
+
+
+def test_a_legacy_workdir_is_refused_with_what_to_do(tmp_path):
+  old = legacy_workdir(tmp_path / "train", "train")
+  assert config_checks.legacy_layout(old) and config_checks.legacy_layout(dict(old, model=dict(
+      old["model"], family="resnet"))) is None
+  current = ml_collections.ConfigDict(dict(old, model=dict(old["model"], family="vit", pool_type=None, posemb=None)))
+  with pytest.raises(ValueError, match=r"cannot resume: it was written by weit_jax before 2026-11-29.*"
+                                       r"--config.overwrite=True.*exports of that version still load"):
+    train_loop.check_workdir(current, str(tmp_path / "train"))
+  current.overwrite = True
+  assert train_loop.check_workdir(current, str(tmp_path / "train"))  # starting over is allowed
+
+  from weit_jax.programs import pretrain
+  legacy_workdir(tmp_path / "pretrain", "pretrain")
+  with pytest.raises(ValueError, match=r"templates in .* cannot be used: it was written by weit_jax before "
+                                       r"2026-11-29.*Pre-train templates again"):
+    pretrain.restore_templates(str(tmp_path / "pretrain"))
+
+
+def test_a_legacy_tleg_export_is_refused(tmp_path):
+  from weit_jax.inits import tleg
+  cfg = small_vit()
+  checkpoint.export_params(str(tmp_path / "t"), {"dense": {"x": np.ones(2, np.float32)}},
+                           dict(model=legacy_record(cfg), form=tleg.EXPORT_FORM))
+  with pytest.raises(ValueError, match=r"TLEG export .* cannot be used: it was written by weit_jax before"):
+    tleg.TLEGSource.from_export(str(tmp_path / "t"))
+
+
+def test_records_round_trip_with_the_options():
+  cfg = small_vit("gap", "sincos2d")
+  record = models.to_record(cfg)
+  assert not models.is_legacy(record) and models.from_record(record) == cfg
+  assert models.is_legacy(legacy_record(cfg)) and models.from_record(legacy_record(cfg)).pool_type == "tok"
+  assert dataclasses.asdict(models.from_record(legacy_record(cfg)))["posemb"] == "learn"
