@@ -71,7 +71,7 @@ SETUPS = {
         # Convolutions at 14x14 with 8-48 channels run slowly on a CPU: fewer pre-training and
         # downstream steps keep the whole benchmark near an hour on two cores (--estimate says 127 min
         # with the ViT's budget).
-        budget=dict(pretrain_steps=600, train_steps=100, eval_every=20),
+        budget=dict(pretrain_steps=600, train_steps=60, eval_every=20),
         tiles="Tiles are stem 4, mid{s} 4, res{s} 16 (conv kernels: both channel axes; the spatial kernel "
               "whole in the template): width 6 (stage channels 6/24, 12/48, 24/96) is not a tile multiple."),
 }

@@ -262,6 +262,20 @@ def test_damaged_checkpoint_names_itself_and_falls_back(pretrain_interrupted, pr
   assert_same_as_reference(workdir, pretrain_reference)
 
 
+def test_a_sigterm_after_the_last_step_still_stops_the_process():
+  """Between the last step's check and the end of a run (final save, eval, export) a SIGTERM used to
+  be recorded and dropped: a multi-stage process (init's targets, a benchmark) went on to its next
+  stage. Delivered synchronously here, inside the guard, after the loop would have read it."""
+  before = signal.getsignal(signal.SIGTERM)
+  with pytest.raises(SystemExit) as stopped:
+    with train_loop._Preemption():
+      signal.raise_signal(signal.SIGTERM)
+  assert stopped.value.code == 143 and signal.getsignal(signal.SIGTERM) is before
+  with train_loop._Preemption() as p:  # no signal: nothing happens
+    pass
+  assert not p.requested
+
+
 def test_a_failed_restore_leaves_no_read_in_flight():
   """The race behind late tracebacks after a damaged checkpoint's error, with a deterministic
   trigger: one read fails while another is still in flight in a foreign thread (as tensorstore's

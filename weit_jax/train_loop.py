@@ -245,9 +245,14 @@ class _Preemption:
   def _handle(self, signum, frame):
     self.requested = True
 
-  def __exit__(self, *exc):
+  def __exit__(self, exc_type, *exc):
     if self._previous is not None:
       signal.signal(signal.SIGTERM, self._previous)
+    if self.requested and exc_type is None:
+      # It arrived after the last step was read (the final save or eval): the run is complete and
+      # saved, and the process still stops rather than go on to its next stage.
+      metrics.log("SIGTERM received after the last step: the run is complete and saved; stopping.")
+      raise SystemExit(143)
 
 
 def run(config, workdir: str, task: Task, *, mesh, train_iter, make_eval_iter, initial_params=None,
