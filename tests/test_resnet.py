@@ -94,7 +94,9 @@ def reference_forward(params, images, cfg):
     y = gn(conv(y, get("conv3/kernel"), 1), get("gn3/scale"), get("gn3/bias"))
     return relu(res + y)
 
-  x = relu(gn(conv(np.asarray(images, np.float64), p["conv_root/kernel"], 1), p["gn_root/scale"], p["gn_root/bias"]))
+  root_stride = {"small": 1, "strided": 2}[cfg.stem]
+  x = relu(gn(conv(np.asarray(images, np.float64), p["conv_root/kernel"], root_stride), p["gn_root/scale"],
+              p["gn_root/bias"]))
   for s, depth in enumerate(cfg.depth, 1):
     x = unit(x, lambda k: p[f"block{s}/unit1/{k}"], 1 if s == 1 else 2)
     for l in range(depth - 1):
@@ -102,9 +104,10 @@ def reference_forward(params, images, cfg):
   return x.mean((1, 2)) @ p["head/kernel"] + p["head/bias"]
 
 
-def test_forward_matches_reference():
+@pytest.mark.parametrize("stem", ["strided", "small"])
+def test_forward_matches_reference(stem):
   """Two stages (a stride-2 transition with a projection), stages of unequal depth."""
-  cfg = resnet.make_config("pico", depth="2-3", width=12, image_size=12, channels=2, num_classes=5)
+  cfg = resnet.make_config("pico", depth="2-3", width=12, image_size=12, channels=2, num_classes=5, stem=stem)
   model = resnet.ResNet(cfg)
   images = jax.random.normal(jax.random.key(1), (2, 12, 12, 2))
   params = randomized(nn.unbox(jax.jit(model.init)(jax.random.key(0), images))["params"], seed=3)
@@ -136,15 +139,18 @@ def test_bad_config_is_explained(kwargs, match):
     resnet.make_config(**kwargs)
 
 
-def test_train_flops_count_every_convolution():
-  """Against XLA's own count of the forward pass (3x for a training step, 2x for the root conv)."""
-  cfg = resnet.make_config("mu", image_size=16, channels=1, num_classes=10)
+@pytest.mark.parametrize("stem,image_size,root_size", [("strided", 32, 16), ("small", 16, 16)])
+def test_train_flops_count_every_convolution(stem, image_size, root_size):
+  """Against XLA's own count of the forward pass (3x for a training step, 2x for the root conv);
+  sizes where the convolutions dominate the norms and the weight standardization."""
+  cfg = resnet.make_config("mu", image_size=image_size, channels=1, num_classes=10, stem=stem)
   model = resnet.ResNet(cfg)
   params = jax.eval_shape(model.init, jax.random.key(0), resnet.dummy_input(cfg))
   lowered = jax.jit(model.apply).lower(params, resnet.dummy_input(cfg, batch=4))
   xla = lowered.compile().cost_analysis()
   xla = xla[0] if isinstance(xla, list) else xla
-  convs_fwd = (resnet.train_flops(cfg, 4) + 4 * 2 * 16 * 16 * 9 * 1 * cfg.width) / 3  # every conv once
+  root = 4 * 2 * root_size ** 2 * 9 * 1 * cfg.width  # batch 4, 3x3 kernel, 1 channel
+  convs_fwd = (resnet.train_flops(cfg, 4) + root) / 3  # every conv once
   assert xla["flops"] == pytest.approx(convs_fwd, rel=0.1)  # + norms, relus, standardization
 
 
