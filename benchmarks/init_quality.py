@@ -687,9 +687,13 @@ def write_report(args, agg: dict, results: list[dict], stages: dict, targets: di
   w("## Why these sizes and budgets\n")
   w(f"- The auxiliary model ({aux_config().short_name()}) is a small runlocal size; the targets change one thing "
     "each (depth down, depth up, width down to a non-tile width, width up), so every row asks one question.")
-  w("- The dense source is the smallest model that contains every target (depth, width, MLP, heads and head "
-    "size), so weight selection applies everywhere; it is larger than WeiT's and TLEG's auxiliary model, so "
-    "the same step budget costs it more compute (a favourable setting for weight selection).")
+  w("- The dense source is the smallest model that contains every target (every size field: "
+    f"{', '.join(k for k in setup()['dense_source'] if k != 'variant')}), so weight selection applies everywhere; it is larger than WeiT's "
+    "and TLEG's auxiliary model, so the same step budget costs it more compute (a favourable setting for "
+    "weight selection).")
+  if setup().get("budget"):
+    w(f"- This family's budget differs from the ViT's ({setup()['budget']}): its convolutions are slower per "
+      "example on a CPU, and the ViT's budget projects to about two hours here (`--estimate`).")
   w("- Budgets: the whole benchmark is meant to fit in about an hour on a 2-core CPU. "
     "`python benchmarks/init_quality.py --estimate` times one training step of every size on the machine at "
     "hand and projects the wall time of the chosen budgets; override any budget with its flag "
