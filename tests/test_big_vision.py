@@ -146,6 +146,6 @@ def test_a_legacy_tleg_export_is_refused(tmp_path):
 def test_records_round_trip_with_the_options():
   cfg = small_vit("gap", "sincos2d")
   record = models.to_record(cfg)
-  assert not models.is_legacy(record) and models.from_record(record) == cfg
-  assert models.is_legacy(legacy_record(cfg)) and models.from_record(legacy_record(cfg)).pool_type == "tok"
+  assert models.legacy_of(record) is None and models.from_record(record) == cfg
+  assert models.legacy_of(legacy_record(cfg)) is not None and models.from_record(legacy_record(cfg)).pool_type == "tok"
   assert dataclasses.asdict(models.from_record(legacy_record(cfg)))["posemb"] == "learn"

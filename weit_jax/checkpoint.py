@@ -235,7 +235,7 @@ def load_params(directory: str, mesh=None, expected_model=None):
 
   record = read_export_meta(directory)["model"]
   recorded = models.from_record(record)
-  legacy = models.family_of(recorded).legacy if models.is_legacy(record) else None
+  legacy = models.legacy_of(record)
   if expected_model is not None:
     have, want = models.to_record(recorded), models.to_record(expected_model)
     diff = {k: (have.get(k), want.get(k)) for k in sorted(set(have) | set(want))

@@ -81,8 +81,8 @@ def legacy_layout(recorded: Mapping[str, Any]) -> str | None:
   from weit_jax import models
   for key in ("model", "target"):
     section = recorded.get(key)
-    if isinstance(section, Mapping) and models.is_legacy(section):
-      return models.legacy_note(section)
+    if isinstance(section, Mapping) and (legacy := models.legacy_of(section)):
+      return legacy.note
   return None
 
 

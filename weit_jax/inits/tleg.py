@@ -107,8 +107,8 @@ class TLEGSource:
     if meta.get("form") != EXPORT_FORM:
       raise ValueError(f"{directory} is not a TLEG export (form={meta.get('form')!r}); give the folder "
                        "tleg.pretrain wrote (WORKDIR/tleg_export).")
-    if models.is_legacy(meta["model"]):
-      raise ValueError(f"the TLEG export {directory} cannot be used: {models.legacy_note(meta['model'])}. "
+    if (legacy := models.legacy_of(meta["model"])):
+      raise ValueError(f"the TLEG export {directory} cannot be used: {legacy.note}. "
                        "Run TLEG's auxiliary pre-training again with this version.")
     cfg = models.from_record(meta["model"])
     abstract = jax.eval_shape(lambda k: initial_tree(cfg, k), jax.random.key(0))

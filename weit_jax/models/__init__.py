@@ -156,20 +156,16 @@ def to_record(config) -> dict:
   return dict(dataclasses.asdict(config), family=family_of(config).name)
 
 
-def is_legacy(record: Mapping[str, Any]) -> bool:
-  """Whether a model record (or a workdir's recorded ``config.model``) has an older parameter layout
-  of its family (see ``Legacy``)."""
-  family = get(record.get("family") or "vit")
-  return family.legacy is not None and family.legacy.is_legacy(record)
-
-
-def legacy_note(record: Mapping[str, Any]) -> str:
-  return get(record.get("family") or "vit").legacy.note
+def legacy_of(record: Mapping[str, Any]) -> Legacy | None:
+  """The older parameter layout (``Legacy``) a model record (or a workdir's recorded ``config.model``)
+  has, or None for today's layout."""
+  legacy = get(record.get("family") or "vit").legacy
+  return legacy if legacy is not None and legacy.is_legacy(record) else None
 
 
 def from_record(record: Mapping[str, Any]):
   """A model config from ``to_record``'s output; records without a family (written before there
-  were families) are ViTs. A legacy record (``is_legacy``) gives today's config of the same model:
+  were families) are ViTs. A legacy record (``legacy_of``) gives today's config of the same model:
   ``checkpoint.load_params`` converts its parameters."""
   fields = dict(record)
   family = get(fields.pop("family", "vit"))
@@ -236,5 +232,5 @@ def target_config(fields: Mapping[str, Any], source):
 
 
 __all__ = ["FAMILIES", "FIXED_AXES", "Family", "Legacy", "build", "classifier_paths", "dummy_input", "family_of",
-           "from_config", "from_record", "get", "init_params", "is_legacy", "legacy_note", "parse_targets", "resnet",
+           "from_config", "from_record", "get", "init_params", "legacy_of", "parse_targets", "resnet",
            "target_config", "to_record", "vit", "with_fresh_classifier"]
