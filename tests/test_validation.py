@@ -149,6 +149,8 @@ def test_every_default_config_is_in_range():
     ("--config.batch_size=0", r"--config\.batch_size=0 is out of range"),
     ("--config.optim.lr=-1", r"--config\.optim\.lr=-1\.0 is out of range: it must be > 0"),
     ("--config.batch_size=36", r"global batch size 36 must be a positive multiple of the 8 batch shards"),
+    ("--config.model.pool_type=map", r"ViT pool_type='map'; use one of \('tok', 'gap'\)"),
+    ("--config.model.posemb=sincos", r"ViT posemb='sincos'; use one of \('learn', 'sincos2d'\)"),
 ])
 @pytest.mark.parametrize("state", ["absent", "previous run"])
 def test_refused_run_leaves_workdir_as_it_was_and_the_corrected_rerun_proceeds(
