@@ -149,3 +149,16 @@ def test_records_round_trip_with_the_options():
   assert models.legacy_of(record) is None and models.from_record(record) == cfg
   assert models.legacy_of(legacy_record(cfg)) is not None and models.from_record(legacy_record(cfg)).pool_type == "tok"
   assert dataclasses.asdict(models.from_record(legacy_record(cfg)))["posemb"] == "learn"
+
+
+def test_training_refuses_an_option_other_than_its_exports(tmp_path):
+  from configs import vit_train
+  from weit_jax.programs import train
+  cfg = small_vit("gap", "learn")
+  checkpoint.export_params(str(tmp_path / "e"), models.init_params(cfg, 0), dict(model=models.to_record(cfg)))
+  c = ml_collections.ConfigDict(vit_train.get_config("runlocal").to_dict())
+  c.init, c.model.pool_type = str(tmp_path / "e"), "tok"
+  with pytest.raises(ValueError, match=r"export of a model with pool_type='gap', but --config.model.pool_type='tok'; "
+                                       r"leave it unset"):
+    train.validate(c, str(tmp_path / "wd"))
+  assert not (tmp_path / "wd").exists()

@@ -210,19 +210,29 @@ def parse_targets(spec: str, family: Family) -> list[dict]:
   return targets
 
 
+def option_conflict(requested: Mapping[str, Any], source) -> tuple[str, Any, Any] | None:
+  """The first option (``option_fields``) that ``requested`` sets to another value than ``source``
+  has, as (name, requested, source's); a model made from ``source`` (templates, an export) has its
+  options. Unset (None) options conflict with nothing."""
+  for name in family_of(source).option_fields:
+    if requested.get(name) is not None and requested.get(name) != getattr(source, name):
+      return name, requested.get(name), getattr(source, name)
+  return None
+
+
 def target_config(fields: Mapping[str, Any], source):
   """The config of one target (``parse_targets`` output) initialized from templates of ``source``:
   fields the target does not name come from its variant, else from the source; the dataset's
   fields, the options (``option_fields``) and dtype always from the source."""
   family = family_of(source)
   fields = dict(fields)
-  for name in family.option_fields:
-    if fields.get(name, getattr(source, name)) != getattr(source, name):
-      raise ValueError(
-          f"a target with {name}={fields[name]!r} cannot be composed from templates pre-trained with "
-          f"{name}={getattr(source, name)!r}: a target has its templates' "
-          f"{' and '.join(family.option_fields)}; pre-train templates with --config.model.{name}={fields[name]!r}.")
-    fields.pop(name, None)
+  if (conflict := option_conflict(fields, source)):
+    name, want, have = conflict
+    raise ValueError(
+        f"a target with {name}={want!r} cannot be composed from templates pre-trained with {name}={have!r}: "
+        f"a target has its templates' {' and '.join(family.option_fields)}; pre-train templates with "
+        f"--config.model.{name}={want!r}.")
+  fields = {k: v for k, v in fields.items() if k not in family.option_fields}
   variant = fields.pop("variant", None)
   base = family.parse_variant(variant) if variant else {k: getattr(source, k) for k in family.target_fields}
   base.update(family.derive(dict(fields, **({"variant": variant} if variant else {})), base, source))
@@ -232,5 +242,5 @@ def target_config(fields: Mapping[str, Any], source):
 
 
 __all__ = ["FAMILIES", "FIXED_AXES", "Family", "Legacy", "build", "classifier_paths", "dummy_input", "family_of",
-           "from_config", "from_record", "get", "init_params", "legacy_of", "parse_targets", "resnet",
+           "from_config", "from_record", "get", "init_params", "legacy_of", "option_conflict", "parse_targets", "resnet",
            "target_config", "to_record", "vit", "with_fresh_classifier"]

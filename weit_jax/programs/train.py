@@ -57,11 +57,10 @@ def validate(config, workdir: str):
     if family.name != config.model.get("family", "vit"):
       raise ValueError(f"{config.init} is an export of a {family.name} model, but this config trains a "
                        f"{config.model.get('family', 'vit')}; use configs/{family.name}_train.py.")
-    for name in family.option_fields:  # the export's computation is the model's
-      if config.model.get(name) is not None and config.model.get(name) != getattr(exported, name):
-        raise ValueError(f"{config.init} is an export of a model with {name}={getattr(exported, name)!r}, but "
-                         f"--config.model.{name}={config.model.get(name)!r}; leave it unset (the export's) or "
-                         "give an export of that option.")
+    if (conflict := models.option_conflict(config.model, exported)):  # the export's computation is the model's
+      name, want, have = conflict
+      raise ValueError(f"{config.init} is an export of a model with {name}={have!r}, but --config.model.{name}="
+                       f"{want!r}; leave it unset (the export's) or give an export of that option.")
     fields = dict({k: getattr(exported, k) for k in family.target_fields + family.option_fields},
                   family=family.name, dtype=config.model.dtype)
   cfg = model_config_from(config, fields)
