@@ -30,10 +30,12 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
 # Per model family (weit_jax.models), the fields a config may override (sizes and options), with
 # their command-line types; unset (None) means the variant's value, else the model's default. A
 # ResNet's depth is blocks per stage: 2 (every stage) or '3-4-6-3'. A ViT's pool_type ('tok', 'gap')
-# and posemb ('learn', 'sincos2d') are big_vision's options (default tok + learn).
+# and posemb ('learn', 'sincos2d') are big_vision's options (default tok + learn). remat_policy (every
+# family): 'none' (default) or a JAX checkpoint policy for the scanned blocks (weit_jax/models/remat.py).
 SIZE_FIELDS = {
-    "vit": dict(width=int, depth=int, mlp_dim=int, num_heads=int, patch_size=int, pool_type=str, posemb=str),
-    "resnet": dict(width=int, depth=str, num_groups=int, stem=str),
+    "vit": dict(width=int, depth=int, mlp_dim=int, num_heads=int, patch_size=int, pool_type=str, posemb=str,
+                remat_policy=str),
+    "resnet": dict(width=int, depth=str, num_groups=int, stem=str, remat_policy=str),
 }
 
 
@@ -48,7 +50,15 @@ def model_config(variant: str | None = "B/16", family: str = "vit", **sizes) -> 
   return c
 
 
-def training_fields(config: ml_collections.ConfigDict, *, total_steps: int, batch_size: int) -> None:
+# Meshes over ('data', 'fsdp', 'model'); -1 takes the remaining devices. Training replicates the
+# model over data parallelism; the init program (and its dry run) shards the materialized model over
+# every device (fsdp), so no device ever holds a whole target.
+DATA_PARALLEL = dict(data=-1, fsdp=1, model=1)
+FSDP_ALL = dict(data=1, fsdp=-1, model=1)
+
+
+def training_fields(config: ml_collections.ConfigDict, *, total_steps: int, batch_size: int,
+                    mesh: dict = DATA_PARALLEL) -> None:
   """Run length, cadence, checkpoints, mesh: the fields every program shares."""
   config.seed = 0
   config.task = "classification"  # weit_jax.tasks
@@ -60,11 +70,14 @@ def training_fields(config: ml_collections.ConfigDict, *, total_steps: int, batc
   config.keep_checkpoints = 3
   config.resume_step = ml_collections.config_dict.placeholder(int)
   config.overwrite = False
-  config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, model=1))
+  config.mesh = ml_collections.ConfigDict(dict(mesh))
   # Compile-only dry run for a TPU slice (weit_jax/dry_run.py): topology e.g. 'v5e:16x16'; materialize
-  # e.g. 'H/14' also compiles the init program's materialize step for that target; hbm_gib overrides
-  # the chip's memory.
+  # e.g. 'H/14' also compiles the init program's materialize step for that target, on
+  # materialize_mesh (the init program's default mesh); pretrain_step=False compiles only that;
+  # hbm_gib overrides the chip's memory.
   config.dry_run = ml_collections.ConfigDict(dict(
       topology=ml_collections.config_dict.placeholder(str),
+      pretrain_step=True,
       materialize=ml_collections.config_dict.placeholder(str),
+      materialize_mesh=ml_collections.ConfigDict(dict(FSDP_ALL)),
       hbm_gib=ml_collections.config_dict.placeholder(float)))

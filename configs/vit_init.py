@@ -26,7 +26,7 @@ def get_config(arg=None):
   config.steps = 1000  # scaler-training steps (0: heuristic only)
   config.label_smoothing = 0.0
   config.scaler_wd = 0.0
-  common.training_fields(config, total_steps=1000, batch_size=1024)
+  common.training_fields(config, total_steps=1000, batch_size=1024, mesh=common.FSDP_ALL)
   del config["total_steps"]  # the scaler-training length is `steps`
   del config["task"]  # the templates' pre-training task
   config.optim = ml_collections.ConfigDict(dict(

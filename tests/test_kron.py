@@ -43,6 +43,23 @@ def test_compose_matches_numpy_kron_float32(n, grid, tile, crop):
   np.testing.assert_allclose(np.asarray(got_jit), want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("n,grid,tile", CASES)
+def test_rowwise_axes_compose_the_same_values(n, grid, tile):
+  """Any set of axes composed row by row (as a sharded parameter's split axes are) gives the
+  numpy.kron values, cropped or not."""
+  rng = np.random.default_rng(hash(("rowwise", n, grid, tile)) % 2**32)
+  s = rng.normal(size=(n, *grid)).astype(np.float32)
+  t = rng.normal(size=(n, *tile)).astype(np.float32)
+  full = tuple(g * w for g, w in zip(grid, tile))
+  shape = tuple(max(1, f - rng.integers(0, w)) for f, w in zip(full, tile))
+  for crop in (None, shape):
+    want = numpy_oracle(s.astype(np.float64), t.astype(np.float64), crop)
+    for k in range(1, len(grid) + 1):
+      for rowwise in itertools.combinations(range(len(grid)), k):
+        got = jax.jit(compose, static_argnums=(2, 3))(jnp.asarray(s), jnp.asarray(t), crop, rowwise)
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5, err_msg=f"rowwise={rowwise}")
+
+
 @pytest.mark.parametrize("n,grid,tile", CASES[:4])
 def test_compose_matches_numpy_kron_bfloat16(n, grid, tile):
   rng = np.random.default_rng(7)
@@ -81,3 +98,5 @@ def test_compose_rejects_mismatched_inputs():
     compose(jnp.ones((2, 3)), jnp.ones((3, 3)))
   with pytest.raises(ValueError, match="crop shape"):
     compose(jnp.ones((2, 3)), jnp.ones((2, 4)), shape=(13,))
+  with pytest.raises(ValueError, match="rowwise axes"):
+    compose(jnp.ones((2, 3)), jnp.ones((2, 4)), rowwise=(1,))

@@ -145,7 +145,8 @@ def test_sincos_table_is_big_visions():
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(variant="Q/16"), "unknown ViT variant 'Q/16'"),
+    (dict(variant="Q/16"), "unknown ViT variant .Q/16."),
+    (dict(variant="23B/14"), "unknown ViT variant .23B/14.*22B"),
     (dict(variant="S/16", num_heads=7), "num_heads=7 does not divide width=384"),
     (dict(variant="S/16", patch_size=15), "patch_size=15 does not divide image_size=224"),
     (dict(width=64, depth=2), r"ViT sizes \['mlp_dim', 'num_heads', 'patch_size'\] are not set"),
@@ -157,3 +158,45 @@ def test_sincos_table_is_big_visions():
 def test_bad_config_is_explained(kwargs, match):
   with pytest.raises(ValueError, match=match):
     vit.make_config(**kwargs)
+
+
+def closed_form_count(cfg) -> int:
+  """Parameters of big_vision's ViT (tok, learn) from its equations: patch embedding, position
+  embedding, class token, per block two LayerNorms, q/k/v/out with biases and the MLP, final norm, head."""
+  w, m = cfg.width, cfg.mlp_dim
+  block = 2 * 2 * w + 4 * (w * w + w) + 2 * w * m + m + w
+  return (cfg.patch_size ** 2 * cfg.channels * w + w + cfg.num_patches * w + w + cfg.depth * block + 2 * w
+          + w * cfg.num_classes + cfg.num_classes)
+
+
+@pytest.mark.parametrize("variant,published", [
+    ("B/16", 86.6e6), ("H/14", 632e6),
+    ("g/14", 1011e6), ("G/14", 1843e6),  # "Scaling Vision Transformers", table 2
+    ("e/14", 3.9e9),  # PaLI's ViT-e
+    ("22B/14", 21.7e9),  # ViT-22B's shape (its parallel blocks, QK norm and missing biases differ slightly)
+])
+def test_giant_variants_have_the_published_shapes(variant, published):
+  cfg = vit.make_config(variant)
+  abstract = jax.eval_shape(vit.ViT(cfg).init, jax.random.key(0), vit.dummy_input(cfg))
+  count = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(nn.unbox(abstract)["params"]))
+  assert count == closed_form_count(cfg)
+  assert abs(count - published) < 0.03 * published
+
+
+@pytest.mark.parametrize("policy", ["nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable"])
+def test_remat_policies_change_memory_not_values(policy):
+  """The same loss and gradients under every policy; the backward pass keeps fewer activations."""
+  import dataclasses
+  base = vit.make_config("mu/4", image_size=28, channels=1, num_classes=5, depth=3)
+  images = jax.random.normal(jax.random.key(1), (128, 28, 28, 1))
+  params = randomized(nn.unbox(jax.jit(vit.ViT(base).init)(jax.random.key(0), images[:1]))["params"], seed=3)
+
+  def grad_fn(cfg):
+    return jax.jit(jax.value_and_grad(lambda p: jnp.sum(jnp.tanh(vit.ViT(cfg).apply({"params": p}, images)))))
+
+  plain, remat = grad_fn(base), grad_fn(dataclasses.replace(base, remat_policy=policy))
+  chex.assert_trees_all_close(remat(params), plain(params), rtol=1e-5, atol=1e-6)
+  temp = lambda fn: fn.lower(params).compile().memory_analysis().temp_size_in_bytes
+  assert temp(remat) < 0.8 * temp(plain)
+  with pytest.raises(ValueError, match=r"remat_policy='everything'; use one of \('none', 'nothing_saveable'"):
+    vit.make_config("mu/4", remat_policy="everything")

@@ -228,7 +228,7 @@ def _flat_shapes(tree) -> dict[str, tuple]:
 def load_params(directory: str, mesh=None, expected_model=None):
   """Restores an export (plain parameters of any model family) onto one device, or sharded onto
   ``mesh`` by the logical rules. ``expected_model``: a model config the export must match (checked
-  first; the dtype may differ)."""
+  first; the runtime fields, e.g. the dtype, may differ)."""
   import dataclasses
   import flax.linen as nn
   from weit_jax import models, sharding
@@ -239,12 +239,12 @@ def load_params(directory: str, mesh=None, expected_model=None):
   if expected_model is not None:
     have, want = models.to_record(recorded), models.to_record(expected_model)
     diff = {k: (have.get(k), want.get(k)) for k in sorted(set(have) | set(want))
-            if k != "dtype" and have.get(k) != want.get(k)}
+            if k not in models.RUNTIME_FIELDS and have.get(k) != want.get(k)}
     if diff:
       raise CheckpointError(f"export {directory} is a {have['family']} {recorded.short_name()} but the model asked "
                             f"for is a {want['family']} {expected_model.short_name()}; differing fields (export, "
                             f"requested): {diff}.")
-    recorded = dataclasses.replace(recorded, dtype=expected_model.dtype)
+    recorded = dataclasses.replace(recorded, **models.runtime_of(expected_model))
   boxed = jax.eval_shape(models.build(recorded).init, jax.random.key(0), models.dummy_input(recorded))
   abstract = nn.unbox(boxed)["params"]
   if mesh is None:

@@ -68,6 +68,7 @@ PLACEMENT_FIELDS = (
     "log_every", "eval_every", "checkpoint_every", "keep_checkpoints",
     "total_steps", "steps",  # a run may be extended
     "overwrite", "resume_step", "dry_run", "dry_run.*",
+    "model.remat_policy", "target.remat_policy",  # recomputation: the same values, less memory
 )
 
 

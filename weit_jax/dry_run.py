@@ -20,6 +20,7 @@ status 2 and one line on stderr when the step does not fit in the chip's memory.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -169,7 +170,8 @@ def compile_materialize(config, setup, target: str, mesh):
   t_sh = sharding.shardings(gen.template_shapes(), gen.template_axes(), mesh)
   s_sh = sharding.shardings(gen.scaler_shapes(), gen.scaler_axes(), mesh)
   out_sh = sharding.shardings(gen.param_shapes(), gen.param_axes(), mesh)
-  fn = jax.jit(gen.materialize, in_shardings=(t_sh, s_sh), out_shardings=out_sh)
+  fn = jax.jit(functools.partial(gen.materialize, shardings=out_sh), in_shardings=(t_sh, s_sh),
+               out_shardings=out_sh)
   t0 = time.time()
   compiled = fn.lower(_abstract(gen.template_shapes(), t_sh), _abstract(gen.scaler_shapes(), s_sh)).compile()
   return compiled, cfg, gen, note, time.time() - t0
@@ -373,6 +375,9 @@ def run(config, workdir: str | None = None) -> dict[str, Any]:
                      "program's materialize step.")
   config_checks.check_ranges(config)
   dry = config.dry_run
+  target = dry.get("materialize")
+  if not target and not dry.get("pretrain_step", True):
+    raise ValueError("dry_run.pretrain_step=False leaves nothing to compile; give --config.dry_run.materialize=TARGET.")
   topo = parse_topology(dry.topology)
   hbm = float(dry.get("hbm_gib") or topo.chip.hbm_gib)
   devices = topology_devices(topo)
@@ -428,21 +433,27 @@ def run(config, workdir: str | None = None) -> dict[str, Any]:
     return compiled, extra, seconds
 
   variant = config.model.get("variant")
-  record("pretrain_step", f"Pre-training step, auxiliary {config.model.get('family', 'vit')} {variant or ''} "
-         f"(global batch {config.batch_size}):",
-         pretrain_step)
+  if dry.get("pretrain_step", True):
+    record("pretrain_step", f"Pre-training step, auxiliary {config.model.get('family', 'vit')} {variant or ''} "
+           f"(global batch {config.batch_size}):",
+           pretrain_step)
 
-  target = dry.get("materialize")
   if target:
+    # The init program's mesh (by default fsdp over every chip), not the pre-training one.
+    init_mesh = sharding.make_mesh(dict(dry.get("materialize_mesh") or dict(data=1, fsdp=-1, model=1)),
+                                   devices=devices)
+
     def materialize_step():
-      compiled, cfg, gen, note, seconds = compile_materialize(config, setup, target, mesh)
+      compiled, cfg, gen, note, seconds = compile_materialize(config, setup, target, init_mesh)
       if note:
         print(f"  note: {note}")
       counts = gen.counts()
-      return compiled, dict(model=cfg.short_name(), materialized_params=counts["materialized"],
+      return compiled, dict(model=cfg.short_name(), mesh=dict(init_mesh.shape),
+                            materialized_params=counts["materialized"],
                             template_params=counts["templates"], scaler_params=counts["scalers"],
                             note=note), seconds
-    record("materialize", f"Materialize step of the init program, target {target}:", materialize_step)
+    record("materialize", f"Materialize step of the init program, target {target}, mesh "
+           f"{dict(init_mesh.shape)}:", materialize_step)
 
   if workdir:
     from etils import epath

@@ -206,18 +206,52 @@ class WeightGenerator:
     return traverse_util.unflatten_dict(templates), traverse_util.unflatten_dict(scalers)
 
   def materialize(self, templates: Mapping[str, Any], scalers: Mapping[str, Any],
-                  dtype: Any = None) -> dict:
-    """The plain parameter tree: ``crop(sum_t kron(S_t, T_t))`` per parameter (and per layer)."""
+                  dtype: Any = None, shardings: Mapping[str, Any] | None = None) -> dict:
+    """The plain parameter tree: ``crop(sum_t kron(S_t, T_t))`` per parameter (and per layer).
+
+    ``shardings``: the parameters' ``NamedSharding`` tree (under ``jit``): each device then
+    computes only its own shard, from the (small) templates and scalers, so materializing a large
+    model peaks at about one shard per device (``_local_plan``).
+    """
     flat_t, flat_s = traverse_util.flatten_dict(templates), traverse_util.flatten_dict(scalers)
+    flat_sh = traverse_util.flatten_dict(shardings) if shardings is not None else {}
     out = {}
     for path, b in self.banks.items():
-      compose = functools.partial(kron.compose, shape=b.crop)
-      if b.layers:
-        w = jax.vmap(compose, in_axes=(0, None))(flat_s[path], flat_t[path])
-      else:
-        w = compose(flat_s[path], flat_t[path])
-      out[path] = w.astype(dtype) if dtype is not None else w
+      sh = flat_sh.get(path)
+      rowwise, grid = _local_plan(b, sh) if sh is not None else ((), b.grid)
+      lead = (slice(None),) * (2 if b.layers else 1)  # (layers,) N
+      s = flat_s[path][lead + tuple(slice(0, g) for g in grid)]  # whole tiles past the crop: unused
+      compose = functools.partial(kron.compose, shape=b.crop, rowwise=rowwise)
+      w = jax.vmap(compose, in_axes=(0, None))(s, flat_t[path]) if b.layers else compose(s, flat_t[path])
+      w = w.astype(dtype) if dtype is not None else w
+      out[path] = jax.lax.with_sharding_constraint(w, sh) if sh is not None else w
     return traverse_util.unflatten_dict(out)
+
+
+def _local_plan(bank: Bank, sharding) -> tuple[tuple[int, ...], tuple[int, ...]]:
+  """How to compose ``bank`` so that every device computes only its shard under ``sharding``:
+  (the axes to compose row by row, the scaler grid to use), axes counted after the layers axis.
+
+  One split axis is composed row by row (``kron.compose(rowwise=...)``): the one whose per-device
+  slice is not whole tiles (e.g. a width of 1280 in tiles of 64 over 16 devices: 80 entries each),
+  else the first. The other split axes stay Kronecker products, each device using only its own rows
+  of the scaler grid (cropped to the tiles the parameter uses, so the grid splits as the parameter
+  does); row by row there would cost N times a shard for each operand. An axis of neither kind (a
+  second one not of whole tiles) is row by row too.
+  """
+  spec = tuple(sharding.spec) + (None,) * (len(bank.shape) - len(sharding.spec))
+  mesh = dict(sharding.mesh.shape)
+  offset = 1 if bank.layers else 0
+  split = {}  # axis -> whether each device's slice is whole tiles
+  for axis, names in enumerate(spec[offset:]):
+    names = (names,) if isinstance(names, str) else tuple(names or ())
+    ways = math.prod(mesh[n] for n in names)
+    if ways > 1:
+      split[axis] = (bank.crop[axis] // ways) % bank.tile[axis] == 0
+  rowwise = [a for a, whole in split.items() if not whole] or list(split)[:1]
+  grid = tuple(bank.crop[a] // bank.tile[a] if a in split and a not in rowwise else g
+               for a, g in enumerate(bank.grid))
+  return tuple(rowwise), grid
 
 
 def _constant_scalers(b: Bank, value: float) -> jnp.ndarray:

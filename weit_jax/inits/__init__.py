@@ -76,7 +76,7 @@ def _weit(source, target, *, seed: int = 0) -> dict:
                      f"got {type(source).__name__}.")
   exported = models.from_record(checkpoint.read_export_meta(source)["model"])
   if type(exported) is not type(target) or dataclasses.replace(
-      exported, num_classes=target.num_classes, dtype=target.dtype) != target:
+      exported, num_classes=target.num_classes, **models.runtime_of(target)) != target:
     checkpoint.load_params(source, expected_model=target)  # raises, naming the differing fields
     raise ValueError(f"export {source} is a {exported.short_name()}, not the target {target.short_name()}.")
   params = common.to_numpy(checkpoint.load_params(source))

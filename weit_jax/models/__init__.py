@@ -45,6 +45,10 @@ from weit_jax.models import resnet, vit
 # weight selection. Every other named axis (``embed``, ``mlp``, ``stem``, ``res2``, ...) is a width axis.
 FIXED_AXES = frozenset({"layers", "classes", "tokens", "patch_h", "patch_w", "conv_h", "conv_w", "channels"})
 
+# Fields of every family's config that say how a model computes on a device, not which function it
+# is: an export or a run matches a model whatever these are, and each program sets its own.
+RUNTIME_FIELDS = ("dtype", "remat_policy")
+
 
 @dataclasses.dataclass(frozen=True)
 class Legacy:
@@ -223,7 +227,7 @@ def option_conflict(requested: Mapping[str, Any], source) -> tuple[str, Any, Any
 def target_config(fields: Mapping[str, Any], source):
   """The config of one target (``parse_targets`` output) initialized from templates of ``source``:
   fields the target does not name come from its variant, else from the source; the dataset's
-  fields, the options (``option_fields``) and dtype always from the source."""
+  fields, the options (``option_fields``) and the runtime fields always from the source."""
   family = family_of(source)
   fields = dict(fields)
   if (conflict := option_conflict(fields, source)):
@@ -238,9 +242,14 @@ def target_config(fields: Mapping[str, Any], source):
   base.update(family.derive(dict(fields, **({"variant": variant} if variant else {})), base, source))
   base.pop("variant", None)
   data = {k: getattr(source, k) for k in family.data_fields + family.option_fields}
-  return family.make_config(**base, **data, dtype=source.dtype)
+  return family.make_config(**base, **data, **runtime_of(source))
+
+
+def runtime_of(config) -> dict[str, Any]:
+  """``config``'s ``RUNTIME_FIELDS``."""
+  return {k: getattr(config, k) for k in RUNTIME_FIELDS}
 
 
 __all__ = ["FAMILIES", "FIXED_AXES", "Family", "Legacy", "build", "classifier_paths", "dummy_input", "family_of",
            "from_config", "from_record", "get", "init_params", "legacy_of", "option_conflict", "parse_targets", "resnet",
-           "target_config", "to_record", "vit", "with_fresh_classifier"]
+           "RUNTIME_FIELDS", "runtime_of", "target_config", "to_record", "vit", "with_fresh_classifier"]

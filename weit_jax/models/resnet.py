@@ -26,6 +26,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from weit_jax.models import remat
+
 # The root conv: 3x3/1 (full resolution) | 3x3/2 (28-32 px images: stages at 1/2, 1/4, 1/8 of the input,
 # about a quarter of the compute of 'small') | 7x7/2 + 3x3/2 max pool (ImageNet).
 STEMS = ("small", "strided", "imagenet")
@@ -70,6 +72,7 @@ class ResNetConfig:
   channels: int = 3
   num_classes: int = 1000
   dtype: str = "float32"
+  remat_policy: str = "none"  # how, not what: see weit_jax.models.remat
 
   def __post_init__(self):
     object.__setattr__(self, "depth", tuple(int(d) for d in self.depth))
@@ -124,6 +127,7 @@ def make_config(variant: str | None = None, **overrides: Any) -> ResNetConfig:
                          f"{divisors}.")
   if cfg.dtype not in ("float32", "bfloat16"):
     raise ValueError(f"dtype={cfg.dtype!r}; use 'float32' or 'bfloat16'.")
+  remat.check(cfg.remat_policy)
   return cfg
 
 
@@ -196,12 +200,13 @@ class ResNetStage(nn.Module):
   groups: int
   strides: tuple[int, int]
   dtype: Any = jnp.float32
+  remat_policy: str = "none"
 
   @nn.compact
   def __call__(self, x):
     _, ax_a, ax_b, ax_out = self.axes
     x, _ = ResidualUnit(self.mid, self.axes, self.groups, self.strides, self.dtype, name="unit1")(x)
-    units = nn.scan(ResidualUnit, variable_axes={"params": 0}, split_rngs={"params": True},
+    units = nn.scan(remat.wrap(ResidualUnit, self.remat_policy), variable_axes={"params": 0}, split_rngs={"params": True},
                     length=self.depth - 1, metadata_params={nn.PARTITION_NAME: "layers"})
     x, _ = units(self.mid, (ax_out, ax_a, ax_b, ax_out), self.groups, dtype=self.dtype, name="units")(x, None)
     return x
@@ -228,7 +233,7 @@ class ResNet(nn.Module):
     for s, depth in enumerate(c.depth, 1):
       axes = (ax_in, f"mid{s}a", f"mid{s}b", f"res{s}")
       x = ResNetStage(depth, c.mid(s), axes, c.num_groups, (1, 1) if s == 1 else (2, 2), dtype,
-                      name=f"block{s}")(x)
+                      c.remat_policy, name=f"block{s}")(x)
       ax_in = f"res{s}"
     x = jnp.mean(x.astype(jnp.float32), axis=(1, 2)).astype(dtype)
     logits = nn.Dense(c.num_classes, dtype=dtype, name="head",

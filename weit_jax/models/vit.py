@@ -26,7 +26,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-# Named sizes: big_vision's, plus small ones that train in minutes on a laptop CPU.
+from weit_jax.models import remat
+
+# Named sizes: big_vision's (up to g, G, e), ViT-22B's shape (arXiv:2302.05442; only the shape: its
+# parallel blocks, QK normalization and bias-free layers are not this model), plus small ones that
+# train in minutes on a laptop CPU.
 VARIANTS = {
     "mu": dict(width=32, depth=2, mlp_dim=64, num_heads=2),
     "pico": dict(width=64, depth=3, mlp_dim=128, num_heads=2),
@@ -37,6 +41,10 @@ VARIANTS = {
     "B": dict(width=768, depth=12, mlp_dim=3072, num_heads=12),
     "L": dict(width=1024, depth=24, mlp_dim=4096, num_heads=16),
     "H": dict(width=1280, depth=32, mlp_dim=5120, num_heads=16),
+    "g": dict(width=1408, depth=40, mlp_dim=6144, num_heads=16),
+    "G": dict(width=1664, depth=48, mlp_dim=8192, num_heads=16),
+    "e": dict(width=1792, depth=56, mlp_dim=15360, num_heads=16),
+    "22B": dict(width=6144, depth=48, mlp_dim=24576, num_heads=48),
 }
 SIZE_FIELDS = ("width", "depth", "mlp_dim", "num_heads", "patch_size")
 POOL_TYPES = ("tok", "gap")  # head on the class token | on the mean of the patch tokens
@@ -59,6 +67,7 @@ class ViTConfig:
   dtype: str = "float32"
   pool_type: str = "tok"
   posemb: str = "learn"
+  remat_policy: str = "none"  # how, not what: see weit_jax.models.remat
 
   @property
   def num_patches(self) -> int:
@@ -79,11 +88,11 @@ class ViTConfig:
 
 def parse_variant(variant: str) -> dict[str, int]:
   """``'S/16'`` -> sizes of ViT-S with patch 16. Raises ValueError naming the valid variants."""
-  m = re.fullmatch(r"([A-Za-z]+)/(\d+)", variant or "")
+  m = re.fullmatch(r"(\w+)/(\d+)", variant or "")
   if not m or m.group(1) not in VARIANTS:
     raise ValueError(
         f"unknown ViT variant {variant!r}; use NAME/PATCH with NAME one of {sorted(VARIANTS)} "
-        f"(e.g. 'S/16', 'pico/4').")
+        f"(e.g. 'S/16', 'pico/4', '22B/14').")
   return dict(VARIANTS[m.group(1)], patch_size=int(m.group(2)))
 
 
@@ -113,6 +122,7 @@ def make_config(variant: str | None = None, **overrides: Any) -> ViTConfig:
     raise ValueError(f"patch_size={cfg.patch_size} does not divide image_size={cfg.image_size}.")
   if cfg.dtype not in ("float32", "bfloat16"):
     raise ValueError(f"dtype={cfg.dtype!r}; use 'float32' or 'bfloat16'.")
+  remat.check(cfg.remat_policy)
   if cfg.pool_type not in POOL_TYPES:
     raise ValueError(f"ViT pool_type={cfg.pool_type!r}; use one of {POOL_TYPES} (big_vision's names).")
   if cfg.posemb not in POSEMBS:
@@ -185,12 +195,13 @@ class Encoder(nn.Module):
   mlp_dim: int
   num_heads: int
   dtype: Any = jnp.float32
+  remat_policy: str = "none"
 
   @nn.compact
   def __call__(self, x):
     # One block traced once, its parameters stacked on a leading `layers` axis: compile time does
     # not grow with depth, and the generator sees one template bank per parameter kind.
-    blocks = nn.scan(Encoder1DBlock, variable_axes={"params": 0}, split_rngs={"params": True},
+    blocks = nn.scan(remat.wrap(Encoder1DBlock, self.remat_policy), variable_axes={"params": 0}, split_rngs={"params": True},
                      length=self.depth, metadata_params={nn.PARTITION_NAME: "layers"})
     x, _ = blocks(self.mlp_dim, self.num_heads, dtype=self.dtype, name="encoderblock")(x, None)
     return _layer_norm(self.dtype, name="encoder_norm")(x)
@@ -220,7 +231,7 @@ class ViT(nn.Module):
     if c.pool_type == "tok":
       cls = self.param("cls", _p(nn.initializers.zeros, (None, None, "embed")), (1, 1, d))
       x = jnp.concatenate([jnp.tile(cls.astype(dtype), (n, 1, 1)), x], axis=1)
-    x = Encoder(c.depth, c.mlp_dim, c.num_heads, dtype=dtype, name="Transformer")(x)
+    x = Encoder(c.depth, c.mlp_dim, c.num_heads, dtype=dtype, remat_policy=c.remat_policy, name="Transformer")(x)
     x = x[:, 0] if c.pool_type == "tok" else jnp.mean(x, axis=1)
     logits = nn.Dense(c.num_classes, dtype=dtype, name="head",
                       kernel_init=_p(nn.initializers.zeros, ("embed", "classes")),

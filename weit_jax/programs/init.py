@@ -7,6 +7,7 @@ target's shardings, and export them (plus the compact templates + scalers form).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 
 import flax.linen as nn
@@ -23,7 +24,7 @@ def _targets_from_config(config, source) -> list:
   family = models.family_of(source)
   if config.targets:
     return [models.target_config(f, source) for f in models.parse_targets(config.targets, family)]
-  fields = {k: v for k, v in config.target.items() if v is not None and k != "dtype"}
+  fields = {k: v for k, v in config.target.items() if v is not None and k not in models.RUNTIME_FIELDS}
   wanted = fields.pop("family", family.name)
   if wanted != family.name:
     raise ValueError(f"config.target is a {wanted} model, but the templates in {config.templates} are of the "
@@ -160,7 +161,8 @@ def _init_one(config, workdir, target: Target, templates, src_setup, src_params,
 
   # ----- materialize with the target's shardings, export -------------------------------------------
   out_sh = sharding.shardings(gen.param_shapes(), gen.param_axes(), mesh)
-  plain = jax.jit(gen.materialize, out_shardings=out_sh)(params["templates"], params["scalers"])
+  plain = jax.jit(functools.partial(gen.materialize, shardings=out_sh), out_shardings=out_sh)(
+      params["templates"], params["scalers"])
   record = dict(
       model=models.to_record(cfg),
       template_source=dict(workdir=checkpoint.absolute(config.templates), step=int(src_step)),

@@ -17,7 +17,7 @@ def initial_params(config, cfg):
   if not config.init:
     return None
   exported = models.from_record(checkpoint.read_export_meta(config.init)["model"])
-  if dataclasses.replace(exported, num_classes=cfg.num_classes, dtype=cfg.dtype) != cfg:
+  if dataclasses.replace(exported, num_classes=cfg.num_classes, **models.runtime_of(cfg)) != cfg:
     checkpoint.load_params(config.init, expected_model=cfg)  # raises, naming the differing fields
   params = jax.device_get(checkpoint.load_params(config.init))
   if exported.num_classes != cfg.num_classes:
@@ -62,7 +62,7 @@ def validate(config, workdir: str):
       raise ValueError(f"{config.init} is an export of a model with {name}={have!r}, but --config.model.{name}="
                        f"{want!r}; leave it unset (the export's) or give an export of that option.")
     fields = dict({k: getattr(exported, k) for k in family.target_fields + family.option_fields},
-                  family=family.name, dtype=config.model.dtype)
+                  family=family.name, **{k: config.model.get(k) for k in models.RUNTIME_FIELDS})
   cfg = model_config_from(config, fields)
   model = models.build(cfg)
   mesh = sharding.make_mesh(dict(config.mesh))
