@@ -32,10 +32,28 @@ ROWS = (
     [("pretrain", "B/16", t, [], "H/14" if t == "v5e:16x16" else None) for t in PRETRAIN_SLICES]
     + [("pretrain", "B/16", "v5e:4x4", ["--config.batch_size=1024"], None)]  # a batch a 16-chip slice holds
     + [("pretrain", "L/16", t, [], None) for t in PRETRAIN_SLICES]
-    # Materializing ViT-H/14 with its weights sharded over all chips (fsdp), as an init run would.
-    + [("materialize", "B/16", t, ["--config.mesh.data=1", "--config.mesh.fsdp=-1"], "H/14")
-       for t in ("v5e:4x4", "v5e:16x16", "v4:2x2x4")]
+    # Activation rematerialization: the paper's batch on the smallest slice, and FLOPs at a batch that
+    # fits without it (the overhead).
+    + [("pretrain", "B/16", "v5e:4x4", [f"--config.model.remat_policy={p}", *b], None)
+       for b in ([], ["--config.batch_size=1024"])
+       for p in ("nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable")]
 )
+
+# Materializing a target on the init program's default mesh (fsdp over all chips), per slice:
+# `--materialize-sweep` (one process per slice, each target compiled by weit_jax.dry_run's own
+# functions). `--code=DIR` runs another checkout's weit_jax (the 'before' column).
+SWEEP_TARGETS = (("B/16", "B/16"), ("H/14", "H/14"), ("G/14", "depth=48,width=1664,heads=16,mlp=8192,patch=14"),
+                 ("22B/14", "depth=48,width=6144,heads=48,mlp=24576,patch=14"))
+SWEEP_INTRO = """
+`generator.materialize` under `jit` for a target, templates and scalers in (the default pre-training
+config's tiles: embed/mlp 64, kv 16, heads 1, N = 4), the plain float32 weights out into their
+shardings, on the init program's default mesh: fsdp over every chip (`--config.mesh`,
+`--config.dry_run.materialize_mesh`). *Before*: each chip composed whole rows of the Kronecker product and
+XLA moved them into place; *after*: each chip composes only its own shard (`generator._local_plan`:
+a split axis whose per-chip slice is not whole tiles is composed row by row). *Temps in shards*:
+temporaries / the chip's output (its shard). The goal: temporaries at most one shard.
+"""
+SWEEP_SLICES = ("v5e:2x2", "v5e:2x4", "v5e:4x4", "v5e:8x8", "v5e:16x16", "v5p:2x2x1", "v5p:2x2x2", "v5p:2x2x4")
 
 
 def command(python: str, variant: str, topology: str, extra: list[str], materialize: str | None,
@@ -121,11 +139,99 @@ def run_row(python, row, timeout):
               stderr_tail=[l for l in proc.stderr.splitlines() if l.startswith("error:")][-1:])
 
 
+def _remat(extra) -> str:
+  for flag in extra:
+    if flag.startswith("--config.model.remat_policy="):
+      return flag.split("=", 1)[1]
+  return "none"
+
+
 def _batch(extra) -> int:
   for flag in extra:
     if flag.startswith("--config.batch_size="):
       return int(flag.split("=", 1)[1])
   return 4096
+
+
+def sweep_slice(topology: str) -> list[dict]:
+  """Compiles the materialize step of every SWEEP_TARGETS on ``topology`` (this process: the
+  weit_jax on sys.path). Templates: the default pre-training config's tiles, shaped for the target."""
+  from configs import vit_pretrain
+  from weit_jax import dry_run, sharding
+  from weit_jax.programs import pretrain
+  config = vit_pretrain.get_config()
+  config.model.variant = "B/16"
+  setup = pretrain.build(config)
+  topo = dry_run.parse_topology(topology)
+  devices = dry_run.topology_devices(topo)
+  mesh = sharding.make_mesh(dict(data=1, fsdp=-1, model=1), devices=devices)
+  out = []
+  for name, spec in SWEEP_TARGETS:
+    t0 = time.time()
+    try:
+      compiled, cfg, gen, _, _ = dry_run.compile_materialize(config, setup, spec, mesh)
+      r = dry_run.analyze(compiled, topo.chip, topo.chip.hbm_gib)
+      r = {k: v for k, v in r.items() if k != "flops_notes"}
+      r.update(model=cfg.short_name(), materialized_params=gen.counts()["materialized"])
+    except Exception as e:  # noqa: BLE001: the TPU compiler refuses what exceeds HBM
+      if "RESOURCE_EXHAUSTED" not in str(e) and "ran out of memory" not in str(e).lower():
+        raise
+      r = dict(fits=False, error=next((l for l in str(e).splitlines() if l.strip()), "")[:300])
+    out.append(dict(target=name, topology=topology, chips=topo.num_chips, hbm_gib=topo.chip.hbm_gib,
+                    compile_s=round(time.time() - t0, 1), **r))
+    print(f"  {name} on {topology}: {'fits' if r['fits'] else 'does not fit'} ({out[-1]['compile_s']:.0f} s)",
+          file=sys.stderr, flush=True)
+  return out
+
+
+def run_sweep(python: str, code: str, timeout: int) -> list[dict]:
+  rows = []
+  for topology in SWEEP_SLICES:
+    proc = subprocess.run([python, os.path.abspath(__file__), f"--sweep-slice={topology}", f"--code={code}"],
+                          cwd=code, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
+                          timeout=timeout)
+    if proc.returncode:
+      print(proc.stderr[-3000:], file=sys.stderr)
+      raise SystemExit(f"the sweep of {topology} failed (exit {proc.returncode})")
+    rows += json.loads(proc.stdout.strip().splitlines()[-1])
+    print(proc.stderr.strip(), flush=True)
+  return rows
+
+
+def _peak(r) -> str:
+  if "output_bytes" not in r:
+    return "compiler: " + _refusal(r.get("error", ""))
+  return (f"{_g(r['output_bytes'])} / {_g(r['temp_bytes'])} / {_g(r['total_bytes'])}"
+          f"{'' if r['fits'] else ' **no**'}")
+
+
+def sweep_table(sweeps: dict) -> list[str]:
+  """Per target and slice: outputs / temporaries / total per chip, before and after; then the
+  smallest slice of each generation that initializes the target."""
+  after, before = sweeps.get("after", {}).get("rows", []), sweeps.get("before", {}).get("rows", [])
+  find = lambda rows, t, s: next((r for r in rows if r["target"] == t and r["topology"] == s), None)
+  out = ["| target (weights) | slice | chips | HBM GiB | before: outputs / temps / total per chip, GiB "
+         "| after: outputs / temps / total, GiB | temps after, in shards |",
+         "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+  for name, _ in SWEEP_TARGETS:
+    for topology in SWEEP_SLICES:
+      a, b = find(after, name, topology), find(before, name, topology)
+      if a is None:
+        continue
+      weights = f" ({a['materialized_params'] / 1e9:.2f}B)" if "materialized_params" in a else ""
+      shards = f"{a['temp_bytes'] / a['output_bytes']:.2f}" if "output_bytes" in a else ""
+      out.append(f"| ViT-{name}{weights} | {topology} | {a['chips']} | {a['hbm_gib']:g} | "
+                 f"{_peak(b) if b else 'not run'} | {_peak(a)} | {shards} |")
+  out += ["", "Smallest slice that initializes each target (of those above):", "",
+          "| target | v5e before | v5e after | v5p before | v5p after |", "| --- | --- | --- | --- | --- |"]
+  for name, _ in SWEEP_TARGETS:
+    cells = []
+    for gen in ("v5e", "v5p"):
+      for rows in (before, after):
+        fit = [r for r in rows if r["target"] == name and r["topology"].startswith(gen + ":") and r["fits"]]
+        cells.append(min(fit, key=lambda r: r["chips"])["topology"] if fit else ("not run" if not rows else "none"))
+    out.append(f"| ViT-{name} | " + " | ".join(cells) + " |")
+  return out
 
 
 def _refusal(error: str) -> str:
@@ -141,9 +247,9 @@ def _g(b):
 
 
 def pretrain_table(runs) -> list[str]:
-  out = ["| model | slice | chips | global batch (per chip) | args / temps / total per chip, GiB | HBM GiB | fits "
+  out = ["| model | remat | slice | chips | global batch (per chip) | args / temps / total per chip, GiB | HBM GiB | fits "
          "| FLOPs per chip (HLO) | XLA cost analysis | step time at peak | model FLOPs per chip | MFU bound |",
-         "| --- | --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
+         "| --- | --- | --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
   for r in runs:
     kind, variant, topology, _, _ = r["row"]
     if kind != "pretrain":
@@ -151,40 +257,42 @@ def pretrain_table(runs) -> list[str]:
     res = r["result"] or {}
     s = res.get("steps", {}).get("pretrain_step")
     if s is None:
-      out.append(f"| ViT-{variant} | {topology} | | | | | {r['status']} | | | | | |")
+      out.append(f"| ViT-{variant} | {_remat(r['row'][3])} | {topology} | | | | | {r['status']} | | | | | |")
       continue
     if "argument_bytes" not in s:  # the compiler refused it
       b = _batch(r["row"][3])
-      out.append(f"| ViT-{variant} | {topology} | {res['chips']} | {b} ({b // res['chips']}) | "
+      out.append(f"| ViT-{variant} | {_remat(r['row'][3])} | {topology} | {res['chips']} | {b} ({b // res['chips']}) | "
                  f"compiler: {_refusal(s.get('error', ''))} | {res['hbm_gib']:g} | **no** | | | | | |")
       continue
     out.append(
-        f"| ViT-{variant} | {topology} | {res['chips']} | {s['batch_size']} ({s['per_chip_batch']:g}) | "
+        f"| ViT-{variant} | {_remat(r['row'][3])} | {topology} | {res['chips']} | {s['batch_size']} ({s['per_chip_batch']:g}) | "
         f"{_g(s['argument_bytes'])} / {_g(s['temp_bytes'])} / {_g(s['total_bytes'])} | {res['hbm_gib']:g} | "
         f"{'yes' if s['fits'] else '**no**'} | {s['flops_per_chip']:.3g} | {s['xla_cost_flops']:.3g} | "
         f"{1e3 * s['step_time_at_peak_s']:.1f} ms | {s['model_flops_per_chip']:.3g} | {100 * s['mfu_bound']:.1f}% |")
   return out
 
 
-def materialize_table(runs) -> list[str]:
-  out = ["| target | slice | chips | mesh | args / outputs / temps / total per chip, GiB | HBM GiB | fits "
-         "| FLOPs per chip | time at peak |",
-         "| --- | --- | ---: | --- | ---: | ---: | --- | ---: | ---: |"]
-  for r in runs:
-    res = r["result"] or {}
-    s = res.get("steps", {}).get("materialize")
-    if s is None:
+def remat_findings(pre) -> list[str]:
+  """Which remat policy fits ViT-B/16 at batch 4096 on v5e:4x4, and what it costs in FLOPs (against
+  no remat at a batch that fits without it)."""
+  out = []
+  pick = lambda policy, batch: next((s for r, s in pre if r["row"][1] == "B/16" and r["row"][2] == "v5e:4x4"
+                                     and _remat(r["row"][3]) == policy and _batch(r["row"][3]) == batch), None)
+  base = pick("none", 1024)
+  for policy in ("nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable"):
+    big, small = pick(policy, 4096), pick(policy, 1024)
+    if big is None:
       continue
-    mesh = ", ".join(f"{k}={v}" for k, v in res["mesh"].items() if v > 1) or "1 chip"
-    if "argument_bytes" not in s:
-      out.append(f"| ViT-{r['row'][4]} | {res['topology']} | {res['chips']} | {mesh} | "
-                 f"compiler: {_refusal(s.get('error', ''))} | {res['hbm_gib']:g} | **no** | | |")
-      continue
-    out.append(f"| ViT-{r['row'][4]} ({s['materialized_params'] / 1e6:.0f}M weights) | {res['topology']} | "
-               f"{res['chips']} | {mesh} | {_g(s['argument_bytes'])} / {_g(s['output_bytes'])} / "
-               f"{_g(s['temp_bytes'])} / {_g(s['total_bytes'])} | {res['hbm_gib']:g} | "
-               f"{'yes' if s['fits'] else '**no**'} | {s['flops_per_chip']:.3g} | "
-               f"{1e6 * s['step_time_at_peak_s']:.0f} us |")
+    fits = big.get("fits") and "argument_bytes" in big
+    text = (f"- remat `{policy}`: ViT-B/16 at global batch 4096 on v5e:4x4 "
+            + (f"fits ({big['total_bytes'] / GIB:.1f} GiB per chip, {big['temp_bytes'] / GIB:.1f} GiB of temporaries)"
+               if fits else f"does not fit ({_refusal(big.get('error', '')) if 'error' in big else _g(big['total_bytes']) + ' GiB'})"))
+    if small and base and "flops_per_chip" in small and "flops_per_chip" in base:
+      text += (f"; its compiled FLOPs at batch 1024 are {small['flops_per_chip'] / base['flops_per_chip']:.2f}x "
+               f"those without remat (MFU bound {100 * small['mfu_bound']:.1f}% vs {100 * base['mfu_bound']:.1f}%).")
+    else:
+      text += "."
+    out.append(text)
   return out
 
 
@@ -194,7 +302,8 @@ def findings(runs) -> list[str]:
   pre = [(r, r["result"]["steps"]["pretrain_step"]) for r in runs
          if r["row"][0] == "pretrain" and r["result"] and "pretrain_step" in r["result"]["steps"]]
   for variant in sorted({r["row"][1] for r, _ in pre}):
-    rows = [(r, s) for r, s in pre if r["row"][1] == variant and _batch(r["row"][3]) == 4096]
+    rows = [(r, s) for r, s in pre if r["row"][1] == variant and _batch(r["row"][3]) == 4096
+            and _remat(r["row"][3]) == "none"]
     fit = [(r, s) for r, s in rows if s.get("fits") and "argument_bytes" in s]
     no = [r["row"][2] for r, s in rows if not s.get("fits")]
     if not fit:
@@ -207,14 +316,15 @@ def findings(runs) -> list[str]:
         + (f"; not on {', '.join(no)}" if no else "") + f". The arguments are small (at most {state:.2f} GiB "
         f"per chip: the templates, scalers and their Adam moments, replicated over `data`, and the batch "
         f"shard); temporaries for the per-chip batch are the rest (activations kept for the backward "
-        f"pass, no rematerialization): {tight[1]['temp_bytes'] / GIB:.1f} GiB at "
+        f"pass, without rematerialization): {tight[1]['temp_bytes'] / GIB:.1f} GiB at "
         f"{tight[1]['per_chip_batch']:g} images per chip on {tight[0]['row'][2]}.")
     for r, s in fit:
       if r["row"][2] == "v5e:16x16":
         out.append(f"  On v5e:16x16: {s['flops_per_chip']:.3g} FLOPs per chip per step, at least "
                    f"{1e3 * s['step_time_at_peak_s']:.1f} ms per step at peak, i.e. at most "
                    f"{4096 / s['step_time_at_peak_s'] / 1e3:.0f}k images/s for the slice.")
-  mfu = [s["mfu_bound"] for _, s in pre if s.get("mfu_bound")]
+  out += remat_findings(pre)
+  mfu = [s["mfu_bound"] for r, s in pre if s.get("mfu_bound") and _remat(r["row"][3]) == "none"]
   if mfu:
     out.append(f"- The compiled FLOPs are the plain ViT's model FLOPs to within {100 * abs(1 - min(mfu)):.1f}%: "
                f"materializing the weights from the templates every step costs little next to the "
@@ -238,53 +348,86 @@ def machine() -> str:
           f"Python {platform.python_version()}, jax {jax.__version__}, libtpu {libtpu}")
 
 
-def write(runs, out_path, header_note, *, made: str, date: str):
+def write(runs, sweeps, out_path, *, made: str, date: str):
   lines = INTRO.rstrip().splitlines()
   lines += ["", f"Generated {date} by `benchmarks/scale_table.py` on: {made}.", ""]
-  if header_note:
-    lines += [header_note, ""]
   lines += ["## Pre-training (the default config: auxiliary ViT, global batch 4096, bf16 compute, "
             "tiles embed/mlp 64, kv 16, N = 4, AdamW; mesh data = all chips)", ""]
   lines += pretrain_table(runs)
-  lines += ["", "## Materializing ViT-H/14 (the init program's export step)", ""]
-  lines += materialize_table(runs)
+  lines += ["", "## Materializing a target (the init program's export step)", "", SWEEP_INTRO.strip(), ""]
+  for label in ("before", "after"):
+    if label in sweeps:
+      lines.append(f"- *{label}*: weit_jax at commit {sweeps[label]['commit']}, {sweeps[label]['date']}: "
+                   f"`{sweeps[label]['command']}`")
+  lines += [""] + sweep_table(sweeps)
   lines += [""] + findings(runs)
   lines += ["", "## Commands", "", "Each row, as run (with `JAX_PLATFORMS=cpu`, in the environment that has "
             "libtpu):", ""]
   lines += [f"    {r['command']}    # {r['status']}, {r['wall_s']:.0f} s" for r in runs]
+  lines += [f"    {sweeps[label]['command']}    # the materialize sweep, {label}" for label in ("before", "after")
+            if label in sweeps]
   lines += [""]
   with open(out_path, "w") as f:
     f.write("\n".join(lines))
+
+
+def _commit(code: str) -> str:
+  proc = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=code, capture_output=True, text=True)
+  dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=code, capture_output=True,
+                         text=True).stdout.strip()
+  return (proc.stdout.strip() or "unknown") + (" (with uncommitted changes)" if dirty else "")
 
 
 def main():
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--python", default=sys.executable, help="the Python with libtpu (default: this one)")
   p.add_argument("--out", default=os.path.join(ROOT, "docs", "scale.md"))
-  p.add_argument("--only", default=None, help="only rows whose model variant or topology contains this")
+  p.add_argument("--only", default=None, help="only rows whose model variant, topology or flags contain this; "
+                 "they replace the same rows of the saved runs")
   p.add_argument("--timeout", type=int, default=900, help="seconds per dry run")
   p.add_argument("--render", default=None, metavar="RUNS_JSON",
                  help="only rewrite the document from the runs a previous invocation saved")
+  p.add_argument("--materialize-sweep", default=None, choices=("before", "after"),
+                 help="compile the materialize step of every target on every slice of the sweep with the "
+                      "weit_jax of --code, save it as this column, rewrite the document")
+  p.add_argument("--code", default=ROOT, help="the checkout whose weit_jax the sweep runs (default: this one)")
+  p.add_argument("--sweep-slice", default=None, help=argparse.SUPPRESS)  # internal: one slice of the sweep
   args = p.parse_args()
+  if args.sweep_slice:
+    sys.path.insert(0, os.path.abspath(args.code))
+    print(json.dumps(sweep_slice(args.sweep_slice)))
+    return
   runs_path = os.path.splitext(args.out)[0] + "_runs.json"
+  saved = json.load(open(args.render or runs_path)) if os.path.exists(args.render or runs_path) else {}
+  runs = saved.get("runs", [])
+  for r in runs:
+    r["row"] = tuple(r["row"])
+  sweeps = saved.get("sweeps", {})
   if args.render:
-    saved = json.load(open(args.render))
-    runs = saved["runs"]
-    for r in runs:
-      r["row"] = tuple(r["row"])
-    write(runs, args.out, None, made=saved["machine"], date=saved["date"])
+    write(runs, sweeps, args.out, made=saved["machine"], date=saved["date"])
     print(f"wrote {args.out}")
     return
-  rows = [r for r in ROWS if not args.only or args.only in r[1] or args.only in r[2]]
-  runs = []
-  for row in rows:
-    print(f"{row[0]} {row[1]} on {row[2]} {' '.join(row[3])} ...", flush=True)
-    runs.append(run_row(args.python, row, args.timeout))
-    print(f"  {runs[-1]['status']} in {runs[-1]['wall_s']:.0f} s", flush=True)
   date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+  if args.materialize_sweep:
+    code = os.path.abspath(args.code)
+    rows = run_sweep(args.python, code, args.timeout)
+    sweeps[args.materialize_sweep] = dict(date=date, commit=_commit(code), rows=rows,
+                                          command=f"python benchmarks/scale_table.py --materialize-sweep="
+                                                  f"{args.materialize_sweep}" + (" --code=CHECKOUT" if code != ROOT else ""))
+  else:
+    rows = [r for r in ROWS if not args.only or any(args.only in x for x in (r[1], r[2], *r[3]))]
+    fresh = []
+    for row in rows:
+      print(f"{row[0]} {row[1]} on {row[2]} {' '.join(row[3])} ...", flush=True)
+      fresh.append(run_row(args.python, row, args.timeout))
+      print(f"  {fresh[-1]['status']} in {fresh[-1]['wall_s']:.0f} s", flush=True)
+    keys = {json.dumps(r["row"]) for r in fresh}
+    kept = [r for r in runs if args.only and json.dumps(r["row"]) not in keys and tuple(r["row"]) in ROWS]
+    order = {json.dumps(row): i for i, row in enumerate(ROWS)}
+    runs = sorted(kept + fresh, key=lambda r: order[json.dumps(r["row"])])
   with open(runs_path, "w") as f:
-    json.dump(dict(date=date, machine=machine(), runs=runs), f, indent=1)
-  write(runs, args.out, None, made=machine(), date=date)
+    json.dump(dict(date=date, machine=machine(), runs=runs, sweeps=sweeps), f, indent=1)
+  write(runs, sweeps, args.out, made=machine(), date=date)
   print(f"wrote {args.out} and {runs_path}")
 
 

@@ -329,7 +329,8 @@ def _saved_at(result) -> int:
 
 def test_pretraining_resumes_on_another_mesh_and_device_count(tmp_path, env, data_flags):
   """8 devices with fsdp=8, stopped (SIGTERM, as a pod's maintenance event); resumed on the same 8
-  devices as data=2 x fsdp=4, stopped again; resumed on 1 device to the end. The workdir guard
+  devices as data=2 x fsdp=4 with rematerialization (``model.remat_policy``: how, not what), stopped
+  again; resumed on 1 device to the end. The workdir guard
   accepts each restart, and every logged loss equals the uninterrupted 8-device run's (to float
   tolerance: another mesh sums in another order; observed at most 1.2e-7, relative, while
   consecutive batches' losses differ by ~3e-4 from step 3 on, so a batch out of place would show)."""
@@ -340,7 +341,8 @@ def test_pretraining_resumes_on_another_mesh_and_device_count(tmp_path, env, dat
   first = run_main(args + ["--config.mesh.fsdp=8", "--config.mesh.data=1"], workdir, env,
                    extra_env=_eight_devices(env), signal_after_step=EVERY + 1, sig=signal.SIGTERM)
   assert first.returncode == 143, first.stdout[-2000:] + first.stderr[-2000:]
-  second = run_main(args + ["--config.mesh.fsdp=4", "--config.mesh.data=2"], workdir, env,
+  second = run_main(args + ["--config.mesh.fsdp=4", "--config.mesh.data=2",
+                            "--config.model.remat_policy=nothing_saveable"], workdir, env,
                     extra_env=_eight_devices(env), signal_after_step=3 * EVERY + 1, sig=signal.SIGTERM)
   assert second.returncode == 143 and second.resumed_from() == _saved_at(first), second.stderr[-2000:]
   third = ok(run_main(args, workdir, env))  # one device, the config's default mesh
