@@ -30,6 +30,12 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("patch_h", None),
     ("patch_w", None),
     ("channels", None),
+    ("conv_h", None),
+    ("conv_w", None),
+    # A ResNet's channel axes (models/resnet.py: stem, then per stage mid{s}a, mid{s}b, res{s}); a
+    # kernel has two of them, and the first listed here takes fsdp.
+    ("stem", "fsdp"),
+    *((name, "fsdp") for s in range(1, 9) for name in (f"mid{s}a", f"mid{s}b", f"res{s}")),
 )
 
 
