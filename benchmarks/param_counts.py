@@ -8,7 +8,7 @@ import importlib
 
 from weit_jax import generator, models
 
-DEFAULTS = {"vit": "Ti/16,S/16,B/16,L/16,H/14", "resnet": "R26,R50,R101,R152"}
+DEFAULTS = {"vit": "Ti/16,S/16,B/16,L/16,H/14,g/14,G/14,e/14,22B/14", "resnet": "R26,R50,R101,R152"}
 
 
 def main():
