@@ -145,6 +145,16 @@ def test_dry_run_compiles_the_real_steps_and_reports_memory_and_flops(report):
   assert mat["flops_per_chip"] > 0
 
 
+def test_only_the_materialize_step_on_a_mesh_of_choice(tmp_path):
+  c = tiny_config(materialize="depth=2,width=64,heads=4", pretrain_step=False)
+  c.dry_run.materialize_mesh = dict(data=2, fsdp=4, model=1)
+  results = dry_run.run(c, str(tmp_path))
+  assert results["steps"].keys() == {"materialize"}
+  assert results["steps"]["materialize"]["mesh"] == {"data": 2, "fsdp": 4, "model": 1}
+  with pytest.raises(ValueError, match="pretrain_step=False leaves nothing to compile"):
+    dry_run.run(tiny_config(pretrain_step=False), str(tmp_path))
+
+
 def test_a_template_set_that_cannot_feed_the_target_is_noted():
   from weit_jax import sharding
   from weit_jax.programs import pretrain
