@@ -205,13 +205,16 @@ def resnet_generator(width):
   return G.WeightGenerator.from_model(model, resnet.dummy_input(cfg), tiles=tiles, num_templates=3)
 
 
-@pytest.mark.parametrize("mesh_shape", [{"fsdp": 8}, {"fsdp": 4, "model": 2}])
-@pytest.mark.parametrize("make", [
-    lambda: vit_generator(depth=4, width=120, num_heads=4, mlp_dim=480)[2],  # 15 embed entries per device: not whole tiles of 16
-    lambda: vit_generator(depth=4, width=256, num_heads=4, mlp_dim=1024)[2],  # whole tiles per device
-    lambda: resnet_generator(width=32),  # a CNN: every channel axis is split over fsdp
-], ids=["vit-w120", "vit-w256", "resnet-w32"])
-def test_materialize_computes_only_each_devices_shard(mesh_shape, make):
+VIT_W120 = lambda: vit_generator(depth=4, width=120, num_heads=4, mlp_dim=480)[2]  # 15 embed entries per device: not whole tiles of 16
+VIT_W256 = lambda: vit_generator(depth=4, width=256, num_heads=4, mlp_dim=1024)[2]  # whole tiles per device
+
+
+@pytest.mark.parametrize("make,mesh_shape", [
+    (VIT_W120, {"fsdp": 8}), (VIT_W120, {"fsdp": 4, "model": 2}),  # two split axes (embed; mlp and heads)
+    (VIT_W256, {"fsdp": 8}), (VIT_W256, {"fsdp": 4, "model": 2}),
+    (lambda: resnet_generator(width=32), {"fsdp": 8}),  # a CNN: its channel axes split over fsdp
+], ids=["vit-w120-fsdp", "vit-w120-fsdp-model", "vit-w256-fsdp", "vit-w256-fsdp-model", "resnet-w32-fsdp"])
+def test_materialize_computes_only_each_devices_shard(make, mesh_shape):
   """With the parameters' shardings, the compiled materialize (the init program's export step) needs
   per device at most one shard of temporaries (the CPU compiler reports its buffer assignment as
   the TPU one does), and composes the numpy.kron oracle's values."""

@@ -116,14 +116,18 @@ def test_forward_matches_reference(stem):
   np.testing.assert_allclose(np.asarray(got), reference_forward(params, images, cfg), rtol=2e-3, atol=2e-3)
 
 
-def test_remat_of_the_scanned_units_keeps_values_and_gradients():
+def test_remat_wraps_the_scanned_units():
+  """The policy reaches the scanned units (values and memory under remat: tests/test_vit.py, the
+  same ``models.remat.wrap``)."""
   import dataclasses
   cfg = resnet.make_config("pico", depth="2-3", width=12, image_size=12, channels=2, num_classes=5)
   images = jax.random.normal(jax.random.key(1), (4, 12, 12, 2))
-  params = randomized(nn.unbox(jax.jit(resnet.ResNet(cfg).init)(jax.random.key(0), images))["params"], seed=4)
-  grads = {policy: jax.jit(jax.value_and_grad(lambda p, c=dataclasses.replace(cfg, remat_policy=policy): jnp.sum(
-      jnp.tanh(resnet.ResNet(c).apply({"params": p}, images)))))(params) for policy in ("none", "nothing_saveable")}
-  chex.assert_trees_all_close(grads["nothing_saveable"], grads["none"], rtol=1e-5, atol=1e-6)
+  params = nn.unbox(jax.eval_shape(resnet.ResNet(cfg).init, jax.random.key(0), images))["params"]
+  params = jax.tree_util.tree_map(lambda s: jnp.ones(s.shape, s.dtype), params)
+
+  def backward(c):
+    return str(jax.make_jaxpr(jax.grad(lambda p: jnp.sum(resnet.ResNet(c).apply({"params": p}, images))))(params))
+  assert "remat" not in backward(cfg) and "remat" in backward(dataclasses.replace(cfg, remat_policy="nothing_saveable"))
   # How, not what: a record (export, run) matches whatever the policy.
   remat = dataclasses.replace(cfg, remat_policy="dots_saveable")
   assert models.runtime_of(remat) == dict(dtype="float32", remat_policy="dots_saveable")
