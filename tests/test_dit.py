@@ -1,0 +1,140 @@
+"""The plain DiT: its forward pass against a second implementation of the paper's equations,
+adaLN-Zero's identity start, the published size, and its weights from templates."""
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from test_generator import numpy_materialize
+from test_vit import posemb_sincos_2d, randomized
+from weit_jax import generator
+from weit_jax.models import dit
+
+
+def reference_forward(params, x, t, y, cfg):
+  """DiT (Peebles & Xie, the reference models.py) in numpy float64, written from its equations,
+  independently of the Flax module; one output per pixel (no learned variance)."""
+  p = traverse_util.flatten_dict(jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), params), sep="/")
+  x = np.asarray(x, np.float64)
+  n, size, _, ch = x.shape
+  ps, w = cfg.patch_size, cfg.width
+  h = size // ps
+  patches = x.reshape(n, h, ps, h, ps, ch).transpose(0, 1, 3, 2, 4, 5).reshape(n, h * h, ps * ps * ch)
+  tok = patches @ p["x_embedder/kernel"].reshape(-1, w) + p["x_embedder/bias"] + posemb_sincos_2d(h, h, w)
+  silu = lambda v: v / (1 + np.exp(-v))
+  freqs = np.exp(-np.log(10_000.0) * np.arange(128) / 128)
+  args = np.asarray(t, np.float64)[:, None] * freqs[None]
+  t_emb = np.concatenate([np.cos(args), np.sin(args)], axis=1)
+  t_emb = silu(t_emb @ p["t_embedder_0/kernel"] + p["t_embedder_0/bias"]) @ p["t_embedder_1/kernel"] + p["t_embedder_1/bias"]
+  c = t_emb + p["y_embedder"][np.asarray(y)]
+
+  def modulation(kernel, bias, k):  # SiLU(c) @ W -> k vectors of width w
+    out = silu(c) @ kernel.reshape(w, k * w) + bias.reshape(k * w)
+    return [out[:, i * w:(i + 1) * w][:, None] for i in range(k)]
+
+  def ln(v):  # no scale, no bias
+    mu = v.mean(-1, keepdims=True)
+    return (v - mu) / np.sqrt(((v - mu) ** 2).mean(-1, keepdims=True) + 1e-6)
+
+  gelu = lambda v: 0.5 * v * (1 + np.tanh(np.sqrt(2 / np.pi) * (v + 0.044715 * v ** 3)))
+  for l in range(cfg.depth):
+    g = lambda name: p["blocks/" + name][l]
+    shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = modulation(
+        g("Modulation_0/adaLN_modulation/kernel"), g("Modulation_0/adaLN_modulation/bias"), 6)
+    u = ln(tok) * (1 + scale_a) + shift_a
+    att = "MultiHeadDotProductAttention_0/"
+    q, k, v = (np.einsum("btd,dhk->bthk", u, g(att + f"{n_}/kernel")) + g(att + f"{n_}/bias")
+               for n_ in ("query", "key", "value"))
+    logits = np.einsum("bqhk,bshk->bhqs", q, k) / np.sqrt(w // cfg.num_heads)
+    a = np.exp(logits - logits.max(-1, keepdims=True))
+    a /= a.sum(-1, keepdims=True)
+    o = np.einsum("bqhk,hkd->bqd", np.einsum("bhqs,bshk->bqhk", a, v), g(att + "out/kernel")) + g(att + "out/bias")
+    tok = tok + gate_a * o
+    u = ln(tok) * (1 + scale_m) + shift_m
+    u = gelu(u @ g("Dense_0/kernel") + g("Dense_0/bias")) @ g("Dense_1/kernel") + g("Dense_1/bias")
+    tok = tok + gate_m * u
+  shift, scale = modulation(p["final_layer/adaLN_modulation/kernel"], p["final_layer/adaLN_modulation/bias"], 2)
+  out = (ln(tok) * (1 + scale) + shift) @ p["final_linear/kernel"] + p["final_linear/bias"]
+  return out.reshape(n, h, h, ps, ps, ch).transpose(0, 1, 3, 2, 4, 5).reshape(n, size, size, ch)
+
+
+def inputs(cfg, n=3, seed=1):
+  k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
+  x = jax.random.normal(k1, (n, cfg.image_size, cfg.image_size, cfg.channels))
+  return x, jax.random.uniform(k2, (n,), maxval=1000.0), jax.random.randint(k3, (n,), 0, cfg.num_classes + 1)
+
+
+@pytest.mark.parametrize("overrides", [dict(variant="mu/4"), dict(variant="pico/7", depth=2, width=48, num_heads=3)])
+def test_forward_matches_reference(overrides):
+  cfg = dit.make_config(image_size=28, channels=2, num_classes=5, **overrides)
+  model = dit.DiT(cfg)
+  x, t, y = inputs(cfg)
+  params = randomized(nn.unbox(jax.jit(model.init)(jax.random.key(0), x, t, y))["params"], seed=2)
+  got = jax.jit(model.apply)({"params": params}, x, t, y)
+  chex.assert_shape(got, x.shape)
+  want = reference_forward(params, x, t, y, cfg)
+  # float32 against float64: sin/cos of times up to 1000 and random weights make outputs of ~30.
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-3, atol=1e-4 * np.abs(want).max())
+
+
+def test_adaln_zero_blocks_start_as_the_identity():
+  """The model's own init: every block maps its input to itself, the whole model outputs zero."""
+  cfg = dit.make_config("mu/4", image_size=28, channels=1, num_classes=10)
+  x, t, y = inputs(cfg, seed=3)
+  params = nn.unbox(dit.DiT(cfg).init(jax.random.key(0), x, t, y))["params"]
+  np.testing.assert_array_equal(np.asarray(dit.DiT(cfg).apply({"params": params}, x, t, y)), 0.0)
+  block = dit.DiTBlock(cfg.mlp_dim, cfg.num_heads)
+  tokens, c = jax.random.normal(jax.random.key(4), (2, 49, 32)), jax.random.normal(jax.random.key(5), (2, 32))
+  block_params = block.init(jax.random.key(6), (tokens, c), None)
+  (out, _), _ = block.apply(block_params, (tokens, c), None)
+  np.testing.assert_array_equal(np.asarray(out), np.asarray(tokens))
+
+
+def test_published_size_and_names():
+  """DiT-XL/2 on 32x32x4 latents, 1000 classes: the paper's 675M parameters (its learned variance
+  doubles the final projection's outputs: 18,448 more)."""
+  cfg = dit.make_config("XL/2")
+  abstract = jax.eval_shape(dit.DiT(cfg).init, jax.random.key(0), *dit.dummy_inputs(cfg))
+  flat = traverse_util.flatten_dict(nn.unbox(abstract)["params"], sep="/")
+  assert flat["blocks/Modulation_0/adaLN_modulation/kernel"].shape == (28, 1152, 6, 1152)
+  assert flat["y_embedder"].shape == (1001, 1152)  # the null class of classifier-free guidance
+  count = sum(int(np.prod(v.shape)) for v in flat.values())
+  assert count + 1152 * 16 + 16 == pytest.approx(675e6, rel=1e-3)
+  specs = traverse_util.flatten_dict(nn.get_partition_spec(abstract)["params"], sep="/")
+  assert tuple(specs["blocks/Modulation_0/adaLN_modulation/kernel"]) == ("layers", "cond", "modulation", "embed")
+
+
+def test_weights_from_templates_equal_the_kron_oracle_and_the_model_runs_on_them():
+  """Every DiT parameter, the modulation projections included, composes from templates as the
+  numpy.kron oracle does (a width not a tile multiple), and the plain model runs on the result."""
+  cfg = dit.make_config("mu/4", image_size=28, channels=1, num_classes=10, width=40, mlp_dim=100, num_heads=2)
+  model = dit.DiT(cfg)
+  tiles = dict(embed=16, cond=16, cond_mlp=16, mlp=16, heads=1, kv=8)
+  gen = generator.WeightGenerator.from_model(model, *dit.dummy_inputs(cfg), tiles=tiles, num_templates=3)
+  assert gen.banks[("blocks", "Modulation_0", "adaLN_modulation", "kernel")].tile == (16, 6, 16)
+  rng = np.random.default_rng(7)
+  draw = lambda tree: jax.tree_util.tree_map(lambda s: jnp.asarray(rng.normal(size=s.shape), jnp.float32), tree)
+  t, s = draw(gen.template_shapes()), draw(gen.scaler_shapes())
+  params = jax.jit(gen.materialize)(t, s)
+  flat, ft, fs = (traverse_util.flatten_dict(jax.device_get(x)) for x in (params, t, s))
+  for path, bank in gen.banks.items():
+    np.testing.assert_allclose(flat[path], numpy_materialize(bank, np.asarray(ft[path], np.float64),
+                                                             np.asarray(fs[path], np.float64)),
+                               rtol=1e-5, atol=1e-5, err_msg="/".join(path))
+  x, tt, y = inputs(cfg)
+  assert np.isfinite(np.asarray(jax.jit(model.apply)({"params": params}, x / 10, tt, y))).all()
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(variant="XXL/2"), "unknown DiT variant 'XXL/2'"),
+    (dict(variant="S/2", num_heads=5), "num_heads=5 does not divide width=384"),
+    (dict(variant="S/5"), "patch_size=5 does not divide image_size=32"),
+    (dict(variant="mu/4", width=30, num_heads=2), "multiple of 4"),
+    (dict(variant="S/2", remat_policy="all"), "remat_policy='all'"),
+])
+def test_bad_config_is_explained(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    dit.make_config(**kwargs)
