@@ -28,7 +28,7 @@ def main():
   print("|---|---:|---:|---:|---:|")
   for variant in (a.variants or DEFAULTS[a.family]).split(","):
     cfg = family.make_config(variant)
-    gen = generator.WeightGenerator.from_model(models.build(cfg), models.dummy_input(cfg), tiles=tiles,
+    gen = generator.WeightGenerator.from_model(models.build(cfg), *models.dummy_inputs(cfg), tiles=tiles,
                                                num_templates=a.num_templates)
     c = gen.counts()
     print(f"| {a.family} {variant} | {c['materialized']:,} | {c['templates']:,} | {c['scalers']:,} | "

@@ -154,7 +154,7 @@ def test_param_stats_equal_numpy_statistics_of_the_models_own_init(family):
   cfg = (vit.make_config("mu/4", image_size=28, channels=1, num_classes=10) if family == "vit"
          else resnet.make_config("femto", image_size=16, channels=1, num_classes=10))
   model = models.build(cfg)
-  stats = traverse_util.flatten_dict(G.param_stats(model, models.dummy_input(cfg), key=jax.random.key(3)))
+  stats = traverse_util.flatten_dict(G.param_stats(model, *models.dummy_inputs(cfg), key=jax.random.key(3)))
   params = traverse_util.flatten_dict(models.init_params(cfg, 3))
   assert stats.keys() == params.keys()
   for path, w in params.items():

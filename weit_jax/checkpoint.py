@@ -245,7 +245,7 @@ def load_params(directory: str, mesh=None, expected_model=None):
                             f"for is a {want['family']} {expected_model.short_name()}; differing fields (export, "
                             f"requested): {diff}.")
     recorded = dataclasses.replace(recorded, **models.runtime_of(expected_model))
-  boxed = jax.eval_shape(models.build(recorded).init, jax.random.key(0), models.dummy_input(recorded))
+  boxed = jax.eval_shape(models.build(recorded).init, jax.random.key(0), *models.dummy_inputs(recorded))
   abstract = nn.unbox(boxed)["params"]
   if mesh is None:
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])

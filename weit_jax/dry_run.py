@@ -158,7 +158,7 @@ def compile_materialize(config, setup, target: str, mesh):
   if len(fields) != 1:
     raise ValueError(f"dry_run.materialize={target!r}: give one target size.")
   cfg = models.target_config(fields[0], setup.model_config)
-  gen = generator.WeightGenerator.from_model(models.build(cfg), models.dummy_input(cfg), tiles=dict(config.weit.tiles),
+  gen = generator.WeightGenerator.from_model(models.build(cfg), *models.dummy_inputs(cfg), tiles=dict(config.weit.tiles),
                                              num_templates=int(config.weit.num_templates))
   note = None
   try:

@@ -18,7 +18,7 @@ Path = tuple[str, ...]
 
 @functools.lru_cache(maxsize=64)
 def _abstract(cfg):
-  boxed = jax.eval_shape(models.build(cfg).init, jax.random.key(0), models.dummy_input(cfg))
+  boxed = jax.eval_shape(models.build(cfg).init, jax.random.key(0), *models.dummy_inputs(cfg))
   shapes = {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(nn.unbox(boxed)["params"]).items()}
   is_spec = lambda x: isinstance(x, jax.sharding.PartitionSpec)
   specs = jax.tree_util.tree_map(tuple, nn.get_partition_spec(boxed)["params"], is_leaf=is_spec)

@@ -87,7 +87,7 @@ def tleg_axes(cfg) -> dict:
 
 def initial_tree(cfg, key) -> dict:
   """The start of pre-training: A = the model's own init of its first block, B = 0, dense = own init."""
-  params = nn.unbox(models.build(cfg).init(key, models.dummy_input(cfg)))["params"]
+  params = nn.unbox(models.build(cfg).init(key, *models.dummy_inputs(cfg)))["params"]
   layers, dense = split(params, cfg)
   A = jax.tree_util.tree_map(lambda x: x[0], layers)
   return {"A": A, "B": jax.tree_util.tree_map(jnp.zeros_like, A), "dense": dense}

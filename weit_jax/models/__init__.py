@@ -9,7 +9,8 @@ A family (``config.model.family``: ``vit``, ``resnet``) is:
   variants        named sizes (``'S/16'``, ``'R50'``, ``'pico'``, ...)
   module          ``config -> nn.Module``: the plain Flax model, logical axes on every parameter,
                   nothing of templates
-  dummy_input     ``(config, batch=1) -> array``: what ``init`` traces with
+  dummy_inputs    ``(config, batch=1) -> tuple``: the positional inputs ``init`` traces with
+                  (images; a DiT's images, times and labels)
   target_fields   the fields a target size takes from the source (auxiliary) model when the
                   target spec does not name them; ``aliases`` are short spec keys (``heads``)
   derive          ``(spec fields, base fields, source config) -> fields``: how a target size
@@ -23,7 +24,7 @@ A family (``config.model.family``: ``vit``, ``resnet``) is:
                   big_vision's own model's)
 
 The programs, initializers, dry run and benchmarks go through this registry (``get``, ``build``,
-``dummy_input``, ``to_record`` / ``from_record`` for the ``model`` record of exports and runs)
+``dummy_inputs``, ``to_record`` / ``from_record`` for the ``model`` record of exports and runs)
 and never name a family's fields. Diffusion transformers and control policies join as families
 of their own.
 """
@@ -43,7 +44,8 @@ from weit_jax.models import resnet, vit
 
 # Logical axes that are format, not width: never tiled by a family's default tiles, copied whole by
 # weight selection. Every other named axis (``embed``, ``mlp``, ``stem``, ``res2``, ...) is a width axis.
-FIXED_AXES = frozenset({"layers", "classes", "tokens", "patch_h", "patch_w", "conv_h", "conv_w", "channels"})
+FIXED_AXES = frozenset({"layers", "classes", "tokens", "patch_h", "patch_w", "conv_h", "conv_w", "channels",
+                        "frequencies", "modulation", "patch_out"})  # the last three: a DiT's
 
 # Fields of every family's config that say how a model computes on a device, not which function it
 # is: an export or a run matches a model whatever these are, and each program sets its own.
@@ -68,7 +70,7 @@ class Family:
   variants: Mapping[str, Any]
   parse_variant: Callable[[str], dict]
   module: Callable[[Any], nn.Module]
-  dummy_input: Callable[..., Any]
+  dummy_inputs: Callable[..., tuple]
   target_fields: tuple[str, ...]
   aliases: Mapping[str, str]
   derive: Callable[[dict, dict, Any], dict]
@@ -97,13 +99,13 @@ def _resnet_derive(fields: dict, base: dict, source) -> dict:
 
 FAMILIES: dict[str, Family] = {
     "vit": Family("vit", vit.ViTConfig, vit.make_config, vit.VARIANTS, vit.parse_variant, vit.ViT,
-                  vit.dummy_input, vit.SIZE_FIELDS, {"heads": "num_heads", "mlp": "mlp_dim", "patch": "patch_size"},
+                  vit.dummy_inputs, vit.SIZE_FIELDS, {"heads": "num_heads", "mlp": "mlp_dim", "patch": "patch_size"},
                   _vit_derive, option_fields=vit.OPTION_FIELDS, train_flops=vit.train_flops,
                   legacy=Legacy(vit.legacy_record, vit.legacy_param_shapes, vit.upgrade_legacy_params,
                                 vit.LEGACY_NOTE),
                   big_vision_npz=True),
     "resnet": Family("resnet", resnet.ResNetConfig, resnet.make_config, resnet.VARIANTS, resnet.parse_variant,
-                     resnet.ResNet, resnet.dummy_input, resnet.SIZE_FIELDS + ("stem",), resnet.ALIASES,
+                     resnet.ResNet, resnet.dummy_inputs, resnet.SIZE_FIELDS + ("stem",), resnet.ALIASES,
                      _resnet_derive, train_flops=resnet.train_flops),
 }
 
@@ -126,20 +128,21 @@ def build(config) -> nn.Module:
   return family_of(config).module(config)
 
 
-def dummy_input(config, batch: int = 1):
-  return family_of(config).dummy_input(config, batch)
+def dummy_inputs(config, batch: int = 1) -> tuple:
+  """The model's positional inputs for ``init`` (zeros of the right shapes)."""
+  return family_of(config).dummy_inputs(config, batch)
 
 
 def init_params(config, seed: int) -> dict:
   """The model's own initializers for ``seed``, as a nested dict of float32 numpy arrays."""
   model = build(config)
-  params = jax.jit(model.init)(jax.random.key(int(seed)), dummy_input(config))
+  params = jax.jit(model.init)(jax.random.key(int(seed)), *dummy_inputs(config))
   return jax.tree_util.tree_map(lambda x: np.array(x, np.float32), jax.device_get(nn.unbox(params)["params"]))
 
 
 def classifier_paths(config) -> list[tuple[str, ...]]:
   """Paths of the parameters with a ``classes`` axis (the head): what a new task re-initializes."""
-  boxed = jax.eval_shape(build(config).init, jax.random.key(0), dummy_input(config))
+  boxed = jax.eval_shape(build(config).init, jax.random.key(0), *dummy_inputs(config))
   is_spec = lambda x: isinstance(x, jax.sharding.PartitionSpec)
   specs = jax.tree_util.tree_map(tuple, nn.get_partition_spec(boxed)["params"], is_leaf=is_spec)
   return sorted(p for p, axes in traverse_util.flatten_dict(specs).items() if "classes" in axes)
@@ -250,6 +253,6 @@ def runtime_of(config) -> dict[str, Any]:
   return {k: getattr(config, k) for k in RUNTIME_FIELDS}
 
 
-__all__ = ["FAMILIES", "FIXED_AXES", "Family", "Legacy", "build", "classifier_paths", "dummy_input", "family_of",
+__all__ = ["FAMILIES", "FIXED_AXES", "Family", "Legacy", "build", "classifier_paths", "dummy_inputs", "family_of",
            "from_config", "from_record", "get", "init_params", "legacy_of", "option_conflict", "parse_targets", "resnet",
            "RUNTIME_FIELDS", "runtime_of", "target_config", "to_record", "vit", "with_fresh_classifier"]

@@ -246,6 +246,10 @@ def dummy_input(config: ResNetConfig, batch: int = 1):
   return jnp.zeros((batch, config.image_size, config.image_size, config.channels), jnp.float32)
 
 
+def dummy_inputs(config: ResNetConfig, batch: int = 1) -> tuple:
+  return (dummy_input(config, batch),)
+
+
 def width_axes(config: ResNetConfig) -> tuple[str, ...]:
   """The logical names of the width axes of a ResNet of ``config``'s number of stages."""
   names = ["stem"]

@@ -253,6 +253,10 @@ def dummy_input(config: ViTConfig, batch: int = 1):
   return jnp.zeros((batch, config.image_size, config.image_size, config.channels), jnp.float32)
 
 
+def dummy_inputs(config: ViTConfig, batch: int = 1) -> tuple:
+  return (dummy_input(config, batch),)
+
+
 def legacy_record(record) -> bool:
   """Whether a ViT's recorded config (an export's ``model`` record or a workdir's ``config.model``)
   predates big_vision's position-embedding layout: such records have no ``pool_type``."""

@@ -66,7 +66,7 @@ def validate(config, workdir: str) -> Validated:
   targets = []
   for cfg in _targets_from_config(config, source):
     model = models.build(cfg)
-    gen = generator.WeightGenerator.from_model(model, models.dummy_input(cfg), tiles=dict(src_config.weit.tiles),
+    gen = generator.WeightGenerator.from_model(model, *models.dummy_inputs(cfg), tiles=dict(src_config.weit.tiles),
                                                num_templates=int(src_config.weit.num_templates))
     gen.check_templates(src_params["templates"])
     targets.append(Target(cfg, model, gen, cfg.short_name()))
@@ -93,7 +93,7 @@ def run(config, workdir: str) -> dict:
   metrics.log(f"Templates from {config.templates} (step {v.src_step}); auxiliary {source.short_name()}; "
               f"{len(v.targets)} target(s): {', '.join(names)}.")
 
-  source_stats = generator.param_stats(v.src_setup.model, models.dummy_input(source))
+  source_stats = generator.param_stats(v.src_setup.model, *models.dummy_inputs(source))
   results = {}
   for target in v.targets:
     results[target.name] = _init_one(config, workdir, target, templates, v.src_setup, v.src_params, v.src_step,
@@ -124,7 +124,7 @@ def _init_one(config, workdir, target: Target, templates, src_setup, src_params,
               f"(heuristic {config.scaler_init}).")
 
   # ----- scalers by heuristic ----------------------------------------------------------------------
-  stats = generator.param_stats(target.model, models.dummy_input(cfg))
+  stats = generator.param_stats(target.model, *models.dummy_inputs(cfg))
   scalers = scaler_init.init_scalers(
       config.scaler_init, gen, templates, key=jax.random.key(int(config.seed)), target_stats=stats,
       source=src_setup.gen, source_scalers=jax.device_get(src_params["scalers"]),

@@ -43,7 +43,7 @@ def build(config) -> Setup:
   task = tasks.from_config(config)
   cfg = model_config_from(config)
   model = models.build(cfg)
-  gen = generator.WeightGenerator.from_model(model, models.dummy_input(cfg), tiles=dict(config.weit.tiles),
+  gen = generator.WeightGenerator.from_model(model, *models.dummy_inputs(cfg), tiles=dict(config.weit.tiles),
                                              num_templates=int(config.weit.num_templates))
   if config.batch_size % jax.process_count():
     raise ValueError(f"batch_size={config.batch_size} must be divisible by the {jax.process_count()} processes.")
@@ -54,14 +54,14 @@ def make_task(config, setup: Setup, *, teacher=None) -> train_loop.Task:
   """The pre-training task. ``teacher``: (model module, its params) for distillation, or None."""
   model, gen, task = setup.model, setup.gen, setup.task
   soft = config.constraint.mode == "soft"
-  stats = generator.param_stats(model, models.dummy_input(setup.model_config))
+  stats = generator.param_stats(model, *models.dummy_inputs(setup.model_config))
 
   def init_params(key):
     k_gen, k_dense = jax.random.split(key)
     templates, scalers = gen.init(k_gen, stats)
     params = {"templates": templates, "scalers": scalers}
     if soft:
-      params["dense"] = nn.unbox(model.init(k_dense, models.dummy_input(setup.model_config)))["params"]
+      params["dense"] = nn.unbox(model.init(k_dense, *models.dummy_inputs(setup.model_config)))["params"]
     if teacher is not None:
       params["teacher"] = teacher[1]
     return params

@@ -29,10 +29,10 @@ def initial_params(config, cfg):
 
 def make_task(config, model: nn.Module, cfg) -> train_loop.Task:
   task = tasks.from_config(config)
-  boxed = jax.eval_shape(model.init, jax.random.key(0), models.dummy_input(cfg))
+  boxed = jax.eval_shape(model.init, jax.random.key(0), *models.dummy_inputs(cfg))
 
   def init_params(key):
-    return nn.unbox(model.init(key, models.dummy_input(cfg)))["params"]
+    return nn.unbox(model.init(key, *models.dummy_inputs(cfg)))["params"]
 
   def forward(params, *inputs):
     return model.apply({"params": params}, *inputs)
