@@ -36,6 +36,7 @@ SIZE_FIELDS = {
     "vit": dict(width=int, depth=int, mlp_dim=int, num_heads=int, patch_size=int, pool_type=str, posemb=str,
                 remat_policy=str),
     "resnet": dict(width=int, depth=str, num_groups=int, stem=str, remat_policy=str),
+    "dit": dict(width=int, depth=int, mlp_dim=int, num_heads=int, patch_size=int, remat_policy=str),
 }
 
 
@@ -55,6 +56,17 @@ def model_config(variant: str | None = "B/16", family: str = "vit", **sizes) -> 
 # every device (fsdp), so no device ever holds a whole target.
 DATA_PARALLEL = dict(data=-1, fsdp=1, model=1)
 FSDP_ALL = dict(data=1, fsdp=-1, model=1)
+
+
+def generation_data(name: str) -> ml_collections.ConfigDict:
+  """A dataset as image generation reads it: the whole image (shorter side resized, center crop; no
+  pad-and-crop, which would teach black borders), flips as the dataset allows, pixels in [-1, 1]."""
+  from weit_jax import input_pipeline
+  data = input_pipeline.default_data_config(name)
+  channels = len(data.mean)
+  data.update(dict(random_crop="none", crop_padding=0, center_crop_fraction=1.0, mean=(0.5,) * channels,
+                   std=(0.5,) * channels))
+  return data
 
 
 def training_fields(config: ml_collections.ConfigDict, *, total_steps: int, batch_size: int,

@@ -1,6 +1,6 @@
 """Model families: the one place that knows a family's fields.
 
-A family (``config.model.family``: ``vit``, ``resnet``) is:
+A family (``config.model.family``: ``vit``, ``resnet``, ``dit``) is:
 
   config_cls      a frozen dataclass of everything that fixes the parameter shapes and the
                   computation (``short_name()`` names a size)
@@ -22,11 +22,11 @@ A family (``config.model.family``: ``vit``, ``resnet``) is:
   legacy          how records of an older layout of the family's parameters load (``Legacy``), or None
   big_vision_npz  whether exports also write big_vision's ``params.npz`` (the parameter tree is
                   big_vision's own model's)
+  tasks           the tasks (``weit_jax.tasks``) its models serve: their inputs and outputs
 
 The programs, initializers, dry run and benchmarks go through this registry (``get``, ``build``,
 ``dummy_inputs``, ``to_record`` / ``from_record`` for the ``model`` record of exports and runs)
-and never name a family's fields. Diffusion transformers and control policies join as families
-of their own.
+and never name a family's fields. Control policies join as a family of their own.
 """
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ import jax
 import numpy as np
 from flax import traverse_util
 
-from weit_jax.models import resnet, vit
+from weit_jax.models import dit, resnet, vit
 
 
 # Logical axes that are format, not width: never tiled by a family's default tiles, copied whole by
@@ -79,9 +79,10 @@ class Family:
   train_flops: Callable[[Any, int], float] | None = None
   legacy: Legacy | None = None
   big_vision_npz: bool = False
+  tasks: tuple[str, ...] = ("classification",)
 
 
-def _vit_derive(fields: dict, base: dict, source) -> dict:
+def _keep_mlp_ratio(fields: dict, base: dict, source) -> dict:
   """A new width without an MLP size keeps the source's MLP ratio."""
   fields = dict(fields)
   if "width" in fields and "mlp_dim" not in fields and "variant" not in fields:
@@ -100,13 +101,16 @@ def _resnet_derive(fields: dict, base: dict, source) -> dict:
 FAMILIES: dict[str, Family] = {
     "vit": Family("vit", vit.ViTConfig, vit.make_config, vit.VARIANTS, vit.parse_variant, vit.ViT,
                   vit.dummy_inputs, vit.SIZE_FIELDS, {"heads": "num_heads", "mlp": "mlp_dim", "patch": "patch_size"},
-                  _vit_derive, option_fields=vit.OPTION_FIELDS, train_flops=vit.train_flops,
+                  _keep_mlp_ratio, option_fields=vit.OPTION_FIELDS, train_flops=vit.train_flops,
                   legacy=Legacy(vit.legacy_record, vit.legacy_param_shapes, vit.upgrade_legacy_params,
                                 vit.LEGACY_NOTE),
                   big_vision_npz=True),
     "resnet": Family("resnet", resnet.ResNetConfig, resnet.make_config, resnet.VARIANTS, resnet.parse_variant,
                      resnet.ResNet, resnet.dummy_inputs, resnet.SIZE_FIELDS + ("stem",), resnet.ALIASES,
                      _resnet_derive, train_flops=resnet.train_flops),
+    "dit": Family("dit", dit.DiTConfig, dit.make_config, dit.VARIANTS, dit.parse_variant, dit.DiT, dit.dummy_inputs,
+                  dit.SIZE_FIELDS, {"heads": "num_heads", "mlp": "mlp_dim", "patch": "patch_size"}, _keep_mlp_ratio,
+                  train_flops=dit.train_flops, tasks=("diffusion",)),
 }
 
 

@@ -33,7 +33,9 @@ def model_config_from(config, model_fields=None):
   """The model config from ``config.model`` (or ``model_fields``) and the fields its task's data
   fixes (image size, channels, classes)."""
   fields = model_fields if model_fields is not None else config.model
-  return models.from_config(fields, tasks.from_config(config).model_fields())
+  cfg = models.from_config(fields, tasks.from_config(config).model_fields())
+  tasks.check_family(config.get("task", "classification"), models.family_of(cfg))
+  return cfg
 
 
 def build(config) -> Setup:

@@ -14,14 +14,16 @@ A task (``config.task``; default ``classification``) gives the programs:
 ``pretrain``, ``init`` and ``train`` are written once against it and a model family
 (``weit_jax.models``): the constraint regularizer, scaler training, materialize, export and
 checkpointing are the same for every task. ``Task.loss_fn(forward)`` and ``Task.eval_fn(forward)``
-bind a task to a model's ``forward(params, *inputs)``. Image generation and control add tasks here.
+bind a task to a model's ``forward(params, *inputs)``. ``diffusion``: image generation (a DiT);
+control adds its task here.
 """
 from __future__ import annotations
 
 from weit_jax.tasks.base import Task
 from weit_jax.tasks.classification import Classification
+from weit_jax.tasks.diffusion import Diffusion
 
-TASKS = {"classification": Classification}
+TASKS = {"classification": Classification, "diffusion": Diffusion}
 
 
 def from_config(config):
@@ -32,4 +34,12 @@ def from_config(config):
   return TASKS[name].from_config(config)
 
 
-__all__ = ["Classification", "TASKS", "Task", "from_config"]
+def check_family(task: str, family) -> None:
+  """Refuses a model family that does not serve ``task`` (``models.Family.tasks``)."""
+  if task not in family.tasks:
+    raise ValueError(f"config.task={task!r} trains models of another kind than the {family.name} family, "
+                     f"which serves {list(family.tasks)}; use configs/<family>_*.py of a family for {task!r} "
+                     f"(e.g. {'dit' if task == 'diffusion' else 'vit'}).")
+
+
+__all__ = ["Classification", "Diffusion", "TASKS", "Task", "check_family", "from_config"]

@@ -1,0 +1,48 @@
+r"""Stage 2 for diffusion transformers: initialize DiT target sizes from pre-trained templates, train
+only their scalers (on the templates' diffusion objective), export.
+
+  python main.py --config=configs/dit_init.py:target=S/2 --config.templates=PRETRAIN_WORKDIR --workdir=DIR
+  python main.py --config=configs/dit_init.py:runlocal --config.templates=workdirs/dit_pretrain \
+      --config.targets='mu/4;depth=6;width=72,heads=3' --workdir=workdirs/dit_init
+
+Each target goes to DIR/<size name>/ with its export (plain parameters + export.json) and the
+compact form (templates + scalers).
+"""
+import ml_collections
+from ml_collections import config_dict
+
+from configs import common
+
+
+def get_config(arg=None):
+  arg = common.parse_arg(arg, runlocal=False, target="S/2")
+  config = ml_collections.ConfigDict()
+  config.program = "init"
+  config.templates = config_dict.placeholder(str)  # the pre-training workdir
+  config.templates_step = config_dict.placeholder(int)  # default: its latest checkpoint
+  config.target = common.model_config(arg.target, family="dit")  # --config.target.depth=7 etc. override the variant
+  config.targets = ""  # several sizes at once: 'S/2;B/2;depth=7,width=320,heads=5'
+  config.scaler_init = "interpolate"  # or 'random'
+  config.num_examples = 50_000  # how much training data the scalers see
+  config.steps = 1000  # scaler-training steps (0: heuristic only)
+  config.label_smoothing = 0.0
+  config.scaler_wd = 0.0
+  common.training_fields(config, total_steps=1000, batch_size=1024, mesh=common.FSDP_ALL)
+  del config["total_steps"]  # the scaler-training length is `steps`
+  del config["task"]  # the templates' pre-training task
+  config.optim = ml_collections.ConfigDict(dict(
+      lr=1e-2, warmup_steps=50, schedule="cosine", min_lr_ratio=0.0, b1=0.9, b2=0.999, clip_norm=1.0,
+      wd_paths=".*"))
+  config.log_every = 50
+  config.eval_every = 0
+  config.checkpoint_every = 500
+
+  if arg.runlocal:
+    config.target = common.model_config(arg.target if arg.target != "S/2" else "mu/4", family="dit")
+    config.num_examples = 2000
+    config.steps = 100
+    config.batch_size = 128
+    config.optim.warmup_steps = 10
+    config.log_every = 20
+    config.checkpoint_every = 100
+  return config

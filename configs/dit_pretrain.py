@@ -1,0 +1,64 @@
+r"""Stage 1 for diffusion transformers: constraint-based pre-training of DiT templates.
+
+The task is class-conditional image generation by rectified flow (``weit_jax/tasks/diffusion.py``:
+velocity prediction, label dropout for classifier-free guidance); the auxiliary model is a DiT
+(``weit_jax/models/dit.py``) whose weights, the adaLN modulation projections included, are
+``materialize(templates, scalers)``.
+
+Default: class-conditional ImageNet-1k in pixel space at 32x32 (no latent autoencoder can be
+downloaded here, so not the paper's 256x256 latents), DiT-B/2 auxiliary model (256 tokens), batch
+256, AdamW at 1e-4 as the DiT paper (no EMA of the weights here), for a TPU pod:
+
+  python main.py --config=configs/dit_pretrain.py --workdir=gs://BUCKET/runs/dit_pretrain
+
+``runlocal``: Fashion-MNIST (built locally from Debian's dataset-fashion-mnist), a small auxiliary
+DiT, minutes on a laptop CPU:
+
+  python main.py --config=configs/dit_pretrain.py:runlocal --workdir=workdirs/dit_pretrain
+"""
+import ml_collections
+from ml_collections import config_dict
+
+from configs import common
+
+
+def get_config(arg=None):
+  arg = common.parse_arg(arg, runlocal=False)
+  config = ml_collections.ConfigDict()
+  config.program = "pretrain"
+
+  config.model = common.model_config("B/2", family="dit", dtype="bfloat16")
+  # Width axes: the residual stream (embed), the condition vector (cond) and the timestep MLP's
+  # hidden layer (cond_mlp) are all as wide as the model; mlp, heads, kv as the ViT's.
+  config.weit = ml_collections.ConfigDict(dict(
+      tiles=dict(embed=64, cond=64, cond_mlp=64, mlp=64, heads=1, kv=16), num_templates=4))
+  config.constraint = ml_collections.ConfigDict(dict(
+      mode="hard", template_wd=1e-4, scaler_wd=1e-4, dense_wd=0.0, diversity=0.0, soft_lambda=1.0))
+  config.distill = ml_collections.ConfigDict(dict(
+      teacher=config_dict.placeholder(str), weight=0.0, temperature=1.0))
+  config.init_templates_from = config_dict.placeholder(str)
+
+  config.data = common.generation_data("imagenet2012")
+  config.data.image_size = 32
+  common.training_fields(config, total_steps=400_000, batch_size=256)
+  config.task = "diffusion"
+  config.diffusion = ml_collections.ConfigDict(dict(label_dropout=0.1))
+  config.optim = ml_collections.ConfigDict(dict(
+      lr=1e-4, warmup_steps=5_000, schedule="cosine", min_lr_ratio=0.0, b1=0.9, b2=0.999,
+      clip_norm=1.0, wd_paths=r"kernel$"))
+  config.log_every = 100
+  config.eval_every = 5000
+  config.checkpoint_every = 2000
+
+  if arg.runlocal:
+    config.model = common.model_config("pico/4", family="dit")
+    config.weit.tiles = dict(embed=16, cond=16, cond_mlp=16, mlp=16, heads=1, kv=8)
+    config.data = common.generation_data("fashion_mnist_local")
+    config.total_steps = 1500
+    config.batch_size = 128
+    config.optim.lr = 1e-3
+    config.optim.warmup_steps = 100
+    config.log_every = 50
+    config.eval_every = 500
+    config.checkpoint_every = 250
+  return config
