@@ -138,3 +138,68 @@ def test_weights_from_templates_equal_the_kron_oracle_and_the_model_runs_on_them
 def test_bad_config_is_explained(kwargs, match):
   with pytest.raises(ValueError, match=match):
     dit.make_config(**kwargs)
+
+
+# --- the programs ---------------------------------------------------------------------------------
+
+def _config(module, learnable_data, **overrides):
+  import ml_collections
+  c = ml_collections.ConfigDict(module.get_config("runlocal").to_dict())
+  if "model" in c:
+    c.model.variant = "mu/4"
+  c.update(dict(batch_size=32, log_every=2, eval_every=4, checkpoint_every=4))
+  c.optim.warmup_steps = 1
+  c.update(overrides)
+  return learnable_data(c) if "data" in c else c  # init reads its templates' data
+
+
+def test_pretrain_init_train_a_dit(learnable_data, tmp_path):
+  """The three programs for image generation on tiny learnable data: DiT templates pre-trained on
+  the diffusion objective, a deeper and wider DiT initialized from them (scalers trained on the
+  same objective), exported, and trained as a plain DiT from the export."""
+  from configs import dit_init, dit_pretrain, dit_train
+  from weit_jax import checkpoint, models
+  from weit_jax.programs import init as init_program
+  from weit_jax.programs import pretrain, train
+  tiles = dict(embed=8, cond=8, cond_mlp=8, mlp=8, heads=1, kv=8)
+  pre = _config(dit_pretrain, learnable_data, total_steps=8, weit=dict(tiles=tiles, num_templates=3))
+  summary = pretrain.run(pre, str(tmp_path / "pre"))
+  import json
+  first = next(json.loads(l) for l in open(tmp_path / "pre" / "metrics.jsonl") if '"loss"' in l)
+  assert summary["final_step"] == 8 and summary["eval_loss"] < 0.95 * first["loss"]  # it learns
+  ini = _config(dit_init, learnable_data, steps=4, num_examples=64, templates=str(tmp_path / "pre"),
+                targets="depth=3,width=40,heads=2")
+  ini.optim.warmup_steps = 1
+  [result] = init_program.run(ini, str(tmp_path / "init")).values()
+  assert result["loss_after"] < result["loss_before"]
+  export = str(tmp_path / "init" / "d3-w40-h2-m160-p4" / "export")
+  cfg = models.from_record(checkpoint.read_export_meta(export)["model"])
+  assert models.family_of(cfg).name == "dit" and (cfg.depth, cfg.width) == (3, 40)
+  tr = _config(dit_train, learnable_data, total_steps=4, init=export)
+  assert train.run(tr, str(tmp_path / "train"))["eval_loss"] < 1.2 * result["loss_after"]
+
+
+def test_a_family_is_refused_for_a_task_it_does_not_serve(tmp_path):
+  """Refused before anything is written or compiled (main.py: exit 2, one line)."""
+  import ml_collections
+  from configs import dit_pretrain, vit_pretrain
+  from weit_jax.programs import pretrain
+
+  def refused(config, match):
+    with pytest.raises(ValueError, match=match):
+      pretrain.validate(config, str(tmp_path / "wd"))
+    assert not (tmp_path / "wd").exists()
+
+  c = ml_collections.ConfigDict(vit_pretrain.get_config("runlocal").to_dict())
+  c.task = "diffusion"
+  refused(c, r"config.task='diffusion' trains models of another kind than the vit family, which serves "
+             r"\['classification'\]")
+  c = ml_collections.ConfigDict(dit_pretrain.get_config("runlocal").to_dict())
+  c.task = "classification"
+  refused(c, r"the dit family, which serves \['diffusion'\]")
+  c = ml_collections.ConfigDict(dit_pretrain.get_config("runlocal").to_dict())
+  c.data.mixup_alpha = 0.2
+  refused(c, "data.mixup_alpha must be 0 for image generation")
+  c = ml_collections.ConfigDict(dit_pretrain.get_config("runlocal").to_dict())
+  c.diffusion.label_dropout = 1.0
+  refused(c, r"diffusion.label_dropout=1.0: use a probability in \[0, 1\)")

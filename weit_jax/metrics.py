@@ -84,8 +84,9 @@ def read_metrics(workdir: str) -> list[dict]:
 
 
 def plot_curves(workdir: str, title: str = "") -> str | None:
-  """``workdir/curves.png``: training loss and eval accuracy against step (the last value logged
-  for each step wins, so a resumed run draws one clean curve)."""
+  """``workdir/curves.png``: training and eval loss against step, and beside them the task's other
+  eval metrics (a classifier's accuracy) if it has any (the last value logged for each step wins,
+  so a resumed run draws one clean curve)."""
   if not is_main():
     return None
   import matplotlib
@@ -98,8 +99,11 @@ def plot_curves(workdir: str, title: str = "") -> str | None:
         by_step.setdefault(k, {})[rec["step"]] = v
   if not by_step:
     return None
-  fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-  for ax, keys, label in ((axes[0], ("loss", "eval_loss"), "loss"), (axes[1], ("eval_accuracy",), "eval accuracy")):
+  others = tuple(sorted(k for k in by_step if k.startswith("eval_") and k != "eval_loss"))
+  panels = [(("loss", "eval_loss"), "loss")] + ([(others, "eval " + ", ".join(
+      k.removeprefix("eval_").replace("_", " ") for k in others))] if others else [])
+  fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.8), squeeze=False)
+  for ax, (keys, label) in zip(axes[0], panels):
     for k in keys:
       if k in by_step:
         steps = sorted(by_step[k])
