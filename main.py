@@ -3,6 +3,7 @@ r"""weit_jax entry point: parses flags and runs the program the config names.
   python main.py --config=configs/vit_pretrain.py:runlocal --workdir=workdirs/pretrain
   python main.py --config=configs/vit_init.py:runlocal --config.templates=workdirs/pretrain --workdir=workdirs/init
   python main.py --config=configs/vit_train.py:runlocal --config.init=workdirs/init/pico/export --workdir=workdirs/train
+  python main.py --config=configs/dit_sample.py --config.init=workdirs/dit_init/<size>/export --workdir=workdirs/samples
 
 ``--check``: validate the config, data and workdir as the run would, print what was checked, and
 write nothing.
@@ -30,7 +31,7 @@ def define_flags(flag_values=flags.FLAGS, sys_argv=None):
 
 define_flags()
 
-PROGRAMS = ("pretrain", "init", "train")
+PROGRAMS = ("pretrain", "init", "train", "sample")
 
 
 def main(argv):
