@@ -52,6 +52,10 @@ shardings, on the init program's default mesh: fsdp over every chip (`--config.m
 XLA moved them into place; *after*: each chip composes only its own shard (`generator._local_plan`:
 a split axis whose per-chip slice is not whole tiles is composed row by row). *Temps in shards*:
 temporaries / the chip's output (its shard). The goal: temporaries at most one shard.
+A dimension the chip count does not divide is not split (`sharding._mesh_spec`; the rules shard
+`embed` over `fsdp`): ViT-G/14's width 1664 does not split 256 ways, so on v5e:16x16 every chip
+holds all of G/14's weights (its outputs equal the model's 6.87 GiB); splitting another dimension
+there (the MLP's 8192) is not done yet.
 """
 SWEEP_SLICES = ("v5e:2x2", "v5e:2x4", "v5e:4x4", "v5e:8x8", "v5e:16x16", "v5p:2x2x1", "v5p:2x2x2", "v5p:2x2x4")
 
