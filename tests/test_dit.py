@@ -180,16 +180,19 @@ def test_pretrain_init_train_a_dit(learnable_data, tmp_path):
   tr = _config(dit_train, learnable_data, total_steps=4, init=export)
   assert train.run(tr, str(tmp_path / "train"))["eval_loss"] < 1.2 * result["loss_after"]
 
-  # Samples of the export: a grid with one row per class, the same images for the same seed.
+  # Samples of the trained model (the export the training run wrote): a grid with one row per
+  # class, the same images for the same seed.
   from configs import dit_sample
   from weit_jax.programs import sample
+  trained = str(tmp_path / "train" / "export")
+  assert checkpoint.read_export_meta(trained)["training"]["steps"] == 4
   sc = dit_sample.get_config()
-  sc.update(dict(init=export, per_class=3, classes="0,7", steps=2))
+  sc.update(dict(init=str(tmp_path / "train"), per_class=3, classes="0,7", steps=2))
   made = sample.run(sc, str(tmp_path / "samples"))
   assert os.path.getsize(made["png"]) > 1000
   saved = np.load(tmp_path / "samples" / "samples.npz")
   assert saved["images"].shape == (6, 28, 28, 1) and list(saved["labels"]) == [0, 0, 0, 7, 7, 7]
-  again, _ = sample.generate(models.build(cfg), checkpoint.load_params(export), cfg, [0, 7], per_class=3, steps=2,
+  again, _ = sample.generate(models.build(cfg), checkpoint.load_params(trained), cfg, [0, 7], per_class=3, steps=2,
                              guidance=2.0, seed=0)
   np.testing.assert_array_equal(again, saved["images"])
   sc.classes = "3,10"

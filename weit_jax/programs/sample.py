@@ -1,6 +1,7 @@
 """Samples of an image-generation model (a DiT export): a PNG grid, one row per class.
 
   python main.py --config=configs/dit_sample.py --config.init=EXPORT --workdir=S
+  python main.py --config=configs/dit_sample.py --config.init=TRAINING_WORKDIR --workdir=S   # its export
 
 Writes ``S/samples.png`` (rows: classes, columns: samples; the leftmost column of each row says
 the class) and ``S/samples.npz`` (the images in [-1, 1], their labels, and what made them). The
@@ -28,8 +29,8 @@ def validate(config, workdir: str):
   config_checks.check_ranges(config)
   if not config.init:
     raise ValueError("set --config.init to an export folder of a DiT (the init program's "
-                     "WORKDIR/<size>/export, or a baseline's).")
-  cfg = models.from_record(checkpoint.read_export_meta(config.init)["model"])
+                     "WORKDIR/<size>/export, a baseline's) or a finished training workdir.")
+  cfg = models.from_record(checkpoint.read_export_meta(export_of(config.init))["model"])
   tasks.check_family("diffusion", models.family_of(cfg))
   for name, low in (("per_class", 1), ("steps", 1)):
     if int(config[name]) < low:
@@ -42,6 +43,14 @@ def validate(config, workdir: str):
   if bad:
     raise ValueError(f"--config.classes: {bad} are not classes of this model (0 .. {cfg.num_classes - 1}).")
   return cfg, classes
+
+
+def export_of(path: str) -> str:
+  """``path`` itself, or the export a finished training run wrote into it (``WORKDIR/export``)."""
+  inner = epath.Path(path) / "export"
+  if not (epath.Path(path) / checkpoint.EXPORT_META).exists() and (inner / checkpoint.EXPORT_META).exists():
+    return str(inner)
+  return path
 
 
 def generate(model, params, cfg, classes, *, per_class: int, steps: int, guidance: float, seed: int):
@@ -81,13 +90,14 @@ def grid_png(images: np.ndarray, labels: np.ndarray, per_class: int, title: str)
 
 def run(config, workdir: str) -> dict:
   cfg, classes = validate(config, workdir)
-  params = checkpoint.load_params(config.init)
+  source = export_of(config.init)
+  params = checkpoint.load_params(source)
   model = models.build(cfg)
   metrics.log(f"Sampling {config.per_class} images of each of {len(classes)} classes from {config.init} "
               f"({cfg.short_name()}; {config.steps} Euler steps, guidance {config.guidance}, seed {config.seed}).")
   images, labels = generate(model, params, cfg, classes, per_class=int(config.per_class), steps=int(config.steps),
                             guidance=float(config.guidance), seed=int(config.seed))
-  made = dict(init=checkpoint.absolute(config.init), model=models.to_record(cfg), steps=int(config.steps),
+  made = dict(init=checkpoint.absolute(source), model=models.to_record(cfg), steps=int(config.steps),
               guidance=float(config.guidance), seed=int(config.seed), classes=classes, per_class=int(config.per_class))
   out = epath.Path(workdir)
   out.mkdir(parents=True, exist_ok=True)

@@ -7,6 +7,7 @@ import dataclasses
 import flax.linen as nn
 import jax
 import numpy as np
+from etils import epath
 
 from weit_jax import checkpoint, config_checks, distributed, metrics, models, optim, sharding, tasks, train_loop
 from weit_jax.programs.pretrain import model_config_from
@@ -81,6 +82,26 @@ def run(config, workdir: str) -> dict:
   task = tasks.from_config(config)
   train_iter = task.train_iterator(config.batch_size, config.seed, mesh)
   make_eval_iter = lambda: task.eval_iterator(config.batch_size)
-  return train_loop.run(config, workdir, trainable, mesh=mesh, train_iter=train_iter, make_eval_iter=make_eval_iter,
-                        initial_params=init, summary_extra=dict(program="train", init=config.init or "random"),
-                        title=f"training {cfg.short_name()} from {config.init or 'random init'}")
+  summary = train_loop.run(config, workdir, trainable, mesh=mesh, train_iter=train_iter, make_eval_iter=make_eval_iter,
+                           initial_params=init, summary_extra=dict(program="train", init=config.init or "random"),
+                           title=f"training {cfg.short_name()} from {config.init or 'random init'}")
+  write_export(workdir, cfg, config, summary)
+  return summary
+
+
+def write_export(workdir: str, cfg, config, summary) -> None:
+  """The trained model as an export (as the init program writes them: to sample, evaluate or train
+  on) in ``WORKDIR/export``; one of an earlier, shorter run of the same workdir is replaced."""
+  export = epath.Path(workdir) / "export"
+  steps = int(summary["final_step"])
+  if (export / checkpoint.EXPORT_META).exists():
+    if checkpoint.read_export_meta(str(export)).get("training", {}).get("steps") == steps:
+      return  # a finished run invoked again
+    export.rmtree()  # the run was extended: its export is stale
+  elif export.exists():
+    export.rmtree()  # left by a crash before export.json was written
+  evals = {k.removeprefix("eval_"): v for k, v in summary.items() if k.startswith("eval_")}
+  checkpoint.export_params(str(export), summary["params"], dict(
+      model=models.to_record(cfg), training=dict(init=config.init or "random", steps=steps, seed=int(config.seed),
+                                                 **evals)))
+  metrics.log(f"Exported the trained model to {export}.")
