@@ -37,6 +37,8 @@ ROWS = (
     + [("pretrain", "B/16", "v5e:4x4", [f"--config.model.remat_policy={p}", *b], None)
        for b in ([], ["--config.batch_size=1024"])
        for p in ("nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable")]
+    # ... and the smallest slices with the policy that keeps least.
+    + [("pretrain", "B/16", t, ["--config.model.remat_policy=nothing_saveable"], None) for t in ("v5e:2x4", "v5e:2x2")]
 )
 
 # Materializing a target on the init program's default mesh (fsdp over all chips), per slice:
@@ -297,6 +299,16 @@ def remat_findings(pre) -> list[str]:
     else:
       text += "."
     out.append(text)
+  runs = [(r, s) for r, s in pre if r["row"][1] == "B/16" and _remat(r["row"][3]) == "nothing_saveable"
+          and _batch(r["row"][3]) == 4096]
+  fit = sorted(((r, s) for r, s in runs if s.get("fits") and "argument_bytes" in s),
+               key=lambda rs: rs[0]["result"]["chips"])
+  if fit:
+    r, s = fit[0]
+    no = [x["row"][2] for x, y in runs if not y.get("fits")]
+    out.append(f"- The smallest slice that pre-trains ViT-B/16 at global batch 4096 (remat `nothing_saveable`): "
+               f"{r['row'][2]}, {r['result']['chips']} chips at {s['per_chip_batch']:g} images each, "
+               f"{s['total_bytes'] / GIB:.1f} GiB per chip" + (f"; not {', '.join(no)}." if no else "."))
   return out
 
 
