@@ -86,12 +86,12 @@ def test_adaln_zero_blocks_start_as_the_identity():
   """The model's own init: every block maps its input to itself, the whole model outputs zero."""
   cfg = dit.make_config("mu/4", image_size=28, channels=1, num_classes=10)
   x, t, y = inputs(cfg, seed=3)
-  params = nn.unbox(dit.DiT(cfg).init(jax.random.key(0), x, t, y))["params"]
-  np.testing.assert_array_equal(np.asarray(dit.DiT(cfg).apply({"params": params}, x, t, y)), 0.0)
+  params = nn.unbox(jax.jit(dit.DiT(cfg).init)(jax.random.key(0), x, t, y))["params"]
+  np.testing.assert_array_equal(np.asarray(jax.jit(dit.DiT(cfg).apply)({"params": params}, x, t, y)), 0.0)
   block = dit.DiTBlock(cfg.mlp_dim, cfg.num_heads)
   tokens, c = jax.random.normal(jax.random.key(4), (2, 49, 32)), jax.random.normal(jax.random.key(5), (2, 32))
-  block_params = block.init(jax.random.key(6), (tokens, c), None)
-  (out, _), _ = block.apply(block_params, (tokens, c), None)
+  block_params = jax.jit(block.init)(jax.random.key(6), (tokens, c), None)
+  (out, _), _ = jax.jit(block.apply)(block_params, (tokens, c), None)
   np.testing.assert_array_equal(np.asarray(out), np.asarray(tokens))
 
 
@@ -155,14 +155,15 @@ def _config(module, learnable_data, **overrides):
   return learnable_data(c) if "data" in c else c  # init reads its templates' data
 
 
-def test_pretrain_init_train_a_dit(learnable_data, tmp_path):
-  """The three programs for image generation on tiny learnable data: DiT templates pre-trained on
-  the diffusion objective, a deeper and wider DiT initialized from them (scalers trained on the
-  same objective), exported, and trained as a plain DiT from the export."""
-  from configs import dit_init, dit_pretrain, dit_train
+def test_pretrain_init_sample_a_dit(learnable_data, tmp_path):
+  """The programs for image generation on tiny learnable data: DiT templates pre-trained on the
+  diffusion objective, a deeper and wider DiT initialized from them (scalers trained on the same
+  objective), exported, and sampled. (Training from an export and its own export: the family-blind
+  train program, tests/test_programs.py.)"""
+  from configs import dit_init, dit_pretrain
   from weit_jax import checkpoint, models
   from weit_jax.programs import init as init_program
-  from weit_jax.programs import pretrain, train
+  from weit_jax.programs import pretrain
   tiles = dict(embed=8, cond=8, cond_mlp=8, mlp=8, heads=1, kv=8)
   pre = _config(dit_pretrain, learnable_data, total_steps=8, weit=dict(tiles=tiles, num_templates=3))
   summary = pretrain.run(pre, str(tmp_path / "pre"))
@@ -177,22 +178,17 @@ def test_pretrain_init_train_a_dit(learnable_data, tmp_path):
   export = str(tmp_path / "init" / "d3-w40-h2-m160-p4" / "export")
   cfg = models.from_record(checkpoint.read_export_meta(export)["model"])
   assert models.family_of(cfg).name == "dit" and (cfg.depth, cfg.width) == (3, 40)
-  tr = _config(dit_train, learnable_data, total_steps=4, init=export)
-  assert train.run(tr, str(tmp_path / "train"))["eval_loss"] < 1.2 * result["loss_after"]
 
-  # Samples of the trained model (the export the training run wrote): a grid with one row per
-  # class, the same images for the same seed.
+  # Samples of the export: a grid with one row per class, the same images for the same seed.
   from configs import dit_sample
   from weit_jax.programs import sample
-  trained = str(tmp_path / "train" / "export")
-  assert checkpoint.read_export_meta(trained)["training"]["steps"] == 4
   sc = dit_sample.get_config()
-  sc.update(dict(init=str(tmp_path / "train"), per_class=3, classes="0,7", steps=2))
+  sc.update(dict(init=export, per_class=3, classes="0,7", steps=2))
   made = sample.run(sc, str(tmp_path / "samples"))
   assert os.path.getsize(made["png"]) > 1000
   saved = np.load(tmp_path / "samples" / "samples.npz")
   assert saved["images"].shape == (6, 28, 28, 1) and list(saved["labels"]) == [0, 0, 0, 7, 7, 7]
-  again, _ = sample.generate(models.build(cfg), checkpoint.load_params(trained), cfg, [0, 7], per_class=3, steps=2,
+  again, _ = sample.generate(models.build(cfg), checkpoint.load_params(export), cfg, [0, 7], per_class=3, steps=2,
                              guidance=2.0, seed=0)
   np.testing.assert_array_equal(again, saved["images"])
   sc.classes = "3,10"

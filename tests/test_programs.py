@@ -199,6 +199,12 @@ def test_train_from_export_and_from_scratch(initialized, learnable_data, tmp_pat
   assert results["weit"]["params"]["Transformer"]["encoderblock"]["LayerNorm_0"]["scale"].shape[0] == 1
   assert "cls" not in results["weit"]["params"] and "cls" in results["random"]["params"]
   assert results["random"]["params"]["Transformer"]["encoderblock"]["LayerNorm_0"]["scale"].shape[0] == 2
+  # A finished run leaves its trained model as an export; invoked again, it keeps it.
+  trained = str(tmp_path / "weit" / "export")
+  assert checkpoint.read_export_meta(trained)["training"]["steps"] == 6
+  chex.assert_trees_all_equal(jax.device_get(checkpoint.load_params(trained)), jax.device_get(results["weit"]["params"]))
+  train.run(c, str(tmp_path / "random"))
+  assert checkpoint.read_export_meta(str(tmp_path / "random" / "export"))["training"]["init"] == "random"
 
 
 def test_new_head_for_another_number_of_classes(initialized):
