@@ -165,7 +165,8 @@ def test_pretrain_init_sample_a_dit(learnable_data, tmp_path):
   from weit_jax.programs import init as init_program
   from weit_jax.programs import pretrain
   tiles = dict(embed=8, cond=8, cond_mlp=8, mlp=8, heads=1, kv=8)
-  pre = _config(dit_pretrain, learnable_data, total_steps=8, weit=dict(tiles=tiles, num_templates=3))
+  pre = _config(dit_pretrain, learnable_data, total_steps=8, eval_every=8, checkpoint_every=8,
+                weit=dict(tiles=tiles, num_templates=3))
   summary = pretrain.run(pre, str(tmp_path / "pre"))
   import json
   first = next(json.loads(l) for l in open(tmp_path / "pre" / "metrics.jsonl") if '"loss"' in l)
