@@ -34,7 +34,6 @@ import re
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from weit_jax.models import remat
