@@ -170,6 +170,7 @@ def sweep_slice(topology: str) -> list[dict]:
   setup = pretrain.build(config)
   topo = dry_run.parse_topology(topology)
   devices = dry_run.topology_devices(topo)
+  # Spelled out, not sharding.FSDP_ALL: the 'before' column runs a checkout that predates it.
   mesh = sharding.make_mesh(dict(data=1, fsdp=-1, model=1), devices=devices)
   out = []
   for name, spec in SWEEP_TARGETS:

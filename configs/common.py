@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from weit_jax import input_pipeline, sharding
+
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
   """``'runlocal,target=S/16'`` -> ConfigDict(runlocal=True, target='S/16') over ``defaults``.
@@ -51,17 +53,13 @@ def model_config(variant: str | None = "B/16", family: str = "vit", **sizes) -> 
   return c
 
 
-# Meshes over ('data', 'fsdp', 'model'); -1 takes the remaining devices. Training replicates the
-# model over data parallelism; the init program (and its dry run) shards the materialized model over
-# every device (fsdp), so no device ever holds a whole target.
-DATA_PARALLEL = dict(data=-1, fsdp=1, model=1)
-FSDP_ALL = dict(data=1, fsdp=-1, model=1)
+# Meshes over ('data', 'fsdp', 'model'): weit_jax.sharding's defaults.
+DATA_PARALLEL, FSDP_ALL = sharding.DATA_PARALLEL, sharding.FSDP_ALL
 
 
 def generation_data(name: str) -> ml_collections.ConfigDict:
   """A dataset as image generation reads it: the whole image (shorter side resized, center crop; no
   pad-and-crop, which would teach black borders), flips as the dataset allows, pixels in [-1, 1]."""
-  from weit_jax import input_pipeline
   data = input_pipeline.default_data_config(name)
   channels = len(data.mean)
   data.update(dict(random_crop="none", crop_padding=0, center_crop_fraction=1.0, mean=(0.5,) * channels,

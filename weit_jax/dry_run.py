@@ -440,8 +440,7 @@ def run(config, workdir: str | None = None) -> dict[str, Any]:
 
   if target:
     # The init program's mesh (by default fsdp over every chip), not the pre-training one.
-    init_mesh = sharding.make_mesh(dict(dry.get("materialize_mesh") or dict(data=1, fsdp=-1, model=1)),
-                                   devices=devices)
+    init_mesh = sharding.make_mesh(dict(dry.get("materialize_mesh") or sharding.FSDP_ALL), devices=devices)
 
     def materialize_step():
       compiled, cfg, gen, note, seconds = compile_materialize(config, setup, target, init_mesh)

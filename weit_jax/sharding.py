@@ -14,6 +14,10 @@ import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "model")
+# Default meshes (-1 takes the remaining devices). Training replicates the model over data
+# parallelism; the init program (and its dry run) shards the materialized model over every device.
+DATA_PARALLEL = dict(data=-1, fsdp=1, model=1)
+FSDP_ALL = dict(data=1, fsdp=-1, model=1)
 
 # logical name -> mesh axis (or axes). Templates are sharded along their tile axes through the same
 # names; scalers carry no names and are replicated.

@@ -1,7 +1,10 @@
 """The interface every task implements (see the package docstring)."""
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
+
+from weit_jax import input_pipeline
 
 
 class Task:
@@ -22,3 +25,24 @@ class Task:
 
   def eval_inputs(self, batch) -> tuple:
     return self.inputs(batch, None)
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageDataTask(Task):
+  """The data half of a task on a labelled image dataset (``config.data``): the model fields the
+  dataset fixes, preparing it, and its batches (``image``, one-hot ``labels``, eval ``mask``)."""
+  data: Any  # config.data (input_pipeline.default_data_config fields)
+
+  def model_fields(self) -> dict[str, int]:
+    info = input_pipeline.dataset_info(self.data.name)
+    return dict(image_size=int(self.data.image_size), channels=int(info.channels),
+                num_classes=int(info.num_classes))
+
+  def prepare(self) -> None:
+    input_pipeline.prepare(self.data)
+
+  def train_iterator(self, global_batch_size: int, seed: int, mesh):
+    return input_pipeline.make_train_iterator(self.data, global_batch_size=global_batch_size, seed=seed, mesh=mesh)
+
+  def eval_iterator(self, global_batch_size: int):
+    return input_pipeline.make_eval_iterator(self.data, global_batch_size=global_batch_size)

@@ -2,37 +2,21 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from weit_jax import input_pipeline, losses
-from weit_jax.tasks.base import Task
+from weit_jax import losses
+from weit_jax.tasks.base import ImageDataTask
 
 
 @dataclasses.dataclass(frozen=True)
-class Classification(Task):
-  data: Any  # config.data (input_pipeline.default_data_config fields)
+class Classification(ImageDataTask):
   label_smoothing: float = 0.0
 
   @classmethod
   def from_config(cls, config) -> "Classification":
     return cls(config.data, float(config.get("label_smoothing", 0.0)))
-
-  def model_fields(self) -> dict[str, int]:
-    info = input_pipeline.dataset_info(self.data.name)
-    return dict(image_size=int(self.data.image_size), channels=int(info.channels),
-                num_classes=int(info.num_classes))
-
-  def prepare(self) -> None:
-    input_pipeline.prepare(self.data)
-
-  def train_iterator(self, global_batch_size: int, seed: int, mesh):
-    return input_pipeline.make_train_iterator(self.data, global_batch_size=global_batch_size, seed=seed, mesh=mesh)
-
-  def eval_iterator(self, global_batch_size: int):
-    return input_pipeline.make_eval_iterator(self.data, global_batch_size=global_batch_size)
 
   def inputs(self, batch, key) -> tuple:
     del key

@@ -16,13 +16,12 @@ times on the reference DiT's 0..1000 scale.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 
-from weit_jax import input_pipeline
-from weit_jax.tasks.base import Task
+from weit_jax.tasks.base import ImageDataTask
 
 TIME_SCALE = 1000.0  # times as the model sees them: t in [0, 1] -> [0, 1000]
 
@@ -85,41 +84,31 @@ def sample(model_fn: Callable, noise, y, *, steps: int, scale: float, null_class
 
 
 @dataclasses.dataclass(frozen=True)
-class Diffusion(Task):
+class Diffusion(ImageDataTask):
   """Class-conditional image generation on a classification dataset's (image, label) batches:
   rectified-flow velocity regression, with label dropout for classifier-free guidance. Images should
   be scaled to about [-1, 1] (the configs set ``data.mean = data.std = 0.5``). The model is a DiT
   (``weit_jax.models.dit``): ``model(x_t, t, y)``, the null class being ``num_classes``."""
-  data: Any  # config.data (input_pipeline.default_data_config fields)
   label_dropout: float = 0.1
 
   @classmethod
   def from_config(cls, config) -> "Diffusion":
     return cls(config.data, float(config.get("diffusion", {}).get("label_dropout", 0.1)))
 
-  def model_fields(self) -> dict[str, int]:
-    info = input_pipeline.dataset_info(self.data.name)
-    return dict(image_size=int(self.data.image_size), channels=int(info.channels),
-                num_classes=int(info.num_classes))
-
   def prepare(self) -> None:
     if float(self.data.get("mixup_alpha", 0.0)):
       raise ValueError("data.mixup_alpha must be 0 for image generation: mixup blends images of two classes.")
     if not 0.0 <= self.label_dropout < 1.0:
       raise ValueError(f"diffusion.label_dropout={self.label_dropout}: use a probability in [0, 1).")
-    input_pipeline.prepare(self.data)
-
-  def train_iterator(self, global_batch_size: int, seed: int, mesh):
-    return input_pipeline.make_train_iterator(self.data, global_batch_size=global_batch_size, seed=seed, mesh=mesh)
-
-  def eval_iterator(self, global_batch_size: int):
-    return input_pipeline.make_eval_iterator(self.data, global_batch_size=global_batch_size)
+    super().prepare()
 
   @property
   def null_class(self) -> int:
-    return int(input_pipeline.dataset_info(self.data.name).num_classes)
+    return self.model_fields()["num_classes"]  # the DiT's extra embedding row
 
   def _draw(self, batch, key, label_dropout):
+    # Called by inputs and by loss with the same key (the Task interface hands each the key): the
+    # same random draws inside one jitted step, which XLA computes once.
     labels = jnp.argmax(batch["labels"], axis=-1).astype(jnp.int32)
     return training_inputs(batch["image"], labels, key, label_dropout=label_dropout, null_class=self.null_class)
 
