@@ -265,7 +265,7 @@ def pretrain_weit(args) -> dict:
   log(f"pre-training WeiT templates ({aux_config().short_name()}, {b['pretrain_steps']} steps) in {workdir}")
   summary, wall = wall_clock(pretrain.run, c, workdir)
   record = dict(method="weit", model=aux_config().short_name(), steps=b["pretrain_steps"], workdir=workdir,
-                eval_accuracy=summary["eval_accuracy"], wall_s=round(wall, 1), lr=c.optim.lr)
+                eval_accuracy=summary.get("eval_accuracy"), eval_loss=summary.get("eval_loss"), wall_s=round(wall, 1), lr=c.optim.lr)
   json.dump(record, open(record_path, "w"), indent=2)
   return record
 
@@ -283,7 +283,7 @@ def pretrain_tleg(args) -> dict:
   log(f"pre-training the TLEG auxiliary model ({aux_config().short_name()}, {b['pretrain_steps']} steps) in {workdir}")
   summary, wall = wall_clock(tleg.pretrain, c, workdir)
   record = dict(method="tleg", model=aux_config().short_name(), steps=b["pretrain_steps"], workdir=workdir,
-                export=tleg.export_dir(workdir), eval_accuracy=summary["eval_accuracy"], wall_s=round(wall, 1),
+                export=tleg.export_dir(workdir), eval_accuracy=summary.get("eval_accuracy"), eval_loss=summary.get("eval_loss"), wall_s=round(wall, 1),
                 lr=c.optim.lr)
   json.dump(record, open(record_path, "w"), indent=2)
   return record
@@ -310,7 +310,7 @@ def pretrain_dense(args) -> dict:
   checkpoint.export_params(export, common.to_numpy(summary["params"]),
                            dict(model=models.to_record(cfg), init="dense_source", steps=b["pretrain_steps"]))
   record = dict(method="weight_selection", model=cfg.short_name(), steps=b["pretrain_steps"], workdir=workdir,
-                export=export, eval_accuracy=summary["eval_accuracy"], wall_s=round(wall, 1), lr=c.optim.lr)
+                export=export, eval_accuracy=summary.get("eval_accuracy"), eval_loss=summary.get("eval_loss"), wall_s=round(wall, 1), lr=c.optim.lr)
   json.dump(record, open(record_path, "w"), indent=2)
   return record
 
@@ -338,7 +338,8 @@ def init_weit(args, weit_pretrain: dict) -> dict:
   for role, cfg in target_configs().items():
     export = os.path.join(workdir, cfg.short_name(), "export")
     st = checkpoint.read_export_meta(export)["scaler_training"]
-    out[role] = dict(export=export, accuracy_before=st["accuracy_before"], accuracy_after=st["accuracy_after"])
+    out[role] = dict(export=export, **{k: st.get(k) for k in ("accuracy_before", "accuracy_after", "loss_before",
+                                                              "loss_after")})
   record = dict(targets=out, wall_s=round(wall, 1), steps=b["init_steps"], num_examples=b["init_examples"],
                 lr=c.optim.lr)
   json.dump(record, open(record_path, "w"), indent=2)

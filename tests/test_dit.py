@@ -12,7 +12,7 @@ from flax import traverse_util
 
 from test_generator import numpy_materialize
 from test_vit import posemb_sincos_2d, randomized
-from weit_jax import generator
+from weit_jax import generator, sample_quality
 from weit_jax.models import dit
 
 
@@ -155,11 +155,11 @@ def _config(module, learnable_data, **overrides):
   return learnable_data(c) if "data" in c else c  # init reads its templates' data
 
 
-def test_pretrain_init_sample_a_dit(learnable_data, tmp_path):
+def test_pretrain_init_sample_train_a_dit(learnable_data, tmp_path, monkeypatch):
   """The programs for image generation on tiny learnable data: DiT templates pre-trained on the
   diffusion objective, a deeper and wider DiT initialized from them (scalers trained on the same
-  objective), exported, and sampled. (Training from an export and its own export: the family-blind
-  train program, tests/test_programs.py.)"""
+  objective), exported, sampled, and trained with sample quality measured. (Training from an export
+  and its own export, resuming: the family-blind train program, tests/test_programs.py.)"""
   from configs import dit_init, dit_pretrain
   from weit_jax import checkpoint, models
   from weit_jax.programs import init as init_program
@@ -189,12 +189,35 @@ def test_pretrain_init_sample_a_dit(learnable_data, tmp_path):
   assert os.path.getsize(made["png"]) > 1000
   saved = np.load(tmp_path / "samples" / "samples.npz")
   assert saved["images"].shape == (6, 28, 28, 1) and list(saved["labels"]) == [0, 0, 0, 7, 7, 7]
-  again, _ = sample.generate(models.build(cfg), checkpoint.load_params(export), cfg, [0, 7], per_class=3, steps=2,
-                             guidance=2.0, seed=0)
+  again, _ = sample_quality.generate(models.build(cfg), checkpoint.load_params(export), cfg, [0, 7], per_class=3,
+                                     steps=2, guidance=2.0, seed=0)
   np.testing.assert_array_equal(again, saved["images"])
   sc.classes = "3,10"
   with pytest.raises(ValueError, match=r"\[10\] are not classes of this model"):
     sample.validate(sc, str(tmp_path / "s2"))
+
+  # Training from the export measures sample quality at eval steps and at the end, with a grid
+  # each time (the classifier: the recipe at a tiny size, on the same learnable data).
+  from configs import dit_train
+  from weit_jax import feature_classifier, metrics
+  from weit_jax.programs import train
+  from test_sample_quality import TINY_RECIPE
+  monkeypatch.setattr(feature_classifier, "RECIPE", TINY_RECIPE)
+  tc = _config(dit_train, learnable_data, total_steps=2, eval_every=1, checkpoint_every=2, init=export,
+               sample_quality=dict(per_class=3, steps=2, guidance=1.0, seed=0))
+  summary = train.run(tc, str(tmp_path / "train"))
+  fid = "eval_" + sample_quality.FID_KEY
+  logged = {r["step"]: r for r in metrics.read_metrics(str(tmp_path / "train")) if fid in r}
+  assert sorted(logged) == [1, 2] and summary[fid] == logged[2][fid] > 0
+  assert 0 <= summary["eval_" + sample_quality.FIDELITY_KEY] <= 1
+  assert sorted(os.listdir(tmp_path / "train" / "samples")) == ["step_0000001.png", "step_0000002.png"]
+  assert checkpoint.read_export_meta(str(tmp_path / "train" / "export"))["training"][sample_quality.FID_KEY] == \
+      summary[fid]
+  # Measured on the classifier's data only: other data is refused before anything is written.
+  tc.data.image_size = 32
+  with pytest.raises(ValueError, match="per_class=0 to train without it"):
+    train.validate(tc, str(tmp_path / "train32"))
+  assert not (tmp_path / "train32").exists()
 
 
 def test_a_family_is_refused_for_a_task_it_does_not_serve(tmp_path):
@@ -221,3 +244,57 @@ def test_a_family_is_refused_for_a_task_it_does_not_serve(tmp_path):
   c = ml_collections.ConfigDict(dit_pretrain.get_config("runlocal").to_dict())
   c.diffusion.label_dropout = 1.0
   refused(c, r"diffusion.label_dropout=1.0: use a probability in \[0, 1\)")
+
+
+def test_weight_selection_and_tleg_serve_dits(tmp_path):
+  """The baseline initializers on DiTs, against oracles built from the logical axes alone: weight
+  selection keeps the first layers and evenly spaced indices along every width axis (the class
+  table too: it is an input of a generator, not a head), TLEG gives layer l of L' the value
+  A + (l / L') B; every init's tree runs in the target DiT."""
+  from test_inits import evenly
+  from weit_jax import inits, models
+  from weit_jax.inits import common, tleg
+  fmt = dict(image_size=28, channels=1, num_classes=10)
+  source = dit.make_config("pico/4", depth=6, width=96, num_heads=3, mlp_dim=384, **fmt)
+  target = dit.make_config("pico/4", depth=3, width=40, num_heads=2, mlp_dim=160, **fmt)
+  shapes = common.shapes(source)
+  src = {k: np.arange(np.prod(s), dtype=np.float32).reshape(s) for k, s in shapes.items()}
+  params = inits.get("weight_selection")(inits.DenseSource(source, traverse_util.unflatten_dict(src)), target)
+  sizes_s, sizes_t = common.axis_sizes(source), common.axis_sizes(target)
+  assert {"embed", "cond", "cond_mlp", "mlp", "heads", "kv"} <= set(sizes_t)
+  checked = set()
+  for path, w in traverse_util.flatten_dict(params).items():
+    came_from = np.unravel_index(w.astype(np.int64), shapes[path])
+    for axis, name in enumerate(common.axes(target)[path]):
+      grid = np.indices(w.shape)[axis]
+      if name in sizes_t:
+        want = np.asarray(evenly(sizes_s[name], sizes_t[name]))[grid]
+      else:
+        want = grid  # layers: the first N; fixed axes (classes, modulation, patches): whole
+      np.testing.assert_array_equal(came_from[axis], want, err_msg=f"{path} axis {axis} ({name})")
+      checked.add(name)
+  assert {"layers", "classes", "modulation", "embed", "cond", "kv"} <= checked
+
+  rng = np.random.default_rng(0)
+  aux = dit.make_config("pico/4", **fmt)  # depth 4
+  layers, dense = tleg.split(traverse_util.unflatten_dict(
+      {k: rng.standard_normal(s).astype(np.float32) for k, s in common.shapes(aux).items()}), aux)
+  A = jax.tree_util.tree_map(lambda x: x[0], layers)
+  B = jax.tree_util.tree_map(lambda a: rng.standard_normal(a.shape).astype(np.float32), A)
+  deeper = dit.make_config("pico/4", depth=6, **fmt)
+  got = traverse_util.flatten_dict(inits.get("tleg")(inits.TLEGSource(aux, {"A": A, "B": B, "dense": dense}), deeper))
+  for path, a in traverse_util.flatten_dict(A).items():
+    b = traverse_util.flatten_dict(B)[path]
+    for l in range(6):
+      np.testing.assert_allclose(got[path][l], a + (l + 1) / 6 * b, rtol=1e-6, atol=1e-6)
+  for path, d in traverse_util.flatten_dict(dense).items():
+    np.testing.assert_array_equal(got[path], d)
+
+  x = jax.random.normal(jax.random.key(1), (2, 28, 28, 1))
+  t, y = jnp.array([10.0, 500.0]), jnp.array([3, 10])
+  random_source = {k: rng.standard_normal(s).astype(np.float32) * 0.1 for k, s in shapes.items()}
+  selected = inits.get("weight_selection")(inits.DenseSource(source, traverse_util.unflatten_dict(random_source)),
+                                           target)
+  for cfg, tree in ((target, selected), (deeper, traverse_util.unflatten_dict(got))):
+    out = models.build(cfg).apply({"params": tree}, x, t, y)
+    assert out.shape == x.shape and bool(jnp.all(jnp.isfinite(out)))

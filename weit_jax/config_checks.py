@@ -57,6 +57,9 @@ RANGES: dict[str, tuple[float | None, bool, float | None, bool]] = {
     "data.read_threads": (1, True, None, False),
     "data.prefetch_buffer_size": (1, True, None, False),
     "dry_run.hbm_gib": (0, False, None, False),
+    "sample_quality.per_class": (0, True, None, False),  # 0: not measured
+    "sample_quality.steps": (1, True, None, False),
+    "sample_quality.guidance": (0, True, None, False),
 }
 
 # How and where a run happens: may change when a workdir is resumed (patterns on dotted fields).
@@ -69,6 +72,7 @@ PLACEMENT_FIELDS = (
     "total_steps", "steps",  # a run may be extended
     "overwrite", "resume_step", "dry_run", "dry_run.*",
     "model.remat_policy", "target.remat_policy",  # recomputation: the same values, less memory
+    "sample_quality", "sample_quality.*",  # what is measured at eval steps, not what is trained
 )
 
 

@@ -83,9 +83,13 @@ def read_metrics(workdir: str) -> list[dict]:
   return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+# How a plot names a metric whose key alone would mislead.
+EVAL_LABELS = {"eval_fid_fmnist_classifier_features": "FID, Fashion-MNIST classifier features"}
+
+
 def plot_curves(workdir: str, title: str = "") -> str | None:
-  """``workdir/curves.png``: training and eval loss against step, and beside them the task's other
-  eval metrics (a classifier's accuracy) if it has any (the last value logged for each step wins,
+  """``workdir/curves.png``: training and eval loss against step, and beside them each of the
+  task's other eval metrics (a classifier's accuracy; a generator's sample quality) if it has any (the last value logged for each step wins,
   so a resumed run draws one clean curve)."""
   if not is_main():
     return None
@@ -99,9 +103,9 @@ def plot_curves(workdir: str, title: str = "") -> str | None:
         by_step.setdefault(k, {})[rec["step"]] = v
   if not by_step:
     return None
-  others = tuple(sorted(k for k in by_step if k.startswith("eval_") and k != "eval_loss"))
-  panels = [(("loss", "eval_loss"), "loss")] + ([(others, "eval " + ", ".join(
-      k.removeprefix("eval_").replace("_", " ") for k in others))] if others else [])
+  others = sorted(k for k in by_step if k.startswith("eval_") and k != "eval_loss")
+  panels = [(("loss", "eval_loss"), "loss")] + [((k,), EVAL_LABELS.get(k, k.removeprefix("eval_").replace("_", " ")))
+                                                for k in others]  # one panel each: their scales differ
   fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.8), squeeze=False)
   for ax, (keys, label) in zip(axes[0], panels):
     for k in keys:

@@ -36,6 +36,8 @@ class Task:
     loop reports ``eval_<name>`` = sum / count over the eval set.
   optimizer: the optax transformation (with its schedule for logging).
   lr_schedule: step -> learning rate, for logging.
+  extra_eval: (step, params) -> more eval metrics, reported as ``eval_<name>`` beside eval_fn's at
+    eval steps and at the end (a generative task's sample quality; ``tasks.Task.extra_eval_fn``).
   """
   init_params: Callable[[jax.Array], Any]
   param_axes: Any
@@ -43,6 +45,7 @@ class Task:
   eval_fn: Callable[[Any, Mapping[str, jnp.ndarray]], Mapping[str, jnp.ndarray]]
   optimizer: optax.GradientTransformation
   lr_schedule: Callable[[Any], Any]
+  extra_eval: Callable[[int, Any], Mapping[str, float]] | None = None
 
 
 # --- workdir guard --------------------------------------------------------------------------------
@@ -167,6 +170,14 @@ def evaluate(eval_step, params, eval_batches: Iterable[Mapping[str, np.ndarray]]
       totals[k] = totals.get(k, 0.0) + float(v)
   n = max(totals.pop("count", 0.0), 1.0)
   return {f"eval_{k}": v / n for k, v in totals.items()}
+
+
+def evaluate_all(task: Task, eval_step, step: int, params, eval_batches, mesh) -> dict[str, float]:
+  """``evaluate``, and the task's ``extra_eval`` metrics at ``step`` as ``eval_<name>``."""
+  ev = evaluate(eval_step, params, eval_batches, mesh)
+  if task.extra_eval is not None:
+    ev.update({f"eval_{k}": float(v) for k, v in task.extra_eval(step, params).items()})
+  return ev
 
 
 def format_eval(ev: Mapping[str, float]) -> str:
@@ -327,7 +338,7 @@ def run(config, workdir: str, task: Task, *, mesh, train_iter, make_eval_iter, i
           writer.progress(step, out)
           last.update(out)
         if eval_now:
-          ev = evaluate(eval_step, state["params"], make_eval_iter(), mesh)
+          ev = evaluate_all(task, eval_step, step, state["params"], make_eval_iter(), mesh)
           writer.write(step, ev)
           metrics.log(f"  eval @ {step}: {format_eval(ev)}")
         if save_now:
@@ -344,7 +355,7 @@ def run(config, workdir: str, task: Task, *, mesh, train_iter, make_eval_iter, i
     writer.close()
 
   # ----- summary ---------------------------------------------------------------------------------
-  ev = evaluate(eval_step, state["params"], make_eval_iter(), mesh)
+  ev = evaluate_all(task, eval_step, total, state["params"], make_eval_iter(), mesh)
   writer = metrics.MetricWriter(workdir, total, total)
   writer.write(total, ev)
   writer.close()

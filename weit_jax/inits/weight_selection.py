@@ -15,8 +15,11 @@ A smaller target is initialized with a subset of a larger pre-trained model's we
   heads and the same per-head dimensions in query, key, value and out. (The paper's per-tensor
   selection over a fused qkv matrix is not head-aware; selecting heads and head dimensions
   separately is the natural reading for a model with separate ``heads`` and ``kv`` axes.)
-- **head** (every parameter with a ``classes`` axis): re-initialized with the target model's own
-  initializer (a new task, possibly a different number of classes, so ``classes`` may differ).
+- **head** (every parameter with a ``classes`` axis, in a family whose ``classes`` axis is an
+  output: ``models.Family.class_head``): re-initialized with the target model's own initializer (a
+  new task, possibly a different number of classes, so ``classes`` may differ). A conditional
+  generator's class embedding (a DiT's) is an input the model reads: selected along its width
+  axis like every other parameter, the classes kept.
 
 Every other axis (``tokens``, ``patch_h``, ``patch_w``, ``conv_h``, ``conv_w``, ``channels`` and
 unnamed ones) must match: the patch or kernel size, image size and channels of source and target
@@ -102,7 +105,7 @@ def select(source: DenseSource | str, target, *, seed: int = 0) -> dict:
   common.check_tree(source.params, source.config, "weight_selection source")
   index = axis_indices(source.config, target)
   src_flat = common.flatten(source.params)
-  head = set(models.classifier_paths(target))
+  head = set(models.classifier_paths(target)) if models.family_of(target).class_head else set()
   fresh = common.flatten(common.own_init(target, seed)) if head else {}
   out = {}
   for path, shape in common.shapes(target).items():

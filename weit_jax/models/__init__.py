@@ -80,6 +80,10 @@ class Family:
   legacy: Legacy | None = None
   big_vision_npz: bool = False
   tasks: tuple[str, ...] = ("classification",)
+  # True: the ``classes``-axis parameters are an output head (a classifier's), which weight
+  # selection re-initializes as its paper does; False: a class embedding the model reads (a
+  # conditional generator's), selected like every other parameter.
+  class_head: bool = True
 
 
 def _keep_mlp_ratio(fields: dict, base: dict, source) -> dict:
@@ -110,7 +114,7 @@ FAMILIES: dict[str, Family] = {
                      _resnet_derive, train_flops=resnet.train_flops),
     "dit": Family("dit", dit.DiTConfig, dit.make_config, dit.VARIANTS, dit.parse_variant, dit.DiT, dit.dummy_inputs,
                   dit.SIZE_FIELDS, {"heads": "num_heads", "mlp": "mlp_dim", "patch": "patch_size"}, _keep_mlp_ratio,
-                  train_flops=dit.train_flops, tasks=("diffusion",)),
+                  train_flops=dit.train_flops, tasks=("diffusion",), class_head=False),
 }
 
 

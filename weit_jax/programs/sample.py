@@ -14,13 +14,10 @@ from __future__ import annotations
 import io
 import json
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
-from weit_jax import checkpoint, config_checks, metrics, models, tasks
-from weit_jax.tasks import diffusion
+from weit_jax import checkpoint, config_checks, metrics, models, sample_quality, tasks
 
 
 def validate(config, workdir: str):
@@ -53,41 +50,6 @@ def export_of(path: str) -> str:
   return path
 
 
-def generate(model, params, cfg, classes, *, per_class: int, steps: int, guidance: float, seed: int):
-  """``(images [len(classes) * per_class, H, W, C] in [-1, 1] (clipped), labels)``."""
-  labels = jnp.repeat(jnp.asarray(classes, jnp.int32), per_class)
-  noise = jax.random.normal(jax.random.key(seed), (labels.shape[0], cfg.image_size, cfg.image_size, cfg.channels))
-  run = jax.jit(lambda p, n, y: diffusion.sample(lambda x, t, yy: model.apply({"params": p}, x, t, yy), n, y,
-                                                 steps=steps, scale=guidance, null_class=cfg.num_classes))
-  images = run(params, noise, labels)
-  return np.clip(np.asarray(images), -1.0, 1.0), np.asarray(labels)
-
-
-def grid_png(images: np.ndarray, labels: np.ndarray, per_class: int, title: str) -> bytes:
-  """One row per class; images in [-1, 1]."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  rows = len(images) // per_class
-  h, w, c = images.shape[1:]
-  tiles = ((images + 1) / 2).reshape(rows, per_class, h, w, c)
-  canvas = np.ones((rows * (h + 2), per_class * (w + 2), c), np.float32)
-  for r in range(rows):
-    for k in range(per_class):
-      canvas[r * (h + 2) + 1:r * (h + 2) + 1 + h, k * (w + 2) + 1:k * (w + 2) + 1 + w] = tiles[r, k]
-  fig, ax = plt.subplots(figsize=(max(3.0, per_class * 0.6), max(2.0, rows * 0.6) + 0.5))
-  ax.imshow(canvas[..., 0] if c == 1 else canvas, cmap="gray" if c == 1 else None, vmin=0, vmax=1,
-            interpolation="nearest")
-  ax.set_yticks([r * (h + 2) + h / 2 for r in range(rows)], [f"class {labels[r * per_class]}" for r in range(rows)])
-  ax.set_xticks([])
-  ax.set_title(title, fontsize=8)
-  fig.tight_layout()
-  buf = io.BytesIO()
-  fig.savefig(buf, format="png", dpi=110)
-  plt.close(fig)
-  return buf.getvalue()
-
-
 def run(config, workdir: str) -> dict:
   cfg, classes = validate(config, workdir)
   source = export_of(config.init)
@@ -95,18 +57,15 @@ def run(config, workdir: str) -> dict:
   model = models.build(cfg)
   metrics.log(f"Sampling {config.per_class} images of each of {len(classes)} classes from {config.init} "
               f"({cfg.short_name()}; {config.steps} Euler steps, guidance {config.guidance}, seed {config.seed}).")
-  images, labels = generate(model, params, cfg, classes, per_class=int(config.per_class), steps=int(config.steps),
+  images, labels = sample_quality.generate(model, params, cfg, classes, per_class=int(config.per_class), steps=int(config.steps),
                             guidance=float(config.guidance), seed=int(config.seed))
   made = dict(init=checkpoint.absolute(source), model=models.to_record(cfg), steps=int(config.steps),
               guidance=float(config.guidance), seed=int(config.seed), classes=classes, per_class=int(config.per_class))
   out = epath.Path(workdir)
   out.mkdir(parents=True, exist_ok=True)
   title = f"{cfg.short_name()}\n{config.steps} Euler steps, guidance {config.guidance}, seed {config.seed}"
-  for name, data in (("samples.png", grid_png(images, labels, int(config.per_class), title)),
-                     ("samples.npz", _npz(images=images, labels=labels, made=np.asarray(json.dumps(made))))):
-    tmp = out / (name + ".tmp")
-    tmp.write_bytes(data)  # whole files only: a crash leaves no half-written grid
-    tmp.replace(out / name)
+  sample_quality.write_whole(out / "samples.png", sample_quality.grid_png(images, labels, int(config.per_class), title))
+  sample_quality.write_whole(out / "samples.npz", _npz(images=images, labels=labels, made=np.asarray(json.dumps(made))))
   metrics.log(f"Wrote {out / 'samples.png'} and {out / 'samples.npz'}.")
   return dict(made, png=str(out / "samples.png"))
 

