@@ -5,7 +5,9 @@ r"""Stage 3 for diffusion transformers: train a plain DiT from an export (or fro
 
 The model size comes from the export when ``init`` is set; the objective is the pre-training one
 (rectified flow, ``weit_jax/tasks/diffusion.py``). Default: ImageNet-1k at 32x32 pixels, as
-configs/dit_pretrain.py.
+configs/dit_pretrain.py. ``runlocal`` (Fashion-MNIST) also measures sample quality at eval steps
+and at the end ("FID, Fashion-MNIST classifier features" and class fidelity of 500 samples, a grid
+in DIR/samples/; ``sample_quality`` below).
 """
 import ml_collections
 from ml_collections import config_dict

@@ -218,6 +218,9 @@ def test_pretrain_init_sample_train_a_dit(learnable_data, tmp_path, monkeypatch)
   with pytest.raises(ValueError, match="per_class=0 to train without it"):
     train.validate(tc, str(tmp_path / "train32"))
   assert not (tmp_path / "train32").exists()
+  tc.data.image_size, tc.sample_quality.steps = 28, 0
+  with pytest.raises(ValueError, match=r"sample_quality.steps=0 is out of range"):
+    train.validate(tc, str(tmp_path / "train32"))
 
 
 def test_a_family_is_refused_for_a_task_it_does_not_serve(tmp_path):

@@ -10,6 +10,9 @@ A task (``config.task``; default ``classification``) gives the programs:
   loss(outputs, batch, key)   ``(scalar loss, dict of scalar metrics)`` from the model's outputs
   eval_sums(outputs, batch)   per-batch sums with a ``count``; the loop reports ``eval_<name>`` =
                               sum / count over the eval set
+  extra_eval_fn(model_fn, cfg, workdir, mesh)
+                              None, or ``(step, params) -> metrics`` computed on the host at eval
+                              steps (diffusion: sample quality and a grid, weit_jax/sample_quality.py)
 
 ``pretrain``, ``init`` and ``train`` are written once against it and a model family
 (``weit_jax.models``): the constraint regularizer, scaler training, materialize, export and
