@@ -28,6 +28,7 @@ import datetime
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import time
@@ -41,7 +42,7 @@ import numpy as np  # noqa: E402
 
 METHODS = ("random", "weit", "weight_selection", "tleg")
 FMNIST = "fashion_mnist_local"
-FID = "FID, Fashion-MNIST classifier features"
+FID = "FID, Fashion-MNIST classifier features"  # weit_jax.sample_quality.FID_NAME (weit_jax is imported late)
 
 iq.SETUPS["dit"] = dict(
     auxiliary=dict(variant="pico/4"),  # d3-w64-h2-m256-p4
@@ -316,13 +317,7 @@ def fmt(mean: float, std: float, n: int, digits: int = 1) -> str:
 
 
 def fmt_speedup(e: dict, T: int, method: str) -> str:
-  if method == "random":
-    return f"1× (reference: {e['fid_final_mean']:.1f} at step {T})"
-  if e.get("speedup") is None:
-    return f"not reached (final {e['fid_final_mean']:.1f})"
-  if math.isinf(e["speedup"]):
-    return "∞ (at step 0)"
-  return f"{e['speedup']:.1f}× ({e['steps_to_random_final']:.0f} steps)"
+  return iq.fmt_speedup(e, T, method, final=f"{e['fid_final_mean']:.1f}")
 
 
 def plot_curves(agg: dict, roles: list[str], targets: dict, key: str, ylabel: str, path: str, b: dict,
@@ -508,13 +503,19 @@ def write_report(args, agg, results, stages, targets, na, scale, cross, info) ->
   path = os.path.join(args.out, "generation.md")
   with open(path, "w") as f:
     f.write("\n".join(L))
+  raw = dict(info=info, budget=b, scale=scale, stages=stages, aggregate=agg,
+             not_applicable={f"{m}/{r}": w for (m, r), w in na.items()}, inception=cross,
+             runs=[{k: v for k, v in r.items() if k not in ("export", "run_dir")} for r in results])
   with open(os.path.join(args.out, "generation.json"), "w") as f:
-    json.dump(iq._json_safe(dict(info=info, budget=b, scale=scale, stages=stages, aggregate=agg,
-                                 not_applicable={f"{m}/{r}": w for (m, r), w in na.items()}, inception=cross,
-                                 runs=[{k: v for k, v in r.items() if k not in ("export", "run_dir")}
-                                       for r in results])),
-              f, indent=2)
+    f.write(relative_paths(json.dumps(iq._json_safe(raw), indent=2)))
   return path
+
+
+def relative_paths(text: str) -> str:
+  """Paths in the repository relative to its root; the machine's other paths (the classifier's cache)
+  as their last parts only."""
+  text = text.replace(ROOT + os.sep, "")
+  return re.sub(r'"(/[^"]*)/(weit_jax_feature_classifier/[^"]*)"', r'"DATA_DIR/\2"', text)
 
 
 def verdicts(agg: dict, roles: list[str], targets: dict) -> list[str]:

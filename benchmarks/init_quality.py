@@ -489,11 +489,13 @@ def fmt_acc(mean: float, std: float, n: int) -> str:
   return f"{100 * mean:.1f} ± {100 * std:.1f}" if n > 1 else f"{100 * mean:.1f}"
 
 
-def fmt_speedup(e: dict, T: int, method: str) -> str:
+def fmt_speedup(e: dict, T: int, method: str, final: str | None = None) -> str:
+  """The speed-up cell; ``final``: the run's final value as the report writes it (default: accuracy, %)."""
+  final = final or f"{100 * e['final_mean']:.1f}%"
   if method == "random":
-    return f"1× (reference: {100 * e['final_mean']:.1f}% at step {T})"
+    return f"1× (reference: {final} at step {T})"
   if e.get("speedup") is None:
-    return f"not reached (final {100 * e['final_mean']:.1f})"
+    return f"not reached (final {final})"
   if math.isinf(e["speedup"]):
     return "∞ (at step 0)"
   return f"{e['speedup']:.1f}× ({e['steps_to_random_final']:.0f} steps)"

@@ -37,7 +37,6 @@ from weit_jax import input_pipeline
 
 RECIPE = dict(dataset="fashion_mnist_local", channels=(16, 32), features=64, steps=1500, batch_size=128,
               lr=2e-3, crop_padding=2, seed=0, reference_split="train[:10000]", test_split="test")
-NAME = "FID, Fashion-MNIST classifier features"  # what the metric is called wherever it is shown
 
 
 class FeatureCNN(nn.Module):
@@ -54,6 +53,13 @@ class FeatureCNN(nn.Module):
       x = nn.avg_pool(x, (2, 2), (2, 2))
     features = nn.relu(nn.Dense(self.features)(x.reshape(x.shape[0], -1)))
     return features, nn.Dense(self.num_classes)(features)
+
+
+def _model(recipe: dict) -> tuple[FeatureCNN, jax.Array]:
+  """The recipe's network and an example input (one image of the dataset's shape)."""
+  info = input_pipeline.dataset_info(recipe["dataset"])
+  model = FeatureCNN(tuple(recipe["channels"]), int(recipe["features"]), info.num_classes)
+  return model, jnp.zeros((1, info.image_size, info.image_size, info.channels))
 
 
 def data_config(split: str | None = None, data_dir: str | None = None, recipe: dict | None = None):
@@ -112,14 +118,12 @@ def real_images(split: str, data_dir: str | None = None, recipe: dict | None = N
 def train(data_dir: str | None = None, recipe: dict | None = None, log=print):
   """Trains the classifier with ``recipe`` (deterministic for its seed); returns (model, params)."""
   recipe = recipe or RECIPE
-  info = input_pipeline.dataset_info(recipe["dataset"])
-  model = FeatureCNN(tuple(recipe["channels"]), int(recipe["features"]), info.num_classes)
+  model, example = _model(recipe)
   data = data_config(None, data_dir, recipe)
   data.crop_padding = int(recipe["crop_padding"])  # pad-and-crop augmentation (and the dataset's flips)
   batches = iter(input_pipeline.make_train_iterator(data, global_batch_size=int(recipe["batch_size"]),
                                                    seed=int(recipe["seed"])))
-  shape = (1, info.image_size, info.image_size, info.channels)
-  params = model.init(jax.random.key(int(recipe["seed"])), jnp.zeros(shape))["params"]
+  params = model.init(jax.random.key(int(recipe["seed"])), example)["params"]
   tx = optax.adam(optax.cosine_decay_schedule(float(recipe["lr"]), int(recipe["steps"])))
   opt_state = tx.init(params)
 
@@ -185,11 +189,8 @@ def read(path: str) -> FeatureClassifier:
   """The classifier ``build`` wrote to ``path``."""
   with open(os.path.join(path, "meta.json")) as f:
     meta = json.load(f)
-  recipe = meta["recipe"]
-  info = input_pipeline.dataset_info(recipe["dataset"])
-  model = FeatureCNN(tuple(recipe["channels"]), int(recipe["features"]), info.num_classes)
-  shape = (1, info.image_size, info.image_size, info.channels)
-  abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(shape))["params"])
+  model, example = _model(meta["recipe"])
+  abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), example)["params"])
   with np.load(os.path.join(path, "params.npz")) as saved:
     params = jax.tree_util.tree_map_with_path(lambda k, _: saved[jax.tree_util.keystr(k)], abstract)
   with np.load(os.path.join(path, "reference.npz")) as ref:

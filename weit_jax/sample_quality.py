@@ -25,8 +25,9 @@ from etils import epath
 
 from weit_jax.tasks import diffusion
 
-# Keys of the metrics a training run logs (as eval_<key>) and the benchmark reports.
+# Keys of the metrics a training run logs (as eval_<key>) and the benchmark reports, and the FID's name.
 FID_KEY = "fid_fmnist_classifier_features"
+FID_NAME = "FID, Fashion-MNIST classifier features"
 FIDELITY_KEY = "class_fidelity"
 
 
@@ -189,4 +190,4 @@ class SampleEval:
 
 
 def _fmt(result: dict) -> str:
-  return f"FID, Fashion-MNIST classifier features: {result[FID_KEY]:.2f}; class fidelity {result[FIDELITY_KEY]:.3f}"
+  return f"{FID_NAME}: {result[FID_KEY]:.2f}; class fidelity {result[FIDELITY_KEY]:.3f}"

@@ -120,9 +120,9 @@ class Diffusion(ImageDataTask):
   def _check_sample_quality(self) -> None:
     from weit_jax import feature_classifier
     recipe = feature_classifier.RECIPE  # (the numeric fields are checked by config_checks.RANGES)
-    info = feature_classifier.data_config(None, None)
+    wanted = feature_classifier.data_config()
     if (self.data.name, int(self.data.image_size), tuple(self.data.mean), tuple(self.data.std)) != (
-        recipe["dataset"], 28, tuple(info.mean), tuple(info.std)):
+        recipe["dataset"], int(wanted.image_size), tuple(wanted.mean), tuple(wanted.std)):
       raise ValueError(
           f"sample_quality is measured with a {recipe['dataset']} classifier on 28x28 images in [-1, 1] "
           f"(data.mean = data.std = 0.5); this run generates {self.data.name} at {self.data.image_size}x"
