@@ -52,6 +52,7 @@ def main(argv):
     dry_run.run(config, checkpoint.absolute(flags.FLAGS.workdir))
     return
   distributed.initialize(config)
+  distributed.enable_compilation_cache()
   program = importlib.import_module(f"weit_jax.programs.{config.program}")
   workdir = checkpoint.absolute(flags.FLAGS.workdir)
   if flags.FLAGS.check:

@@ -39,6 +39,7 @@ SIZE_FIELDS = {
                 remat_policy=str),
     "resnet": dict(width=int, depth=str, num_groups=int, stem=str, remat_policy=str),
     "dit": dict(width=int, depth=int, mlp_dim=int, num_heads=int, patch_size=int, remat_policy=str),
+    "policy": dict(width=int, depth=int, remat_policy=str),
 }
 
 
@@ -91,3 +92,28 @@ def training_fields(config: ml_collections.ConfigDict, *, total_steps: int, batc
       materialize=ml_collections.config_dict.placeholder(str),
       materialize_mesh=ml_collections.ConfigDict(dict(FSDP_ALL)),
       hbm_gib=ml_collections.config_dict.placeholder(float)))
+
+
+def control_fields(config: ml_collections.ConfigDict, *, runlocal: bool) -> None:
+  """The control task (weit_jax/tasks/control.py): a brax environment and PPO. ``batch_size`` is the
+  number of environments stepped in parallel; one train step is one PPO update (a rollout of
+  ``unroll_length`` steps of every environment, then ``epochs`` x ``num_minibatches`` optimizer
+  updates). ``--config.env=walker2d`` initializes or trains for another morphology."""
+  config.task = "control"
+  config.env = "hopper"
+  config.backend = "spring"  # brax's fastest backend on CPU and TPU; 'generalized', 'positional', 'mjx'
+  config.episode_length = 1000
+  config.eval_episodes = 32  # the deterministic policy's mean return over these (fixed initial states)
+  config.batch_size = 256 if runlocal else 4096
+  config.ppo = ml_collections.ConfigDict(dict(
+      unroll_length=32, num_minibatches=4, epochs=4, discounting=0.99, gae_lambda=0.95, clip_eps=0.2,
+      value_coef=0.5, entropy_coef=1e-3, reward_scaling=1.0, normalize_advantage=True))
+  if not runlocal:
+    config.ppo.num_minibatches = 32
+
+
+def policy_optim() -> ml_collections.ConfigDict:
+  """Adam at 3e-4, constant (PPO's usual), gradient norm clipped at 0.5 (the PPO implementations' default)."""
+  return ml_collections.ConfigDict(dict(
+      lr=3e-4, warmup_steps=0, schedule="constant", min_lr_ratio=0.0, b1=0.9, b2=0.999, clip_norm=0.5,
+      wd_paths=r"kernel$"))

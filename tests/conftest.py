@@ -6,6 +6,9 @@ import os
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
                            " --xla_backend_optimization_level=0").strip()
 os.environ["JAX_PLATFORMS"] = "cpu"
+# The programs' persistent compilation cache stays out of the user's cache (a test that checks it
+# sets its own directory).
+os.environ.setdefault("WEIT_COMPILATION_CACHE", "off")
 
 import jax  # noqa: E402  (after the flags above)
 import pytest  # noqa: E402

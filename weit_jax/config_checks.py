@@ -60,6 +60,17 @@ RANGES: dict[str, tuple[float | None, bool, float | None, bool]] = {
     "sample_quality.per_class": (0, True, None, False),  # 0: not measured
     "sample_quality.steps": (1, True, None, False),
     "sample_quality.guidance": (0, True, None, False),
+    "episode_length": (1, True, None, False),  # control (weit_jax/tasks/control.py)
+    "eval_episodes": (1, True, None, False),
+    "ppo.unroll_length": (1, True, None, False),
+    "ppo.num_minibatches": (1, True, None, False),
+    "ppo.epochs": (1, True, None, False),
+    "ppo.discounting": (0, False, 1, True),
+    "ppo.gae_lambda": (0, True, 1, True),
+    "ppo.clip_eps": (0, False, None, False),
+    "ppo.value_coef": (0, True, None, False),
+    "ppo.entropy_coef": (0, True, None, False),
+    "ppo.reward_scaling": (0, False, None, False),
 }
 
 # How and where a run happens: may change when a workdir is resumed (patterns on dotted fields).
@@ -73,6 +84,7 @@ PLACEMENT_FIELDS = (
     "overwrite", "resume_step", "dry_run", "dry_run.*",
     "model.remat_policy", "target.remat_policy",  # recomputation: the same values, less memory
     "sample_quality", "sample_quality.*",  # what is measured at eval steps, not what is trained
+    "eval_episodes",
 )
 
 

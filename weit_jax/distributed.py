@@ -1,4 +1,5 @@
-"""The one place that initializes multi-process JAX, and which rows of a batch each process feeds.
+"""The one place that initializes multi-process JAX, and which rows of a batch each process feeds;
+and the persistent compilation cache every program run uses.
 
 On Cloud TPU VMs ``jax.distributed.initialize()`` reads everything from the environment. On CPU
 (tests, a laptop) set ``WEIT_COORDINATOR=host:port``, ``WEIT_NUM_PROCESSES`` and
@@ -12,6 +13,28 @@ import jax
 import numpy as np
 
 _initialized = False
+CACHE_ENV = "WEIT_COMPILATION_CACHE"  # a directory, or 'off'
+
+
+def compilation_cache_dir() -> str | None:
+  """Where compiled programs persist across runs: ``$WEIT_COMPILATION_CACHE`` ('off': nowhere), else
+  ``$JAX_COMPILATION_CACHE_DIR``, else the user's cache (``$XDG_CACHE_HOME`` or ~/.cache)/weit_jax/xla.
+  A user cache, not the workdir: reruns and other workdirs of the same programs hit it, and a
+  workdir may be a bucket."""
+  path = os.environ.get(CACHE_ENV) or os.environ.get("JAX_COMPILATION_CACHE_DIR")
+  if path == "off":
+    return None
+  return path or os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "weit_jax", "xla")
+
+
+def enable_compilation_cache() -> str | None:
+  """Turns on JAX's persistent compilation cache (programs that took over a second to compile); a
+  repeated run skips compiling (a control run's rollout and evaluation: tens of seconds on a CPU)."""
+  path = compilation_cache_dir()
+  if path:
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+  return path
 
 
 def initialize(config=None) -> None:

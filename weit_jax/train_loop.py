@@ -38,6 +38,10 @@ class Task:
   lr_schedule: step -> learning rate, for logging.
   extra_eval: (step, params) -> more eval metrics, reported as ``eval_<name>`` beside eval_fn's at
     eval steps and at the end (a generative task's sample quality; ``tasks.Task.extra_eval_fn``).
+  experience: None, or a task that makes its own data (``tasks.control.Experience``: RL rollouts).
+    Its carry (environment state, observation statistics) is part of the train state and of every
+    checkpoint; a step collects a batch with the current parameters, then makes ``epochs`` passes
+    of ``num_minibatches`` optimizer updates over it; evaluation adds its ``evaluate`` metrics.
   """
   init_params: Callable[[jax.Array], Any]
   param_axes: Any
@@ -46,6 +50,11 @@ class Task:
   optimizer: optax.GradientTransformation
   lr_schedule: Callable[[Any], Any]
   extra_eval: Callable[[int, Any], Mapping[str, float]] | None = None
+  experience: Any = None
+
+  @property
+  def updates_per_step(self) -> int:
+    return self.experience.updates_per_step if self.experience is not None else 1
 
 
 # --- workdir guard --------------------------------------------------------------------------------
@@ -104,7 +113,20 @@ def state_shardings(task: Task, mesh):
   opt_sh = _like_params(abstract_opt, abstract_params, param_sh, repl)
   abstract = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": abstract_params, "opt_state": abstract_opt}
   shardings = {"step": repl, "params": param_sh, "opt_state": opt_sh}
+  if task.experience is not None:
+    abstract["carry"] = jax.tree_util.tree_leaves(jax.eval_shape(task.experience.init, jax.random.key(0)))
+    shardings["carry"] = [repl] * len(abstract["carry"])
   return abstract, shardings
+
+
+def _carry_def(task: Task):
+  return jax.tree_util.tree_structure(jax.eval_shape(task.experience.init, jax.random.key(0)))
+
+
+def carry_of(task: Task, state):
+  """The experience's carry (a pytree) from a train state, which holds it as a list of leaves (an
+  environment's state is a tree of flax dataclasses; a checkpoint keeps plain lists)."""
+  return jax.tree_util.tree_unflatten(_carry_def(task), state["carry"])
 
 
 def _like_params(tree, abstract_params, param_sh, default):
@@ -131,7 +153,10 @@ def make_init_state(task: Task, shardings):
   shardings that span processes, which ``jit`` refuses."""
   def init(key, params):
     params = task.init_params(key) if params is None else params
-    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": task.optimizer.init(params)}
+    state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": task.optimizer.init(params)}
+    if task.experience is not None:
+      state["carry"] = jax.tree_util.tree_leaves(task.experience.init(jax.random.fold_in(key, 1)))
+    return state
   init = jax.jit(init, out_shardings=shardings)
 
   def make(key, params=None):
@@ -144,14 +169,47 @@ def make_init_state(task: Task, shardings):
 def make_train_step(task: Task, shardings, batch_sharding, mesh):
   repl = sharding.replicated(mesh)
 
+  def update(params, opt_state, batch, key):
+    (loss, aux), grads = jax.value_and_grad(task.loss_fn, has_aux=True)(params, batch, key)
+    updates, opt_state = task.optimizer.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, dict(aux, loss=loss, grad_norm=optax.tree.norm(grads))
+
   def step_fn(state, batch, key):
     key = jax.random.fold_in(key, state["step"])
-    (loss, aux), grads = jax.value_and_grad(task.loss_fn, has_aux=True)(state["params"], batch, key)
-    updates, opt_state = task.optimizer.update(grads, state["opt_state"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
-    out = dict(aux, loss=loss, grad_norm=optax.tree.norm(grads), lr=task.lr_schedule(state["step"]))
+    params, opt_state, out = update(state["params"], state["opt_state"], batch, key)
+    out = dict(out, lr=task.lr_schedule(state["step"]))
     return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, out
 
+  def experience_step_fn(state, batch, key):
+    del batch
+    exp = task.experience
+    k_collect, k_epochs = jax.random.split(jax.random.fold_in(key, state["step"]))
+    carry, data, collected = exp.collect(state["params"], carry_of(task, state), k_collect)
+    n = jax.tree_util.tree_leaves(data)[0].shape[0]
+
+    def epoch(c, k):
+      k_perm, k_loss = jax.random.split(k)
+      perm = jax.random.permutation(k_perm, n)
+      minibatches = jax.tree_util.tree_map(
+          lambda x: x[perm].reshape((exp.num_minibatches, n // exp.num_minibatches) + x.shape[1:]), data)
+
+      def minibatch(c, x):
+        mb, i = x
+        params, opt_state, out = update(*c, mb, jax.random.fold_in(k_loss, i))
+        return (params, opt_state), out
+      return jax.lax.scan(minibatch, c, (minibatches, jnp.arange(exp.num_minibatches)))
+
+    (params, opt_state), outs = jax.lax.scan(epoch, (state["params"], state["opt_state"]),
+                                             jax.random.split(k_epochs, exp.epochs))
+    out = dict(jax.tree_util.tree_map(jnp.mean, outs), **collected,
+               env_steps=(state["step"] + 1).astype(jnp.float32) * exp.env_steps_per_update,
+               lr=task.lr_schedule(state["step"] * exp.updates_per_step))
+    return {"step": state["step"] + 1, "params": params, "opt_state": opt_state,
+            "carry": jax.tree_util.tree_leaves(carry)}, out
+
+  if task.experience is not None:
+    return jax.jit(experience_step_fn, in_shardings=(shardings, None, repl), out_shardings=(shardings, repl),
+                   donate_argnums=0)
   return jax.jit(step_fn, in_shardings=(shardings, batch_sharding, repl),
                  out_shardings=(shardings, repl), donate_argnums=0)
 
@@ -172,9 +230,14 @@ def evaluate(eval_step, params, eval_batches: Iterable[Mapping[str, np.ndarray]]
   return {f"eval_{k}": v / n for k, v in totals.items()}
 
 
-def evaluate_all(task: Task, eval_step, step: int, params, eval_batches, mesh) -> dict[str, float]:
-  """``evaluate``, and the task's ``extra_eval`` metrics at ``step`` as ``eval_<name>``."""
+def evaluate_all(task: Task, eval_step, step: int, state, eval_batches, mesh) -> dict[str, float]:
+  """``evaluate`` of the state's params, the experience's ``evaluate`` (with the state's carry), and
+  the task's ``extra_eval`` metrics at ``step``, all as ``eval_<name>``."""
+  params = state["params"]
   ev = evaluate(eval_step, params, eval_batches, mesh)
+  if task.experience is not None:
+    out = jax.device_get(task.experience.evaluate(params, carry_of(task, state)))
+    ev.update({f"eval_{k}": float(v) for k, v in out.items()})
   if task.extra_eval is not None:
     ev.update({f"eval_{k}": float(v) for k, v in task.extra_eval(step, params).items()})
   return ev
@@ -278,7 +341,7 @@ def run(config, workdir: str, task: Task, *, mesh, train_iter, make_eval_iter, i
   batch_sh = sharding.batch_sharding(mesh)
   ckpt = checkpoint.Checkpointer(workdir, every=int(config.checkpoint_every),
                                  keep=int(config.get("keep_checkpoints", 3)))
-  data_iter = iter(train_iter)
+  data_iter = iter(train_iter) if train_iter is not None else None  # None: the experience makes the data
 
   # ----- state: resume or start ------------------------------------------------------------------
   resume_step = config.get("resume_step") or ckpt.latest_step()
@@ -322,7 +385,7 @@ def run(config, workdir: str, task: Task, *, mesh, train_iter, make_eval_iter, i
     with _Preemption() as preemption:
       step = start
       while step < total:
-        batch = sharding.global_batch(next(data_iter), mesh)
+        batch = sharding.global_batch(next(data_iter), mesh) if data_iter is not None else None
         state, out = train_step(state, batch, step_key)
         step += 1
         pending.append((step, out))
@@ -338,7 +401,7 @@ def run(config, workdir: str, task: Task, *, mesh, train_iter, make_eval_iter, i
           writer.progress(step, out)
           last.update(out)
         if eval_now:
-          ev = evaluate_all(task, eval_step, step, state["params"], make_eval_iter(), mesh)
+          ev = evaluate_all(task, eval_step, step, state, make_eval_iter(), mesh)
           writer.write(step, ev)
           metrics.log(f"  eval @ {step}: {format_eval(ev)}")
         if save_now:
@@ -355,7 +418,7 @@ def run(config, workdir: str, task: Task, *, mesh, train_iter, make_eval_iter, i
     writer.close()
 
   # ----- summary ---------------------------------------------------------------------------------
-  ev = evaluate_all(task, eval_step, total, state["params"], make_eval_iter(), mesh)
+  ev = evaluate_all(task, eval_step, total, state, make_eval_iter(), mesh)
   writer = metrics.MetricWriter(workdir, total, total)
   writer.write(total, ev)
   writer.close()
@@ -366,4 +429,4 @@ def run(config, workdir: str, task: Task, *, mesh, train_iter, make_eval_iter, i
     (epath.Path(workdir) / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
   plot = metrics.plot_curves(workdir, title)
   metrics.log(f"Done: step {total}, eval {format_eval(ev)}, wall time {wall:.0f}s. Curves: {plot}")
-  return dict(summary, params=state["params"])
+  return dict(summary, params=state["params"], **({"carry": carry_of(task, state)} if task.experience else {}))

@@ -75,12 +75,11 @@ def _weit(source, target, *, seed: int = 0) -> dict:
     raise ValueError("weit needs the init program's export folder (WORKDIR/<size>/export); "
                      f"got {type(source).__name__}.")
   exported = models.from_record(checkpoint.read_export_meta(source)["model"])
-  if type(exported) is not type(target) or dataclasses.replace(
-      exported, num_classes=target.num_classes, **models.runtime_of(target)) != target:
+  if not models.same_up_to_head(exported, target):
     checkpoint.load_params(source, expected_model=target)  # raises, naming the differing fields
     raise ValueError(f"export {source} is a {exported.short_name()}, not the target {target.short_name()}.")
   params = common.to_numpy(checkpoint.load_params(source))
-  if exported.num_classes != target.num_classes:
+  if models.other_classes(exported, target):
     params = models.with_fresh_classifier(params, target, seed)
   return params
 

@@ -143,7 +143,7 @@ def expand(source: TLEGSource | str, target, *, seed: int = 0) -> dict:
     raise ValueError(f"tleg needs a TLEGSource or a TLEG export folder; got {type(source).__name__}.")
   check_sizes(source.config, target)
   params = common.to_numpy(to_plain(source.tree, target))
-  if source.config.num_classes != target.num_classes:
+  if models.other_classes(source.config, target):
     params = models.with_fresh_classifier(params, target, seed)
   common.check_tree(params, target, "tleg")
   return params

@@ -1,6 +1,6 @@
 """Model families: the one place that knows a family's fields.
 
-A family (``config.model.family``: ``vit``, ``resnet``, ``dit``) is:
+A family (``config.model.family``: ``vit``, ``resnet``, ``dit``, ``policy``) is:
 
   config_cls      a frozen dataclass of everything that fixes the parameter shapes and the
                   computation (``short_name()`` names a size)
@@ -26,7 +26,7 @@ A family (``config.model.family``: ``vit``, ``resnet``, ``dit``) is:
 
 The programs, initializers, dry run and benchmarks go through this registry (``get``, ``build``,
 ``dummy_inputs``, ``to_record`` / ``from_record`` for the ``model`` record of exports and runs)
-and never name a family's fields. Control policies join as a family of their own.
+and never name a family's fields. ``policy``: actor-critic MLPs for control (``weit_jax.models.policy``).
 """
 from __future__ import annotations
 
@@ -39,13 +39,14 @@ import jax
 import numpy as np
 from flax import traverse_util
 
-from weit_jax.models import dit, resnet, vit
+from weit_jax.models import dit, policy, resnet, vit
 
 
 # Logical axes that are format, not width: never tiled by a family's default tiles, copied whole by
 # weight selection. Every other named axis (``embed``, ``mlp``, ``stem``, ``res2``, ...) is a width axis.
 FIXED_AXES = frozenset({"layers", "classes", "tokens", "patch_h", "patch_w", "conv_h", "conv_w", "channels",
-                        "frequencies", "modulation", "patch_out"})  # the last three: a DiT's
+                        "frequencies", "modulation", "patch_out",  # a DiT's
+                        "value"})  # a policy's critic output
 
 # Fields of every family's config that say how a model computes on a device, not which function it
 # is: an export or a run matches a model whatever these are, and each program sets its own.
@@ -115,6 +116,10 @@ FAMILIES: dict[str, Family] = {
     "dit": Family("dit", dit.DiTConfig, dit.make_config, dit.VARIANTS, dit.parse_variant, dit.DiT, dit.dummy_inputs,
                   dit.SIZE_FIELDS, {"heads": "num_heads", "mlp": "mlp_dim", "patch": "patch_size"}, _keep_mlp_ratio,
                   train_flops=dit.train_flops, tasks=("diffusion",), class_head=False),
+    "policy": Family("policy", policy.PolicyConfig, policy.make_config, policy.VARIANTS, policy.parse_variant,
+                     policy.Policy, policy.dummy_inputs, policy.SIZE_FIELDS, {}, lambda fields, base, source: fields,
+                     data_fields=("obs_size", "action_size"), train_flops=policy.train_flops, tasks=("control",),
+                     class_head=False),
 }
 
 
@@ -164,6 +169,20 @@ def with_fresh_classifier(params, config, seed: int) -> dict:
   for path in classifier_paths(config):
     flat[path] = fresh[path]
   return traverse_util.unflatten_dict(flat)
+
+
+def other_classes(exported, target) -> bool:
+  """Whether two configs of a family with classes differ in their number (a new head is needed)."""
+  return getattr(exported, "num_classes", None) != getattr(target, "num_classes", None)
+
+
+def same_up_to_head(exported, target) -> bool:
+  """Whether ``exported`` is ``target``'s model but for the number of classes and the runtime fields:
+  an export that initializes ``target`` (with a fresh head if the classes differ)."""
+  if type(exported) is not type(target):
+    return False
+  classes = {"num_classes": target.num_classes} if hasattr(target, "num_classes") else {}
+  return dataclasses.replace(exported, **classes, **runtime_of(target)) == target
 
 
 def to_record(config) -> dict:
@@ -235,10 +254,11 @@ def option_conflict(requested: Mapping[str, Any], source) -> tuple[str, Any, Any
   return None
 
 
-def target_config(fields: Mapping[str, Any], source):
+def target_config(fields: Mapping[str, Any], source, data: Mapping[str, Any] | None = None):
   """The config of one target (``parse_targets`` output) initialized from templates of ``source``:
-  fields the target does not name come from its variant, else from the source; the dataset's
-  fields, the options (``option_fields``) and the runtime fields always from the source."""
+  fields the target does not name come from its variant, else from the source; the options
+  (``option_fields``) and the runtime fields always from the source; the dataset's fields from
+  ``data`` (the init task's: a policy for another morphology), else from the source."""
   family = family_of(source)
   fields = dict(fields)
   if (conflict := option_conflict(fields, source)):
@@ -252,7 +272,8 @@ def target_config(fields: Mapping[str, Any], source):
   base = family.parse_variant(variant) if variant else {k: getattr(source, k) for k in family.target_fields}
   base.update(family.derive(dict(fields, **({"variant": variant} if variant else {})), base, source))
   base.pop("variant", None)
-  data = {k: getattr(source, k) for k in family.data_fields + family.option_fields}
+  data = {k: (data or {}).get(k, getattr(source, k)) for k in family.data_fields}
+  data.update({k: getattr(source, k) for k in family.option_fields})
   return family.make_config(**base, **data, **runtime_of(source))
 
 
@@ -262,5 +283,5 @@ def runtime_of(config) -> dict[str, Any]:
 
 
 __all__ = ["FAMILIES", "FIXED_AXES", "Family", "Legacy", "build", "classifier_paths", "dummy_inputs", "family_of",
-           "from_config", "from_record", "get", "init_params", "legacy_of", "option_conflict", "parse_targets", "resnet",
+           "from_config", "from_record", "get", "init_params", "legacy_of", "option_conflict", "other_classes", "same_up_to_head", "parse_targets", "resnet",
            "RUNTIME_FIELDS", "runtime_of", "target_config", "to_record", "vit", "with_fresh_classifier"]

@@ -16,20 +16,20 @@ from etils import epath
 
 from weit_jax import (checkpoint, config_checks, distributed, generator, metrics, models, optim, scaler_init,
                       sharding, tasks, train_loop)
-from weit_jax.programs import pretrain
+from weit_jax.programs import pretrain, train
 
-def _targets_from_config(config, source) -> list:
+def _targets_from_config(config, source, data: dict) -> list:
   """Target model configs: ``config.targets`` ('S/16;depth=7,width=320,heads=5', sizes of the
-  templates' family), else ``config.target``."""
+  templates' family), else ``config.target``; ``data``: the fields the init task's data fixes."""
   family = models.family_of(source)
   if config.targets:
-    return [models.target_config(f, source) for f in models.parse_targets(config.targets, family)]
+    return [models.target_config(f, source, data) for f in models.parse_targets(config.targets, family)]
   fields = {k: v for k, v in config.target.items() if v is not None and k not in models.RUNTIME_FIELDS}
   wanted = fields.pop("family", family.name)
   if wanted != family.name:
     raise ValueError(f"config.target is a {wanted} model, but the templates in {config.templates} are of the "
                      f"{family.name} family; give a {family.name} target (configs/{family.name}_init.py).")
-  return [models.target_config(fields, source)]
+  return [models.target_config(fields, source, data)]
 
 
 @dataclasses.dataclass
@@ -61,10 +61,12 @@ def validate(config, workdir: str) -> Validated:
   optim.schedule(_optim_config(config))  # validates the schedule
   mesh = sharding.make_mesh(dict(config.mesh))
   distributed.process_batch_rows(mesh, int(config.batch_size))  # the batch splits over the mesh
-  src_config, src_setup, src_params, src_step = pretrain.restore_templates(config.templates, config.templates_step)
+  src_config, src_setup, src_state, src_step = pretrain.restore_state(config.templates, config.templates_step)
+  src_params = src_state["params"]
   source = src_setup.model_config
+  task = _task(config, src_config, src_state)
   targets = []
-  for cfg in _targets_from_config(config, source):
+  for cfg in _targets_from_config(config, source, task.model_fields()):
     model = models.build(cfg)
     gen = generator.WeightGenerator.from_model(model, *models.dummy_inputs(cfg), tiles=dict(src_config.weit.tiles),
                                                num_templates=int(src_config.weit.num_templates))
@@ -73,11 +75,6 @@ def validate(config, workdir: str) -> Validated:
   names = [t.name for t in targets]
   if len(set(names)) != len(names):
     raise ValueError(f"targets repeat a size: {names}.")
-  # The task and data of pre-training, on its first num_examples training examples.
-  task_config = src_config.copy_and_resolve_references()
-  task_config.data.train_split = f"{src_config.data.train_split}[:{int(config.num_examples)}]"
-  task_config.label_smoothing = config.label_smoothing
-  task = tasks.from_config(task_config)
   task.prepare()
   train_loop.check_workdir(config, workdir)
   return Validated(src_config, src_setup, src_params, src_step, targets, task, mesh)
@@ -103,9 +100,33 @@ def run(config, workdir: str) -> dict:
   return results
 
 
-def _optim_config(config):
+# What an init config of the control task sets of its task (the environment may differ from the
+# templates': another morphology).
+CONTROL_FIELDS = ("env", "backend", "batch_size", "episode_length", "eval_episodes", "ppo")
+
+
+def _task(config, src_config, src_state) -> tasks.Task:
+  """The task of pre-training, on its first num_examples training examples; for control, the init
+  config's environment and PPO settings, and the templates' observation statistics if the
+  environment observes as many values."""
+  task_config = src_config.copy_and_resolve_references()
+  if task_config.get("task") == "control":
+    for name in CONTROL_FIELDS:
+      task_config[name] = config[name]
+    task = tasks.from_config(task_config)
+    stats = src_state["carry"]["obs_stats"]
+    if int(stats["mean"].shape[0]) == task.model_fields()["obs_size"]:
+      task = dataclasses.replace(task, obs_stats=tasks.control.stats_to_record(stats))
+    return task
+  task_config.data.train_split = f"{src_config.data.train_split}[:{int(config.num_examples)}]"
+  task_config.label_smoothing = config.label_smoothing
+  return tasks.from_config(task_config)
+
+
+def _optim_config(config, task=None):
   """The scaler-training optimizer config; ``steps=0`` (heuristic only) needs no warmup."""
-  c = optim.with_total_steps(config.optim, max(int(config.steps), 1))
+  steps = max(int(config.steps), 1)
+  c = optim.with_total_steps(config.optim, task.optimizer_steps(steps) if task is not None else steps)
   if int(config.steps) == 0:
     c.warmup_steps = 0
   return c
@@ -137,17 +158,21 @@ def _init_one(config, workdir, target: Target, templates, src_setup, src_params,
   loop_config = config.copy_and_resolve_references()
   with loop_config.unlocked():
     loop_config.total_steps = max(int(config.steps), 1)
-  optim_config = _optim_config(config)
+  optim_config = _optim_config(config, task)
   initial = {"templates": templates, "scalers": scalers}
   tx = optim.make_optimizer(optim_config, initial, weight_decay={"scalers": config.scaler_wd},
                             frozen="^templates/")
   trainable = train_loop.Task(init_params=lambda key: initial, param_axes={
       "templates": gen.template_axes(), "scalers": gen.scaler_axes()}, loss_fn=task.loss_fn(forward),
-      eval_fn=task.eval_fn(forward), optimizer=tx, lr_schedule=optim.schedule(optim_config))
+      eval_fn=task.eval_fn(forward), optimizer=tx, lr_schedule=optim.schedule(optim_config),
+      experience=task.experience(forward))
   make_eval_iter = lambda: task.eval_iterator(config.batch_size)
   _, shardings = train_loop.state_shardings(trainable, mesh)
   eval_step = train_loop.make_eval_step(trainable, shardings["params"], sharding.batch_sharding(mesh), mesh)
-  before = train_loop.evaluate(eval_step, jax.device_put(initial, shardings["params"]), make_eval_iter(), mesh)
+  start = {"params": jax.device_put(initial, shardings["params"])}
+  if trainable.experience is not None:  # the experience's first carry: the observation statistics
+    start["carry"] = jax.tree_util.tree_leaves(jax.jit(trainable.experience.init)(jax.random.key(int(config.seed))))
+  before = train_loop.evaluate_all(trainable, eval_step, 0, start, make_eval_iter(), mesh)
   metrics.log(f"[{target.name}] before scaler training: {train_loop.format_eval(before)}")
   if config.steps > 0:
     train_iter = task.train_iterator(config.batch_size, config.seed, mesh)
@@ -156,8 +181,10 @@ def _init_one(config, workdir, target: Target, templates, src_setup, src_params,
                              title=f"scaler training {target.name}")
     params = summary.pop("params")
     after = {k: v for k, v in summary.items() if k.startswith("eval_")}
+    carry = summary.get("carry")
   else:
-    params, after = jax.device_put(initial, shardings["params"]), before
+    params, after = start["params"], before
+    carry = train_loop.carry_of(trainable, start) if trainable.experience is not None else None
 
   # ----- materialize with the target's shardings, export -------------------------------------------
   out_sh = sharding.shardings(gen.param_shapes(), gen.param_axes(), mesh)
@@ -167,11 +194,12 @@ def _init_one(config, workdir, target: Target, templates, src_setup, src_params,
       model=models.to_record(cfg),
       template_source=dict(workdir=checkpoint.absolute(config.templates), step=int(src_step)),
       scaler_training=dict(heuristic=config.scaler_init, steps=int(config.steps),
-                           num_examples=int(config.num_examples), batch_size=int(config.batch_size),
+                           batch_size=int(config.batch_size),
+                           **{k: config[k] for k in ("num_examples", "env", "backend") if k in config},
                            lr=float(config.optim.lr), seed=int(config.seed),
                            **{f"{k.removeprefix('eval_')}_before": v for k, v in before.items()},
                            **{f"{k.removeprefix('eval_')}_after": v for k, v in after.items()}),
-      params=counts)
+      params=counts, **train.observation_stats({"carry": carry}))
   # The compact form first: the plain export's export.json marks the target as done.
   compact_dir = epath.Path(tdir) / "compact"
   if compact_dir.exists():  # left by a run that died before the plain export

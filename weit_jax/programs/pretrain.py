@@ -41,8 +41,8 @@ def model_config_from(config, model_fields=None):
 def build(config) -> Setup:
   if config.constraint.mode not in MODES:
     raise ValueError(f"constraint.mode={config.constraint.mode!r}; use one of {MODES}.")
-  optim.schedule(optim.with_total_steps(config.optim, config.total_steps))  # validates the schedule
   task = tasks.from_config(config)
+  optim.schedule(optim.with_total_steps(config.optim, task.optimizer_steps(config.total_steps)))  # validates it
   cfg = model_config_from(config)
   model = models.build(cfg)
   gen = generator.WeightGenerator.from_model(model, *models.dummy_inputs(cfg), tiles=dict(config.weit.tiles),
@@ -95,7 +95,7 @@ def make_task(config, setup: Setup, *, teacher=None) -> train_loop.Task:
       loss, aux["constraint"] = loss + config.constraint.soft_lambda * pen, pen
     return loss, aux
 
-  optim_config = optim.with_total_steps(config.optim, config.total_steps)
+  optim_config = optim.with_total_steps(config.optim, task.optimizer_steps(config.total_steps))
   abstract = jax.eval_shape(init_params, jax.random.key(0))
   tx = optim.make_optimizer(
       optim_config, abstract,
@@ -103,7 +103,8 @@ def make_task(config, setup: Setup, *, teacher=None) -> train_loop.Task:
                     "dense": config.constraint.dense_wd if soft else 0.0},
       frozen="^teacher/" if teacher is not None else None)
   return train_loop.Task(init_params=init_params, param_axes=axes, loss_fn=loss_fn,
-                         eval_fn=task.eval_fn(forward), optimizer=tx, lr_schedule=optim.schedule(optim_config))
+                         eval_fn=task.eval_fn(forward), optimizer=tx, lr_schedule=optim.schedule(optim_config),
+                         experience=task.experience(forward))
 
 
 def check_teacher(config) -> None:
@@ -179,7 +180,15 @@ def run(config, workdir: str) -> dict:
 
 
 def restore_templates(workdir: str, step: int | None = None):
-  """Templates (and the auxiliary scalers) of a pre-training workdir, at ``step`` or the latest.
+  """Templates (and the auxiliary scalers) of a pre-training workdir, at ``step`` or the latest:
+  ``(config, setup, params, step)`` (``restore_state`` also gives the experience's carry)."""
+  config, setup, state, step = restore_state(workdir, step)
+  return config, setup, state["params"], step
+
+
+def restore_state(workdir: str, step: int | None = None):
+  """The train state of a pre-training workdir, at ``step`` or the latest, with the experience's
+  carry (a control task's observation statistics) as a pytree under ``carry``.
 
   Rebuilds the run's own abstract state from its recorded config, so nothing about the run has
   to be repeated on the command line.
@@ -211,4 +220,6 @@ def restore_templates(workdir: str, step: int | None = None):
     raise ValueError(f"step {step} is not a checkpoint of {workdir}; available: {steps}.")
   state = ckpt.restore(step, checkpoint.abstract_with_shardings(abstract, shardings), None)
   ckpt.close()
-  return config, setup, state["params"], step
+  if task.experience is not None:
+    state["carry"] = train_loop.carry_of(task, state)
+  return config, setup, state, step

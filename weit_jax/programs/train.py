@@ -18,19 +18,20 @@ def initial_params(config, cfg):
   if not config.init:
     return None
   exported = models.from_record(checkpoint.read_export_meta(config.init)["model"])
-  if dataclasses.replace(exported, num_classes=cfg.num_classes, **models.runtime_of(cfg)) != cfg:
+  if not models.same_up_to_head(exported, cfg):
     checkpoint.load_params(config.init, expected_model=cfg)  # raises, naming the differing fields
   params = jax.device_get(checkpoint.load_params(config.init))
-  if exported.num_classes != cfg.num_classes:
+  if models.other_classes(exported, cfg):
     params = models.with_fresh_classifier(params, cfg, int(config.seed))
     metrics.log(f"The export has {exported.num_classes} classes, this dataset {cfg.num_classes}: "
                 "the head is re-initialized.")
   return jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32), params)
 
 
-def make_task(config, model: nn.Module, cfg, workdir: str | None = None, mesh=None) -> train_loop.Task:
-  """The trainable task; with ``workdir`` and ``mesh``, the task's extra eval (sample quality) too."""
-  task = tasks.from_config(config)
+def make_task(config, model: nn.Module, cfg, workdir: str | None = None, mesh=None, task=None) -> train_loop.Task:
+  """The trainable task; with ``workdir`` and ``mesh``, the task's extra eval (sample quality) too.
+  ``task``: the ``tasks.Task`` (default: the config's)."""
+  task = task or tasks.from_config(config)
   boxed = jax.eval_shape(model.init, jax.random.key(0), *models.dummy_inputs(cfg))
 
   def init_params(key):
@@ -39,20 +40,22 @@ def make_task(config, model: nn.Module, cfg, workdir: str | None = None, mesh=No
   def forward(params, *inputs):
     return model.apply({"params": params}, *inputs)
 
-  optim_config = optim.with_total_steps(config.optim, config.total_steps)
+  optim_config = optim.with_total_steps(config.optim, task.optimizer_steps(config.total_steps))
   tx = optim.make_optimizer(optim_config, jax.eval_shape(init_params, jax.random.key(0)),
                             weight_decay=float(config.weight_decay))
   return train_loop.Task(init_params=init_params, param_axes=nn.get_partition_spec(boxed)["params"],
                          loss_fn=task.loss_fn(forward), eval_fn=task.eval_fn(forward), optimizer=tx,
                          lr_schedule=optim.schedule(optim_config),
-                         extra_eval=task.extra_eval_fn(forward, cfg, workdir, mesh) if workdir else None)
+                         extra_eval=task.extra_eval_fn(forward, cfg, workdir, mesh) if workdir else None,
+                         experience=task.experience(forward))
 
 
 def validate(config, workdir: str):
   """Every check of a training run, before anything compiles or is written to ``workdir``.
   Returns (model config, model, mesh, initial params or None)."""
   config_checks.check_ranges(config)
-  optim.schedule(optim.with_total_steps(config.optim, config.total_steps))  # validates the schedule
+  task = tasks.from_config(config)
+  optim.schedule(optim.with_total_steps(config.optim, task.optimizer_steps(config.total_steps)))  # validates it
   fields = None
   if config.init:  # the size comes from the export
     exported = models.from_record(checkpoint.read_export_meta(config.init)["model"])
@@ -70,18 +73,29 @@ def validate(config, workdir: str):
   model = models.build(cfg)
   mesh = sharding.make_mesh(dict(config.mesh))
   distributed.process_batch_rows(mesh, int(config.batch_size))  # the batch splits over the mesh
-  tasks.from_config(config).prepare()
+  task.prepare()
   init = initial_params(config, cfg)  # refuses an export of another shape
   train_loop.check_workdir(config, workdir)
   return cfg, model, mesh, init
+
+
+def task_with_export(config):
+  """The config's task; a control task starts from the export's observation statistics (the policy
+  was trained on observations normalized by them), which an export of the same observation size has."""
+  task = tasks.from_config(config)
+  if config.init and isinstance(task, tasks.Control):
+    stats = checkpoint.read_export_meta(config.init).get("observation_stats")
+    if stats is not None and len(stats["mean"]) == task.model_fields()["obs_size"]:
+      task = dataclasses.replace(task, obs_stats=stats)
+  return task
 
 
 def run(config, workdir: str) -> dict:
   cfg, model, mesh, init = validate(config, workdir)
   train_loop.guard_workdir(config, workdir)
   metrics.log(f"{models.family_of(cfg).name} {cfg.short_name()} from {config.init or 'random initialization'}.")
-  trainable = make_task(config, model, cfg, workdir, mesh)
-  task = tasks.from_config(config)
+  task = task_with_export(config)
+  trainable = make_task(config, model, cfg, workdir, mesh, task=task)
   train_iter = task.train_iterator(config.batch_size, config.seed, mesh)
   make_eval_iter = lambda: task.eval_iterator(config.batch_size)
   summary = train_loop.run(config, workdir, trainable, mesh=mesh, train_iter=train_iter, make_eval_iter=make_eval_iter,
@@ -89,6 +103,14 @@ def run(config, workdir: str) -> dict:
                            title=f"training {cfg.short_name()} from {config.init or 'random init'}")
   write_export(workdir, cfg, config, summary)
   return summary
+
+
+def observation_stats(summary) -> dict:
+  """``{'observation_stats': ...}`` for an export's record if the run had them (control), else {}."""
+  carry = summary.get("carry")
+  if not carry or "obs_stats" not in carry:
+    return {}
+  return {"observation_stats": tasks.control.stats_to_record(carry["obs_stats"])}
 
 
 def write_export(workdir: str, cfg, config, summary) -> None:
@@ -105,5 +127,5 @@ def write_export(workdir: str, cfg, config, summary) -> None:
   evals = {k.removeprefix("eval_"): v for k, v in summary.items() if k.startswith("eval_")}
   checkpoint.export_params(str(export), summary["params"], dict(
       model=models.to_record(cfg), training=dict(init=config.init or "random", steps=steps, seed=int(config.seed),
-                                                 **evals)))
+                                                 **evals), **observation_stats(summary)))
   metrics.log(f"Exported the trained model to {export}.")

@@ -18,15 +18,18 @@ A task (``config.task``; default ``classification``) gives the programs:
 (``weit_jax.models``): the constraint regularizer, scaler training, materialize, export and
 checkpointing are the same for every task. ``Task.loss_fn(forward)`` and ``Task.eval_fn(forward)``
 bind a task to a model's ``forward(params, *inputs)``. ``diffusion``: image generation (a DiT);
-control adds its task here.
+``control``: PPO on brax environments (a ``policy``), whose ``experience(forward)`` makes the data
+(rollouts with the current parameters; ``train_iterator`` is None) and evaluates episode returns;
+``optimizer_steps(total_steps)``: the optimizer updates of a run (PPO: several per step).
 """
 from __future__ import annotations
 
 from weit_jax.tasks.base import Task
 from weit_jax.tasks.classification import Classification
+from weit_jax.tasks.control import Control
 from weit_jax.tasks.diffusion import Diffusion
 
-TASKS = {"classification": Classification, "diffusion": Diffusion}
+TASKS = {"classification": Classification, "diffusion": Diffusion, "control": Control}
 
 
 def from_config(config):
@@ -42,7 +45,7 @@ def check_family(task: str, family) -> None:
   if task not in family.tasks:
     raise ValueError(f"config.task={task!r} trains models of another kind than the {family.name} family, "
                      f"which serves {list(family.tasks)}; use configs/<family>_*.py of a family for {task!r} "
-                     f"(e.g. {'dit' if task == 'diffusion' else 'vit'}).")
+                     f"(e.g. {dict(diffusion='dit', control='policy').get(task, 'vit')}).")
 
 
-__all__ = ["Classification", "Diffusion", "TASKS", "Task", "check_family", "from_config"]
+__all__ = ["Classification", "Control", "Diffusion", "TASKS", "Task", "check_family", "from_config"]

@@ -26,6 +26,16 @@ class Task:
   def eval_inputs(self, batch) -> tuple:
     return self.inputs(batch, None)
 
+  def optimizer_steps(self, total_steps: int) -> int:
+    """Optimizer updates in a run of ``total_steps`` train steps (what a learning-rate schedule spans)."""
+    return int(total_steps)
+
+  def experience(self, forward: Callable[..., Any], **kwargs):
+    """None, or the ``tasks.control.Experience`` of a task that makes its own data (RL rollouts)
+    with the model ``forward(params, *inputs)``."""
+    del forward, kwargs
+    return None
+
   def extra_eval_fn(self, model_fn: Callable[..., Any], cfg, workdir: str, mesh):
     """``(step, params) -> more eval metrics``, computed at a run's eval steps beside ``eval_fn``'s
     (a generative task's sample quality), or None. ``model_fn(params, *inputs)`` is the model."""
