@@ -26,6 +26,9 @@ def get_config(arg=None):
   config.targets = ""  # several sizes at once: 'depth=2;depth=6;width=40'
   config.scaler_init = "interpolate"  # or 'random'
   config.steps = 100  # PPO updates of the scalers (0: heuristic only)
+  # How the scalers learn: 'ppo' (the target's own PPO, templates frozen) or 'distill' (match the
+  # auxiliary policy's outputs on its own rollouts; the templates' environment only).
+  config.adapt = "ppo"
   config.scaler_wd = 0.0
   common.training_fields(config, total_steps=100, batch_size=4096)
   del config["total_steps"]  # the scaler-training length is `steps`

@@ -162,11 +162,12 @@ def make_task(config, cfg) -> train_loop.Task:
   def forward(tree, *inputs):
     return model.apply({"params": to_plain(tree, cfg)}, *inputs)
 
-  optim_config = optim.with_total_steps(config.optim, config.total_steps)
+  optim_config = optim.with_total_steps(config.optim, task.optimizer_steps(config.total_steps))
   tx = optim.make_optimizer(optim_config, jax.eval_shape(init_params, jax.random.key(0)),
                             weight_decay=float(config.weight_decay))
   return train_loop.Task(init_params=init_params, param_axes=tleg_axes(cfg), loss_fn=task.loss_fn(forward),
-                         eval_fn=task.eval_fn(forward), optimizer=tx, lr_schedule=optim.schedule(optim_config))
+                         eval_fn=task.eval_fn(forward), optimizer=tx, lr_schedule=optim.schedule(optim_config),
+                         experience=task.experience(forward))
 
 
 def export_dir(workdir: str) -> str:
@@ -179,14 +180,15 @@ def pretrain(config, workdir: str) -> dict:
 
   ``config``: a ``configs/<family>_train.py``-style config (``init`` must be unset).
   """
+  from weit_jax.programs import train
   from weit_jax.programs.pretrain import model_config_from
   if config.get("init"):
     raise ValueError("TLEG pre-training starts from its own initialization; unset config.init.")
   config_checks.check_ranges(config)
-  optim.schedule(optim.with_total_steps(config.optim, config.total_steps))
+  task = tasks.from_config(config)
+  optim.schedule(optim.with_total_steps(config.optim, task.optimizer_steps(config.total_steps)))
   cfg = model_config_from(config)
   mesh = sharding.make_mesh(dict(config.mesh))
-  task = tasks.from_config(config)
   task.prepare()
   config = config.copy_and_resolve_references()
   with config.unlocked():
@@ -205,5 +207,6 @@ def pretrain(config, workdir: str) -> dict:
     tree = common.to_numpy(summary["params"])
     checkpoint.export_params(out, tree, dict(model=models.to_record(cfg), form=EXPORT_FORM, init="tleg_aux",
                                              steps=int(config.total_steps),
-                                             **{k: v for k, v in summary.items() if k.startswith("eval_")}))
+                                             **{k: v for k, v in summary.items() if k.startswith("eval_")},
+                                             **train.observation_stats(summary)))
   return summary

@@ -76,6 +76,7 @@ def validate(config, workdir: str) -> Validated:
   if len(set(names)) != len(names):
     raise ValueError(f"targets repeat a size: {names}.")
   task.prepare()
+  _check_adapt(config, src_config, task)
   train_loop.check_workdir(config, workdir)
   return Validated(src_config, src_setup, src_params, src_step, targets, task, mesh)
 
@@ -123,6 +124,33 @@ def _task(config, src_config, src_state) -> tasks.Task:
   return tasks.from_config(task_config)
 
 
+ADAPT = ("ppo", "distill")
+
+
+def _check_adapt(config, src_config, task) -> None:
+  adapt = config.get("adapt", "ppo")
+  if adapt not in ADAPT:
+    raise ValueError(f"adapt={adapt!r}; use one of {ADAPT}.")
+  if adapt == "distill" and not isinstance(task, tasks.Control):
+    raise ValueError("adapt='distill' is for the control task (scalers trained to match the auxiliary policy).")
+  if adapt == "distill" and (task.env, task.backend) != (src_config.env, src_config.backend):
+    raise ValueError(f"adapt='distill' needs the auxiliary policy's environment ({src_config.env}, "
+                     f"{src_config.backend}): its actions mean nothing in {task.env}. Use --config.adapt=ppo.")
+
+
+def _distillation(config, task, forward, src_setup, src_params):
+  """(loss_fn, experience) of scaler training by distillation: the auxiliary policy (its templates
+  and scalers) acts in the rollouts; the target's outputs match its outputs."""
+  teacher_weights = src_setup.gen.materialize(src_params["templates"], src_params["scalers"])
+  teacher = lambda _, obs: src_setup.model.apply({"params": teacher_weights}, obs)
+
+  def loss_fn(params, batch, key):
+    del key
+    return tasks.control.distillation_loss(forward(params, batch["obs"]), teacher(None, batch["obs"]),
+                                           value_coef=float(task.ppo["value_coef"]))
+  return loss_fn, task.experience(forward, actor=teacher)
+
+
 def _optim_config(config, task=None):
   """The scaler-training optimizer config; ``steps=0`` (heuristic only) needs no warmup."""
   steps = max(int(config.steps), 1)
@@ -162,10 +190,12 @@ def _init_one(config, workdir, target: Target, templates, src_setup, src_params,
   initial = {"templates": templates, "scalers": scalers}
   tx = optim.make_optimizer(optim_config, initial, weight_decay={"scalers": config.scaler_wd},
                             frozen="^templates/")
+  loss_fn, experience = task.loss_fn(forward), task.experience(forward)
+  if config.get("adapt", "ppo") == "distill":  # the auxiliary policy acts; the target matches its outputs
+    loss_fn, experience = _distillation(config, task, forward, src_setup, src_params)
   trainable = train_loop.Task(init_params=lambda key: initial, param_axes={
-      "templates": gen.template_axes(), "scalers": gen.scaler_axes()}, loss_fn=task.loss_fn(forward),
-      eval_fn=task.eval_fn(forward), optimizer=tx, lr_schedule=optim.schedule(optim_config),
-      experience=task.experience(forward))
+      "templates": gen.template_axes(), "scalers": gen.scaler_axes()}, loss_fn=loss_fn,
+      eval_fn=task.eval_fn(forward), optimizer=tx, lr_schedule=optim.schedule(optim_config), experience=experience)
   make_eval_iter = lambda: task.eval_iterator(config.batch_size)
   _, shardings = train_loop.state_shardings(trainable, mesh)
   eval_step = train_loop.make_eval_step(trainable, shardings["params"], sharding.batch_sharding(mesh), mesh)
@@ -194,6 +224,7 @@ def _init_one(config, workdir, target: Target, templates, src_setup, src_params,
       model=models.to_record(cfg),
       template_source=dict(workdir=checkpoint.absolute(config.templates), step=int(src_step)),
       scaler_training=dict(heuristic=config.scaler_init, steps=int(config.steps),
+                           **({"adapt": config.adapt} if "adapt" in config else {}),
                            batch_size=int(config.batch_size),
                            **{k: config[k] for k in ("num_examples", "env", "backend") if k in config},
                            lr=float(config.optim.lr), seed=int(config.seed),

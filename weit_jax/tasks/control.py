@@ -159,6 +159,16 @@ def ppo_loss(mean, log_std, value, batch, *, clip_eps: float, value_coef: float,
                 "clip_fraction": wmean((jnp.abs(ratio - 1) > clip_eps).astype(jnp.float32))}
 
 
+def distillation_loss(student, teacher, *, value_coef: float):
+  """Matching a teacher policy's outputs on its own rollouts' observations: squared errors of the
+  action mean and log std, and of the value relative to the teacher values' spread (returns are on
+  another scale than actions). ``student``, ``teacher``: ``(mean, log_std, value)``."""
+  (mean, log_std, value), (t_mean, t_log_std, t_value) = student, jax.lax.stop_gradient(teacher)
+  action = jnp.mean(jnp.square(mean - t_mean)) + jnp.mean(jnp.square(log_std - t_log_std))
+  value_err = jnp.mean(jnp.square(value - t_value)) / (jnp.var(t_value) + 1.0)
+  return action + value_coef * value_err, {"action_error": action, "value_error": value_err}
+
+
 # --- experience -----------------------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
