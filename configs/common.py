@@ -110,10 +110,10 @@ def control_fields(config: ml_collections.ConfigDict, *, runlocal: bool) -> None
       value_coef=0.5, entropy_coef=1e-3, reward_scaling=1.0, normalize_advantage=True))
   if not runlocal:
     config.ppo.num_minibatches = 32
-
-
-def policy_optim() -> ml_collections.ConfigDict:
-  """Adam at 3e-4, constant (PPO's usual), gradient norm clipped at 0.5 (the PPO implementations' default)."""
-  return ml_collections.ConfigDict(dict(
+  # Adam at 3e-4, constant (PPO's usual), gradient norm clipped at 0.5 (PPO implementations' default).
+  config.optim = ml_collections.ConfigDict(dict(
       lr=3e-4, warmup_steps=0, schedule="constant", min_lr_ratio=0.0, b1=0.9, b2=0.999, clip_norm=0.5,
       wd_paths=r"kernel$"))
+  config.log_every = 10
+  config.eval_every = 50 if runlocal else 100
+  config.checkpoint_every = 50 if runlocal else 100

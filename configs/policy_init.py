@@ -34,9 +34,7 @@ def get_config(arg=None):
   del config["total_steps"]  # the scaler-training length is `steps`
   common.control_fields(config, runlocal=arg.runlocal)
   del config["task"]  # the templates' pre-training task (control); env and PPO settings are this config's
-  config.optim = common.policy_optim()
   config.optim.lr = 1e-3
-  config.log_every = 10
   config.eval_every = 0
   config.checkpoint_every = 50
   if arg.runlocal:

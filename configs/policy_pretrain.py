@@ -36,15 +36,9 @@ def get_config(arg=None):
   config.init_templates_from = config_dict.placeholder(str)
   common.training_fields(config, total_steps=2000, batch_size=4096)
   common.control_fields(config, runlocal=arg.runlocal)
-  config.optim = common.policy_optim()
-  config.log_every = 10
-  config.eval_every = 100
-  config.checkpoint_every = 100
 
   if arg.runlocal:
     config.model = common.model_config("pico", family="policy")
     config.weit.tiles = dict(hidden=16, hidden_in=16, obs=1, action=1)
     config.total_steps = 300
-    config.eval_every = 50
-    config.checkpoint_every = 50
   return config

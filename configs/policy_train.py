@@ -24,13 +24,7 @@ def get_config(arg=None):
   config.weight_decay = 0.0
   common.training_fields(config, total_steps=2000, batch_size=4096)
   common.control_fields(config, runlocal=arg.runlocal)
-  config.optim = common.policy_optim()
-  config.log_every = 10
-  config.eval_every = 100
-  config.checkpoint_every = 100
   if arg.runlocal:
     config.model = common.model_config(arg.variant if arg.variant != "S" else "pico", family="policy")
     config.total_steps = 300
-    config.eval_every = 50
-    config.checkpoint_every = 50
   return config

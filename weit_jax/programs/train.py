@@ -18,6 +18,14 @@ def initial_params(config, cfg):
   if not config.init:
     return None
   exported = models.from_record(checkpoint.read_export_meta(config.init)["model"])
+  family = models.family_of(cfg)
+  sizes = {k: (getattr(exported, k), getattr(cfg, k)) for k in family.data_fields
+           if k != "num_classes" and getattr(exported, k, None) != getattr(cfg, k)}
+  if sizes:
+    hint = (f"initialize a policy for {config.env} with configs/policy_init.py --config.env={config.env}"
+            if family.name == "policy" else "give an export made for this data")
+    raise ValueError(f"{config.init} was exported for other data sizes than this run's: {sizes} (export, this "
+                     f"run); {hint}, or train from scratch without --config.init.")
   if not models.same_up_to_head(exported, cfg):
     checkpoint.load_params(config.init, expected_model=cfg)  # raises, naming the differing fields
   params = jax.device_get(checkpoint.load_params(config.init))

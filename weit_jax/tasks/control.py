@@ -45,9 +45,21 @@ OBS_CLIP = 10.0  # normalized observations are clipped to +-OBS_CLIP (outliers e
 
 # --- environments ---------------------------------------------------------------------------------
 
+def _brax_envs():
+  """``brax.envs``, imported quietly: mujoco's MJX prints that its optional warp backend is missing
+  (to stdout, at every first import), and brax warns at every environment it builds that it is not
+  maintained; neither concerns the spring backend."""
+  import contextlib
+  import io
+  import warnings
+  with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    from brax import envs
+  return envs
+
+
 def env_names() -> list[str]:
-  from brax import envs
-  return sorted(envs._envs)  # brax's registry (get_environment's names)
+  return sorted(_brax_envs()._envs)  # brax's registry (get_environment's names)
 
 
 @functools.lru_cache(maxsize=8)
@@ -56,11 +68,11 @@ def make_env(name: str, backend: str):
   if backend not in BACKENDS:
     raise ValueError(f"backend={backend!r}; use one of {BACKENDS} (--config.backend; spring is the fastest on CPU).")
   import warnings
+  envs = _brax_envs()
+  if name not in envs._envs:
+    raise ValueError(f"env={name!r} is not a brax environment; use one of {env_names()} (--config.env).")
   with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # brax's "not actively maintained" notice, at every build
-    from brax import envs
-    if name not in envs._envs:
-      raise ValueError(f"env={name!r} is not a brax environment; use one of {env_names()} (--config.env).")
     return envs.get_environment(name, backend=backend)
 
 
@@ -256,7 +268,7 @@ def _raw_keys(key, n: int):
 
 
 def make_experience(task: Control, forward, actor=None) -> Experience:
-  from brax.envs import training as wrappers
+  wrappers = _brax_envs().training
   env = make_env(task.env, task.backend)
   obs_size, _ = env_sizes(task.env, task.backend)
   p = task.ppo

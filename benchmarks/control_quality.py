@@ -1,0 +1,515 @@
+r"""Control: how well do policies initialized from WeiT templates train by PPO, against other inits?
+
+  python benchmarks/control_quality.py            # ~1 h on 2 CPU cores; writes docs/results/control.md
+  python benchmarks/control_quality.py --quick    # smoke test: tiny budgets, report under the workdir
+
+Stages (every one cached in --workdir, so a rerun resumes at the first unfinished one):
+
+1. Pre-training on hopper (brax, spring backend), the same PPO budget for each: WeiT templates of
+   an auxiliary policy d3-w64 (hard constraint, N=4, tiles hidden 16, obs/action 1); TLEG's
+   auxiliary d3-w64 (layer l = A + (l/L) B); and a dense d6-w96 policy, the source of weight selection.
+2. WeiT init (programs/init.py) of every target: scalers trained by PPO with the templates frozen
+   (``adapt=ppo``) on hopper and on walker2d (another morphology: 17 observations, 6 actions); on
+   hopper also by distillation from the auxiliary policy (``adapt=distill``): which adapts better.
+3. Downstream PPO training (programs/train.py, configs/policy_train.py:runlocal settings) of every
+   target from each init, 3 seeds: the deterministic policy's mean return over 32 episodes
+   (fixed initial states) against environment steps; the speed-up is the environment steps random
+   init needs for its final return over those the method needs (interpolated).
+4. PPO validation against a peer: brax's own ``ppo.train`` on hopper with the same budget and
+   settings (256 environments, unroll 32, 4 minibatches x 4 epochs, Adam 3e-4, clip 0.2, GAE
+   0.99/0.95, observation normalization, policy and value MLPs 3 x 64) against this project's PPO
+   from random init. brax 0.14.2 calls ``jax.device_put_replicated``, which jax 0.10 removed: the
+   benchmark (never the package) puts jax's private implementation back under that name.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import os
+import shutil
+import sys
+import time
+
+import jax
+import ml_collections
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+
+import init_quality as iq  # noqa: E402  (shared helpers: steps_to_reach, machine, _json_safe, log)
+
+METHODS = ("random", "weit", "weight_selection", "tleg")
+LABELS = {"random": "random", "weit": "WeiT", "weight_selection": "weight selection", "tleg": "TLEG"}
+COLORS = {"random": "tab:gray", "weit": "tab:red", "weight_selection": "tab:blue", "tleg": "tab:green"}
+AUX = dict(width=64, depth=3)
+DENSE_SOURCE = dict(width=96, depth=6)
+TARGETS = {
+    "hopper": (("shallower", "depth=2"), ("deeper", "depth=6"), ("narrower", "width=40"), ("wider", "width=96")),
+    "walker2d": (("same size", "depth=3"), ("deeper", "depth=6")),
+}
+ENV_LABELS = {"hopper": "hopper (the templates' morphology)", "walker2d": "walker2d (another morphology)"}
+BUDGETS = {
+    # updates: PPO updates of 256 environments x 32 steps (8,192 environment steps each)
+    "full": dict(pretrain_updates=150, init_updates=20, train_updates=50, eval_every=10, seeds=3, peer_updates=150),
+    "quick": dict(pretrain_updates=4, init_updates=2, train_updates=4, eval_every=2, seeds=1, peer_updates=4),
+}
+log = iq.log
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--workdir", default=None, help="cache of every stage (default workdirs/bench_control[_quick])")
+  p.add_argument("--out", default=None, help="report folder (default docs/results; WORKDIR/results with --quick)")
+  p.add_argument("--quick", action="store_true", help="tiny budgets, 1 seed: a smoke test")
+  p.add_argument("--no-peer", action="store_true", help="skip brax's ppo.train (stage 4)")
+  args = p.parse_args(argv)
+  args.budget = dict(BUDGETS["quick" if args.quick else "full"])
+  args.workdir = os.path.abspath(args.workdir or os.path.join(
+      ROOT, "workdirs", "bench_control_quick" if args.quick else "bench_control"))
+  args.out = os.path.abspath(args.out or (os.path.join(args.workdir, "results") if args.quick
+                                          else os.path.join(ROOT, "docs", "results")))
+  return args
+
+
+def config(program: str) -> ml_collections.ConfigDict:
+  import importlib
+  c = importlib.import_module(f"configs.policy_{program}").get_config("runlocal")
+  return ml_collections.ConfigDict(c.to_dict())
+
+
+def env_steps_per_update() -> int:
+  c = config("train")
+  return int(c.batch_size) * int(c.ppo.unroll_length)
+
+
+def model_config(env: str, **fields):
+  from weit_jax import models, tasks
+  return models.get("policy").make_config(**fields, **dict(zip(("obs_size", "action_size"),
+                                                               tasks.control.env_sizes(env, "spring"))))
+
+
+def target_configs(env: str) -> dict:
+  """role -> the target's config, as programs/init.py builds it from the auxiliary."""
+  from weit_jax import models
+  aux = model_config("hopper", **AUX)
+  sizes = model_config(env, **AUX)
+  out = {}
+  for role, spec in TARGETS[env]:
+    (fields,) = models.parse_targets(spec, models.get("policy"))
+    out[role] = models.target_config(fields, aux, dict(obs_size=sizes.obs_size, action_size=sizes.action_size))
+  return out
+
+
+def train_config(*, env: str, updates: int, seed: int, eval_every: int, model=None, init=None):
+  c = config("train")
+  if model is not None:
+    c.model.width, c.model.depth, c.model.variant = model.width, model.depth, None
+  c.init, c.env, c.seed, c.total_steps = init, env, int(seed), int(updates)
+  c.eval_every, c.log_every, c.checkpoint_every = int(eval_every), max(1, int(eval_every)), int(updates)
+  return c
+
+
+def _cached(path: str):
+  return json.load(open(path)) if os.path.exists(path) else None
+
+
+def _write(path: str, record: dict) -> dict:
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path + ".tmp", "w") as f:
+    json.dump(iq._json_safe(record), f, indent=2)
+  os.replace(path + ".tmp", path)
+  return record
+
+
+# --- stage 1: pre-training ---------------------------------------------------------------------------
+
+def pretrain_all(args) -> dict:
+  from weit_jax.inits import tleg
+  from weit_jax.programs import pretrain, train
+  P = args.budget["pretrain_updates"]
+  out = {}
+  for name in ("weit", "tleg", "dense"):
+    workdir = os.path.join(args.workdir, "pretrain", f"{name}_P{P}")
+    if (r := _cached(os.path.join(workdir, "bench.json"))):
+      out[name] = r
+      continue
+    t0 = time.time()
+    if name == "weit":
+      c = config("pretrain")
+      c.total_steps, c.eval_every, c.checkpoint_every = P, max(1, P // 5), max(1, P // 3)
+      log(f"pre-training WeiT templates (d3-w64, {P} PPO updates) in {workdir}")
+      summary = pretrain.run(c, workdir)
+      record = dict(workdir=workdir)
+    elif name == "tleg":
+      c = train_config(env="hopper", updates=P, seed=0, eval_every=max(1, P // 5), model=model_config("hopper", **AUX))
+      log(f"pre-training the TLEG auxiliary (d3-w64, {P} PPO updates) in {workdir}")
+      summary = tleg.pretrain(c, workdir)
+      record = dict(workdir=workdir, export=tleg.export_dir(workdir))
+    else:
+      c = train_config(env="hopper", updates=P, seed=0, eval_every=max(1, P // 5),
+                       model=model_config("hopper", **DENSE_SOURCE))
+      log(f"pre-training the dense source (d6-w96, {P} PPO updates) in {workdir}")
+      summary = train.run(c, workdir)
+      record = dict(workdir=workdir, export=os.path.join(workdir, "export"))
+    out[name] = _write(os.path.join(workdir, "bench.json"), dict(
+        record, updates=P, eval_return=summary.get("eval_return"), wall_s=round(time.time() - t0, 1)))
+  return out
+
+
+# --- stage 2: WeiT init ------------------------------------------------------------------------------
+
+def init_weit(args, templates: str, env: str, adapt: str) -> dict:
+  from weit_jax import checkpoint
+  from weit_jax.programs import init as init_program
+  b = args.budget
+  workdir = os.path.join(args.workdir, "init", f"{env}_{adapt}_P{b['pretrain_updates']}_S{b['init_updates']}")
+  if (r := _cached(os.path.join(workdir, "bench.json"))):
+    return r
+  c = config("init")
+  c.templates, c.env, c.adapt, c.steps = templates, env, adapt, b["init_updates"]
+  c.targets = ";".join(spec for _, spec in TARGETS[env])
+  c.log_every, c.checkpoint_every = max(1, b["init_updates"] // 4), b["init_updates"]
+  log(f"WeiT init ({adapt}) of {len(TARGETS[env])} {env} targets, {b['init_updates']} updates each, in {workdir}")
+  t0 = time.time()
+  init_program.run(c, workdir)
+  targets = {}
+  for role, cfg in target_configs(env).items():
+    export = os.path.join(workdir, cfg.short_name(), "export")
+    st = checkpoint.read_export_meta(export)["scaler_training"]
+    targets[role] = dict(export=export, return_before=st.get("return_before"), return_after=st.get("return_after"))
+  return _write(os.path.join(workdir, "bench.json"), dict(targets=targets, wall_s=round(time.time() - t0, 1)))
+
+
+# --- stage 3: downstream runs ------------------------------------------------------------------------
+
+def applies(method: str, cfg, env: str) -> str | None:
+  """None if ``method`` initializes ``cfg`` here, else why not."""
+  from weit_jax.inits import tleg, weight_selection
+  try:
+    if method == "tleg":
+      tleg.check_sizes(model_config("hopper", **AUX), cfg)
+    elif method == "weight_selection":
+      weight_selection.check_sizes(model_config("hopper", **DENSE_SOURCE), cfg)
+  except ValueError as e:
+    return str(e).split(";")[0]
+  return None
+
+
+def initial_export(method: str, role: str, cfg, env: str, seed: int, sources: dict, path: str) -> None:
+  """The method's parameters for ``cfg`` as an export, with the observation statistics of its
+  source when the observation size matches (the train program starts from them)."""
+  from weit_jax import checkpoint, inits, models
+  if method == "weit":
+    source = sources["weit_init"][env]["targets"][role]["export"]
+  elif method in ("weight_selection", "tleg"):
+    source = sources["dense" if method == "weight_selection" else "tleg"]["export"]
+  else:
+    source = None
+  params = inits.get(method)(source, cfg, seed=seed)
+  meta = dict(model=models.to_record(cfg), init=method, seed=seed)
+  stats = checkpoint.read_export_meta(source).get("observation_stats") if source else None
+  if stats is not None and len(stats["mean"]) == cfg.obs_size:
+    meta["observation_stats"] = stats
+  checkpoint.export_params(path, params, meta)
+
+
+def step0_return(c, cfg) -> float:
+  """The deterministic return of exactly what train.run starts from (parameters and statistics)."""
+  from weit_jax import models
+  from weit_jax.programs import train
+  task = train.task_with_export(c)
+  model = models.build(cfg)
+  exp = task.experience(lambda p, obs: model.apply({"params": p}, obs))
+  carry = jax.jit(exp.init)(jax.random.key(int(c.seed)))
+  return float(exp.evaluate(train.initial_params(c, cfg), carry)["return"])
+
+
+def run_one(args, method: str, env: str, role: str, cfg, seed: int, sources: dict) -> dict:
+  from weit_jax import metrics
+  from weit_jax.programs import train
+  b = args.budget
+  tag = f"P{b['pretrain_updates']}_S{b['init_updates']}_T{b['train_updates']}_k{b['eval_every']}"
+  run_dir = os.path.join(args.workdir, "runs", tag, env, cfg.short_name(), method, f"seed{seed}")
+  if (r := _cached(os.path.join(run_dir, "result.json"))):
+    return r
+  shutil.rmtree(run_dir, ignore_errors=True)  # an interrupted run starts over
+  t0 = time.time()
+  export = os.path.join(run_dir, "init_export")
+  initial_export(method, role, cfg, env, seed, sources, export)
+  c = train_config(env=env, updates=b["train_updates"], seed=seed, eval_every=b["eval_every"], init=export)
+  curve = {0: step0_return(c, cfg)}
+  summary = train.run(c, os.path.join(run_dir, "train"))
+  for rec in metrics.read_metrics(os.path.join(run_dir, "train")):
+    if "eval_return" in rec:
+      curve[int(rec["step"])] = float(rec["eval_return"])
+  for sub in ("train/checkpoints", "train/export", "init_export"):
+    shutil.rmtree(os.path.join(run_dir, sub), ignore_errors=True)  # only the curve is kept
+  return _write(os.path.join(run_dir, "result.json"), dict(
+      method=method, env=env, role=role, target=cfg.short_name(), seed=seed,
+      curve={str(k): curve[k] for k in sorted(curve)}, final_return=summary["eval_return"],
+      wall_s=round(time.time() - t0, 1)))
+
+
+# --- stage 4: the peer --------------------------------------------------------------------------------
+
+def ours_peer_run(args, seed: int) -> dict:
+  from weit_jax import metrics
+  from weit_jax.programs import train
+  b = args.budget
+  run_dir = os.path.join(args.workdir, "peer", f"ours_U{b['peer_updates']}", f"seed{seed}")
+  if (r := _cached(os.path.join(run_dir, "result.json"))):
+    return r
+  shutil.rmtree(run_dir, ignore_errors=True)
+  c = train_config(env="hopper", updates=b["peer_updates"], seed=seed, eval_every=max(1, b["peer_updates"] // 10),
+                   model=model_config("hopper", **AUX))
+  t0 = time.time()
+  train.run(c, run_dir)
+  wall = time.time() - t0
+  curve = {int(r["step"]) * env_steps_per_update(): float(r["eval_return"])
+           for r in metrics.read_metrics(run_dir) if "eval_return" in r}
+  shutil.rmtree(os.path.join(run_dir, "checkpoints"), ignore_errors=True)
+  return _write(os.path.join(run_dir, "result.json"), dict(curve={str(k): v for k, v in sorted(curve.items())},
+                                                           wall_s=round(wall, 1)))
+
+
+def brax_peer_run(args, seed: int) -> dict:
+  """brax's ppo.train with this project's PPO settings (module docstring)."""
+  b = args.budget
+  run_dir = os.path.join(args.workdir, "peer", f"brax_U{b['peer_updates']}", f"seed{seed}")
+  if (r := _cached(os.path.join(run_dir, "result.json"))):
+    return r
+  if not hasattr(jax, "device_put_replicated"):  # removed in jax 0.10; brax 0.14.2 still calls it
+    from jax._src import api
+    jax.device_put_replicated = api.device_put_replicated
+  from brax.training.agents.ppo import networks as ppo_networks
+  from brax.training.agents.ppo import train as ppo
+  from weit_jax.tasks import control
+  c = config("train")
+  per_update = env_steps_per_update()
+  curve = {}
+
+  def progress(step, m):
+    if "eval/episode_reward" in m:
+      curve[int(step)] = float(m["eval/episode_reward"])
+
+  t0 = time.time()
+  ppo.train(environment=control.make_env("hopper", "spring"), num_timesteps=b["peer_updates"] * per_update,
+            episode_length=int(c.episode_length), num_envs=int(c.batch_size), unroll_length=int(c.ppo.unroll_length),
+            batch_size=int(c.batch_size) // int(c.ppo.num_minibatches), num_minibatches=int(c.ppo.num_minibatches),
+            num_updates_per_batch=int(c.ppo.epochs), learning_rate=float(c.optim.lr),
+            entropy_cost=float(c.ppo.entropy_coef), discounting=float(c.ppo.discounting),
+            gae_lambda=float(c.ppo.gae_lambda), clipping_epsilon=float(c.ppo.clip_eps),
+            vf_loss_coefficient=float(c.ppo.value_coef), reward_scaling=float(c.ppo.reward_scaling),
+            max_grad_norm=float(c.optim.clip_norm), normalize_observations=True,
+            num_evals=11, num_eval_envs=int(c.eval_episodes), deterministic_eval=True, seed=int(seed),
+            network_factory=functools.partial(ppo_networks.make_ppo_networks, policy_hidden_layer_sizes=(64,) * 3,
+                                              value_hidden_layer_sizes=(64,) * 3),
+            progress_fn=progress)
+  return _write(os.path.join(run_dir, "result.json"), dict(curve={str(k): v for k, v in sorted(curve.items())},
+                                                           wall_s=round(time.time() - t0, 1)))
+
+
+# --- analysis ----------------------------------------------------------------------------------------
+
+def aggregate(results: list[dict]) -> dict:
+  """env -> role -> method -> {x (env steps), mean, std, final, step0, seeds, speedup}."""
+  per_update = env_steps_per_update()
+  table: dict = {}
+  for r in results:
+    table.setdefault(r["env"], {}).setdefault(r["role"], {}).setdefault(r["method"], []).append(r)
+  out: dict = {}
+  for env, roles in table.items():
+    for role, methods in roles.items():
+      entry = out.setdefault(env, {}).setdefault(role, {})
+      for method, runs in methods.items():
+        steps = sorted(int(s) for s in runs[0]["curve"])
+        values = np.array([[r["curve"][str(s)] for s in steps] for r in runs])
+        entry[method] = dict(x=[s * per_update for s in steps], mean=values.mean(0).tolist(),
+                             std=values.std(0).tolist(), final=float(values[:, -1].mean()),
+                             final_std=float(values[:, -1].std()), step0=float(values[:, 0].mean()),
+                             seeds=len(runs), target=runs[0]["target"])
+      if "random" in entry:
+        goal = entry["random"]["final"]
+        reach_random = iq.steps_to_reach(entry["random"]["x"], entry["random"]["mean"], goal)
+        for method, e in entry.items():
+          reach = iq.steps_to_reach(e["x"], e["mean"], goal)
+          e["steps_to_random_final"] = reach
+          e["speedup"] = (None if reach is None else math.inf if reach == 0 else reach_random / reach)
+  return out
+
+
+def fmt_speedup(e: dict) -> str:
+  if e.get("speedup") is None:
+    return "not reached"
+  if math.isinf(e["speedup"]):
+    return "inf (at step 0)"
+  return f"{e['speedup']:.1f}x"
+
+
+def plot(agg: dict, env: str, path: str) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  roles = [role for role, _ in TARGETS[env]]
+  fig, axes = plt.subplots(1, len(roles), figsize=(4.2 * len(roles), 3.6), squeeze=False)
+  for ax, role in zip(axes[0], roles):
+    for method, e in agg[env][role].items():
+      x, m, s = np.array(e["x"]) / 1e6, np.array(e["mean"]), np.array(e["std"])
+      ax.plot(x, m, color=COLORS[method], label=LABELS[method])
+      ax.fill_between(x, m - s, m + s, color=COLORS[method], alpha=0.15)
+    first = next(iter(agg[env][role].values()))
+    ax.set_title(f"{role}: {first['target']}", fontsize=10)
+    ax.set_xlabel("environment steps (millions)")
+    ax.grid(alpha=0.3)
+  axes[0][0].set_ylabel("mean return, deterministic policy")
+  axes[0][0].legend(fontsize=8)
+  fig.suptitle(f"PPO on {ENV_LABELS[env]}: mean of seeds, band = 1 std", fontsize=11)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def plot_peer(peer: dict, path: str) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(5.5, 3.6))
+  for name, color in (("ours", "tab:red"), ("brax", "tab:blue")):
+    for i, run in enumerate(peer[name]):
+      xs = sorted(int(k) for k in run["curve"])
+      ax.plot(np.array(xs) / 1e6, [run["curve"][str(k)] for k in xs], color=color, alpha=0.8,
+              label=("weit_jax PPO" if name == "ours" else "brax ppo.train") if i == 0 else None)
+  ax.set_xlabel("environment steps (millions)")
+  ax.set_ylabel("mean return, deterministic policy")
+  ax.set_title("hopper, random init, same settings: one line per seed", fontsize=10)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def write_report(args, agg: dict, stages: dict, peer: dict | None, na: dict, info: dict) -> str:
+  b = args.budget
+  per_update = env_steps_per_update()
+  lines = [
+      "# Control: policies initialized from WeiT templates, trained by PPO on brax",
+      "",
+      f"Command: `python benchmarks/control_quality.py{' --quick' if args.quick else ''}` "
+      f"({info['wall_min']:.0f} min wall on {info['machine']['cpu']}, {info['machine']['cores']} cores, "
+      f"jax {info['machine']['jax']}, {info['machine']['backend']}; load average at the end "
+      f"{', '.join(f'{x:.1f}' for x in info['machine']['load_average'])}). Written {info['date']}.",
+      "",
+      "Setup (every number below comes from this command; its stages are cached under its workdir):",
+      f"- brax environments on the spring backend, episodes of at most 1,000 steps; PPO of weit_jax/tasks/control.py "
+      f"with configs/policy_*.py `:runlocal` settings: 256 environments x unroll 32 = {per_update:,} environment "
+      "steps per update, 4 minibatches x 4 epochs, Adam 3e-4 (constant), gradient norm clip 0.5, clip 0.2, "
+      "discount 0.99, GAE lambda 0.95, value coefficient 0.5, entropy 1e-3, observation normalization.",
+      f"- Pre-training on hopper, {b['pretrain_updates']} updates each ({b['pretrain_updates'] * per_update / 1e6:.2f}M "
+      "steps): WeiT templates of an auxiliary d3-w64 policy (hard constraint, N=4, tiles hidden 16, obs 1, action "
+      "1); TLEG's auxiliary d3-w64; a dense d6-w96 policy (weight selection's source).",
+      f"- WeiT init: {b['init_updates']} scaler-only updates per target (templates frozen), by PPO, and on hopper "
+      "also by distillation from the auxiliary policy.",
+      f"- Downstream: {b['train_updates']} PPO updates ({b['train_updates'] * per_update / 1e6:.2f}M steps) per run, "
+      f"{b['seeds']} seed(s), evaluated every {b['eval_every']} updates and before training: the deterministic "
+      "policy's mean return over 32 episodes from fixed initial states. Each init starts with its source's "
+      "observation statistics when the observation size matches (random init and walker2d: fresh).",
+      "- Speed-up: environment steps random init needs to reach its own final mean return, over the steps the "
+      "method needs (linear interpolation between evaluations; 'inf' = already there before training).",
+      "", "## Pre-training and WeiT init", "",
+      "| stage | return (deterministic) | wall |", "|---|---|---|"]
+  for name, label in (("weit", "WeiT templates (aux d3-w64)"), ("tleg", "TLEG auxiliary d3-w64"),
+                      ("dense", "dense d6-w96 (WS source)")):
+    s = stages["pretrain"][name]
+    lines.append(f"| {label} | {s['eval_return']:.1f} | {s['wall_s']:.0f} s |")
+  lines += ["", "Scaler training of every WeiT target (return of the deterministic policy before -> after):", "",
+            "| env | target | adapt = PPO | adapt = distillation |", "|---|---|---|---|"]
+  for env in TARGETS:
+    for role, cfg in target_configs(env).items():
+      ppo_t = stages["init"][env]["ppo"]["targets"][role]
+      dist = stages["init"][env].get("distill")
+      dist_txt = (f"{dist['targets'][role]['return_before']:.1f} -> {dist['targets'][role]['return_after']:.1f}"
+                  if dist else "n/a (the auxiliary acts on hopper only)")
+      lines.append(f"| {env} | {role} {cfg.short_name()} | {ppo_t['return_before']:.1f} -> "
+                   f"{ppo_t['return_after']:.1f} | {dist_txt} |")
+  for env in TARGETS:
+    lines += ["", f"## Downstream PPO: {ENV_LABELS[env]}", "", f"![curves](control_{env}.png)", "",
+              "| target | method | before training | final (mean +- std) | speed-up to random's final |",
+              "|---|---|---|---|---|"]
+    for role, cfg in target_configs(env).items():
+      for method in METHODS:
+        if method in agg.get(env, {}).get(role, {}):
+          e = agg[env][role][method]
+          lines.append(f"| {role} {cfg.short_name()} | {LABELS[method]} | {e['step0']:.1f} | "
+                       f"{e['final']:.1f} +- {e['final_std']:.1f} ({e['seeds']}) | {fmt_speedup(e)} |")
+        elif (why := na.get((env, role, method))):
+          lines.append(f"| {role} {cfg.short_name()} | {LABELS[method]} | n/a | n/a | {why} |")
+  if peer:
+    lines += ["", "## PPO validation: brax's ppo.train on the same budget", "", "![peer](control_peer.png)", "",
+              "| implementation | final return per seed | mean | wall per run (incl. compile) |", "|---|---|---|---|"]
+    for name, label in (("ours", "weit_jax PPO (random init, policy d3-w64)"),
+                        ("brax", "brax 0.14.2 ppo.train (MLPs 3 x 64, tanh-Normal)")):
+      finals = [run["curve"][max(run["curve"], key=int)] for run in peer[name]]
+      walls = [run["wall_s"] for run in peer[name]]
+      lines.append(f"| {label} | {', '.join(f'{f:.1f}' for f in finals)} | {np.mean(finals):.1f} | "
+                   f"{np.mean(walls):.0f} s |")
+    lines += ["", "Differences that remain by design: brax squashes actions with tanh (a tanh-Normal, entropy "
+              "estimated by sampling), weit_jax clips a Gaussian's samples to [-1, 1] and uses its closed-form "
+              "entropy; brax's policy and value networks use swish and LeCun-uniform init, weit_jax's tanh and "
+              "orthogonal init; brax evaluates on its own episode schedule (11 evaluations)."]
+  lines.append("")
+  os.makedirs(args.out, exist_ok=True)
+  path = os.path.join(args.out, "control.md")
+  with open(path, "w") as f:
+    f.write("\n".join(lines))
+  return path
+
+
+def main(argv=None) -> None:
+  args = parse_args(argv)
+  t_start = time.time()
+  from weit_jax import distributed
+  os.environ.setdefault("WEIT_COMPILATION_CACHE", os.path.join(args.workdir, "jax_cache"))
+  distributed.enable_compilation_cache()
+  os.makedirs(args.workdir, exist_ok=True)
+  b = args.budget
+  pre = pretrain_all(args)
+  stages = {"pretrain": pre, "init": {}}
+  for env in TARGETS:
+    stages["init"][env] = {"ppo": init_weit(args, pre["weit"]["workdir"], env, "ppo")}
+  stages["init"]["hopper"]["distill"] = init_weit(args, pre["weit"]["workdir"], "hopper", "distill")
+  sources = dict(weit_init={env: stages["init"][env]["ppo"] for env in TARGETS}, dense=pre["dense"], tleg=pre["tleg"])
+  results, na = [], {}
+  for seed in range(b["seeds"]):  # seed-major: every configuration has a result early
+    for env in TARGETS:
+      for role, cfg in target_configs(env).items():
+        for method in METHODS:
+          if (why := applies(method, cfg, env)):
+            na[(env, role, method)] = why
+            continue
+          log(f"{env} {role} {cfg.short_name()} {method} seed {seed}")
+          results.append(run_one(args, method, env, role, cfg, seed, sources))
+  peer = None
+  if not args.no_peer:
+    peer = {"ours": [ours_peer_run(args, s) for s in range(b["seeds"])],
+            "brax": [brax_peer_run(args, s) for s in range(b["seeds"])]}
+  agg = aggregate(results)
+  os.makedirs(args.out, exist_ok=True)
+  for env in TARGETS:
+    plot(agg, env, os.path.join(args.out, f"control_{env}.png"))
+  if peer:
+    plot_peer(peer, os.path.join(args.out, "control_peer.png"))
+  info = dict(wall_min=(time.time() - t_start) / 60, machine=iq.machine(), date=time.strftime("%Y-%m-%d"))
+  path = write_report(args, agg, stages, peer, na, info)
+  with open(os.path.join(args.out, "control.json"), "w") as f:
+    json.dump(iq._json_safe(dict(budget=b, aggregate=agg, peer=peer, info=info,
+                                 not_applicable={"/".join(k): v for k, v in na.items()})), f, indent=2)
+  log(f"wrote {path}")
+
+
+if __name__ == "__main__":
+  main()
