@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import math
 import os
 import shutil
 import sys
@@ -105,11 +104,12 @@ def target_configs(env: str) -> dict:
 
 
 def train_config(*, env: str, updates: int, seed: int, eval_every: int, model=None, init=None):
+  """Every update is logged (its training return), evaluated every ``eval_every``."""
   c = config("train")
   if model is not None:
     c.model.width, c.model.depth, c.model.variant = model.width, model.depth, None
   c.init, c.env, c.seed, c.total_steps = init, env, int(seed), int(updates)
-  c.eval_every, c.log_every, c.checkpoint_every = int(eval_every), max(1, int(eval_every)), int(updates)
+  c.eval_every, c.log_every, c.checkpoint_every = int(eval_every), 1, int(updates)
   return c
 
 
@@ -241,16 +241,19 @@ def run_one(args, method: str, env: str, role: str, cfg, seed: int, sources: dic
   export = os.path.join(run_dir, "init_export")
   initial_export(method, role, cfg, env, seed, sources, export)
   c = train_config(env=env, updates=b["train_updates"], seed=seed, eval_every=b["eval_every"], init=export)
-  curve = {0: step0_return(c, cfg)}
+  curve, train_curve = {0: step0_return(c, cfg)}, {}
   summary = train.run(c, os.path.join(run_dir, "train"))
   for rec in metrics.read_metrics(os.path.join(run_dir, "train")):
     if "eval_return" in rec:
       curve[int(rec["step"])] = float(rec["eval_return"])
+    if "episode_return" in rec:
+      train_curve[int(rec["step"])] = float(rec["episode_return"])
   for sub in ("train/checkpoints", "train/export", "init_export"):
     shutil.rmtree(os.path.join(run_dir, sub), ignore_errors=True)  # only the curve is kept
   return _write(os.path.join(run_dir, "result.json"), dict(
       method=method, env=env, role=role, target=cfg.short_name(), seed=seed,
       curve={str(k): curve[k] for k in sorted(curve)}, final_return=summary["eval_return"],
+      train_curve={str(k): train_curve[k] for k in sorted(train_curve)},
       wall_s=round(time.time() - t0, 1)))
 
 
@@ -315,8 +318,19 @@ def brax_peer_run(args, seed: int) -> dict:
 
 # --- analysis ----------------------------------------------------------------------------------------
 
+SMOOTH = 5  # updates: training returns are averaged over a trailing window of this many updates
+
+
+def smooth(values: np.ndarray, window: int = SMOOTH) -> np.ndarray:
+  """Trailing mean over ``window`` entries (fewer at the start)."""
+  return np.array([values[max(0, i - window + 1):i + 1].mean() for i in range(len(values))])
+
+
 def aggregate(results: list[dict]) -> dict:
-  """env -> role -> method -> {x (env steps), mean, std, final, step0, seeds, speedup}."""
+  """env -> role -> method -> the deterministic evaluation curve (x, mean, std, final, step0) and
+  the training-return curve (tx, tmean: the stochastic policy's returns of the episodes that ended
+  in each update, mean over seeds, smoothed over SMOOTH updates; tfinal), and the speed-up on the
+  latter."""
   per_update = env_steps_per_update()
   table: dict = {}
   for r in results:
@@ -328,44 +342,51 @@ def aggregate(results: list[dict]) -> dict:
       for method, runs in methods.items():
         steps = sorted(int(s) for s in runs[0]["curve"])
         values = np.array([[r["curve"][str(s)] for s in steps] for r in runs])
+        tsteps = sorted(int(s) for s in runs[0]["train_curve"])
+        tvalues = np.array([[r["train_curve"][str(s)] for s in tsteps] for r in runs])
+        tlast = tvalues[:, -SMOOTH:].mean(1)
         entry[method] = dict(x=[s * per_update for s in steps], mean=values.mean(0).tolist(),
                              std=values.std(0).tolist(), final=float(values[:, -1].mean()),
                              final_std=float(values[:, -1].std()), step0=float(values[:, 0].mean()),
+                             tx=[s * per_update for s in tsteps], tmean=smooth(tvalues.mean(0)).tolist(),
+                             tstd=smooth(tvalues.std(0)).tolist(), tfinal=float(tlast.mean()),
+                             tfinal_std=float(tlast.std()), tfirst=float(tvalues[:, 0].mean()),
                              seeds=len(runs), target=runs[0]["target"])
       if "random" in entry:
-        goal = entry["random"]["final"]
-        reach_random = iq.steps_to_reach(entry["random"]["x"], entry["random"]["mean"], goal)
+        goal = entry["random"]["tfinal"]
+        reach_random = iq.steps_to_reach(entry["random"]["tx"], entry["random"]["tmean"], goal)
         for method, e in entry.items():
-          reach = iq.steps_to_reach(e["x"], e["mean"], goal)
+          reach = iq.steps_to_reach(e["tx"], e["tmean"], goal)
           e["steps_to_random_final"] = reach
-          e["speedup"] = (None if reach is None else math.inf if reach == 0 else reach_random / reach)
+          e["speedup"] = None if reach is None or reach_random is None else reach_random / reach
   return out
 
 
 def fmt_speedup(e: dict) -> str:
-  if e.get("speedup") is None:
-    return "not reached"
-  if math.isinf(e["speedup"]):
-    return "inf (at step 0)"
-  return f"{e['speedup']:.1f}x"
+  return "not reached" if e.get("speedup") is None else f"{e['speedup']:.1f}x"
 
 
 def plot(agg: dict, env: str, path: str) -> None:
+  """Per target: the training return (top) and the deterministic evaluation (bottom)."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   roles = [role for role, _ in TARGETS[env]]
-  fig, axes = plt.subplots(1, len(roles), figsize=(4.2 * len(roles), 3.6), squeeze=False)
-  for ax, role in zip(axes[0], roles):
-    for method, e in agg[env][role].items():
-      x, m, s = np.array(e["x"]) / 1e6, np.array(e["mean"]), np.array(e["std"])
-      ax.plot(x, m, color=COLORS[method], label=LABELS[method])
-      ax.fill_between(x, m - s, m + s, color=COLORS[method], alpha=0.15)
-    first = next(iter(agg[env][role].values()))
-    ax.set_title(f"{role}: {first['target']}", fontsize=10)
-    ax.set_xlabel("environment steps (millions)")
-    ax.grid(alpha=0.3)
-  axes[0][0].set_ylabel("mean return, deterministic policy")
+  fig, axes = plt.subplots(2, len(roles), figsize=(4.2 * len(roles), 6.6), squeeze=False)
+  for col, role in enumerate(roles):
+    for row, (xk, mk, sk) in enumerate((("tx", "tmean", "tstd"), ("x", "mean", "std"))):
+      ax = axes[row][col]
+      for method, e in agg[env][role].items():
+        x, m, sd = np.array(e[xk]) / 1e6, np.array(e[mk]), np.array(e[sk])
+        ax.plot(x, m, color=COLORS[method], label=LABELS[method])
+        ax.fill_between(x, m - sd, m + sd, color=COLORS[method], alpha=0.12)
+      ax.grid(alpha=0.3)
+      if row == 0:
+        ax.set_title(f"{role}: {next(iter(agg[env][role].values()))['target']}", fontsize=10)
+      else:
+        ax.set_xlabel("environment steps (millions)")
+  axes[0][0].set_ylabel(f"training return\n(stochastic; {SMOOTH}-update mean)")
+  axes[1][0].set_ylabel("deterministic policy,\n32 fixed episodes")
   axes[0][0].legend(fontsize=8)
   fig.suptitle(f"PPO on {ENV_LABELS[env]}: mean of seeds, band = 1 std", fontsize=11)
   fig.tight_layout()
@@ -418,8 +439,14 @@ def write_report(args, agg: dict, stages: dict, peer: dict | None, na: dict, inf
       f"{b['seeds']} seed(s), evaluated every {b['eval_every']} updates and before training: the deterministic "
       "policy's mean return over 32 episodes from fixed initial states. Each init starts with its source's "
       "observation statistics when the observation size matches (random init and walker2d: fresh).",
-      "- Speed-up: environment steps random init needs to reach its own final mean return, over the steps the "
-      "method needs (linear interpolation between evaluations; 'inf' = already there before training).",
+      f"- Two measures. *Training return*: the stochastic policy's return over the episodes that ended in an update "
+      f"(what PPO optimizes), mean over seeds, averaged over the last {SMOOTH} updates. *Deterministic return*: the "
+      "mean action's return over 32 fixed episodes (the programs' `eval_return`). On hopper an untrained policy's mean "
+      "action is near zero, and a hopper that does not move collects the healthy reward (1 per step) for up to "
+      "1,000 steps: deterministic returns before training are high (a standing policy), and first *fall* while PPO's "
+      "noisy policy learns to hop. The speed-up therefore uses the training return: the environment steps random "
+      f"init needs to reach its own final training return, over the steps the method needs ({SMOOTH}-update trailing "
+      "mean, linear interpolation).",
       "", "## Pre-training and WeiT init", "",
       "| stage | return (deterministic) | wall |", "|---|---|---|"]
   for name, label in (("weit", "WeiT templates (aux d3-w64)"), ("tleg", "TLEG auxiliary d3-w64"),
@@ -438,16 +465,18 @@ def write_report(args, agg: dict, stages: dict, peer: dict | None, na: dict, inf
                    f"{ppo_t['return_after']:.1f} | {dist_txt} |")
   for env in TARGETS:
     lines += ["", f"## Downstream PPO: {ENV_LABELS[env]}", "", f"![curves](control_{env}.png)", "",
-              "| target | method | before training | final (mean +- std) | speed-up to random's final |",
+              "| target | method | training return: first update -> final (+- std over seeds) | speed-up to random's "
+              "final training return | deterministic return: before -> final |",
               "|---|---|---|---|---|"]
     for role, cfg in target_configs(env).items():
       for method in METHODS:
         if method in agg.get(env, {}).get(role, {}):
           e = agg[env][role][method]
-          lines.append(f"| {role} {cfg.short_name()} | {LABELS[method]} | {e['step0']:.1f} | "
-                       f"{e['final']:.1f} +- {e['final_std']:.1f} ({e['seeds']}) | {fmt_speedup(e)} |")
+          lines.append(f"| {role} {cfg.short_name()} | {LABELS[method]} | {e['tfirst']:.1f} -> {e['tfinal']:.1f} +- "
+                       f"{e['tfinal_std']:.1f} ({e['seeds']} seeds) | {fmt_speedup(e)} | {e['step0']:.1f} -> "
+                       f"{e['final']:.1f} +- {e['final_std']:.1f} |")
         elif (why := na.get((env, role, method))):
-          lines.append(f"| {role} {cfg.short_name()} | {LABELS[method]} | n/a | n/a | {why} |")
+          lines.append(f"| {role} {cfg.short_name()} | {LABELS[method]} | n/a | {why} | n/a |")
   if peer:
     lines += ["", "## PPO validation: brax's ppo.train on the same budget", "", "![peer](control_peer.png)", "",
               "| implementation | final return per seed | mean | wall per run (incl. compile) |", "|---|---|---|---|"]

@@ -327,7 +327,7 @@ def test_resnet_templates_refuse_a_vit_target_and_another_family_export(resnet_r
   from configs import vit_init, vit_train
   i = unlocked(vit_init.get_config("runlocal"))
   i.templates = str(root / "pretrain")
-  with pytest.raises(ValueError, match=r"config.target is a vit model, but the templates .* are of the resnet family"):
+  with pytest.raises(ValueError, match=r"this init config makes vit models, but the templates .* are of the resnet family"):
     init_program.validate(i, str(tmp_path / "wd"))
   t = learnable_data(unlocked(vit_train.get_config("runlocal")))
   t.init = str(root / "init" / "r3-w10-g2" / "export")

@@ -373,6 +373,10 @@ def run(config, workdir: str | None = None) -> dict[str, Any]:
     raise ValueError(f"dry runs compile the pre-training step (config.program={config.program!r}); use "
                      "configs/vit_pretrain.py, with --config.dry_run.materialize=TARGET for the init "
                      "program's materialize step.")
+  if config.get("task", "classification") not in ("classification", "diffusion"):
+    raise ValueError(f"dry runs compile the step of an image task; config.task={config.task!r} steps a simulator "
+                     "inside its step, which a compile-only run cannot size. Run it on a small device count "
+                     "instead.")
   config_checks.check_ranges(config)
   dry = config.dry_run
   target = dry.get("materialize")

@@ -67,7 +67,7 @@ class MetricWriter:
     rate = (step - self._s0) / elapsed if elapsed > 0 else float("nan")
     eta = (self.total_steps - step) / rate if rate > 0 else float("nan")
     parts = [f"step {step:>{len(str(self.total_steps))}}/{self.total_steps}"]
-    parts += [f"{k} {metrics[k]:.4g}" for k in ("loss", "accuracy", "lr") if k in metrics]
+    parts += [f"{k} {metrics[k]:.4g}" for k in ("loss", "accuracy", "episode_return", "lr") if k in metrics]
     parts += [f"{rate:.2f} steps/s", f"ETA {_fmt_duration(eta)}"]
     log(" | ".join(parts))
 

@@ -36,7 +36,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from weit_jax.models import remat
+from weit_jax.models import fields, remat
 from weit_jax.models.vit import posemb_sincos_2d
 
 FREQUENCIES = 256  # the timestep embedding's sinusoid size (the reference DiT's)
@@ -87,16 +87,8 @@ def parse_variant(variant: str) -> dict[str, int]:
 
 def make_config(variant: str | None = None, **overrides: Any) -> DiTConfig:
   """A validated ``DiTConfig`` from a variant name and/or explicit sizes (explicit ones win)."""
-  sizes: dict[str, Any] = parse_variant(variant) if variant else {}
-  valid = [f.name for f in dataclasses.fields(DiTConfig)]
-  unknown = set(overrides) - set(valid)
-  if unknown:
-    raise ValueError(f"unknown DiT field(s) {sorted(unknown)}; valid: {valid}.")
-  sizes.update({k: v for k, v in overrides.items() if v is not None})
-  missing = [f for f in SIZE_FIELDS if f not in sizes]
-  if missing:
-    raise ValueError(f"DiT sizes {missing} are not set: give a variant (e.g. 'S/2') or set them explicitly.")
-  cfg = DiTConfig(**sizes)
+  cfg = fields.sized_config(DiTConfig, "DiT", parse_variant(variant) if variant else {}, overrides, SIZE_FIELDS,
+                            "S/2")
   for name in ("width", "depth", "mlp_dim", "num_heads", "patch_size", "image_size", "channels", "num_classes"):
     if int(getattr(cfg, name)) < 1:
       raise ValueError(f"DiT {name}={getattr(cfg, name)} must be a positive integer.")

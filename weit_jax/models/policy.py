@@ -34,6 +34,8 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from weit_jax.models import fields, remat
+
 VARIANTS = {
     "mu": dict(width=32, depth=2),
     "pico": dict(width=64, depth=3),
@@ -68,16 +70,8 @@ def parse_variant(variant: str) -> dict[str, int]:
 
 def make_config(variant: str | None = None, **overrides: Any) -> PolicyConfig:
   """A validated ``PolicyConfig`` from a variant name and/or explicit sizes (explicit ones win)."""
-  sizes: dict[str, Any] = parse_variant(variant) if variant else {}
-  valid = [f.name for f in dataclasses.fields(PolicyConfig)]
-  unknown = set(overrides) - set(valid)
-  if unknown:
-    raise ValueError(f"unknown policy field(s) {sorted(unknown)}; valid: {valid}.")
-  sizes.update({k: v for k, v in overrides.items() if v is not None})
-  missing = [f for f in SIZE_FIELDS if f not in sizes]
-  if missing:
-    raise ValueError(f"policy sizes {missing} are not set: give a variant (e.g. 'pico') or set them explicitly.")
-  cfg = PolicyConfig(**sizes)
+  cfg = fields.sized_config(PolicyConfig, "policy", parse_variant(variant) if variant else {}, overrides,
+                            SIZE_FIELDS, "pico")
   for name in ("width", "obs_size", "action_size"):
     if int(getattr(cfg, name)) < 1:
       raise ValueError(f"policy {name}={getattr(cfg, name)} must be a positive integer.")
@@ -86,7 +80,6 @@ def make_config(variant: str | None = None, **overrides: Any) -> PolicyConfig:
                      "of the scanned ones that every depth shares).")
   if cfg.dtype not in ("float32", "bfloat16"):
     raise ValueError(f"dtype={cfg.dtype!r}; use 'float32' or 'bfloat16'.")
-  from weit_jax.models import remat
   remat.check(cfg.remat_policy)
   return cfg
 

@@ -26,7 +26,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from weit_jax.models import remat
+from weit_jax.models import fields, remat
 
 # Named sizes: big_vision's (up to g, G, e), ViT-22B's shape (arXiv:2302.05442; only the shape: its
 # parallel blocks, QK normalization and bias-free layers are not this model), plus small ones that
@@ -101,16 +101,8 @@ def make_config(variant: str | None = None, **overrides: Any) -> ViTConfig:
 
   Every mistake is reported here, before anything is traced or compiled.
   """
-  sizes: dict[str, Any] = parse_variant(variant) if variant else {}
-  unknown = set(overrides) - {f.name for f in dataclasses.fields(ViTConfig)}
-  if unknown:
-    raise ValueError(f"unknown ViT field(s) {sorted(unknown)}; valid: "
-                     f"{[f.name for f in dataclasses.fields(ViTConfig)]}.")
-  sizes.update({k: v for k, v in overrides.items() if v is not None})
-  missing = [f for f in SIZE_FIELDS if f not in sizes]
-  if missing:
-    raise ValueError(f"ViT sizes {missing} are not set: give a variant (e.g. 'S/16') or set them explicitly.")
-  cfg = ViTConfig(**sizes)
+  cfg = fields.sized_config(ViTConfig, "ViT", parse_variant(variant) if variant else {}, overrides, SIZE_FIELDS,
+                            "S/16")
   for name in ("width", "depth", "mlp_dim", "num_heads", "patch_size", "image_size", "channels", "num_classes"):
     if int(getattr(cfg, name)) < 1:
       raise ValueError(f"ViT {name}={getattr(cfg, name)} must be a positive integer.")

@@ -25,11 +25,18 @@ def _targets_from_config(config, source, data: dict) -> list:
   if config.targets:
     return [models.target_config(f, source, data) for f in models.parse_targets(config.targets, family)]
   fields = {k: v for k, v in config.target.items() if v is not None and k not in models.RUNTIME_FIELDS}
-  wanted = fields.pop("family", family.name)
-  if wanted != family.name:
-    raise ValueError(f"config.target is a {wanted} model, but the templates in {config.templates} are of the "
-                     f"{family.name} family; give a {family.name} target (configs/{family.name}_init.py).")
+  fields.pop("family", None)  # checked by _check_family
   return [models.target_config(fields, source, data)]
+
+
+def _check_family(config, source) -> None:
+  """Refuses templates of another family than the init config's (its ``target``), before the
+  templates' task is rebuilt with this config's fields."""
+  family = models.family_of(source)
+  wanted = config.target.get("family") or "vit"
+  if wanted != family.name:
+    raise ValueError(f"this init config makes {wanted} models, but the templates in {config.templates} are of the "
+                     f"{family.name} family; use configs/{family.name}_init.py (or templates of a {wanted}).")
 
 
 @dataclasses.dataclass
@@ -64,6 +71,7 @@ def validate(config, workdir: str) -> Validated:
   src_config, src_setup, src_state, src_step = pretrain.restore_state(config.templates, config.templates_step)
   src_params = src_state["params"]
   source = src_setup.model_config
+  _check_family(config, source)
   task = _task(config, src_config, src_state)
   targets = []
   for cfg in _targets_from_config(config, source, task.model_fields()):

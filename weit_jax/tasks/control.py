@@ -311,6 +311,9 @@ def make_experience(task: Control, forward, actor=None) -> Experience:
     episodes = jnp.sum(traj["done"])
     last_return = jnp.where(episodes > 0, jnp.sum(traj["finished"]) / jnp.maximum(episodes, 1.0),
                             carry["last_return"])
+    # brax's wrappers return some leaves weakly typed where reset's are not: made strong, so that the
+    # step's output carry has its input's types (no second compile, and a restored state the same).
+    state = jax.tree_util.tree_map(lambda x: jnp.array(x, dtype=x.dtype), state)
     carry = {"env": state, "obs_stats": update_obs_stats(stats, traj["raw_obs"].reshape(T * E, -1)),
              "episode_return": ep_return, "last_return": last_return}
     return carry, batch, {"episode_return": last_return, "episodes": episodes}

@@ -1,0 +1,198 @@
+"""The control programs as a user runs them (``python main.py``, one CPU device, tiny settings):
+bad input is refused before anything compiles, with one ``error:`` line and nothing written; a
+pre-training run killed with SIGKILL resumes exactly; the persistent compilation cache fills.
+
+Every run shares one persistent compilation cache (``WEIT_COMPILATION_CACHE``, the programs' own
+setting), so only the first run compiles the rollout and the update.
+
+Tolerance: the resumed run reproduces the uninterrupted one *exactly* (``==`` on every logged value
+and on the final evaluation): the same programs, the restored bits of the train state (parameters,
+optimizer state, and the experience's carry: environment states, observation statistics, running
+returns), and per-step keys that depend only on the seed and the step.
+"""
+import json
+import os
+import re
+import signal
+
+import jax
+import ml_collections
+import pytest
+
+from test_reliability import committed_steps, ok, run_main, snapshot
+from weit_jax import checkpoint, metrics, models
+
+# inverted_pendulum: the cheapest brax system to compile (about half of hopper's compile time).
+TINY = ["--config.env=inverted_pendulum", "--config.batch_size=8", "--config.ppo.unroll_length=4", "--config.ppo.num_minibatches=2",
+        "--config.ppo.epochs=1", "--config.episode_length=20", "--config.eval_episodes=2"]
+TOTAL = 6
+PRETRAIN = ["--config=configs/policy_pretrain.py:runlocal", "--config.model.variant=mu", "--config.model.width=16",
+            "--config.model.depth=2", "--config.weit.tiles.hidden=8", "--config.weit.tiles.hidden_in=8",
+            "--config.weit.num_templates=2", *TINY, f"--config.total_steps={TOTAL}", "--config.checkpoint_every=2",
+            "--config.eval_every=0", "--config.log_every=1"]
+TRAIN = ["--config=configs/policy_train.py:runlocal", "--config.model.variant=mu", *TINY, "--config.total_steps=2"]
+
+# Runs main.py, and SIGKILLs the process right after the metrics of step $WEIT_TEST_KILL_AFTER_STEP
+# are written, once the checkpoints saved so far are committed: a deterministic kill (no timing)
+# with the train state already past the last checkpoint.
+KILL_AFTER_STEP = r'''
+import os, runpy, signal, sys
+from weit_jax import checkpoint, metrics
+made = []
+_init = checkpoint.Checkpointer.__init__
+def init(self, *args, **kwargs):
+  _init(self, *args, **kwargs)
+  made.append(self)
+checkpoint.Checkpointer.__init__ = init
+_write = metrics.MetricWriter.write
+def write(self, step, values):
+  _write(self, step, values)
+  if step == int(os.environ["WEIT_TEST_KILL_AFTER_STEP"]) and "loss" in values:
+    for c in made:
+      c.wait()
+    os.kill(os.getpid(), signal.SIGKILL)
+metrics.MetricWriter.write = write
+sys.argv[0] = "main.py"
+runpy.run_path("main.py", run_name="__main__")
+'''
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("control_xla_cache"))
+
+
+@pytest.fixture(scope="module")
+def env(cache_dir):
+  e = dict(os.environ)
+  # One CPU device; XLA's backend optimizations off (the runs are compile-bound).
+  flags = [f for f in e.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
+  e["XLA_FLAGS"] = " ".join(flags + ["--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true"])
+  e.update(JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1", WEIT_COMPILATION_CACHE=cache_dir)
+  e.pop("WEIT_DEBUG", None)
+  return e
+
+
+# --- resume after SIGKILL; the compilation cache ----------------------------------------------------
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, env, cache_dir):
+  """The uninterrupted pre-training run (the first run of the module: it fills the cache)."""
+  workdir = str(tmp_path_factory.mktemp("ctl_ref") / "wd")
+  ok(run_main(PRETRAIN, workdir, env))
+  return workdir, sorted(os.listdir(cache_dir))
+
+
+def test_the_persistent_compilation_cache_fills(reference):
+  _, cached = reference
+  # The rollout-and-update step and the evaluation (each compiles for seconds) are persisted.
+  assert any(n.startswith("jit_experience_step_fn") for n in cached), cached
+  assert any(n.startswith("jit_evaluate") for n in cached), cached
+
+
+def test_pretraining_killed_with_sigkill_resumes_exactly(reference, tmp_path, env):
+  ref_dir, _ = reference
+  workdir = str(tmp_path / "wd")
+  killed = run_main(PRETRAIN, workdir, env, wrapper=KILL_AFTER_STEP, extra_env={"WEIT_TEST_KILL_AFTER_STEP": "3"})
+  assert killed.returncode == -signal.SIGKILL, killed.stdout[-2000:] + killed.stderr[-2000:]
+  assert committed_steps(workdir) == [2]  # step 3 was done and logged, its state lost
+  assert max(r["step"] for r in metrics.read_metrics(workdir)) == 3
+  resumed = ok(run_main(PRETRAIN, workdir, env))
+  assert resumed.resumed_from() == 2 and f"Done: step {TOTAL}" in resumed.stdout
+
+  ref = {}
+  for r in metrics.read_metrics(ref_dir):
+    ref.setdefault(r["step"], {}).update(r)
+  records = metrics.read_metrics(workdir)
+  assert {r["step"] for r in records} == set(ref)
+  for r in records:  # the killed run's steps 1-3 and the resumed run's 3-6 (step 3 twice)
+    assert r == {k: ref[r["step"]][k] for k in r}, f"step {r['step']}: {r} != uninterrupted {ref[r['step']]}"
+  after = [r for r in records if r["step"] > 2 and "loss" in r]
+  assert [r["step"] for r in after] == [3, 3, 4, 5, 6]
+  assert all("episode_return" in r and "policy_loss" in r for r in after)
+  assert len({r["loss"] for r in after}) > 1  # the losses differ step to step: a step out of place would show
+  want, got = (json.loads(open(os.path.join(d, "summary.json")).read()) for d in (ref_dir, workdir))
+  assert got["eval_return"] == want["eval_return"] and got["eval_return_std"] == want["eval_return_std"]
+  assert got["resumed_from"] == 2 and want["resumed_from"] is None
+
+
+# --- bad input is refused before compiling, with nothing written ---------------------------------------
+
+@pytest.fixture(scope="module")
+def hopper_export(tmp_path_factory):
+  """A plain policy export for hopper's sizes (11 observations, 3 actions), as an init writes one."""
+  cfg = models.get("policy").make_config("mu", width=16, obs_size=11, action_size=3)
+  path = str(tmp_path_factory.mktemp("policy_export") / "export")
+  checkpoint.export_params(path, models.init_params(cfg, 0), dict(model=models.to_record(cfg)))
+  return path
+
+
+@pytest.fixture(scope="module")
+def vit_templates(tmp_path_factory):
+  """A ViT pre-training workdir as far as an init run reads one: its config and one checkpoint of
+  its initial train state (no training step is compiled)."""
+  from configs import vit_pretrain
+  from weit_jax import sharding, train_loop
+  from weit_jax.programs import pretrain
+  workdir = str(tmp_path_factory.mktemp("vit_templates") / "wd")
+  config = ml_collections.ConfigDict(vit_pretrain.get_config("runlocal").to_dict())
+  config.model.variant = "mu/4"
+  config.weit.tiles = dict(embed=8, mlp=8, kv=8, heads=1)
+  setup = pretrain.build(config)
+  task = pretrain.make_task(config, setup)
+  _, shardings = train_loop.state_shardings(task, sharding.make_mesh({"data": -1}))
+  state = train_loop.make_init_state(task, shardings)(jax.random.key(0))
+  train_loop.guard_workdir(config, workdir)
+  ckpt = checkpoint.Checkpointer(workdir, every=1)
+  ckpt.save(1, state, None, force=True)
+  ckpt.close()
+  return workdir
+
+
+# (args builder, expected message, fixtures that must stay unchanged).
+BAD_INPUT = {
+    "unknown env": (lambda f: TRAIN + ["--config.env=nosuchenv"],
+                    r"env='nosuchenv' is not a brax environment; use one of \[.*'hopper'.*'walker2d'"),
+    "unknown backend": (lambda f: TRAIN + ["--config.backend=warp9"],
+                        r"backend='warp9'; use one of \('spring', 'positional', 'generalized', 'mjx'\)"),
+    "discounting out of range": (lambda f: TRAIN + ["--config.ppo.discounting=1.5"],
+                                 r"--config\.ppo\.discounting=1\.5 is out of range"),
+    "export of another morphology": (
+        lambda f: TRAIN + [f"--config.init={f['export']}", "--config.env=walker2d"],
+        r"(?=.*'action_size': \(3, 6\))(?=.*'obs_size': \(11, 17\))export was exported for other data sizes than "
+        r"this run's: .* initialize a policy for walker2d with configs/policy_init\.py --config\.env=walker2d"),
+    "policy init from ViT templates": (
+        lambda f: ["--config=configs/policy_init.py:runlocal", f"--config.templates={f['vit']}", *TINY],
+        r"(?i)\bvit\b.*\bpolicy\b|\bpolicy\b.*\bvit\b"),
+    "ViT init from policy templates": (
+        lambda f: ["--config=configs/vit_init.py:runlocal", f"--config.templates={f['policy']}"],
+        r"(?i)\bvit\b.*\bpolicy\b|\bpolicy\b.*\bvit\b"),
+}
+# Cases that restore a checkpoint's abstract state (compiling the auxiliary model's statistics).
+NEEDS_CHECKPOINT = {"policy init from ViT templates", "ViT init from policy templates"}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUT))
+def test_bad_input_is_refused_with_one_line_and_nothing_written(case, request, tmp_path, env, hopper_export):
+  build, pattern = BAD_INPUT[case]
+  flags = dict(export=hopper_export)
+  if case == "policy init from ViT templates":
+    flags["vit"] = request.getfixturevalue("vit_templates")
+  if case == "ViT init from policy templates":
+    flags["policy"] = request.getfixturevalue("reference")[0]
+  workdir = str(tmp_path / "new" / "wd")
+  watched = sorted(flags.values())
+  before = [snapshot(p) for p in watched]
+  result = run_main(build(flags), workdir, dict(env, JAX_LOG_COMPILES="1"), timeout=180)
+  assert result.returncode == 2, f"{case}: exit {result.returncode}\n{result.stderr[-3000:]}"
+  lines = result.stderr.splitlines()
+  error = [line for line in lines if line.startswith("error: ")]
+  assert len(error) == 1 and lines[-1] == error[0], lines[-10:]
+  assert re.search(pattern, error[0]), error[0]
+  assert "Traceback" not in result.stderr
+  assert not os.path.exists(workdir)  # nothing written: the workdir is not even created
+  assert [snapshot(p) for p in watched] == before  # the export or templates read, never written
+  compiled = set(re.findall(r"(?:Compiling jit\(|compilation cache hit for '?jit_)(\w+)", result.stderr))
+  assert not compiled & {"experience_step_fn", "init", "evaluate", "collect", "materialize"}, compiled
+  if case not in NEEDS_CHECKPOINT:
+    assert "stats" not in compiled, compiled
