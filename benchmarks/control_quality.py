@@ -228,6 +228,19 @@ def step0_return(c, cfg) -> float:
   return float(exp.evaluate(train.initial_params(c, cfg), carry)["return"])
 
 
+def training_returns(workdir: str) -> dict[str, float]:
+  """Update -> the training return logged at it (the mean return of the episodes that ended in it,
+  else the last one known), from the first update in which an episode ended (before it: none)."""
+  from weit_jax import metrics
+  out, seen = {}, 0.0
+  for rec in metrics.read_metrics(workdir):
+    if "episode_return" in rec:
+      seen += float(rec["episodes"])
+      if seen > 0:
+        out[str(int(rec["step"]))] = float(rec["episode_return"])
+  return out
+
+
 def run_one(args, method: str, env: str, role: str, cfg, seed: int, sources: dict) -> dict:
   from weit_jax import metrics
   from weit_jax.programs import train
@@ -235,25 +248,24 @@ def run_one(args, method: str, env: str, role: str, cfg, seed: int, sources: dic
   tag = f"P{b['pretrain_updates']}_S{b['init_updates']}_T{b['train_updates']}_k{b['eval_every']}"
   run_dir = os.path.join(args.workdir, "runs", tag, env, cfg.short_name(), method, f"seed{seed}")
   if (r := _cached(os.path.join(run_dir, "result.json"))):
-    return r
+    return dict(r, train_curve=training_returns(os.path.join(run_dir, "train")))
   shutil.rmtree(run_dir, ignore_errors=True)  # an interrupted run starts over
   t0 = time.time()
   export = os.path.join(run_dir, "init_export")
   initial_export(method, role, cfg, env, seed, sources, export)
   c = train_config(env=env, updates=b["train_updates"], seed=seed, eval_every=b["eval_every"], init=export)
-  curve, train_curve = {0: step0_return(c, cfg)}, {}
+  curve = {0: step0_return(c, cfg)}
   summary = train.run(c, os.path.join(run_dir, "train"))
   for rec in metrics.read_metrics(os.path.join(run_dir, "train")):
     if "eval_return" in rec:
       curve[int(rec["step"])] = float(rec["eval_return"])
-    if "episode_return" in rec:
-      train_curve[int(rec["step"])] = float(rec["episode_return"])
+  train_curve = training_returns(os.path.join(run_dir, "train"))
   for sub in ("train/checkpoints", "train/export", "init_export"):
     shutil.rmtree(os.path.join(run_dir, sub), ignore_errors=True)  # only the curve is kept
   return _write(os.path.join(run_dir, "result.json"), dict(
       method=method, env=env, role=role, target=cfg.short_name(), seed=seed,
       curve={str(k): curve[k] for k in sorted(curve)}, final_return=summary["eval_return"],
-      train_curve={str(k): train_curve[k] for k in sorted(train_curve)},
+      train_curve=train_curve,
       wall_s=round(time.time() - t0, 1)))
 
 
@@ -342,15 +354,16 @@ def aggregate(results: list[dict]) -> dict:
       for method, runs in methods.items():
         steps = sorted(int(s) for s in runs[0]["curve"])
         values = np.array([[r["curve"][str(s)] for s in steps] for r in runs])
-        tsteps = sorted(int(s) for s in runs[0]["train_curve"])
-        tvalues = np.array([[r["train_curve"][str(s)] for s in tsteps] for r in runs])
+        tsteps = sorted({int(s) for r in runs for s in r["train_curve"]})  # seeds' first episodes differ
+        tvalues = np.array([[r["train_curve"].get(str(s), np.nan) for s in tsteps] for r in runs])
         tlast = tvalues[:, -SMOOTH:].mean(1)
+        first = [r["train_curve"][min(r["train_curve"], key=int)] for r in runs]
         entry[method] = dict(x=[s * per_update for s in steps], mean=values.mean(0).tolist(),
                              std=values.std(0).tolist(), final=float(values[:, -1].mean()),
                              final_std=float(values[:, -1].std()), step0=float(values[:, 0].mean()),
-                             tx=[s * per_update for s in tsteps], tmean=smooth(tvalues.mean(0)).tolist(),
-                             tstd=smooth(tvalues.std(0)).tolist(), tfinal=float(tlast.mean()),
-                             tfinal_std=float(tlast.std()), tfirst=float(tvalues[:, 0].mean()),
+                             tx=[s * per_update for s in tsteps], tmean=smooth(np.nanmean(tvalues, 0)).tolist(),
+                             tstd=smooth(np.nanstd(tvalues, 0)).tolist(), tfinal=float(tlast.mean()),
+                             tfinal_std=float(tlast.std()), tfirst=float(np.mean(first)),
                              seeds=len(runs), target=runs[0]["target"])
       if "random" in entry:
         goal = entry["random"]["tfinal"]
@@ -371,7 +384,7 @@ def plot(agg: dict, env: str, path: str) -> None:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  roles = [role for role, _ in TARGETS[env]]
+  roles = [role for role, _ in TARGETS[env] if role in agg.get(env, {})]
   fig, axes = plt.subplots(2, len(roles), figsize=(4.2 * len(roles), 6.6), squeeze=False)
   for col, role in enumerate(roles):
     for row, (xk, mk, sk) in enumerate((("tx", "tmean", "tstd"), ("x", "mean", "std"))):
@@ -440,7 +453,8 @@ def write_report(args, agg: dict, stages: dict, peer: dict | None, na: dict, inf
       "policy's mean return over 32 episodes from fixed initial states. Each init starts with its source's "
       "observation statistics when the observation size matches (random init and walker2d: fresh).",
       f"- Two measures. *Training return*: the stochastic policy's return over the episodes that ended in an update "
-      f"(what PPO optimizes), mean over seeds, averaged over the last {SMOOTH} updates. *Deterministic return*: the "
+      f"(what PPO optimizes; from the first update in which an episode ended), mean over seeds, final = mean of the "
+      f"last {SMOOTH} updates. *Deterministic return*: the "
       "mean action's return over 32 fixed episodes (the programs' `eval_return`). On hopper an untrained policy's mean "
       "action is near zero, and a hopper that does not move collects the healthy reward (1 per step) for up to "
       "1,000 steps: deterministic returns before training are high (a standing policy), and first *fall* while PPO's "
@@ -465,7 +479,7 @@ def write_report(args, agg: dict, stages: dict, peer: dict | None, na: dict, inf
                    f"{ppo_t['return_after']:.1f} | {dist_txt} |")
   for env in TARGETS:
     lines += ["", f"## Downstream PPO: {ENV_LABELS[env]}", "", f"![curves](control_{env}.png)", "",
-              "| target | method | training return: first update -> final (+- std over seeds) | speed-up to random's "
+              "| target | method | training return: first episodes -> final (+- std over seeds) | speed-up to random's "
               "final training return | deterministic return: before -> final |",
               "|---|---|---|---|---|"]
     for role, cfg in target_configs(env).items():

@@ -222,7 +222,7 @@ class Control(Task):
 
   def prepare(self) -> None:
     """Checks the environment, backend and how the rollout splits (builds the environment once:
-    seconds); the ranges of the numbers are ``config_checks.RANGES``'."""
+    seconds); the ranges of the numbers are in ``config_checks.RANGES``."""
     make_env(self.env, self.backend)
     if (self.num_envs * int(self.ppo["unroll_length"])) % int(self.ppo["num_minibatches"]):
       raise ValueError(f"a rollout of batch_size={self.num_envs} environments x unroll_length="
