@@ -86,6 +86,9 @@ def read_metrics(workdir: str) -> list[dict]:
 # How a plot names a metric whose key alone would mislead (sample_quality.FID_NAME; spelled out here
 # so that metrics imports nothing of the tasks).
 EVAL_LABELS = {"eval_fid_fmnist_classifier_features": "FID, Fashion-MNIST classifier features"}
+# The training metric drawn beside an eval metric when its name is not the eval name without ``eval_``:
+# a control run's training returns (stochastic policy) beside the deterministic policy's.
+TRAIN_TWINS = {"eval_return": "episode_return"}
 
 
 def plot_curves(workdir: str, title: str = "") -> str | None:
@@ -104,9 +107,11 @@ def plot_curves(workdir: str, title: str = "") -> str | None:
         by_step.setdefault(k, {})[rec["step"]] = v
   if not by_step:
     return None
-  others = sorted(k for k in by_step if k.startswith("eval_") and k != "eval_loss")
-  panels = [(("loss", "eval_loss"), "loss")] + [((k,), EVAL_LABELS.get(k, k.removeprefix("eval_").replace("_", " ")))
-                                                for k in others]  # one panel each: their scales differ
+  others = sorted(k for k in by_step if k.startswith("eval_") and k != "eval_loss" and not k.endswith("_std"))
+  # One panel per eval metric (their scales differ), with the training metric it is measured against.
+  panels = [(("loss", "eval_loss"), "loss")] + [
+      ((k, TRAIN_TWINS.get(k, k.removeprefix("eval_"))), EVAL_LABELS.get(k, k.removeprefix("eval_").replace("_", " ")))
+      for k in others]
   fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.8), squeeze=False)
   for ax, (keys, label) in zip(axes[0], panels):
     for k in keys:
