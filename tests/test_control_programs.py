@@ -1,6 +1,8 @@
 """The control programs as a user runs them (``python main.py``, one CPU device, tiny settings):
 bad input is refused before anything compiles, with one ``error:`` line and nothing written; a
-pre-training run killed with SIGKILL resumes exactly; the persistent compilation cache fills.
+pre-training run killed with SIGKILL resumes exactly; the persistent compilation cache fills; and,
+in process from that run's templates, the init program for the templates' environment and for
+another morphology, and the train program's use of such an export.
 
 Every run shares one persistent compilation cache (``WEIT_COMPILATION_CACHE``, the programs' own
 setting), so only the first run compiles the rollout and the update.
@@ -17,6 +19,7 @@ import signal
 
 import jax
 import ml_collections
+import numpy as np
 import pytest
 
 from test_reliability import committed_steps, ok, run_main, snapshot
@@ -158,9 +161,10 @@ BAD_INPUT = {
     "discounting out of range": (lambda f: TRAIN + ["--config.ppo.discounting=1.5"],
                                  r"--config\.ppo\.discounting=1\.5 is out of range"),
     "export of another morphology": (
-        lambda f: TRAIN + [f"--config.init={f['export']}", "--config.env=walker2d"],
-        r"(?=.*'action_size': \(3, 6\))(?=.*'obs_size': \(11, 17\))export was exported for other data sizes than "
-        r"this run's: .* initialize a policy for walker2d with configs/policy_init\.py --config\.env=walker2d"),
+        lambda f: TRAIN + [f"--config.init={f['export']}", "--config.env=inverted_double_pendulum"],
+        r"(?=.*'action_size': \(3, 1\))(?=.*'obs_size': \(11, 8\))export was exported for other data sizes than "
+        r"this run's: .* initialize a policy for inverted_double_pendulum with configs/policy_init\.py "
+        r"--config\.env=inverted_double_pendulum"),
     "policy init from ViT templates": (
         lambda f: ["--config=configs/policy_init.py:runlocal", f"--config.templates={f['vit']}", *TINY],
         r"(?i)\bvit\b.*\bpolicy\b|\bpolicy\b.*\bvit\b"),
@@ -196,3 +200,71 @@ def test_bad_input_is_refused_with_one_line_and_nothing_written(case, request, t
   assert not compiled & {"experience_step_fn", "init", "evaluate", "collect", "materialize"}, compiled
   if case not in NEEDS_CHECKPOINT:
     assert "stats" not in compiled, compiled
+
+
+# --- the pipeline in process, from the reference run's templates -----------------------------------
+
+TINY_FIELDS = dict(env="inverted_pendulum", batch_size=8, episode_length=20, eval_episodes=2, log_every=1)
+
+
+def _config(module, **overrides):
+  c = ml_collections.ConfigDict(module.get_config("runlocal").to_dict())
+  c.update(dict(TINY_FIELDS, **overrides))
+  c.ppo.update(dict(unroll_length=4, num_minibatches=2, epochs=1))
+  if "model" in c:
+    c.model.variant, c.model.width, c.model.depth = None, 16, 2
+  return c
+
+
+def test_templates_record_returns_and_observation_statistics(reference):
+  from weit_jax.programs import pretrain
+  workdir, _ = reference
+  steps = [r for r in metrics.read_metrics(workdir) if "episode_return" in r]
+  assert [r["step"] for r in steps] == list(range(1, TOTAL + 1))
+  assert [r["env_steps"] for r in steps] == [32.0 * s for s in range(1, TOTAL + 1)]  # 8 envs x unroll 4 per update
+  _, _, state, step = pretrain.restore_state(workdir)
+  stats = state["carry"]["obs_stats"]
+  assert step == TOTAL and float(stats["count"]) == TOTAL * 32  # every observation of every rollout, once
+  assert stats["mean"].shape == (4,)  # inverted_pendulum observes 4 values
+
+
+def test_init_for_both_morphologies_and_train_from_an_export(reference, tmp_path):
+  """The init program in process: a target for the templates' environment by distillation (its
+  statistics continue the templates'), one for another morphology (inverted_double_pendulum, 8
+  observations: statistics anew; heuristic scalers only, steps=0), and the train program's use of
+  the latter's export (its statistics; refused for another morphology before anything is written)."""
+  from configs import policy_init, policy_train
+  from weit_jax import tasks
+  from weit_jax.programs import init as init_program
+  from weit_jax.programs import pretrain, train
+  workdir, _ = reference
+  _, _, state, _ = pretrain.restore_state(workdir)
+  template_stats = jax.device_get(state["carry"]["obs_stats"])
+
+  c = _config(policy_init, templates=workdir, targets="width=12", steps=2, adapt="distill", checkpoint_every=2)
+  init_program.run(c, str(tmp_path / "distill"))
+  meta = checkpoint.read_export_meta(str(tmp_path / "distill" / "d2-w12-o4-a1" / "export"))
+  assert meta["scaler_training"]["adapt"] == "distill" and np.isfinite(meta["scaler_training"]["return_after"])
+  assert meta["observation_stats"]["count"] == float(template_stats["count"]) + 2 * 32
+
+  c = _config(policy_init, templates=workdir, targets="depth=3", steps=0, env="inverted_double_pendulum")
+  init_program.run(c, str(tmp_path / "other"))
+  export = str(tmp_path / "other" / "d3-w16-o8-a1" / "export")
+  meta = checkpoint.read_export_meta(export)
+  cfg = models.from_record(meta["model"])
+  assert (cfg.obs_size, cfg.action_size) == (8, 1) and np.isfinite(meta["scaler_training"]["return_before"])
+  assert meta["observation_stats"]["count"] == 0 and len(meta["observation_stats"]["mean"]) == 8
+  c.adapt = "distill"
+  with pytest.raises(ValueError, match="needs the auxiliary policy's environment"):
+    init_program.validate(c, str(tmp_path / "other_distill"))
+
+  tc = _config(policy_train, env="inverted_double_pendulum", init=export, total_steps=1)
+  train.validate(tc, str(tmp_path / "train"))
+  assert train.task_with_export(tc).obs_stats == meta["observation_stats"]
+  carry = {"obs_stats": jax.tree_util.tree_map(np.asarray, tasks.control.stats_from_record(meta["observation_stats"]))}
+  assert train.observation_stats({"carry": carry}) == {"observation_stats": meta["observation_stats"]}
+  assert train.observation_stats({}) == {}  # other tasks' exports have none
+  tc.env = "inverted_pendulum"
+  with pytest.raises(ValueError, match=r"exported for other data sizes .*policy_init.py --config.env=inverted_pendulum"):
+    train.validate(tc, str(tmp_path / "train_ip"))
+  assert not (tmp_path / "train_ip").exists()

@@ -396,7 +396,7 @@ BAD_INPUT = {
         r"holds a 'train' run, not pre-training"),
     "export into a model of another shape": (
         lambda f: TRAIN + f["data"] + [f"--config.init={f['export']}", "--config.data.image_size=32"],
-        r"export .* is a vit .* differing fields .*'image_size': \(28, 32\)"),
+        r"export was exported for other data sizes than this run's: \{'image_size': \(28, 32\)\}"),
     "init that is not an export": (lambda f: TRAIN + f["data"] + [f"--config.init={f['pretrain']}"],
                                    r"is not an export \(no export.json\)"),
     "workdir of a different config": (lambda f: PRETRAIN + f["data"] + ["--config.seed=1"],
