@@ -417,6 +417,16 @@ BAD_INPUT = {
 NEEDS_CHECKPOINT = {"templates of another patch size", "templates from a run that is not pre-training"}
 
 
+def assert_refused(result, pattern: str, case: str) -> None:
+  """Exit 2 with one ``error:`` line, the last on stderr, matching ``pattern``; no traceback."""
+  assert result.returncode == 2, f"{case}: exit {result.returncode}\n{result.stderr[-3000:]}"
+  lines = result.stderr.splitlines()
+  error = [line for line in lines if line.startswith("error: ")]
+  assert len(error) == 1 and lines[-1] == error[0], lines[-10:]
+  assert re.search(pattern, error[0]), error[0]
+  assert "Traceback" not in result.stderr
+
+
 @pytest.mark.parametrize("case", sorted(BAD_INPUT))
 def test_bad_input_is_refused_with_one_line_and_nothing_written(case, tmp_path, env, data_flags, small_export,
                                                                  pretrain_interrupted, train_reference):
@@ -432,12 +442,7 @@ def test_bad_input_is_refused_with_one_line_and_nothing_written(case, tmp_path, 
   watched = [workdir, pretrain_interrupted[0], train_reference, small_export]
   before = [snapshot(p) for p in watched]
   result = run_main(build(flags), workdir, dict(env, JAX_LOG_COMPILES="1"), timeout=120)
-  assert result.returncode == 2, f"{case}: exit {result.returncode}\n{result.stderr[-3000:]}"
-  lines = result.stderr.splitlines()
-  error = [line for line in lines if line.startswith("error: ")]
-  assert len(error) == 1 and lines[-1] == error[0], lines[-10:]
-  assert re.search(pattern, error[0]), error[0]
-  assert "Traceback" not in result.stderr
+  assert_refused(result, pattern, case)
   assert [snapshot(p) for p in watched] == before  # nothing written: a new workdir is not even created
   compiled = set(re.findall(r"(?:Compiling jit\(|compilation cache hit for '?jit_)(\w+)", result.stderr))
   assert not compiled & {"step_fn", "init", "eval_fn", "materialize"}, compiled
