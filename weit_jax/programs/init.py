@@ -152,9 +152,10 @@ def _distillation(config, task, forward, src_setup, src_params):
   teacher_weights = src_setup.gen.materialize(src_params["templates"], src_params["scalers"])
   teacher = lambda _, obs: src_setup.model.apply({"params": teacher_weights}, obs)
 
-  def loss_fn(params, batch, key):
+  def loss_fn(params, batch, key):  # the teacher's outputs come with the batch (its rollout)
     del key
-    return tasks.control.distillation_loss(forward(params, batch["obs"]), teacher(None, batch["obs"]),
+    return tasks.control.distillation_loss(forward(params, batch["obs"]),
+                                           (batch["mean"], batch["log_std"], batch["value"]),
                                            value_coef=float(task.ppo["value_coef"]))
   return loss_fn, task.experience(forward, actor=teacher)
 

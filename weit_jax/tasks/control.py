@@ -295,13 +295,13 @@ def make_experience(task: Control, forward, actor=None) -> Experience:
       truncation = nxt.info["truncation"]
       ep_return = ep_return + nxt.reward
       record = dict(obs=obs, raw_obs=state.obs, action=action, log_prob=gaussian_log_prob(action, mean, log_std),
-                    value=value, reward=nxt.reward * reward_scaling, done=nxt.done,
+                    mean=mean, log_std=log_std, value=value, reward=nxt.reward * reward_scaling, done=nxt.done,
                     termination=nxt.done * (1 - truncation), truncation=truncation, finished=ep_return * nxt.done)
       return (nxt, ep_return * (1 - nxt.done)), record
 
     (state, ep_return), traj = jax.lax.scan(step, (carry["env"], carry["episode_return"]), jax.random.split(key, T))
-    if actor is not None:  # distillation: the targets are the actor's outputs, no advantages
-      batch = {"obs": traj["obs"]}
+    if actor is not None:  # distillation: the targets are the actor's outputs (computed once, here)
+      batch = {k: traj[k] for k in ("obs", "mean", "log_std", "value")}
     else:
       bootstrap = forward(params, normalize(stats, state.obs))[2]
       advantage, returns = gae(traj["reward"], traj["value"], bootstrap, traj["termination"], traj["done"], gamma, lam)
