@@ -17,10 +17,11 @@ from weit_jax.models import vit
 TILES = dict(embed=16, mlp=16, heads=1, kv=8)
 
 
-def vit_generator(tiles=TILES, n=3, **sizes):
+def vit_generator(tiles=TILES, n=3, whole=None, **sizes):
   cfg = vit.make_config(**{**dict(image_size=28, channels=1, num_classes=10, patch_size=7), **sizes})
   model = vit.ViT(cfg)
-  return model, cfg, G.WeightGenerator.from_model(model, vit.dummy_input(cfg), tiles=tiles, num_templates=n)
+  return model, cfg, G.WeightGenerator.from_model(model, vit.dummy_input(cfg), tiles=tiles, num_templates=n,
+                                                  whole=whole)
 
 
 def random_state(gen, seed):
@@ -253,3 +254,50 @@ def test_check_templates_refuses_other_family():
   t, _ = random_state(other, 5)
   with pytest.raises(ValueError, match=r"template bank embedding/kernel has tile shape \(4, 4, 1, 16\), but this model needs \(7, 7, 1, 16\)"):
     gen.check_templates(t)
+
+
+# --- parameters kept out of templates (weit.untemplated) ------------------------------------------
+
+UNTEMPLATED = r"^(embedding|head|pos_embedding|cls)/?"
+
+
+@pytest.mark.parametrize("target", [dict(width=40, num_heads=5, mlp_dim=100),  # narrower: cropped
+                                    dict(width=96, num_heads=3, mlp_dim=144)])  # wider: tiled copies
+def test_untemplated_parameters_crop_or_tile_the_auxiliary_ones(target):
+  _, _, aux = vit_generator(depth=2, width=64, num_heads=2, mlp_dim=128)
+  whole = aux.whole_banks(UNTEMPLATED)
+  assert set("/".join(p) for p in whole) == {"embedding/kernel", "embedding/bias", "head/kernel", "head/bias",
+                                              "pos_embedding", "cls"}
+  _, _, aux = vit_generator(depth=2, width=64, num_heads=2, mlp_dim=128, whole=whole)
+  _, _, tgt = vit_generator(depth=3, whole=aux.whole_shapes(), **target)
+  t, _ = random_state(aux, 3)
+  tgt.check_templates(t)  # the auxiliary's templates feed the other size
+  _, s = random_state(tgt, 4)
+  params = traverse_util.flatten_dict(jax.jit(tgt.materialize)(t, s))
+  flat_t, flat_s = traverse_util.flatten_dict(t), traverse_util.flatten_dict(s)
+  for path in whole:
+    bank, w_aux = tgt.banks[path], np.asarray(flat_t[path][0], np.float64)  # N = 1: the whole parameter
+    assert bank.whole and bank.num_templates == 1 and bank.tile == aux.banks[path].shape
+    sc = np.asarray(flat_s[path][0], np.float64)
+    # Oracle: the grid of scaled copies of the auxiliary's parameter, written out block by block.
+    full = np.zeros([g * w for g, w in zip(bank.grid, bank.tile)])
+    for idx in np.ndindex(*bank.grid):
+      full[tuple(slice(i * w, (i + 1) * w) for i, w in zip(idx, bank.tile))] = sc[idx] * w_aux
+    want = full[tuple(slice(0, n) for n in bank.shape)]
+    np.testing.assert_allclose(np.asarray(params[path]), want, rtol=1e-5, atol=1e-6, err_msg=str(path))
+  # The others are still composed from shared templates.
+  assert not tgt.banks[("Transformer", "encoderblock", "MlpBlock_0", "Dense_0", "kernel")].whole
+
+
+def test_untemplated_pattern_refusals():
+  _, _, gen = vit_generator(depth=2, width=64, num_heads=2, mlp_dim=128)
+  with pytest.raises(ValueError, match="scanned blocks"):
+    gen.whole_banks("MlpBlock")
+  with pytest.raises(ValueError, match="matches no parameter"):
+    gen.whole_banks("^nothing_like_this$")
+  with pytest.raises(ValueError, match="not a regular expression"):
+    gen.whole_banks("head(")
+  # Another number of classes: a fixed axis differs from the auxiliary's whole parameter.
+  whole = gen.whole_banks("^head/")
+  with pytest.raises(ValueError, match="only width axes"):
+    vit_generator(depth=2, width=64, num_heads=2, mlp_dim=128, num_classes=7, whole=whole)

@@ -159,7 +159,8 @@ def compile_materialize(config, setup, target: str, mesh):
     raise ValueError(f"dry_run.materialize={target!r}: give one target size.")
   cfg = models.target_config(fields[0], setup.model_config)
   gen = generator.WeightGenerator.from_model(models.build(cfg), *models.dummy_inputs(cfg), tiles=dict(config.weit.tiles),
-                                             num_templates=int(config.weit.num_templates))
+                                             num_templates=int(config.weit.num_templates),
+                                             whole=setup.gen.whole_shapes())
   note = None
   try:
     gen.check_templates(setup.gen.template_shapes())

@@ -14,7 +14,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Callable, Mapping
+import re
+from typing import Any, Callable, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -37,6 +38,7 @@ class Bank:
   grid: tuple[int, ...]  # per non-layer axis: ceil(n / tile) on width axes, 1 elsewhere
   tile: tuple[int, ...]  # per non-layer axis: the tile on width axes, n elsewhere
   num_templates: int
+  whole: bool = False  # kept out of templates: one "template" as large as the auxiliary's parameter
 
   @property
   def layers(self) -> int | None:
@@ -73,13 +75,18 @@ class WeightGenerator:
   """Specs, initialization and materialization of templates and scalers for one model size."""
 
   def __init__(self, abstract_params: Mapping[str, Any], logical_axes: Mapping[str, Any],
-               tiles: Mapping[str, int], num_templates: int):
+               tiles: Mapping[str, int], num_templates: int,
+               whole: Mapping[tuple[str, ...], Sequence[int]] | None = None):
     """
     Args:
       abstract_params: nested dict of arrays or ``jax.ShapeDtypeStruct`` (no Flax boxes).
       logical_axes: the same tree with a ``PartitionSpec`` (or tuple) of logical names per leaf.
       tiles: width axis name -> tile size, e.g. ``{'embed': 64, 'mlp': 64, 'heads': 1}``.
       num_templates: N, the number of templates in every bank.
+      whole: parameters kept out of templates (path -> the auxiliary model's shape of it; see
+        ``whole_banks``): composed from one "template" of that whole shape (N = 1), so the
+        auxiliary trains them freely and another size gets them cropped (narrower) or tiled
+        (wider, each copy with its scaler). Only parameters without a ``layers`` axis.
     """
     if int(num_templates) < 1:
       raise ValueError(f"num_templates={num_templates} must be at least 1.")
@@ -96,6 +103,10 @@ class WeightGenerator:
         raise ValueError(f"tile for axis {name!r} is {tile}; tiles must be positive integers.")
     self.tiles = dict(tiles)
     self.num_templates = int(num_templates)
+    whole = {tuple(p): tuple(int(n) for n in s) for p, s in (whole or {}).items()}
+    if (unknown := set(whole) - set(shapes)):
+      raise ValueError(f"untemplated parameters {['/'.join(p) for p in sorted(unknown)][:4]} are not parameters of "
+                       "this model.")
     self.banks: dict[tuple[str, ...], Bank] = {}
     for path, leaf in shapes.items():
       shape, ax = tuple(leaf.shape), tuple(axes[path])
@@ -103,6 +114,9 @@ class WeightGenerator:
         raise ValueError(f"parameter {'/'.join(path)} has shape {shape} but logical axes {ax}.")
       if LAYERS in ax[1:]:
         raise ValueError(f"parameter {'/'.join(path)}: the '{LAYERS}' axis must lead, got axes {ax}.")
+      if path in whole:
+        self.banks[path] = _whole_bank(path, shape, ax, whole[path], self.tiles)
+        continue
       grid, tile = [], []
       for size, name in zip(shape, ax):
         if name == LAYERS:
@@ -121,10 +135,34 @@ class WeightGenerator:
       self.banks[path] = Bank(path, shape, ax, tuple(grid), tuple(tile), self.num_templates)
 
   @classmethod
-  def from_model(cls, model: nn.Module, *init_args, tiles, num_templates, **init_kwargs):
+  def from_model(cls, model: nn.Module, *init_args, tiles, num_templates, whole=None, **init_kwargs):
     """Builds the generator from ``model.init``'s abstract output (nothing is computed)."""
     boxed = jax.eval_shape(functools.partial(model.init, **init_kwargs), jax.random.key(0), *init_args)
-    return cls(nn.unbox(boxed)["params"], nn.get_partition_spec(boxed)["params"], tiles, num_templates)
+    return cls(nn.unbox(boxed)["params"], nn.get_partition_spec(boxed)["params"], tiles, num_templates, whole)
+
+  def whole_banks(self, pattern: str) -> dict[tuple[str, ...], tuple[int, ...]]:
+    """``whole`` for the parameters whose '/'-joined path matches ``pattern`` (``re.search``):
+    path -> this model's shape of it. Refuses a pattern that matches a parameter of the scanned
+    blocks (they share templates across depth; keeping one out would tie the model to one depth)."""
+    if not pattern:
+      return {}
+    try:
+      regex = re.compile(pattern)
+    except re.error as e:
+      raise ValueError(f"weit.untemplated={pattern!r} is not a regular expression: {e}.") from None
+    out = {p: b.shape for p, b in self.banks.items() if regex.search("/".join(p))}
+    layered = sorted("/".join(p) for p in out if self.banks[p].layers)
+    if layered:
+      raise ValueError(f"weit.untemplated={pattern!r} matches parameters of the scanned blocks ({layered[:3]}); only "
+                       "parameters outside the blocks (embeddings, norms, heads) can be kept out of templates.")
+    if not out:
+      raise ValueError(f"weit.untemplated={pattern!r} matches no parameter; parameters: "
+                       f"{sorted('/'.join(p) for p, b in self.banks.items() if not b.layers)[:12]}.")
+    return out
+
+  def whole_shapes(self) -> dict[tuple[str, ...], tuple[int, ...]]:
+    """``whole`` of this generator: what another size's generator needs to read these templates."""
+    return {p: b.tile for p, b in self.banks.items() if b.whole}
 
   # --- shapes and axes -----------------------------------------------------------------------------
 
@@ -252,6 +290,18 @@ def _local_plan(bank: Bank, sharding) -> tuple[tuple[int, ...], tuple[int, ...]]
   grid = tuple(bank.crop[a] // bank.tile[a] if a in split and a not in rowwise else g
                for a, g in enumerate(bank.grid))
   return tuple(rowwise), grid
+
+
+def _whole_bank(path, shape, axes, whole, tiles) -> Bank:
+  """A parameter kept out of templates: tile = the auxiliary's whole shape, N = 1; width axes may be
+  smaller (crop) or larger (tiled copies), the others must match it."""
+  if axes and axes[0] == LAYERS:
+    raise ValueError(f"parameter {'/'.join(path)} is in the scanned blocks; it cannot be kept out of templates.")
+  if len(whole) != len(shape) or any(n != w for n, w, a in zip(shape, whole, axes) if a not in tiles):
+    raise ValueError(f"untemplated parameter {'/'.join(path)}: the templates hold shape {tuple(whole)}, this "
+                     f"model's is {shape} (axes {axes}); only width axes ({sorted(tiles)}) may differ.")
+  grid = tuple(-(-n // w) for n, w in zip(shape, whole))
+  return Bank(path, shape, axes, grid, tuple(whole), 1, whole=True)
 
 
 def _constant_scalers(b: Bank, value: float) -> jnp.ndarray:

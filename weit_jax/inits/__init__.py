@@ -14,6 +14,8 @@ Names (``INITIALIZERS``) and their sources:
   weight_selection  DenseSource     a larger pre-trained plain model, or its export folder (Xu et al. 2024)
   tleg              TLEGSource      a trained TLEG auxiliary model, or its export folder (Xia et al. 2024);
                                     depth only
+  fine              FINESource      a trained FINE model (shared U, V; per-layer sigma), or its export folder;
+                                    depth only (sigma interpolated over relative depth)
   mimetic           None            data-free attention structure (Trockman & Kolter 2023); ViTs only
   weit              export folder   the init program's export (WeiT), passed through
 """
@@ -23,7 +25,8 @@ import dataclasses
 from typing import Any, Callable, Mapping
 
 from weit_jax import checkpoint, models
-from weit_jax.inits import common, mimetic, tleg, weight_selection
+from weit_jax.inits import common, fine, mimetic, tleg, weight_selection
+from weit_jax.inits.fine import FINESource
 from weit_jax.inits.tleg import TLEGSource
 from weit_jax.inits.weight_selection import DenseSource
 
@@ -91,6 +94,7 @@ INITIALIZERS: dict[str, Initializer] = {
         "a larger pre-trained plain model (weight_selection.DenseSource or a plain-model export folder)"),
     "tleg": Initializer("tleg", tleg.expand, True,
                         "a trained TLEG auxiliary model (tleg.TLEGSource or its export folder)"),
+    "fine": Initializer("fine", fine.expand, True, "a trained FINE model (fine.FINESource or its export folder)"),
     "mimetic": Initializer("mimetic", mimetic.init, False, "no source; data-free"),
     "weit": Initializer("weit", _weit, True, "the init program's export folder (WORKDIR/<size>/export)"),
 }
@@ -102,5 +106,5 @@ def get(name: str) -> Initializer:
   return INITIALIZERS[name]
 
 
-__all__ = ["INITIALIZERS", "Initializer", "get", "DenseSource", "TLEGSource", "common", "mimetic", "tleg",
-           "weight_selection"]
+__all__ = ["INITIALIZERS", "Initializer", "get", "DenseSource", "FINESource", "TLEGSource", "common", "fine",
+           "mimetic", "tleg", "weight_selection"]

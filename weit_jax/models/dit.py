@@ -158,6 +158,11 @@ class DiTBlock(nn.Module):
         bias_init=_p(nn.initializers.zeros, ("heads", "kv")),
         out_kernel_init=_p(nn.initializers.xavier_uniform(), ("heads", "kv", "embed")),
         out_bias_init=_p(nn.initializers.zeros, ("embed",)), deterministic=True)(y, y)
+    # Probes for diagnostics (a no-op unless apply is asked for the 'intermediates' collection):
+    # the adaLN gates and each branch's residual update.
+    self.sow("intermediates", "gate_msa", gate_msa)
+    self.sow("intermediates", "gate_mlp", gate_mlp)
+    self.sow("intermediates", "update_msa", gate_msa[:, None] * y)
     x = x + gate_msa[:, None] * y
     y = modulate(_norm(self.dtype)(x), shift_mlp, scale_mlp)
     y = nn.Dense(self.mlp_dim, dtype=self.dtype, kernel_init=_p(nn.initializers.xavier_uniform(), ("embed", "mlp")),
@@ -165,6 +170,7 @@ class DiTBlock(nn.Module):
     y = nn.gelu(y, approximate=True)
     y = nn.Dense(width, dtype=self.dtype, kernel_init=_p(nn.initializers.xavier_uniform(), ("mlp", "embed")),
                  bias_init=_p(nn.initializers.zeros, ("embed",)))(y)
+    self.sow("intermediates", "update_mlp", gate_mlp[:, None] * y)
     return (x + gate_mlp[:, None] * y, c), None
 
 
@@ -194,7 +200,7 @@ class DiT(nn.Module):
     c = t_emb + jnp.take(table, y, axis=0).astype(dtype)
 
     # One block traced once, its parameters stacked on `layers`: one template bank per kind.
-    blocks = nn.scan(remat.wrap(DiTBlock, cfg.remat_policy), variable_axes={"params": 0},
+    blocks = nn.scan(remat.wrap(DiTBlock, cfg.remat_policy), variable_axes={"params": 0, "intermediates": 0},
                      split_rngs={"params": True}, length=cfg.depth,
                      metadata_params={nn.PARTITION_NAME: "layers"})
     (tokens, _), _ = blocks(cfg.mlp_dim, cfg.num_heads, dtype=dtype, name="blocks")((tokens, c), None)

@@ -77,7 +77,8 @@ def validate(config, workdir: str) -> Validated:
   for cfg in _targets_from_config(config, source, task.model_fields()):
     model = models.build(cfg)
     gen = generator.WeightGenerator.from_model(model, *models.dummy_inputs(cfg), tiles=dict(src_config.weit.tiles),
-                                               num_templates=int(src_config.weit.num_templates))
+                                               num_templates=int(src_config.weit.num_templates),
+                                               whole=src_setup.gen.whole_shapes())
     gen.check_templates(src_params["templates"])
     targets.append(Target(cfg, model, gen, cfg.short_name()))
   names = [t.name for t in targets]

@@ -45,8 +45,12 @@ def build(config) -> Setup:
   optim.schedule(optim.with_total_steps(config.optim, task.optimizer_steps(config.total_steps)))  # validates it
   cfg = model_config_from(config)
   model = models.build(cfg)
-  gen = generator.WeightGenerator.from_model(model, *models.dummy_inputs(cfg), tiles=dict(config.weit.tiles),
-                                             num_templates=int(config.weit.num_templates))
+  make_gen = lambda whole=None: generator.WeightGenerator.from_model(
+      model, *models.dummy_inputs(cfg), tiles=dict(config.weit.tiles), num_templates=int(config.weit.num_templates),
+      whole=whole)
+  gen = make_gen()
+  if config.weit.get("untemplated"):  # embeddings, norms, heads trained as ordinary parameters
+    gen = make_gen(gen.whole_banks(config.weit.untemplated))
   if config.batch_size % jax.process_count():
     raise ValueError(f"batch_size={config.batch_size} must be divisible by the {jax.process_count()} processes.")
   return Setup(cfg, model, gen, task)
