@@ -63,9 +63,9 @@ def sources(tmp_path, target):
 # --- one interface ---------------------------------------------------------------------------------
 
 def test_registry_names_and_unknown_name():
-  assert sorted(inits.INITIALIZERS) == ["mimetic", "random", "tleg", "weight_selection", "weit"]
+  assert sorted(inits.INITIALIZERS) == ["fine", "mimetic", "random", "tleg", "weight_selection", "weit"]
   assert inits.get("tleg").name == "tleg"
-  with pytest.raises(ValueError, match=r"unknown initializer 'xavier'; valid: \['mimetic', 'random'"):
+  with pytest.raises(ValueError, match=r"unknown initializer 'xavier'; valid: \['fine', 'mimetic', 'random'"):
     inits.get("xavier")
   with pytest.raises(ValueError, match="needs a source"):
     inits.get("weight_selection")(None, TARGET)

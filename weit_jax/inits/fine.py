@@ -238,6 +238,15 @@ def make_task(config, cfg) -> train_loop.Task:
                      init_params=init_params, weight_decay=float(config.weight_decay))
 
 
+def _without_sample_quality(config):
+  """A copy of ``config`` with a DiT's sample-quality measurement off: these loops never measure it
+  (it is ``programs/train.py``'s), and preparing it would build its feature classifier."""
+  config = ml_collections.ConfigDict(config.copy_and_resolve_references().to_dict())
+  if "sample_quality" in config:
+    config.sample_quality.per_class = 0
+  return config
+
+
 def export_dir(workdir: str) -> str:
   return str(epath.Path(workdir) / "fine_export")
 
@@ -254,6 +263,7 @@ def pretrain(config, workdir: str) -> dict:
   if config.get("init"):
     raise ValueError("FINE pre-training starts from its own initialization; unset config.init.")
   config_checks.check_ranges(config)
+  config = _without_sample_quality(config)
   task = tasks.from_config(config)
   optim.schedule(optim.with_total_steps(config.optim, task.optimizer_steps(config.total_steps)))
   cfg = model_config_from(config)
@@ -299,7 +309,7 @@ def adapt(source: FINESource | str, target_cfg, config, workdir: str, *, steps: 
   if isinstance(source, str):
     source = FINESource.from_export(source)
   start = expand_tree(source, target_cfg, seed=int(config.seed))
-  config = ml_collections.ConfigDict(config.copy_and_resolve_references().to_dict())
+  config = _without_sample_quality(config)
   config.update(dict(program="fine_adapt", total_steps=max(int(steps), 1), init=None,
                      fine=dict(source=source.describe(), target=models.to_record(target_cfg),
                                num_examples=int(num_examples))))
