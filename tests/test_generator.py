@@ -134,18 +134,29 @@ def test_other_annotated_models(model, x, tiles):
   assert model.apply({"params": params}, x).shape[0] == 2
 
 
-def test_init_matches_model_scale_and_constants():
+@pytest.mark.parametrize("zero_init", ["ones", "noise"])
+def test_init_matches_model_scale_and_constants(zero_init):
   model, cfg, gen = vit_generator(depth=2, width=64, num_heads=2, mlp_dim=128, n=4)
   stats = G.param_stats(model, vit.dummy_input(cfg))
-  t, s = gen.init(jax.random.key(0), stats)
+  t, s = gen.init(jax.random.key(0), stats, zero_init=zero_init)
   params = traverse_util.flatten_dict(gen.materialize(t, s))
-  flat_stats = traverse_util.flatten_dict(stats)
+  flat_stats, flat_t = traverse_util.flatten_dict(stats), traverse_util.flatten_dict(t)
+  zeros = 0
   for path, w in params.items():
     mean, std = flat_stats[path]
     if std == 0:  # LayerNorm scales, zero biases, the zero head: exactly the model's constant
       np.testing.assert_array_equal(np.asarray(w), np.full(w.shape, mean, np.float32))
+      first = np.asarray(flat_t[path][0])
+      if mean == 0 and zero_init == "noise":  # every template noise (unit scale), none all-ones
+        zeros += 1
+        assert 0.5 < float(np.std(np.asarray(flat_t[path]))) < 1.5 and not np.all(first == 1.0), path
+      else:
+        np.testing.assert_array_equal(first, np.ones_like(first))
     elif w.size > 1000:
       assert 0.7 * std < float(jnp.std(w)) < 1.3 * std, (path, float(jnp.std(w)), std)
+  assert zeros > 0 or zero_init == "ones"  # the head and the biases are zero-initialized
+  with pytest.raises(ValueError, match="weit.zero_init='zeros'"):
+    gen.init(jax.random.key(0), stats, zero_init="zeros")
 
 
 @pytest.mark.parametrize("family", ["vit", "resnet"])

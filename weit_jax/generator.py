@@ -27,6 +27,7 @@ from weit_jax import kron
 
 LAYERS = "layers"  # the logical name of a scanned depth axis (nn.scan metadata_params)
 TEMPLATES = "templates"  # the logical name of the template axis N (never sharded)
+ZERO_INITS = ("ones", "noise")  # templates of a zero-initialized parameter (WeightGenerator.init)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -213,7 +214,7 @@ class WeightGenerator:
 
   # --- initialization and materialization -------------------------------------------------------
 
-  def init(self, key: jax.Array, stats: Mapping[str, Any] | None = None):
+  def init(self, key: jax.Array, stats: Mapping[str, Any] | None = None, zero_init: str = "ones"):
     """Random templates and scalers whose composition has the model's own initial scale.
 
     ``stats``: per parameter ``(mean, std)`` of the model's own initializer (see ``param_stats``);
@@ -222,7 +223,16 @@ class WeightGenerator:
     ``std^2``. Constant-initialized ones (LayerNorm scales, biases, zero heads) get ``T_0 = 1``,
     ``S_0 = mean`` and zero for the other scalers: they compose to exactly the model's constant,
     and the other templates start learning as soon as their scalers move.
+
+    ``zero_init`` (``weit.zero_init``): for parameters the model initializes to exactly zero
+    (adaLN-Zero modulations, zero heads, biases), ``'ones'`` keeps ``T_0 = 1`` as above; ``'noise'``
+    makes every template ``N(0, 1)`` noise (scalers still zero, so the composition is still exactly
+    zero). With ``'ones'`` the first gradient step moves such a weight along a constant block
+    (every entry of a tile alike), and a bank of one template (``untemplated``) stays a multiple of
+    the all-ones matrix until its template moves, which it cannot while its scaler is zero.
     """
+    if zero_init not in ZERO_INITS:
+      raise ValueError(f"weit.zero_init={zero_init!r}; use one of {ZERO_INITS}.")
     flat_stats = traverse_util.flatten_dict(stats) if stats is not None else {}
     banks = sorted(self.banks.items())
     # One draw for every bank: a random call per bank would compile one RNG kernel each, which
@@ -236,7 +246,7 @@ class WeightGenerator:
       t = next(pieces).reshape(b.template_shape)
       s = next(pieces).reshape(b.scaler_shape)
       if std <= 1e-3 * abs(mean) or std == 0.0:
-        templates[path] = t.at[0].set(1.0)
+        templates[path] = t if (zero_init == "noise" and mean == 0.0) else t.at[0].set(1.0)
         scalers[path] = _constant_scalers(b, mean)
       else:
         templates[path] = t

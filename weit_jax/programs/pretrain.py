@@ -49,6 +49,8 @@ def build(config) -> Setup:
       model, *models.dummy_inputs(cfg), tiles=dict(config.weit.tiles), num_templates=int(config.weit.num_templates),
       whole=whole)
   gen = make_gen()
+  if config.weit.get("zero_init", "ones") not in generator.ZERO_INITS:
+    raise ValueError(f"weit.zero_init={config.weit.zero_init!r}; use one of {generator.ZERO_INITS}.")
   if config.weit.get("untemplated"):  # embeddings, norms, heads trained as ordinary parameters
     gen = make_gen(gen.whole_banks(config.weit.untemplated))
   if config.batch_size % jax.process_count():
@@ -64,7 +66,7 @@ def make_task(config, setup: Setup, *, teacher=None) -> train_loop.Task:
 
   def init_params(key):
     k_gen, k_dense = jax.random.split(key)
-    templates, scalers = gen.init(k_gen, stats)
+    templates, scalers = gen.init(k_gen, stats, zero_init=config.weit.get("zero_init", "ones"))
     params = {"templates": templates, "scalers": scalers}
     if soft:
       params["dense"] = nn.unbox(model.init(k_dense, *models.dummy_inputs(setup.model_config)))["params"]
