@@ -110,6 +110,6 @@ def scaler_convergence(init_workdir: str, target_name: str) -> dict:
   if len(steps) < 2:
     return dict(steps=steps, losses=losses)
   quarter = [l for s, l in zip(steps, losses) if s >= 0.75 * steps[-1]]
-  window = lambda xs: float(np.mean(xs[: max(1, len(xs) // 2)])), float(np.mean(xs[max(1, len(xs) // 2):] or xs))
-  early, late = window(quarter)
+  half = max(1, len(quarter) // 2)
+  early, late = float(np.mean(quarter[:half])), float(np.mean(quarter[half:] or quarter))
   return dict(steps=steps, losses=losses, last_quarter_fall=(early - late) / early if early else 0.0)

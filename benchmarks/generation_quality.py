@@ -269,6 +269,15 @@ def run_one(args, classifier, method: str, role: str, cfg, seed: int, sources: d
 # folder name -> (label, overrides of the pre-training config). Each gets its own pre-training,
 # scaler training for ABLATION_ROLES, and one downstream seed there.
 ABLATIONS = {
+    "n4": ("N=4, zero-initialized parameters with an all-ones template (the former default)",
+           {"weit.num_templates": 4, "weit.zero_init": "ones"}),
+    "n16": ("N=16", {"weit.num_templates": 16}),
+    "zero-init-other": ("the other weit.zero_init", None),  # set from the default in ablations()
+    "untemplated": ("embedders and final layer kept out of templates (weit.untemplated)",
+                    {"weit.untemplated": "_embedder|final_"}),
+}
+ABLATION_ROLES, and one downstream seed there.
+ABLATIONS = {
     "n4-templated": ("N=4, every parameter templated (the former default)",
                      {"weit.num_templates": 4, "weit.untemplated": ""}),
     "n8": ("N=8", {"weit.num_templates": 8}),
@@ -283,6 +292,9 @@ def ablations(args, classifier, targets: dict, default: dict, results: list[dict
   recipe's row from the main runs (seed 0)."""
   out = {}
   for name, (label, overrides) in ABLATIONS.items():
+    if overrides is None:  # the zero_init the default does not use
+      other = "ones" if default["weit"].get("zero_init", "ones") == "noise" else "noise"
+      name, label, overrides = f"zero-init-{other}", f"weit.zero_init={other}", {"weit.zero_init": other}
     pre = iq.pretrain_weit(args, name, overrides)
     init = iq.init_weit(args, pre, roles=list(ABLATION_ROLES))
     row = dict(label=label, overrides=overrides, eval_loss=pre["eval_loss"], params=pre.get("params"),
@@ -698,7 +710,7 @@ def cause_section(cause: dict, ablated: dict | None, stages: dict, targets: dict
            "clipping):\n")
   L.append("| target | init | gate RMS (attention / MLP) | residual update RMS (attention / MLP) | loss | gradient norm |")
   L.append("|---|---|---|---|---|---|")
-  label = lambda m: iq.LABELS.get(m) or f"WeiT, {ABLATIONS[m.split('-', 1)[1]][0]}"
+  label = lambda m: iq.LABELS.get(m) or f"WeiT, {(ablated or {}).get(m.split('-', 1)[1], {}).get('label', m)}"
   for role, methods in cause["probes"].items():
     for m, p in methods.items():
       mean = lambda k: float(np.mean(p[k]))

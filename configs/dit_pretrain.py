@@ -29,11 +29,11 @@ def get_config(arg=None):
 
   config.model = common.model_config("B/2", family="dit", dtype="bfloat16")
   # Width axes: the residual stream (embed), the condition vector (cond) and the timestep MLP's
-  # hidden layer (cond_mlp) are all as wide as the model; mlp, heads, kv as the ViT's. N=16: a
-  # denoiser needs far more of the template capacity than a classifier (docs/results/generation.md:
-  # with N=4 the auxiliary's eval loss was 48% above an unconstrained DiT's; with 16, 16%).
+  # hidden layer (cond_mlp) are all as wide as the model; mlp, heads, kv as the ViT's. N=32: a
+  # denoiser needs far more template capacity than a classifier (docs/results/generation.md: the
+  # auxiliary's eval loss against an unconstrained DiT's: N=4 +48%, N=16 +16%, N=32 +1%).
   config.weit = ml_collections.ConfigDict(dict(
-      tiles=dict(embed=64, cond=64, cond_mlp=64, mlp=64, heads=1, kv=16), num_templates=16,
+      tiles=dict(embed=64, cond=64, cond_mlp=64, mlp=64, heads=1, kv=16), num_templates=32,
       untemplated="", zero_init="ones"))
   config.constraint = ml_collections.ConfigDict(dict(
       mode="hard", template_wd=1e-4, scaler_wd=1e-4, dense_wd=0.0, diversity=0.0, soft_lambda=1.0))
