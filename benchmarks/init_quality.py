@@ -252,12 +252,9 @@ def _done(path: str, steps: int) -> dict | None:
 def pretrain_weit(args, variant: str = "", overrides: dict | None = None) -> dict:
   """WeiT's template pre-training with the family's runlocal recipe; ``variant`` (a folder name
   suffix) with ``overrides`` (dotted config keys -> values) for an ablation of that recipe."""
+  import hashlib
   from weit_jax.programs import pretrain
   b = args.budget
-  workdir = pretrain_dir(args, "weit" + (f"-{variant}" if variant else ""))
-  record_path = os.path.join(workdir, "bench.json")
-  if (r := _done(record_path, b["pretrain_steps"])):
-    return r
   c = unlocked(configs("pretrain").get_config("runlocal"))
   c.model = model_fields(**setup()["auxiliary"])
   if "weit_tiles" in setup():
@@ -268,6 +265,12 @@ def pretrain_weit(args, variant: str = "", overrides: dict | None = None) -> dic
     for name in parents:
       node = node[name]
     node[leaf] = value
+  # Keyed by the recipe too: a changed default never reuses templates of the old one.
+  recipe = hashlib.sha1(json.dumps([c.weit.to_dict(), c.constraint.to_dict()], sort_keys=True).encode()).hexdigest()[:6]
+  workdir = pretrain_dir(args, "weit" + (f"-{variant}" if variant else "") + f"-{recipe}")
+  record_path = os.path.join(workdir, "bench.json")
+  if (r := _done(record_path, b["pretrain_steps"])):
+    return r
   c.data = data_config("fashion_mnist_local", b)
   c.total_steps, c.batch_size = b["pretrain_steps"], b["pretrain_batch_size"]
   c.optim.warmup_steps = min(c.optim.warmup_steps, max(1, b["pretrain_steps"] // 10))
