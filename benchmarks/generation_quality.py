@@ -276,14 +276,6 @@ ABLATIONS = {
     "untemplated": ("embedders and final layer kept out of templates (weit.untemplated)",
                     {"weit.untemplated": "_embedder|final_"}),
 }
-ABLATION_ROLES, and one downstream seed there.
-ABLATIONS = {
-    "n4-templated": ("N=4, every parameter templated (the former default)",
-                     {"weit.num_templates": 4, "weit.untemplated": ""}),
-    "n8": ("N=8", {"weit.num_templates": 8}),
-    "templated": ("embedders and final layer templated too", {"weit.untemplated": ""}),
-    "t32": ("tiles 32 (kv 16)", {"weit.tiles": dict(embed=32, cond=32, cond_mlp=32, mlp=32, heads=1, kv=16)}),
-}
 ABLATION_ROLES = ("deeper", "wider")
 
 
