@@ -52,7 +52,8 @@ iq.SETUPS["dit"] = dict(
              ("wider", "width=96,heads=3")),  # d3-w96
     dense_source=dict(variant="pico/4", depth=6, width=96, num_heads=3, mlp_dim=384),
     report="generation",
-    tiles="Runlocal tiles are embed, cond, cond_mlp, mlp 16, heads 1, kv 8: width 40 (MLP 160) is not a tile multiple.")
+    tiles="N=32 templates per bank; runlocal tiles are embed, cond, cond_mlp, mlp 16, heads 1, kv 8: width 40 "
+          "(MLP 160) is not a tile multiple")
 
 BUDGETS = {
     # pretrain_*, init_*: as init_quality.py; train_steps, batch_size, eval_every: every downstream
@@ -594,6 +595,14 @@ def write_report(args, agg, results, stages, targets, na, scale, cross, info, ca
            f"auxiliary DiT of the same size; the dense source of weight selection "
            f"{iq.dense_source_config().short_name()} (trained from random init). Eval loss at the end: "
            + ", ".join(f"{k} {v['eval_loss']:.4f} ({v['wall_s'] / 60:.1f} min)" for k, v in pre.items()) + ".")
+  if "fine_adapt" in stages:
+    fa = stages["fine_adapt"]
+    L.append(f"- FINE: its auxiliary ({aux.short_name()}, `W_l = U diag(sigma_l) V^T` per weight type, "
+             "`weit_jax/inits/fine.py`) pre-trained like TLEG's; per depth target sigma interpolated over depth, "
+             f"then trained with U, V frozen for the same {b['init_steps']} steps on {b['init_examples']:,} examples "
+             "as WeiT's scalers (lr of the init config); eval loss "
+             + ", ".join(f"{targets[r].short_name()} {v.get('loss_before', float('nan')):.3f} -> "
+                         f"{v.get('loss_after', float('nan')):.3f}" for r, v in fa["targets"].items()) + ".")
   if "init" in stages:
     init = stages["init"]
     L.append(f"- WeiT init: {init['steps']} scaler-training steps on {init['num_examples']:,} examples per "
@@ -603,8 +612,8 @@ def write_report(args, agg, results, stages, targets, na, scale, cross, info, ca
   L.append(f"- Downstream: every method trains the target DiT with `configs/dit_train.py:runlocal` "
            f"(AdamW, lr 1e-3, warm-up {max(1, T // 10)} steps, cosine) for {T} steps at batch {b['batch_size']}, "
            f"measuring sample quality every {b['eval_every']} steps; {n} seed{'s' * (n > 1)} (the seed sets the "
-           "init, the data order and the training noise). TLEG expands depth only; weight selection needs a "
-           "source at least as large as the target along every axis.\n")
+           "init, the data order and the training noise). TLEG and FINE expand depth only; weight selection "
+           "needs a source at least as large as the target along every axis.\n")
   L.append("## Results\n")
   L.append(f"**Speed-up**: training steps to reach random init's final {FID} (mean curves, linearly "
            f"interpolated), as a multiple of the {T}-step budget. Values: mean ± std over seeds.\n")
