@@ -92,6 +92,16 @@ def probe_export(params, cfg, inputs, target) -> dict:
   out = {name: rms(probes[name], tuple(range(1, probes[name].ndim))) for name in
          ("gate_msa", "gate_mlp", "update_msa", "update_mlp")}
 
+  # The weights' scale per kind (Adam moves every weight by about the learning rate per step, so a
+  # larger scale is a smaller relative step).
+  flat = {"/".join(k): np.asarray(v, np.float64) for k, v in
+          __import__("flax").traverse_util.flatten_dict(params).items()}
+  out["weight_rms"] = {g: float(np.sqrt(np.mean(np.concatenate([w.ravel() for p, w in flat.items()
+                                                                   if group_of(p) == g and "kernel" in p
+                                                                   or group_of(p) == g and p.endswith("y_embedder")]
+                                                                  or [np.zeros(1)]) ** 2)))
+                       for g, _ in GROUPS}
+
   def loss(p):
     return diffusion.loss(model.apply({"params": p}, *inputs), target)
   value, grads = jax.value_and_grad(loss)(params)

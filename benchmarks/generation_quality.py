@@ -223,14 +223,15 @@ def run_one(args, classifier, method: str, role: str, cfg, seed: int, sources: d
   run_dir = os.path.join(args.workdir, "runs", run_tag(b), cfg.short_name(), method + (f"-{variant}" if variant else ""),
                          f"seed{seed}")
   result_path = os.path.join(run_dir, "result.json")
+  source = iq.source_for(method, role, sources)
   if os.path.exists(result_path):
     result = json.load(open(result_path))
-    if result.get("budget") == budget_key:
+    described = inits.describe_source(source)
+    if result.get("budget") == budget_key and result.get("source", described) == described:
       return result
   if os.path.exists(run_dir):
-    shutil.rmtree(run_dir)  # an interrupted run starts over
+    shutil.rmtree(run_dir)  # an interrupted run, or another source (a new recipe), starts over
   t0 = time.time()
-  source = iq.source_for(method, role, sources)
   if method == "fine":  # FINE's trained-sigma export of this target (adapt_fine)
     params = inits.common.to_numpy(checkpoint.load_params(source, expected_model=cfg))
   else:
@@ -249,6 +250,7 @@ def run_one(args, classifier, method: str, role: str, cfg, seed: int, sources: d
   cv[sample_quality.FID_KEY][0] = step0[sample_quality.FID_KEY]
   cv[sample_quality.FIDELITY_KEY][0] = step0[sample_quality.FIDELITY_KEY]
   result = dict(method=method, target=cfg.short_name(), role=role, seed=seed, budget=budget_key,
+                source=inits.describe_source(source),
                 curves={k: {str(s): v[s] for s in sorted(v)} for k, v in cv.items()},
                 final_fid=summary["eval_" + sample_quality.FID_KEY],
                 final_fidelity=summary["eval_" + sample_quality.FIDELITY_KEY], final_loss=summary["eval_loss"],

@@ -337,12 +337,12 @@ def init_weit(args, weit_pretrain: dict, roles: list[str] | None = None) -> dict
   from weit_jax.programs import init as init_program
   b = args.budget
   chosen = [(role, spec) for role, spec in setup()["targets"] if roles is None or role in roles]
-  workdir = (weit_pretrain["workdir"] + f"_init_S{b['init_steps']}xE{b['init_examples']}"
+  c = unlocked(configs("init").get_config("runlocal"))
+  workdir = (weit_pretrain["workdir"] + f"_init_S{b['init_steps']}xE{b['init_examples']}_lr{c.optim.lr:g}"
              + ("" if roles is None else "_" + "-".join(role for role, _ in chosen)))
   record_path = os.path.join(workdir, "bench.json")
   if os.path.exists(record_path):
     return json.load(open(record_path))
-  c = unlocked(configs("init").get_config("runlocal"))
   c.templates = weit_pretrain["workdir"]
   c.templates_step = b["pretrain_steps"]
   c.targets = ";".join(spec for _, spec in chosen)
