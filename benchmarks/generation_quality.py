@@ -146,7 +146,7 @@ def adapt_fine(args, record: dict, targets: dict) -> dict:
   for role, cfg in targets.items():
     if iq.applies("fine", cfg, {}):
       continue
-    workdir = record["workdir"] + f"_adapt_S{b['init_steps']}xE{b['init_examples']}_{cfg.short_name()}"
+    workdir = record["workdir"] + f"_adapt_S{b['init_steps']}xE{b['init_examples']}_lr{init_lr:g}_{cfg.short_name()}"
     c = iq.train_config(b, dataset=FMNIST, steps=b["init_steps"], seed=0, model=cfg,
                         batch_size=b["pretrain_batch_size"])
     c.optim.lr = init_lr
