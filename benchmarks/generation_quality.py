@@ -269,8 +269,9 @@ def run_one(args, classifier, method: str, role: str, cfg, seed: int, sources: d
 # ---------------------------------------------------------------------------------------------------
 
 # WeiT recipes, one change at a time against today's DiT default (configs/dit_pretrain.py:runlocal):
-# folder name -> (label, overrides of the pre-training config). Each gets its own pre-training,
-# scaler training for ABLATION_ROLES, and one downstream seed there.
+# folder name -> (label, overrides of the pre-training config; 'init.*' ones of the init config, which
+# reuse the default's pre-training). Each gets scaler training for ABLATION_ROLES and one downstream
+# seed there.
 ABLATIONS = {
     "n4": ("N=4, zero-initialized parameters with an all-ones template (the former default)",
            {"weit.num_templates": 4, "weit.zero_init": "ones"}),
@@ -278,6 +279,7 @@ ABLATIONS = {
     "zero-init-other": ("the other weit.zero_init", None),  # set from the default in ablations()
     "untemplated": ("embedders and final layer kept out of templates (weit.untemplated)",
                     {"weit.untemplated": "_embedder|final_"}),
+    "init-lr-1e-2": ("scaler training at lr 1e-2 (the former DiT init default)", {"init.optim.lr": 1e-2}),
 }
 ABLATION_ROLES = ("deeper", "wider")
 
@@ -290,8 +292,10 @@ def ablations(args, classifier, targets: dict, default: dict, results: list[dict
     if overrides is None:  # the zero_init the default does not use
       other = "ones" if default["weit"].get("zero_init", "ones") == "noise" else "noise"
       name, label, overrides = f"zero-init-{other}", f"weit.zero_init={other}", {"weit.zero_init": other}
-    pre = iq.pretrain_weit(args, name, overrides)
-    init = iq.init_weit(args, pre, roles=list(ABLATION_ROLES))
+    init_overrides = {k.removeprefix("init."): v for k, v in overrides.items() if k.startswith("init.")}
+    pre = iq.pretrain_weit(args, name if len(init_overrides) < len(overrides) else "",
+                           {k: v for k, v in overrides.items() if not k.startswith("init.")})
+    init = iq.init_weit(args, pre, roles=list(ABLATION_ROLES), overrides=init_overrides)
     row = dict(label=label, overrides=overrides, eval_loss=pre["eval_loss"], params=pre.get("params"),
                pretrain_wall_s=pre["wall_s"], init=init["targets"], roles={})
     for role in ABLATION_ROLES:

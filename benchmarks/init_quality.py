@@ -331,13 +331,20 @@ def pretrain_dense(args) -> dict:
   return record
 
 
-def init_weit(args, weit_pretrain: dict, roles: list[str] | None = None) -> dict:
-  """programs/init.py for every target (or ``roles``): role -> {export, accuracy before/after, wall}."""
+def init_weit(args, weit_pretrain: dict, roles: list[str] | None = None, overrides: dict | None = None) -> dict:
+  """programs/init.py for every target (or ``roles``): role -> {export, accuracy before/after, wall};
+  ``overrides``: init config fields (e.g. ``{'optim.lr': 1e-2}``) for an ablation."""
   from weit_jax import checkpoint
   from weit_jax.programs import init as init_program
   b = args.budget
   chosen = [(role, spec) for role, spec in setup()["targets"] if roles is None or role in roles]
   c = unlocked(configs("init").get_config("runlocal"))
+  for key, value in (overrides or {}).items():
+    *parents, leaf = key.split(".")
+    node = c
+    for name in parents:
+      node = node[name]
+    node[leaf] = value
   workdir = (weit_pretrain["workdir"] + f"_init_S{b['init_steps']}xE{b['init_examples']}_lr{c.optim.lr:g}"
              + ("" if roles is None else "_" + "-".join(role for role, _ in chosen)))
   record_path = os.path.join(workdir, "bench.json")
