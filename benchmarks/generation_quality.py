@@ -715,14 +715,17 @@ def cause_section(cause: dict, ablated: dict | None, stages: dict, targets: dict
            "export (seed 0): the RMS of the adaLN gates and of the residual updates (`gate * branch`), averaged "
            "over blocks, the velocity loss and the norm of its gradient (the first step's gradient norm before "
            "clipping):\n")
-  L.append("| target | init | gate RMS (attention / MLP) | residual update RMS (attention / MLP) | loss | gradient norm |")
-  L.append("|---|---|---|---|---|---|")
+  L.append("| target | init | gate RMS (attention / MLP) | residual update RMS (attention / MLP) | kernel RMS "
+           "(attention / MLP / adaLN / embedders / final) | loss | gradient norm |")
+  L.append("|---|---|---|---|---|---|---|")
   label = lambda m: iq.LABELS.get(m) or f"WeiT, {(ablated or {}).get(m.split('-', 1)[1], {}).get('label', m)}"
   for role, methods in cause["probes"].items():
     for m, p in methods.items():
       mean = lambda k: float(np.mean(p[k]))
       L.append(f"| {targets[role].short_name()} | {label(m)} | {mean('gate_msa'):.3f} / {mean('gate_mlp'):.3f} | "
-               f"{mean('update_msa'):.3f} / {mean('update_mlp'):.3f} | {p['loss']:.3f} | {p['grad_norm']:.3f} |")
+               f"{mean('update_msa'):.3f} / {mean('update_mlp'):.3f} | "
+               f"{' / '.join(f'{v:.3f}' for v in p.get('weight_rms', {}).values()) or '-'} | "
+               f"{p['loss']:.3f} | {p['grad_norm']:.3f} |")
   L.append("")
   sc = cause["scalers"]
   L.append("**Scaler adaptation.** WeiT's scaler-only training loss (init program, templates frozen): first and "
