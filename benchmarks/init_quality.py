@@ -225,6 +225,16 @@ def train_config(budget: dict, *, dataset: str, steps: int, seed: int, model=Non
   return c
 
 
+def apply_overrides(config, overrides: dict | None) -> None:
+  """Dotted config keys -> values (an ablation's recipe), set in place."""
+  for key, value in (overrides or {}).items():
+    *parents, leaf = key.split(".")
+    node = config
+    for name in parents:
+      node = node[name]
+    node[leaf] = value
+
+
 def wall_clock(fn, *args, **kwargs):
   t0 = time.time()
   out = fn(*args, **kwargs)
@@ -259,12 +269,7 @@ def pretrain_weit(args, variant: str = "", overrides: dict | None = None) -> dic
   c.model = model_fields(**setup()["auxiliary"])
   if "weit_tiles" in setup():
     c.weit.tiles = configs("pretrain").tiles(*setup()["weit_tiles"])
-  for key, value in (overrides or {}).items():
-    *parents, leaf = key.split(".")
-    node = c
-    for name in parents:
-      node = node[name]
-    node[leaf] = value
+  apply_overrides(c, overrides)
   # Keyed by the recipe too: a changed default never reuses templates of the old one.
   recipe = hashlib.sha1(json.dumps([c.weit.to_dict(), c.constraint.to_dict()], sort_keys=True).encode()).hexdigest()[:6]
   workdir = pretrain_dir(args, "weit" + (f"-{variant}" if variant else "") + f"-{recipe}")
@@ -339,12 +344,7 @@ def init_weit(args, weit_pretrain: dict, roles: list[str] | None = None, overrid
   b = args.budget
   chosen = [(role, spec) for role, spec in setup()["targets"] if roles is None or role in roles]
   c = unlocked(configs("init").get_config("runlocal"))
-  for key, value in (overrides or {}).items():
-    *parents, leaf = key.split(".")
-    node = c
-    for name in parents:
-      node = node[name]
-    node[leaf] = value
+  apply_overrides(c, overrides)
   workdir = (weit_pretrain["workdir"] + f"_init_S{b['init_steps']}xE{b['init_examples']}_lr{c.optim.lr:g}"
              + ("" if roles is None else "_" + "-".join(role for role, _ in chosen)))
   record_path = os.path.join(workdir, "bench.json")
