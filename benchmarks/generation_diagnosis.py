@@ -80,27 +80,24 @@ def probe_batch(data_config, batch_size: int = 64, seed: int = 0):
 def probe_export(params, cfg, inputs, target) -> dict:
   """adaLN gate and residual-update RMS per block, and the loss's gradient norm, of ``params``."""
   import jax
-  import jax.numpy as jnp
   import optax
+  from flax import traverse_util
   from weit_jax import models
   from weit_jax.tasks import diffusion
   model = models.build(cfg)
   _, state = model.apply({"params": params}, *inputs, mutable=["intermediates"])
   probes = {k[-1]: np.asarray(v[0] if isinstance(v, tuple) else v) for k, v in
-            __import__("flax").traverse_util.flatten_dict(state["intermediates"]).items()}
+            traverse_util.flatten_dict(state["intermediates"]).items()}
   rms = lambda x, axes: np.sqrt(np.mean(np.square(x), axis=axes)).tolist()  # per layer (axis 0)
   out = {name: rms(probes[name], tuple(range(1, probes[name].ndim))) for name in
          ("gate_msa", "gate_mlp", "update_msa", "update_mlp")}
 
   # The weights' scale per kind (Adam moves every weight by about the learning rate per step, so a
   # larger scale is a smaller relative step).
-  flat = {"/".join(k): np.asarray(v, np.float64) for k, v in
-          __import__("flax").traverse_util.flatten_dict(params).items()}
-  out["weight_rms"] = {g: float(np.sqrt(np.mean(np.concatenate([w.ravel() for p, w in flat.items()
-                                                                   if group_of(p) == g and "kernel" in p
-                                                                   or group_of(p) == g and p.endswith("y_embedder")]
-                                                                  or [np.zeros(1)]) ** 2)))
-                       for g, _ in GROUPS}
+  flat = {"/".join(k): np.asarray(v, np.float64) for k, v in traverse_util.flatten_dict(params).items()}
+  def kernels(g):  # a kind's weight matrices (the class table included), not its biases
+    return [w.ravel() for p, w in flat.items() if group_of(p) == g and ("kernel" in p or p.endswith("y_embedder"))]
+  out["weight_rms"] = {g: float(np.sqrt(np.mean(np.concatenate(kernels(g) or [np.zeros(1)]) ** 2))) for g, _ in GROUPS}
 
   def loss(p):
     return diffusion.loss(model.apply({"params": p}, *inputs), target)
