@@ -58,6 +58,22 @@ sys.argv[0] = "main.py"
 runpy.run_path("main.py", run_name="__main__")
 '''
 
+# Runs main.py, but once the program holds the workdir lock and has claimed the workdir, touches
+# $WEIT_TEST_READY and waits until $WEIT_TEST_GO exists: a run that is deterministically "live".
+WAIT_AFTER_CLAIM = r'''
+import os, runpy, sys, time
+from weit_jax import train_loop
+_guard = train_loop.guard_workdir
+def guard(*args, **kwargs):
+  _guard(*args, **kwargs)
+  open(os.environ["WEIT_TEST_READY"], "w").close()
+  while not os.path.exists(os.environ["WEIT_TEST_GO"]):
+    time.sleep(0.05)
+train_loop.guard_workdir = guard
+sys.argv[0] = "main.py"
+runpy.run_path("main.py", run_name="__main__")
+'''
+
 
 # --- subprocess plumbing ----------------------------------------------------------------------------
 
@@ -156,12 +172,17 @@ def ok(result):
   return result
 
 
+def locked(workdir) -> bool:
+  return os.path.exists(os.path.join(workdir, "lock.json"))
+
+
 # --- 1. preemption is invisible -----------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def pretrain_reference(tmp_path_factory, env, data_flags):
   workdir = str(tmp_path_factory.mktemp("pretrain_ref") / "wd")
   ok(run_main(PRETRAIN + data_flags, workdir, env))
+  assert not locked(workdir)  # released at a normal exit
   return workdir
 
 
@@ -190,6 +211,10 @@ def test_pretrain_resumes_exactly_after_sigkill(pretrain_interrupted, pretrain_r
   last = runs["committed_at_sigkill"][-1]  # the last checkpoint committed before the kill
   assert last <= killed.signalled_at
   assert runs["kill_in_save"].resumed_from() == last
+  # Each restart took over the lock the SIGKILLed process left, with one line saying so.
+  for name in ("kill_in_save", "final"):
+    assert len(re.findall(r"Took over the lock of .* no longer exists on this host", runs[name].stdout)) == 1, name
+  assert not locked(workdir)
   assert_same_as_reference(workdir, pretrain_reference)
   assert "Done: step 20" in runs["final"].stdout
 
@@ -228,6 +253,7 @@ def test_train_program_survives_sigkill_and_sigterm(tmp_path, env, data_flags, t
   assert term.signalled_at <= saved < TOTAL
   assert committed_steps(workdir)[-1] == saved
   assert max(r["step"] for r in metrics(workdir)) == saved  # it stopped right after the save
+  assert not locked(workdir)  # released at SIGTERM
   final = ok(run_main(args, workdir, env))
   assert final.resumed_from() == saved
   assert_same_as_reference(workdir, train_reference)
@@ -504,3 +530,39 @@ def test_divergence_from_the_command_line_exits_2_with_one_line(tmp_path, env, d
   assert lines[-1].startswith("error: training diverged at step 1: loss=nan"), lines[-5:]
   assert "no checkpoint had been saved yet" in lines[-1] and "Traceback" not in result.stderr
   assert committed_steps(str(tmp_path / "wd")) == []
+  assert not locked(str(tmp_path / "wd"))  # released at an error exit
+
+
+# --- 5. a workdir belongs to one live run ----------------------------------------------------------------
+
+def test_a_second_run_on_a_live_workdir_is_refused_and_the_first_is_untouched(tmp_path, env, data_flags):
+  """The same pre-training command started twice: the second exits 2 with one line naming the holder
+  before it writes anything; the first, held on a trigger file meanwhile, then finishes normally."""
+  workdir, ready, go = str(tmp_path / "wd"), str(tmp_path / "ready"), str(tmp_path / "go")
+  args = PRETRAIN + data_flags
+  first = subprocess.Popen([sys.executable, "-c", WAIT_AFTER_CLAIM] + args + [f"--workdir={workdir}"], cwd=ROOT,
+                           env=dict(env, WEIT_TEST_READY=ready, WEIT_TEST_GO=go), stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True)
+  try:
+    for _ in range(TIMEOUT * 20):  # waits for the trigger; the outcome does not depend on when it comes
+      if os.path.exists(ready) or first.poll() is not None:
+        break
+      threading.Event().wait(0.05)
+    assert os.path.exists(ready), first.communicate()[0][-3000:]
+    before = snapshot(workdir)
+    second = run_main(args, workdir, env)
+    assert second.returncode == 2, second.stdout[-2000:] + second.stderr[-2000:]
+    last = second.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(rf"error: workdir {re.escape(workdir)} is in use by another run: host \S+, pid {first.pid}, "
+                        r"program pretrain, since \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC, last heartbeat \d+ s ago "
+                        r"\(command: .*\)\. Wait for that run to end or stop it .*", last), last
+    assert "Traceback" not in second.stderr and second.stdout.strip() == ""
+    assert snapshot(workdir) == before  # nothing written, not even to the lock
+    open(go, "w").close()
+    out, _ = first.communicate(timeout=TIMEOUT)
+  finally:
+    if first.poll() is None:
+      first.kill()
+      first.wait()
+  assert first.returncode == 0 and "Done: step 20" in out, out[-3000:]
+  assert not locked(workdir)

@@ -53,7 +53,7 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from weit_jax import checkpoint, config_checks, metrics, models, optim, sharding, tasks, train_loop
+from weit_jax import checkpoint, config_checks, metrics, models, optim, sharding, tasks, train_loop, workdir_lock
 from weit_jax.inits import common, tleg
 from weit_jax.scaler_init import _resample
 
@@ -272,24 +272,25 @@ def pretrain(config, workdir: str) -> dict:
   config = config.copy_and_resolve_references()
   with config.unlocked():
     config.program = "fine_pretrain"  # a workdir of another program is refused by the guard
-  train_loop.guard_workdir(config, workdir)
-  metrics.log(f"FINE {models.family_of(cfg).name} {cfg.short_name()}: layer l = U diag(sigma_l) V^T.")
-  train_iter = task.train_iterator(config.batch_size, config.seed, mesh)
-  make_eval_iter = lambda: task.eval_iterator(config.batch_size)
-  summary = train_loop.run(config, workdir, make_task(config, cfg), mesh=mesh, train_iter=train_iter,
-                           make_eval_iter=make_eval_iter, summary_extra=dict(program="fine_pretrain"),
-                           title=f"FINE pre-training {cfg.short_name()}")
-  out = export_dir(workdir)
-  if (epath.Path(out) / checkpoint.EXPORT_META).exists():
-    if checkpoint.read_export_meta(out).get("steps") != int(config.total_steps):
-      epath.Path(out).rmtree()  # an export of a shorter run of this workdir: replace it
-  if not (epath.Path(out) / checkpoint.EXPORT_META).exists():
-    checkpoint.export_params(out, common.to_numpy(summary["params"]),
-                             dict(model=models.to_record(cfg), form=EXPORT_FORM, init="fine_aux",
-                                  steps=int(config.total_steps),
-                                  **{k: v for k, v in summary.items() if k.startswith("eval_")},
-                                  **train.observation_stats(summary)))
-  return summary
+  with workdir_lock.hold(workdir, config.program):  # the first write: refused if another run holds it
+    train_loop.guard_workdir(config, workdir)
+    metrics.log(f"FINE {models.family_of(cfg).name} {cfg.short_name()}: layer l = U diag(sigma_l) V^T.")
+    train_iter = task.train_iterator(config.batch_size, config.seed, mesh)
+    make_eval_iter = lambda: task.eval_iterator(config.batch_size)
+    summary = train_loop.run(config, workdir, make_task(config, cfg), mesh=mesh, train_iter=train_iter,
+                             make_eval_iter=make_eval_iter, summary_extra=dict(program="fine_pretrain"),
+                             title=f"FINE pre-training {cfg.short_name()}")
+    out = export_dir(workdir)
+    if (epath.Path(out) / checkpoint.EXPORT_META).exists():
+      if checkpoint.read_export_meta(out).get("steps") != int(config.total_steps):
+        epath.Path(out).rmtree()  # an export of a shorter run of this workdir: replace it
+    if not (epath.Path(out) / checkpoint.EXPORT_META).exists():
+      checkpoint.export_params(out, common.to_numpy(summary["params"]),
+                               dict(model=models.to_record(cfg), form=EXPORT_FORM, init="fine_aux",
+                                    steps=int(config.total_steps),
+                                    **{k: v for k, v in summary.items() if k.startswith("eval_")},
+                                    **train.observation_stats(summary)))
+    return summary
 
 
 # --- trained sigma for a target ----------------------------------------------------------------------
@@ -325,31 +326,32 @@ def adapt(source: FINESource | str, target_cfg, config, workdir: str, *, steps: 
                           frozen=FROZEN)
   mesh = sharding.make_mesh(dict(config.mesh))
   task.prepare()
-  train_loop.guard_workdir(config, workdir)
-  make_eval_iter = lambda: task.eval_iterator(config.batch_size)
-  _, shardings = train_loop.state_shardings(trainable, mesh)
-  eval_step = train_loop.make_eval_step(trainable, shardings["params"], sharding.batch_sharding(mesh), mesh)
-  before = train_loop.evaluate_all(trainable, eval_step, 0, {"params": jax.device_put(start, shardings["params"])},
-                                   make_eval_iter(), mesh)
-  tree, after = start, before
-  if int(steps) > 0:
-    summary = train_loop.run(config, workdir, trainable, mesh=mesh,
-                             train_iter=task.train_iterator(config.batch_size, config.seed, mesh),
-                             make_eval_iter=make_eval_iter, initial_params=start,
-                             title=f"FINE sigma training {target_cfg.short_name()}")
-    tree, after = summary.pop("params"), {k: v for k, v in summary.items() if k.startswith("eval_")}
-  tree = common.to_numpy(tree)
-  record = dict(model=models.to_record(target_cfg), init="fine", source=source.describe(), sigma_training=dict(
-      steps=int(steps), num_examples=int(num_examples), batch_size=int(config.batch_size),
-      lr=float(config.optim.lr), seed=int(config.seed),
-      **{f"{k.removeprefix('eval_')}_before": v for k, v in before.items()},
-      **{f"{k.removeprefix('eval_')}_after": v for k, v in after.items()}))
-  if epath.Path(export_dir(workdir)).exists():  # left by a run that died before the plain export
-    epath.Path(export_dir(workdir)).rmtree()
-  checkpoint.export_params(export_dir(workdir), tree, dict(record, form=EXPORT_FORM))
-  params = common.to_numpy(to_plain(tree, target_cfg))
-  common.check_tree(params, target_cfg, "fine")
-  checkpoint.export_params(out, params, record)
-  metrics.log(f"FINE target {target_cfg.short_name()}: {train_loop.format_eval(before)} -> "
-              f"{train_loop.format_eval(after)}; exported to {out}")
-  return out
+  with workdir_lock.hold(workdir, config.program):  # the first write: refused if another run holds it
+    train_loop.guard_workdir(config, workdir)
+    make_eval_iter = lambda: task.eval_iterator(config.batch_size)
+    _, shardings = train_loop.state_shardings(trainable, mesh)
+    eval_step = train_loop.make_eval_step(trainable, shardings["params"], sharding.batch_sharding(mesh), mesh)
+    before = train_loop.evaluate_all(trainable, eval_step, 0, {"params": jax.device_put(start, shardings["params"])},
+                                     make_eval_iter(), mesh)
+    tree, after = start, before
+    if int(steps) > 0:
+      summary = train_loop.run(config, workdir, trainable, mesh=mesh,
+                               train_iter=task.train_iterator(config.batch_size, config.seed, mesh),
+                               make_eval_iter=make_eval_iter, initial_params=start,
+                               title=f"FINE sigma training {target_cfg.short_name()}")
+      tree, after = summary.pop("params"), {k: v for k, v in summary.items() if k.startswith("eval_")}
+    tree = common.to_numpy(tree)
+    record = dict(model=models.to_record(target_cfg), init="fine", source=source.describe(), sigma_training=dict(
+        steps=int(steps), num_examples=int(num_examples), batch_size=int(config.batch_size),
+        lr=float(config.optim.lr), seed=int(config.seed),
+        **{f"{k.removeprefix('eval_')}_before": v for k, v in before.items()},
+        **{f"{k.removeprefix('eval_')}_after": v for k, v in after.items()}))
+    if epath.Path(export_dir(workdir)).exists():  # left by a run that died before the plain export
+      epath.Path(export_dir(workdir)).rmtree()
+    checkpoint.export_params(export_dir(workdir), tree, dict(record, form=EXPORT_FORM))
+    params = common.to_numpy(to_plain(tree, target_cfg))
+    common.check_tree(params, target_cfg, "fine")
+    checkpoint.export_params(out, params, record)
+    metrics.log(f"FINE target {target_cfg.short_name()}: {train_loop.format_eval(before)} -> "
+                f"{train_loop.format_eval(after)}; exported to {out}")
+    return out

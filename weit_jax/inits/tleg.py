@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
-from weit_jax import checkpoint, config_checks, metrics, models, optim, sharding, tasks, train_loop
+from weit_jax import checkpoint, config_checks, metrics, models, optim, sharding, tasks, train_loop, workdir_lock
 from weit_jax.inits import common
 
 EXPORT_FORM = "tleg"
@@ -193,20 +193,21 @@ def pretrain(config, workdir: str) -> dict:
   config = config.copy_and_resolve_references()
   with config.unlocked():
     config.program = "tleg_pretrain"  # a workdir of another program is refused by the guard
-  train_loop.guard_workdir(config, workdir)
-  metrics.log(f"TLEG auxiliary {models.family_of(cfg).name} {cfg.short_name()}: layer l = A + (l/L) B.")
-  train_iter = task.train_iterator(config.batch_size, config.seed, mesh)
-  make_eval_iter = lambda: task.eval_iterator(config.batch_size)
-  summary = train_loop.run(config, workdir, make_task(config, cfg), mesh=mesh, train_iter=train_iter, make_eval_iter=make_eval_iter,
-                           summary_extra=dict(program="tleg_pretrain"), title=f"TLEG pre-training {cfg.short_name()}")
-  out = export_dir(workdir)
-  if (epath.Path(out) / checkpoint.EXPORT_META).exists():
-    if checkpoint.read_export_meta(out).get("steps") != int(config.total_steps):
-      epath.Path(out).rmtree()  # an export of a shorter run of this workdir: replace it
-  if not (epath.Path(out) / checkpoint.EXPORT_META).exists():
-    tree = common.to_numpy(summary["params"])
-    checkpoint.export_params(out, tree, dict(model=models.to_record(cfg), form=EXPORT_FORM, init="tleg_aux",
-                                             steps=int(config.total_steps),
-                                             **{k: v for k, v in summary.items() if k.startswith("eval_")},
-                                             **train.observation_stats(summary)))
-  return summary
+  with workdir_lock.hold(workdir, config.program):  # the first write: refused if another run holds it
+    train_loop.guard_workdir(config, workdir)
+    metrics.log(f"TLEG auxiliary {models.family_of(cfg).name} {cfg.short_name()}: layer l = A + (l/L) B.")
+    train_iter = task.train_iterator(config.batch_size, config.seed, mesh)
+    make_eval_iter = lambda: task.eval_iterator(config.batch_size)
+    summary = train_loop.run(config, workdir, make_task(config, cfg), mesh=mesh, train_iter=train_iter, make_eval_iter=make_eval_iter,
+                             summary_extra=dict(program="tleg_pretrain"), title=f"TLEG pre-training {cfg.short_name()}")
+    out = export_dir(workdir)
+    if (epath.Path(out) / checkpoint.EXPORT_META).exists():
+      if checkpoint.read_export_meta(out).get("steps") != int(config.total_steps):
+        epath.Path(out).rmtree()  # an export of a shorter run of this workdir: replace it
+    if not (epath.Path(out) / checkpoint.EXPORT_META).exists():
+      tree = common.to_numpy(summary["params"])
+      checkpoint.export_params(out, tree, dict(model=models.to_record(cfg), form=EXPORT_FORM, init="tleg_aux",
+                                               steps=int(config.total_steps),
+                                               **{k: v for k, v in summary.items() if k.startswith("eval_")},
+                                               **train.observation_stats(summary)))
+    return summary

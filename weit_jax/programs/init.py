@@ -15,7 +15,7 @@ import jax
 from etils import epath
 
 from weit_jax import (checkpoint, config_checks, distributed, generator, metrics, models, optim, scaler_init,
-                      sharding, tasks, train_loop)
+                      sharding, tasks, train_loop, workdir_lock)
 from weit_jax.programs import pretrain, train
 
 def _targets_from_config(config, source, data: dict) -> list:
@@ -93,21 +93,22 @@ def validate(config, workdir: str) -> Validated:
 def run(config, workdir: str) -> dict:
   # ----- validate and load what is shared: templates, data ---------------------------------------
   v = validate(config, workdir)
-  names = [t.name for t in v.targets]
-  train_loop.guard_workdir(config, workdir, also_remove=names)  # overwrite: the old targets go too
-  source = v.src_setup.model_config
-  templates = jax.device_get(v.src_params["templates"])
-  metrics.log(f"Templates from {config.templates} (step {v.src_step}); auxiliary {source.short_name()}; "
-              f"{len(v.targets)} target(s): {', '.join(names)}.")
+  with workdir_lock.hold(workdir, "init"):  # the first write: refused if another run holds it
+    names = [t.name for t in v.targets]
+    train_loop.guard_workdir(config, workdir, also_remove=names)  # overwrite: the old targets go too
+    source = v.src_setup.model_config
+    templates = jax.device_get(v.src_params["templates"])
+    metrics.log(f"Templates from {config.templates} (step {v.src_step}); auxiliary {source.short_name()}; "
+                f"{len(v.targets)} target(s): {', '.join(names)}.")
 
-  source_stats = generator.param_stats(v.src_setup.model, *models.dummy_inputs(source))
-  results = {}
-  for target in v.targets:
-    results[target.name] = _init_one(config, workdir, target, templates, v.src_setup, v.src_params, v.src_step,
-                                     source_stats, v.task, v.mesh)
-  if metrics.is_main():
-    (epath.Path(workdir) / "targets.json").write_text(json.dumps(results, indent=2))
-  return results
+    source_stats = generator.param_stats(v.src_setup.model, *models.dummy_inputs(source))
+    results = {}
+    for target in v.targets:
+      results[target.name] = _init_one(config, workdir, target, templates, v.src_setup, v.src_params, v.src_step,
+                                       source_stats, v.task, v.mesh)
+    if metrics.is_main():
+      (epath.Path(workdir) / "targets.json").write_text(json.dumps(results, indent=2))
+    return results
 
 
 # What an init config of the control task sets of its task (the environment may differ from the

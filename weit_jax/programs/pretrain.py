@@ -15,7 +15,7 @@ import jax
 import numpy as np
 
 from weit_jax import (checkpoint, config_checks, distributed, generator, losses, metrics, models, optim, sharding,
-                      tasks, train_loop)
+                      tasks, train_loop, workdir_lock)
 
 MODES = ("hard", "soft")
 
@@ -164,25 +164,26 @@ def run(config, workdir: str) -> dict:
   # ----- validate everything before anything compiles or writes --------------------------------
   setup, mesh = validate(config, workdir)
   teacher = load_teacher(config)
-  train_loop.guard_workdir(config, workdir)
-  counts = setup.gen.counts()
-  metrics.log(f"Auxiliary {models.family_of(setup.model_config).name} {setup.model_config.short_name()}: "
-              f"{counts['materialized']:,} weights from "
-              f"{counts['templates']:,} template and {counts['scalers']:,} scaler parameters "
-              f"(N={setup.gen.num_templates}, tiles {setup.gen.tiles}, constraint {config.constraint.mode}).")
+  with workdir_lock.hold(workdir, "pretrain"):  # the first write: refused if another run holds it
+    train_loop.guard_workdir(config, workdir)
+    counts = setup.gen.counts()
+    metrics.log(f"Auxiliary {models.family_of(setup.model_config).name} {setup.model_config.short_name()}: "
+                f"{counts['materialized']:,} weights from "
+                f"{counts['templates']:,} template and {counts['scalers']:,} scaler parameters "
+                f"(N={setup.gen.num_templates}, tiles {setup.gen.tiles}, constraint {config.constraint.mode}).")
 
-  # ----- task, data ------------------------------------------------------------------------------
-  task = make_task(config, setup, teacher=teacher)
-  initial = initial_params_from_dense(config, setup, task) if config.init_templates_from else None
-  train_iter = setup.task.train_iterator(config.batch_size, config.seed, mesh)
-  make_eval_iter = lambda: setup.task.eval_iterator(config.batch_size)
+    # ----- task, data ------------------------------------------------------------------------------
+    task = make_task(config, setup, teacher=teacher)
+    initial = initial_params_from_dense(config, setup, task) if config.init_templates_from else None
+    train_iter = setup.task.train_iterator(config.batch_size, config.seed, mesh)
+    make_eval_iter = lambda: setup.task.eval_iterator(config.batch_size)
 
-  # ----- train -----------------------------------------------------------------------------------
-  summary = train_loop.run(config, workdir, task, mesh=mesh, train_iter=train_iter,
-                           make_eval_iter=make_eval_iter, initial_params=initial,
-                           summary_extra=dict(program="pretrain", **{f"{k}_params": v for k, v in counts.items()}),
-                           title=f"pre-training {setup.model_config.short_name()}")
-  return summary
+    # ----- train -----------------------------------------------------------------------------------
+    summary = train_loop.run(config, workdir, task, mesh=mesh, train_iter=train_iter,
+                             make_eval_iter=make_eval_iter, initial_params=initial,
+                             summary_extra=dict(program="pretrain", **{f"{k}_params": v for k, v in counts.items()}),
+                             title=f"pre-training {setup.model_config.short_name()}")
+    return summary
 
 
 def restore_templates(workdir: str, step: int | None = None):

@@ -17,7 +17,7 @@ import json
 import numpy as np
 from etils import epath
 
-from weit_jax import checkpoint, config_checks, metrics, models, sample_quality, tasks
+from weit_jax import checkpoint, config_checks, metrics, models, sample_quality, tasks, workdir_lock
 
 
 def validate(config, workdir: str):
@@ -52,22 +52,23 @@ def export_of(path: str) -> str:
 
 def run(config, workdir: str) -> dict:
   cfg, classes = validate(config, workdir)
-  source = export_of(config.init)
-  params = checkpoint.load_params(source)
-  model = models.build(cfg)
-  metrics.log(f"Sampling {config.per_class} images of each of {len(classes)} classes from {config.init} "
-              f"({cfg.short_name()}; {config.steps} Euler steps, guidance {config.guidance}, seed {config.seed}).")
-  images, labels = sample_quality.generate(model, params, cfg, classes, per_class=int(config.per_class), steps=int(config.steps),
-                            guidance=float(config.guidance), seed=int(config.seed))
-  made = dict(init=checkpoint.absolute(source), model=models.to_record(cfg), steps=int(config.steps),
-              guidance=float(config.guidance), seed=int(config.seed), classes=classes, per_class=int(config.per_class))
-  out = epath.Path(workdir)
-  out.mkdir(parents=True, exist_ok=True)
-  title = f"{cfg.short_name()}\n{config.steps} Euler steps, guidance {config.guidance}, seed {config.seed}"
-  sample_quality.write_whole(out / "samples.png", sample_quality.grid_png(images, labels, int(config.per_class), title))
-  sample_quality.write_whole(out / "samples.npz", _npz(images=images, labels=labels, made=np.asarray(json.dumps(made))))
-  metrics.log(f"Wrote {out / 'samples.png'} and {out / 'samples.npz'}.")
-  return dict(made, png=str(out / "samples.png"))
+  with workdir_lock.hold(workdir, "sample"):  # the first write: refused if another run holds it
+    source = export_of(config.init)
+    params = checkpoint.load_params(source)
+    model = models.build(cfg)
+    metrics.log(f"Sampling {config.per_class} images of each of {len(classes)} classes from {config.init} "
+                f"({cfg.short_name()}; {config.steps} Euler steps, guidance {config.guidance}, seed {config.seed}).")
+    images, labels = sample_quality.generate(model, params, cfg, classes, per_class=int(config.per_class), steps=int(config.steps),
+                              guidance=float(config.guidance), seed=int(config.seed))
+    made = dict(init=checkpoint.absolute(source), model=models.to_record(cfg), steps=int(config.steps),
+                guidance=float(config.guidance), seed=int(config.seed), classes=classes, per_class=int(config.per_class))
+    out = epath.Path(workdir)
+    out.mkdir(parents=True, exist_ok=True)
+    title = f"{cfg.short_name()}\n{config.steps} Euler steps, guidance {config.guidance}, seed {config.seed}"
+    sample_quality.write_whole(out / "samples.png", sample_quality.grid_png(images, labels, int(config.per_class), title))
+    sample_quality.write_whole(out / "samples.npz", _npz(images=images, labels=labels, made=np.asarray(json.dumps(made))))
+    metrics.log(f"Wrote {out / 'samples.png'} and {out / 'samples.npz'}.")
+    return dict(made, png=str(out / "samples.png"))
 
 
 def _npz(**arrays) -> bytes:

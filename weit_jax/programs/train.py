@@ -9,7 +9,8 @@ import jax
 import numpy as np
 from etils import epath
 
-from weit_jax import checkpoint, config_checks, distributed, metrics, models, optim, sharding, tasks, train_loop
+from weit_jax import (checkpoint, config_checks, distributed, metrics, models, optim, sharding, tasks, train_loop,
+                      workdir_lock)
 from weit_jax.programs.pretrain import model_config_from
 
 
@@ -100,17 +101,18 @@ def task_with_export(config):
 
 def run(config, workdir: str) -> dict:
   cfg, model, mesh, init = validate(config, workdir)
-  train_loop.guard_workdir(config, workdir)
-  metrics.log(f"{models.family_of(cfg).name} {cfg.short_name()} from {config.init or 'random initialization'}.")
-  task = task_with_export(config)
-  trainable = make_task(config, model, cfg, workdir, mesh, task=task)
-  train_iter = task.train_iterator(config.batch_size, config.seed, mesh)
-  make_eval_iter = lambda: task.eval_iterator(config.batch_size)
-  summary = train_loop.run(config, workdir, trainable, mesh=mesh, train_iter=train_iter, make_eval_iter=make_eval_iter,
-                           initial_params=init, summary_extra=dict(program="train", init=config.init or "random"),
-                           title=f"training {cfg.short_name()} from {config.init or 'random init'}")
-  write_export(workdir, cfg, config, summary)
-  return summary
+  with workdir_lock.hold(workdir, "train"):  # the first write: refused if another run holds it
+    train_loop.guard_workdir(config, workdir)
+    metrics.log(f"{models.family_of(cfg).name} {cfg.short_name()} from {config.init or 'random initialization'}.")
+    task = task_with_export(config)
+    trainable = make_task(config, model, cfg, workdir, mesh, task=task)
+    train_iter = task.train_iterator(config.batch_size, config.seed, mesh)
+    make_eval_iter = lambda: task.eval_iterator(config.batch_size)
+    summary = train_loop.run(config, workdir, trainable, mesh=mesh, train_iter=train_iter, make_eval_iter=make_eval_iter,
+                             initial_params=init, summary_extra=dict(program="train", init=config.init or "random"),
+                             title=f"training {cfg.short_name()} from {config.init or 'random init'}")
+    write_export(workdir, cfg, config, summary)
+    return summary
 
 
 def observation_stats(summary) -> dict:
