@@ -130,29 +130,25 @@ def read_losses(workdir) -> dict[int, float]:
   return out
 
 
-@pytest.fixture(scope="module")
-def runs(data, tmp_path_factory):
-  """Two workers (2 processes x 4 devices, 6 steps) and, at the same time, one process x 8 devices
-  (9 steps), all through main.py; waits for them (bounded) and kills what is left."""
-  two = str(tmp_path_factory.mktemp("two_processes"))
-  one = str(tmp_path_factory.mktemp("one_process"))
-  flags = [f"--config.{k}={v}" for k, v in overrides(*data).items()]
-  base = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+def worker_env(coordinator: str, i: int, **extra) -> dict:
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
   for var in ("WEIT_COORDINATOR", "WEIT_NUM_PROCESSES", "WEIT_PROCESS_ID"):
-    base.pop(var, None)
-  coordinator = f"127.0.0.1:{free_port()}"
-  jobs = [(f"worker{i}", two, [], dict(base, XLA_FLAGS=WORKER_XLA_FLAGS, WEIT_COORDINATOR=coordinator,
-                                         WEIT_NUM_PROCESSES="2", WEIT_PROCESS_ID=str(i), WEIT_INIT_TIMEOUT_S="60",
-                                         WEIT_TEST_EXPORT="1"))
-          for i in range(2)]
-  jobs.append(("single", one, [f"--config.total_steps={MORE_STEPS}"],
-               dict(base, XLA_FLAGS=WORKER_XLA_FLAGS.replace("count=4", "count=8"))))
+    env.pop(var, None)
+  if i is None:
+    return dict(env, XLA_FLAGS=WORKER_XLA_FLAGS.replace("count=4", "count=8"), **extra)
+  return dict(env, XLA_FLAGS=WORKER_XLA_FLAGS, WEIT_COORDINATOR=coordinator, WEIT_NUM_PROCESSES="2",
+              WEIT_PROCESS_ID=str(i), WEIT_INIT_TIMEOUT_S="60", **extra)
+
+
+def launch(jobs, logdir) -> list[tuple[int, str]]:
+  """Starts every ``(name, workdir, extra flags, env)`` job through main.py at once; waits for them
+  (bounded), kills what is left; returns each one's exit code and output."""
   logs, procs = [], []
   t0 = time.time()
   try:
     for name, workdir, extra, env in jobs:
-      logs.append(open(os.path.join(workdir, f"{name}.log"), "w+"))
-      argv = ["--config=configs/vit_pretrain.py:runlocal", f"--workdir={workdir}", *flags, *extra]
+      logs.append(open(os.path.join(logdir, f"{name}.log"), "w+"))
+      argv = ["--config=configs/vit_pretrain.py:runlocal", f"--workdir={workdir}", *extra]
       procs.append(subprocess.Popen([sys.executable, os.path.abspath(__file__), *argv], cwd=ROOT, env=env,
                                     stdout=logs[-1], stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL))
     for p in procs:
@@ -161,8 +157,6 @@ def runs(data, tmp_path_factory):
     for f in logs:
       f.seek(0)
       outputs.append(f.read())
-    for (name, *_), p, out in zip(jobs, procs, outputs):
-      assert p.returncode == 0, f"{name} exited {p.returncode}:\n{out[-3000:]}"
   finally:
     for p in procs:
       if p.poll() is None:
@@ -170,7 +164,23 @@ def runs(data, tmp_path_factory):
         p.wait(timeout=30)
     for f in logs:
       f.close()
-  return dict(two=two, one=one, outputs=outputs)
+  return [(p.returncode, out) for p, out in zip(procs, outputs)]
+
+
+@pytest.fixture(scope="module")
+def runs(data, tmp_path_factory):
+  """Two workers (2 processes x 4 devices, 6 steps) and, at the same time, one process x 8 devices
+  (9 steps), all through main.py."""
+  two = str(tmp_path_factory.mktemp("two_processes"))
+  one = str(tmp_path_factory.mktemp("one_process"))
+  flags = [f"--config.{k}={v}" for k, v in overrides(*data).items()]
+  coordinator = f"127.0.0.1:{free_port()}"
+  jobs = [(f"worker{i}", two, flags, worker_env(coordinator, i, WEIT_TEST_EXPORT="1")) for i in range(2)]
+  jobs.append(("single", one, flags + [f"--config.total_steps={MORE_STEPS}"], worker_env(coordinator, None)))
+  results = launch(jobs, two)
+  for (name, *_), (code, out) in zip(jobs, results):
+    assert code == 0, f"{name} exited {code}:\n{out[-3000:]}"
+  return dict(two=two, one=one, outputs=[out for _, out in results])
 
 
 def test_two_processes_match_one_process(runs):
@@ -186,6 +196,24 @@ def test_two_processes_match_one_process(runs):
   assert "step 6/6" in runs["outputs"][0] and "step 6/6" not in runs["outputs"][1]
   data_files = os.listdir(os.path.join(runs["two"], "checkpoints", str(STEPS), "data"))
   assert sorted(f for f in data_files if f.endswith(".json")) == ["process_0-of-2.json", "process_1-of-2.json"]
+  assert not os.path.exists(os.path.join(runs["two"], "lock.json"))  # process 0 held it, and released it
+
+
+def test_a_locked_workdir_refuses_every_process_of_a_job(data, tmp_path):
+  """A live lock of another host: process 0 is refused with the holder's name, and process 1 with it
+  (no process is left waiting in a collective); nothing else is written."""
+  from weit_jax import workdir_lock
+  workdir = str(tmp_path / "wd")
+  workdir_lock.Lock.acquire(workdir, "pretrain", host="another-vm", pid=4242, command="python main.py X", log=None)
+  before = sorted(os.listdir(workdir))
+  flags = [f"--config.{k}={v}" for k, v in overrides(*data).items()]
+  coordinator = f"127.0.0.1:{free_port()}"
+  results = launch([(f"worker{i}", workdir, flags, worker_env(coordinator, i)) for i in range(2)], str(tmp_path))
+  for i, (code, out) in enumerate(results):
+    assert code != 0 and "WorkdirInUse" in out and "trained" not in out, (i, out[-3000:])
+  assert "in use by another run: host another-vm, pid 4242" in results[0][1]
+  assert "process 0 says who" in results[1][1]
+  assert sorted(os.listdir(workdir)) == before
 
 
 _TASKS = {}
