@@ -12,7 +12,8 @@ from flax import traverse_util
 
 from test_generator import numpy_materialize
 from test_vit import posemb_sincos_2d, randomized
-from weit_jax import generator, sample_quality
+from weit_jax import generator
+from weit_jax.evaluators import sample_quality
 from weit_jax.models import dit
 
 
@@ -199,7 +200,8 @@ def test_pretrain_init_sample_train_a_dit(learnable_data, tmp_path, monkeypatch)
   # Training from the export measures sample quality at eval steps and at the end, with a grid
   # each time (the classifier: the recipe at a tiny size, on the same learnable data).
   from configs import dit_train
-  from weit_jax import feature_classifier, metrics
+  from weit_jax import metrics
+  from weit_jax.evaluators import feature_classifier
   from weit_jax.programs import train
   from test_sample_quality import TINY_RECIPE
   monkeypatch.setattr(feature_classifier, "RECIPE", TINY_RECIPE)

@@ -1,7 +1,6 @@
 """Baseline initializers (weit_jax.inits): shapes, weight selection against hand-computed indices,
 TLEG's interpolation rule, mimetic factorizations, seeds, exports, and TLEG pre-training."""
 import dataclasses
-import os
 
 import chex
 import flax.linen as nn

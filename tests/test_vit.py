@@ -18,12 +18,10 @@ def posemb_sincos_2d(h, w, width, temperature=10_000.0):
   return np.concatenate([np.sin(x), np.cos(x), np.sin(y), np.cos(y)], axis=1)[None]
 
 
-def reference_forward(params, images, cfg, legacy=False):
+def reference_forward(params, images, cfg):
   """big_vision's ``vit._Model.__call__`` in numpy (einsum attention), written from its equations,
   independently of the Flax module: the position embedding is added to the patch tokens before
-  the class token is prepended (``tok``); the head reads token 0 (``tok``) or the mean (``gap``).
-  ``legacy``: weit_jax's layout before 2026-11-29 (class token first, then one position embedding
-  for every token)."""
+  the class token is prepended (``tok``); the head reads token 0 (``tok``) or the mean (``gap``)."""
   p = traverse_util.flatten_dict(jax.tree_util.tree_map(lambda x: np.asarray(x, np.float64), params), sep="/")
   x = np.asarray(images, np.float64)
   n, hh, ww, c = x.shape
@@ -32,12 +30,9 @@ def reference_forward(params, images, cfg, legacy=False):
   tok = patches @ p["embedding/kernel"].reshape(-1, cfg.width) + p["embedding/bias"]
   pos = p["pos_embedding"] if cfg.posemb == "learn" else posemb_sincos_2d(hh // ps, ww // ps, cfg.width)
   cls = lambda: np.broadcast_to(p["cls"], (n, 1, cfg.width))
-  if legacy:
-    tok = np.concatenate([cls(), tok], 1) + pos
-  else:
-    tok = tok + pos
-    if cfg.pool_type == "tok":
-      tok = np.concatenate([cls(), tok], 1)
+  tok = tok + pos
+  if cfg.pool_type == "tok":
+    tok = np.concatenate([cls(), tok], 1)
 
   def ln(v, scale, bias):
     mu = v.mean(-1, keepdims=True)
