@@ -15,7 +15,7 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import traverse_util
 
-from test_vit import big_vision_tree, randomized
+from helpers import big_vision_tree, randomized
 from weit_jax import checkpoint, models
 from weit_jax.models import vit
 

@@ -22,7 +22,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from test_reliability import assert_refused, committed_steps, ok, run_main, snapshot
+from helpers import assert_refused, committed_steps, ok, run_main, snapshot
 from weit_jax import checkpoint, metrics, models
 
 # inverted_pendulum: the cheapest brax system to compile (about half of hopper's compile time).

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 
+from helpers import TINY_RECIPE
 from weit_jax import input_pipeline
 from weit_jax.evaluators import distances, feature_classifier, sample_quality
 
@@ -68,10 +69,6 @@ def test_kernel_distance_matches_the_pairwise_sums():
 
 
 # --- the feature classifier and the measurement on it ------------------------------------------------
-
-TINY_RECIPE = dict(feature_classifier.RECIPE, channels=(4, 8), features=16, steps=60, batch_size=32, lr=5e-3,
-                   crop_padding=0,  # a shift of 2 rows would move a bar to the next class
-                   reference_split="train[:240]", test_split="test")
 
 
 @pytest.fixture(scope="module")

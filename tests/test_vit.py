@@ -7,15 +7,8 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
+from helpers import big_vision_tree, posemb_sincos_2d, randomized
 from weit_jax.models import vit
-
-
-def posemb_sincos_2d(h, w, width, temperature=10_000.0):
-  """MoCo v3's table as big_vision writes it: [sin(x w), cos(x w), sin(y w), cos(y w)], w = T^-i/(d/4-1)."""
-  rows, cols = np.divmod(np.arange(h * w), w)  # token m = row * w + col
-  omega = temperature ** -(np.arange(width // 4) / (width // 4 - 1))
-  x, y = np.outer(cols, omega), np.outer(rows, omega)
-  return np.concatenate([np.sin(x), np.cos(x), np.sin(y), np.cos(y)], axis=1)[None]
 
 
 def reference_forward(params, images, cfg):
@@ -61,38 +54,6 @@ def reference_forward(params, images, cfg):
   tok = ln(tok, p["Transformer/encoder_norm/scale"], p["Transformer/encoder_norm/bias"])
   pooled = tok[:, 0] if cfg.pool_type == "tok" else tok.mean(axis=1)
   return pooled @ p["head/kernel"] + p["head/bias"]
-
-
-def big_vision_tree(cfg):
-  """Parameter names and shapes of big_vision's ``vit.Model(num_classes, width, depth, mlp_dim,
-  num_heads, patch_size, pool_type, posemb, scan=True)``, read off its module definitions."""
-  w, m, h, L, p = cfg.width, cfg.mlp_dim, cfg.num_heads, cfg.depth, cfg.patch_size
-  tree = {"embedding/kernel": (p, p, cfg.channels, w), "embedding/bias": (w,),
-          "Transformer/encoder_norm/scale": (w,), "Transformer/encoder_norm/bias": (w,),
-          "head/kernel": (w, cfg.num_classes), "head/bias": (cfg.num_classes,)}
-  if cfg.posemb == "learn":  # big_vision's get_posemb: a parameter only when learned
-    tree["pos_embedding"] = (1, (cfg.image_size // p) ** 2, w)
-  if cfg.pool_type == "tok":
-    tree["cls"] = (1, 1, w)
-  block = "Transformer/encoderblock/"
-  for ln in ("LayerNorm_0", "LayerNorm_1"):
-    tree.update({f"{block}{ln}/scale": (L, w), f"{block}{ln}/bias": (L, w)})
-  for proj in ("query", "key", "value"):
-    tree.update({f"{block}MultiHeadDotProductAttention_0/{proj}/kernel": (L, w, h, w // h),
-                 f"{block}MultiHeadDotProductAttention_0/{proj}/bias": (L, h, w // h)})
-  tree.update({f"{block}MultiHeadDotProductAttention_0/out/kernel": (L, h, w // h, w),
-               f"{block}MultiHeadDotProductAttention_0/out/bias": (L, w),
-               f"{block}MlpBlock_0/Dense_0/kernel": (L, w, m), f"{block}MlpBlock_0/Dense_0/bias": (L, m),
-               f"{block}MlpBlock_0/Dense_1/kernel": (L, m, w), f"{block}MlpBlock_0/Dense_1/bias": (L, w)})
-  return tree
-
-
-def randomized(params, seed):
-  """Every parameter random (the model's own init has zero heads and unit norms)."""
-  leaves, treedef = jax.tree_util.tree_flatten(params)
-  rng = np.random.default_rng(seed)
-  return jax.tree_util.tree_unflatten(
-      treedef, [jnp.asarray(rng.normal(scale=0.3, size=x.shape), jnp.float32) for x in leaves])
 
 
 OPTIONS = [dict(pool_type=pool, posemb=posemb) for pool in ("tok", "gap") for posemb in ("learn", "sincos2d")]
