@@ -82,8 +82,7 @@ def probe_export(params, cfg, inputs, target) -> dict:
   import jax
   import optax
   from flax import traverse_util
-  from weit_jax import models
-  from weit_jax.tasks import diffusion
+  from weit_jax import models, rectified_flow
   model = models.build(cfg)
   _, state = model.apply({"params": params}, *inputs, mutable=["intermediates"])
   probes = {k[-1]: np.asarray(v[0] if isinstance(v, tuple) else v) for k, v in
@@ -100,7 +99,7 @@ def probe_export(params, cfg, inputs, target) -> dict:
   out["weight_rms"] = {g: float(np.sqrt(np.mean(np.concatenate(kernels(g) or [np.zeros(1)]) ** 2))) for g, _ in GROUPS}
 
   def loss(p):
-    return diffusion.loss(model.apply({"params": p}, *inputs), target)
+    return rectified_flow.loss(model.apply({"params": p}, *inputs), target)
   value, grads = jax.value_and_grad(loss)(params)
   out.update(loss=float(value), grad_norm=float(optax.tree.norm(grads)))
   return out

@@ -12,7 +12,7 @@ Stages (each cached in ``--workdir``; an interrupted run continues where it stop
    target); then WeiT's scaler training for every target (``programs/init.py``).
 3. For every target, method and seed: an export (``weit_jax.inits``), its sample quality at step 0,
    and a fixed budget of ``programs/train.py`` (rectified flow) that measures sample quality every
-   ``eval_every`` steps: "FID, Fashion-MNIST classifier features" (``weit_jax/feature_classifier.py``,
+   ``eval_every`` steps: "FID, Fashion-MNIST classifier features" (``weit_jax/evaluators/feature_classifier.py``,
    the project's own classifier; not Inception FID) and class fidelity, on ``per_class`` samples of
    every class from the same noise (``sample_steps`` Euler steps, classifier-free guidance ``guidance``).
 4. The metric's scale on the same number of images: real test images (the floor) and noise.
@@ -42,7 +42,7 @@ import numpy as np  # noqa: E402
 
 METHODS = ("random", "weit", "weight_selection", "tleg", "fine")
 FMNIST = "fashion_mnist_local"
-FID = "FID, Fashion-MNIST classifier features"  # weit_jax.sample_quality.FID_NAME (weit_jax is imported late)
+FID = "FID, Fashion-MNIST classifier features"  # weit_jax.evaluators.sample_quality.FID_NAME (weit_jax is imported late)
 
 iq.SETUPS["dit"] = dict(
     auxiliary=dict(variant="pico/4"),  # d3-w64-h2-m256-p4
@@ -193,14 +193,16 @@ def pretrain_unconstrained(args) -> dict:
 # ---------------------------------------------------------------------------------------------------
 
 def sample_eval(classifier, cfg, workdir: str, b: dict):
-  from weit_jax import models, sample_quality
+  from weit_jax import models
+  from weit_jax.evaluators import sample_quality
   model = models.build(cfg)
   return sample_quality.SampleEval(classifier, lambda p, x, t, y: model.apply({"params": p}, x, t, y), cfg,
                                    workdir, per_class=b["per_class"], steps=b["sample_steps"], guidance=b["guidance"])
 
 
 def curves(workdir: str) -> dict[str, dict[int, float]]:
-  from weit_jax import metrics, sample_quality
+  from weit_jax import metrics
+  from weit_jax.evaluators import sample_quality
   out: dict[str, dict[int, float]] = {}
   for rec in metrics.read_metrics(workdir):  # the last record of a step wins
     for key in (sample_quality.FID_KEY, sample_quality.FIDELITY_KEY, "loss"):
@@ -219,7 +221,8 @@ def run_tag(b: dict) -> str:
 def run_one(args, classifier, method: str, role: str, cfg, seed: int, sources: dict, variant: str = "") -> dict:
   """One (method, target, seed): export, step-0 sample quality, training. Cached in its folder
   (``variant``: an ablation's recipe, a folder of its own)."""
-  from weit_jax import checkpoint, inits, models, sample_quality
+  from weit_jax import checkpoint, inits, models
+  from weit_jax.evaluators import sample_quality
   from weit_jax.programs import train
   b = args.budget
   budget_key = {k: v for k, v in b.items() if k != "seeds"}
@@ -360,7 +363,7 @@ def steps_to_fall_to(steps: list[int], values: list[float], threshold: float) ->
 
 def aggregate(results: list[dict], budget: dict) -> dict:
   """role -> method -> curves' mean/std, finals, step 0, speed-up to random's final FID."""
-  from weit_jax import sample_quality
+  from weit_jax.evaluators import sample_quality
   table: dict = {}
   for r in results:
     table.setdefault(r["role"], {}).setdefault(r["method"], []).append(r)
@@ -392,7 +395,7 @@ def aggregate(results: list[dict], budget: dict) -> dict:
 def metric_scale(classifier, b: dict) -> dict:
   """The metric on the benchmark's sample count for real test images (the floor a generator can
   reach with this many samples) and for Gaussian noise clipped to [-1, 1] (seeded)."""
-  from weit_jax import feature_classifier, sample_quality
+  from weit_jax.evaluators import feature_classifier, sample_quality
   images, labels = feature_classifier.real_images("test")
   keep = np.concatenate([np.flatnonzero(labels == c)[:b["per_class"]] for c in range(10)])
   real = sample_quality.measure(classifier, images[keep], labels[keep])
@@ -410,7 +413,8 @@ def metric_scale(classifier, b: dict) -> dict:
 def inception(args, classifier, results: list[dict], targets: dict) -> dict:
   """Inception FID and KID of each (target, method)'s final samples (seed 0) against real test
   images, with the classifier-feature FID of the very same images; cached in WORKDIR/inception."""
-  from weit_jax import checkpoint, feature_classifier, models, sample_quality
+  from weit_jax import checkpoint, models
+  from weit_jax.evaluators import distances, feature_classifier, sample_quality
   n = args.inception_samples
   path = os.path.join(args.workdir, "inception", f"{run_tag(args.budget)}_n{n}_r{args.inception_real}.json")
   if os.path.exists(path):
@@ -430,7 +434,7 @@ def inception(args, classifier, results: list[dict], targets: dict) -> dict:
   images, labels = feature_classifier.real_images("test")
   keep = np.concatenate([np.flatnonzero(labels == c)[:args.inception_real] for c in range(10)])
   real = features(images[keep])
-  real_stats = sample_quality.feature_statistics(real)
+  real_stats = distances.feature_statistics(real)
   iq.log(f"Inception features of {len(keep)} real test images: {time.time() - t0:.0f}s")
   rows = []
   for r in results:
@@ -443,8 +447,8 @@ def inception(args, classifier, results: list[dict], targets: dict) -> dict:
     f = features(made)
     ours = sample_quality.measure(classifier, made, made_labels)
     rows.append(dict(role=r["role"], target=r["target"], method=r["method"], samples=len(made),
-                     inception_fid=sample_quality.frechet_distance(*sample_quality.feature_statistics(f), *real_stats),
-                     inception_kid=sample_quality.kernel_distance(f, real),
+                     inception_fid=distances.frechet_distance(*distances.feature_statistics(f), *real_stats),
+                     inception_kid=distances.kernel_distance(f, real),
                      classifier_fid=ours[sample_quality.FID_KEY]))
     iq.log(f"Inception: {r['target']} {r['method']}: FID {rows[-1]['inception_fid']:.1f}, KID "
            f"{rows[-1]['inception_kid']:.4f} ({FID}: {rows[-1]['classifier_fid']:.2f})")
@@ -530,7 +534,8 @@ def plot_grids(results: list[dict], role: str, cfg, b: dict, path: str, columns:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  from weit_jax import checkpoint, models, sample_quality
+  from weit_jax import checkpoint, models
+  from weit_jax.evaluators import sample_quality
   runs = {r["method"]: r for r in results if r["role"] == role and r["seed"] == 0}
   methods = [m for m in METHODS if m in runs]
   fig, axes = plt.subplots(2, len(methods), figsize=(2.6 * len(methods), 5.6), squeeze=False)
@@ -579,7 +584,7 @@ def write_report(args, agg, results, stages, targets, na, scale, cross, info, ca
            "runs' records (`generation.json`).\n")
   L.append("## What is measured\n")
   L.append(f"**The metric is \"{FID}\"**: the Fréchet distance between Gaussians fitted to the 64-d features "
-           "of a Fashion-MNIST classifier this project trains itself (`weit_jax/feature_classifier.py`: a small "
+           "of a Fashion-MNIST classifier this project trains itself (`weit_jax/evaluators/feature_classifier.py`: a small "
            f"CNN, pinned recipe and seed, test accuracy {100 * scale['classifier']['test_accuracy']:.2f}%), for "
            f"{samples} samples ({b['per_class']} of each class, from the same noise at every measurement) "
            f"against {scale['classifier']['reference_examples']:,} real training images. It is **not** "
@@ -795,7 +800,8 @@ def main(argv=None) -> None:
   absl_logging.set_verbosity(absl_logging.WARNING)
   b = args.budget
   iq.log(f"budget: {b}; workdir {args.workdir}; report to {args.out}")
-  from weit_jax import feature_classifier, inits, input_pipeline
+  from weit_jax import inits, input_pipeline
+  from weit_jax.evaluators import feature_classifier
   input_pipeline.prepare(iq.data_config(FMNIST, b))
   classifier = feature_classifier.load(log=iq.log)
   targets = iq.target_configs()

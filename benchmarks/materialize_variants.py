@@ -11,8 +11,8 @@ index space. Its gradient is a scatter, so it is not used in training; see docs/
 import os
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-import time, statistics, functools, jax, jax.numpy as jnp, numpy as np
-from weit_jax import kron, generator, sharding
+import time, statistics, jax, jax.numpy as jnp, numpy as np
+from weit_jax import generator, sharding
 from weit_jax.models import vit
 import weit_jax.kron as K
 

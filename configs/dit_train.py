@@ -28,7 +28,7 @@ def get_config(arg=None):
   config.task = "diffusion"
   config.diffusion = ml_collections.ConfigDict(dict(label_dropout=0.1))
   # At eval steps and at the end: per_class samples of every class (the same noise each time), their
-  # "FID, Fashion-MNIST classifier features" and class fidelity (weit_jax/sample_quality.py), and a
+  # "FID, Fashion-MNIST classifier features" and class fidelity (weit_jax/evaluators/sample_quality.py), and a
   # grid in WORKDIR/samples/. Measured on Fashion-MNIST only (the classifier's data): 0 turns it off.
   config.sample_quality = ml_collections.ConfigDict(dict(per_class=0, steps=20, guidance=1.0, seed=0))
   config.optim = ml_collections.ConfigDict(dict(

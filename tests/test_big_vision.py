@@ -6,8 +6,6 @@ nothing but ``orbax.checkpoint.StandardCheckpointer``, and exports of the earlie
 token had a position embedding) load converted, computing the same function; workdirs and templates
 of that layout are refused with what to do.
 """
-import dataclasses
-import json
 import os
 
 import jax
@@ -17,8 +15,8 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import traverse_util
 
-from test_vit import big_vision_tree, randomized, reference_forward
-from weit_jax import checkpoint, config_checks, models, train_loop
+from helpers import big_vision_tree, randomized
+from weit_jax import checkpoint, models
 from weit_jax.models import vit
 
 IMAGE, CHANNELS, CLASSES = 12, 3, 5
@@ -83,72 +81,10 @@ def test_resnet_exports_write_no_npz(tmp_path):
   assert sorted(os.listdir(tmp_path / "e")) == ["export.json", "params"]
 
 
-# --- the earlier layout ---------------------------------------------------------------------------
-
-def legacy_record(cfg):
-  record = models.to_record(cfg)
-  del record["pool_type"], record["posemb"]
-  return record
-
-
-def test_a_legacy_export_loads_converted_and_computes_the_same(tmp_path):
-  cfg = small_vit()
-  params = random_params(cfg, seed=4)
-  tokens = (IMAGE // cfg.patch_size) ** 2 + 1
-  params["pos_embedding"] = np.random.default_rng(5).normal(size=(1, tokens, cfg.width)).astype(np.float32)
-  checkpoint.export_params(str(tmp_path / "old"), params, dict(model=legacy_record(cfg)))
-  images = np.random.default_rng(6).normal(size=(2, IMAGE, IMAGE, CHANNELS)).astype(np.float32)
-  want = reference_forward(params, images, cfg, legacy=True)
-
-  loaded = jax.device_get(checkpoint.load_params(str(tmp_path / "old"), expected_model=cfg))
-  assert flat_shapes(loaded) == big_vision_tree(cfg)
-  np.testing.assert_allclose(np.asarray(models.build(cfg).apply({"params": loaded}, images)), want,
-                             rtol=2e-4, atol=2e-4)
-  # The conversion is big_vision's fix_old_checkpoints: its row 0 joins the class token.
-  np.testing.assert_allclose(loaded["cls"], params["cls"] + params["pos_embedding"][:, :1], rtol=1e-6)
-
-
-def legacy_workdir(tmp_path, program):
-  cfg = dict(program=program, model=dict(variant="mu/4", width=None, depth=None, mlp_dim=None, num_heads=None,
-                                         patch_size=None, dtype="float32"), seed=0)
-  os.makedirs(tmp_path, exist_ok=True)
-  (tmp_path / "config.json").write_text(json.dumps(cfg))
-  return cfg
-
-
-def test_a_legacy_workdir_is_refused_with_what_to_do(tmp_path):
-  old = legacy_workdir(tmp_path / "train", "train")
-  assert config_checks.legacy_layout(old) and config_checks.legacy_layout(dict(old, model=dict(
-      old["model"], family="resnet"))) is None
-  current = ml_collections.ConfigDict(dict(old, model=dict(old["model"], family="vit", pool_type=None, posemb=None)))
-  with pytest.raises(ValueError, match=r"cannot resume: it was written by weit_jax before 2026-11-29.*"
-                                       r"--config.overwrite=True.*exports of that version still load"):
-    train_loop.check_workdir(current, str(tmp_path / "train"))
-  current.overwrite = True
-  assert train_loop.check_workdir(current, str(tmp_path / "train"))  # starting over is allowed
-
-  from weit_jax.programs import pretrain
-  legacy_workdir(tmp_path / "pretrain", "pretrain")
-  with pytest.raises(ValueError, match=r"templates in .* cannot be used: it was written by weit_jax before "
-                                       r"2026-11-29.*Pre-train templates again"):
-    pretrain.restore_templates(str(tmp_path / "pretrain"))
-
-
-def test_a_legacy_tleg_export_is_refused(tmp_path):
-  from weit_jax.inits import tleg
-  cfg = small_vit()
-  checkpoint.export_params(str(tmp_path / "t"), {"dense": {"x": np.ones(2, np.float32)}},
-                           dict(model=legacy_record(cfg), form=tleg.EXPORT_FORM))
-  with pytest.raises(ValueError, match=r"TLEG export .* cannot be used: it was written by weit_jax before"):
-    tleg.TLEGSource.from_export(str(tmp_path / "t"))
-
-
 def test_records_round_trip_with_the_options():
   cfg = small_vit("gap", "sincos2d")
   record = models.to_record(cfg)
-  assert models.legacy_of(record) is None and models.from_record(record) == cfg
-  assert models.legacy_of(legacy_record(cfg)) is not None and models.from_record(legacy_record(cfg)).pool_type == "tok"
-  assert dataclasses.asdict(models.from_record(legacy_record(cfg)))["posemb"] == "learn"
+  assert (record["pool_type"], record["posemb"]) == ("gap", "sincos2d") and models.from_record(record) == cfg
 
 
 def test_training_refuses_an_option_other_than_its_exports(tmp_path):

@@ -22,7 +22,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from test_reliability import assert_refused, committed_steps, ok, run_main, snapshot
+from helpers import assert_refused, committed_steps, ok, run_main, snapshot
 from weit_jax import checkpoint, metrics, models
 
 # inverted_pendulum: the cheapest brax system to compile (about half of hopper's compile time).
@@ -257,8 +257,8 @@ def test_init_for_both_morphologies_and_train_from_an_export(reference, tmp_path
   train.validate(tc, str(tmp_path / "train"))
   assert train.task_with_export(tc).obs_stats == meta["observation_stats"]
   carry = {"obs_stats": jax.tree_util.tree_map(np.asarray, tasks.control.stats_from_record(meta["observation_stats"]))}
-  assert train.observation_stats({"carry": carry}) == {"observation_stats": meta["observation_stats"]}
-  assert train.observation_stats({}) == {}  # other tasks' exports have none
+  assert tasks.from_config(tc).export_record(carry) == {"observation_stats": meta["observation_stats"]}
+  assert tasks.from_config(tc).export_record(None) == {}  # a run without a carry records none
   tc.env = "inverted_pendulum"
   with pytest.raises(ValueError, match=r"exported for other data sizes .*policy_init.py --config.env=inverted_pendulum"):
     train.validate(tc, str(tmp_path / "train_ip"))

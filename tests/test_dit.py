@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from test_generator import numpy_materialize
-from test_vit import posemb_sincos_2d, randomized
-from weit_jax import generator, sample_quality
+from helpers import TINY_RECIPE, evenly, numpy_materialize, posemb_sincos_2d, randomized
+from weit_jax import generator
+from weit_jax.evaluators import sample_quality
 from weit_jax.models import dit
 
 
@@ -199,9 +199,9 @@ def test_pretrain_init_sample_train_a_dit(learnable_data, tmp_path, monkeypatch)
   # Training from the export measures sample quality at eval steps and at the end, with a grid
   # each time (the classifier: the recipe at a tiny size, on the same learnable data).
   from configs import dit_train
-  from weit_jax import feature_classifier, metrics
+  from weit_jax import metrics
+  from weit_jax.evaluators import feature_classifier
   from weit_jax.programs import train
-  from test_sample_quality import TINY_RECIPE
   monkeypatch.setattr(feature_classifier, "RECIPE", TINY_RECIPE)
   tc = _config(dit_train, learnable_data, total_steps=2, eval_every=1, checkpoint_every=2, init=export,
                sample_quality=dict(per_class=3, steps=2, guidance=1.0, seed=0))
@@ -254,7 +254,6 @@ def test_weight_selection_and_tleg_serve_dits(tmp_path):
   selection keeps the first layers and evenly spaced indices along every width axis (the class
   table too: it is an input of a generator, not a head), TLEG gives layer l of L' the value
   A + (l / L') B; every init's tree runs in the target DiT."""
-  from test_inits import evenly
   from weit_jax import inits, models
   from weit_jax.inits import common, tleg
   fmt = dict(image_size=28, channels=1, num_classes=10)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
+from helpers import numpy_materialize
 from weit_jax import generator as G
 from weit_jax import sharding
 from weit_jax.models import vit
@@ -29,14 +30,6 @@ def random_state(gen, seed):
   draw = lambda tree: jax.tree_util.tree_map(
       lambda s: jnp.asarray(rng.normal(size=s.shape), jnp.float32), tree)
   return draw(gen.template_shapes()), draw(gen.scaler_shapes())
-
-
-def numpy_materialize(bank, t, s):
-  """Oracle: a numpy.kron loop per layer, cropped."""
-  def one(sl):
-    full = sum(np.kron(sl[i], t[i]) for i in range(t.shape[0]))
-    return full[tuple(slice(0, n) for n in bank.crop)]
-  return np.stack([one(sl) for sl in s]) if bank.layers else one(s)
 
 
 @pytest.mark.parametrize("sizes", [

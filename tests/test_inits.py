@@ -1,7 +1,6 @@
 """Baseline initializers (weit_jax.inits): shapes, weight selection against hand-computed indices,
 TLEG's interpolation rule, mimetic factorizations, seeds, exports, and TLEG pre-training."""
 import dataclasses
-import os
 
 import chex
 import flax.linen as nn
@@ -12,6 +11,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
+from helpers import evenly
 from weit_jax import checkpoint, inits, models
 from weit_jax.inits import common, mimetic, tleg, weight_selection
 from weit_jax.models import vit
@@ -124,13 +124,6 @@ def arange_params(cfg):
   """Every leaf holds its own flat index: a selected value names the source element it came from."""
   return traverse_util.unflatten_dict({k: np.arange(np.prod(s), dtype=np.float32).reshape(s)
                                        for k, s in own_shapes(cfg).items()})
-
-
-def evenly(n_source, n_target):
-  """Independent oracle: floor(i * (n_source - 1) / (n_target - 1) + 1/2) (no ties in the cases below)."""
-  if n_source % n_target == 0:
-    return [i * (n_source // n_target) for i in range(n_target)]
-  return [int(np.floor(i * (n_source - 1) / (n_target - 1) + 0.5)) for i in range(n_target)]
 
 
 CASES = [

@@ -1,18 +1,14 @@
 """Pre-training pieces: a step lowers the loss on a fixed batch (both constraint modes), the train
 state round-trips through a checkpoint onto other shardings, and templates warm-started from a
 dense export by closed-form extraction reproduce it."""
-import os
-
 import chex
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
 
 from configs import vit_pretrain
-from weit_jax import checkpoint, generator, sharding, train_loop
-from weit_jax.models import vit
+from weit_jax import checkpoint, sharding, train_loop
 from weit_jax.programs import pretrain
 
 

@@ -1,5 +1,5 @@
-"""Sample quality (weit_jax/sample_quality.py): the Fréchet distance against closed forms and scipy's
-sqrtm; the feature classifier (weit_jax/feature_classifier.py) and the measurement on it."""
+"""Sample quality (weit_jax/evaluators/sample_quality.py): the Fréchet distance against closed forms and scipy's
+sqrtm; the feature classifier (weit_jax/evaluators/feature_classifier.py) and the measurement on it."""
 import os
 
 import jax
@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 import scipy.linalg
 
-from weit_jax import feature_classifier, input_pipeline, sample_quality
+from helpers import TINY_RECIPE
+from weit_jax import input_pipeline
+from weit_jax.evaluators import distances, feature_classifier, sample_quality
 
 
 def random_spd(rng, d):
@@ -22,7 +24,7 @@ def test_diagonal_gaussians_closed_form():
   mu1, mu2 = rng.normal(size=6), rng.normal(size=6)
   s1, s2 = rng.uniform(0.1, 3, 6), rng.uniform(0.1, 3, 6)
   want = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(s1) - np.sqrt(s2)) ** 2)
-  assert sample_quality.frechet_distance(mu1, np.diag(s1), mu2, np.diag(s2)) == pytest.approx(want, rel=1e-10)
+  assert distances.frechet_distance(mu1, np.diag(s1), mu2, np.diag(s2)) == pytest.approx(want, rel=1e-10)
 
 
 def test_general_covariances_match_the_sqrtm_formula():
@@ -30,8 +32,8 @@ def test_general_covariances_match_the_sqrtm_formula():
   for d in (3, 17):
     mu1, mu2, c1, c2 = rng.normal(size=d), rng.normal(size=d), random_spd(rng, d), random_spd(rng, d)
     want = np.sum((mu1 - mu2) ** 2) + np.trace(c1 + c2 - 2 * np.real(scipy.linalg.sqrtm(c1 @ c2)))
-    assert sample_quality.frechet_distance(mu1, c1, mu2, c2) == pytest.approx(want, rel=1e-8)
-    assert sample_quality.frechet_distance(mu1, c1, mu1, c1) == pytest.approx(0.0, abs=1e-9)
+    assert distances.frechet_distance(mu1, c1, mu2, c2) == pytest.approx(want, rel=1e-8)
+    assert distances.frechet_distance(mu1, c1, mu1, c1) == pytest.approx(0.0, abs=1e-9)
 
 
 def test_feature_statistics_and_sample_estimates():
@@ -41,15 +43,15 @@ def test_feature_statistics_and_sample_estimates():
   a = rng.multivariate_normal(np.zeros(4), cov, size=20_000)
   b = rng.multivariate_normal(np.zeros(4), cov, size=20_000)
   c = b + np.array([1.0, 0.0, 0.0, 0.0])
-  mu_a, cov_a = sample_quality.feature_statistics(a)
+  mu_a, cov_a = distances.feature_statistics(a)
   np.testing.assert_allclose(cov_a, np.cov(a.T), rtol=1e-12)
-  same = sample_quality.frechet_distance(mu_a, cov_a, *sample_quality.feature_statistics(b))
-  shifted = sample_quality.frechet_distance(mu_a, cov_a, *sample_quality.feature_statistics(c))
+  same = distances.frechet_distance(mu_a, cov_a, *distances.feature_statistics(b))
+  shifted = distances.frechet_distance(mu_a, cov_a, *distances.feature_statistics(c))
   assert same < 0.01 and shifted == pytest.approx(1.0 + same, abs=0.02)
   with pytest.raises(ValueError, match="N >= 2"):
-    sample_quality.feature_statistics(np.ones((1, 4)))
+    distances.feature_statistics(np.ones((1, 4)))
   with pytest.raises(ValueError, match="different dimensions"):
-    sample_quality.frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
+    distances.frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
 
 
 def test_kernel_distance_matches_the_pairwise_sums():
@@ -59,18 +61,14 @@ def test_kernel_distance_matches_the_pairwise_sums():
   want = (sum(k(x[i], x[j]) for i in range(7) for j in range(7) if i != j) / 42
           + sum(k(y[i], y[j]) for i in range(9) for j in range(9) if i != j) / 72
           - 2 * sum(k(a, b) for a in x for b in y) / 63)
-  assert sample_quality.kernel_distance(x, y) == pytest.approx(want, rel=1e-10)
+  assert distances.kernel_distance(x, y) == pytest.approx(want, rel=1e-10)
   big = rng.normal(size=(4000, 3))
-  assert abs(sample_quality.kernel_distance(big[:2000], big[2000:])) < 0.01  # unbiased: ~0 for one law
+  assert abs(distances.kernel_distance(big[:2000], big[2000:])) < 0.01  # unbiased: ~0 for one law
   with pytest.raises(ValueError, match="N, M >= 2"):
-    sample_quality.kernel_distance(x, y[:, :4])
+    distances.kernel_distance(x, y[:, :4])
 
 
 # --- the feature classifier and the measurement on it ------------------------------------------------
-
-TINY_RECIPE = dict(feature_classifier.RECIPE, channels=(4, 8), features=16, steps=60, batch_size=32, lr=5e-3,
-                   crop_padding=0,  # a shift of 2 rows would move a bar to the next class
-                   reference_split="train[:240]", test_split="test")
 
 
 @pytest.fixture(scope="module")

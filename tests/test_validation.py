@@ -6,39 +6,24 @@ workdir's recorded run) before its first write. These tests call each program's 
 test here compiles a training step except the one pre-training fixture that the init cases need.
 """
 import fnmatch
-import hashlib
 import json
 import os
 import shutil
 
 import ml_collections
 import pytest
-from absl import flags
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import main
+import helpers
 from configs import resnet_init, resnet_pretrain, resnet_train, vit_init, vit_pretrain, vit_train
-from weit_jax import checkpoint, config_checks, train_loop
+from weit_jax import config_checks, train_loop
 from weit_jax.programs import init as init_program
 from weit_jax.programs import pretrain, train
 
 PROGRAMS = {"pretrain": pretrain, "init": init_program, "train": train}
-USER_ERRORS = (ValueError, FileNotFoundError, checkpoint.CheckpointError)
-
-
-def snapshot(path):
-  """Every file under ``path`` with a hash of its bytes; None if ``path`` does not exist."""
-  if not os.path.exists(path):
-    return None
-  out = {}
-  for dp, dirs, fs in os.walk(path):
-    for d in dirs:
-      out[os.path.relpath(os.path.join(dp, d), path) + "/"] = None
-    for f in fs:
-      with open(os.path.join(dp, f), "rb") as fh:
-        out[os.path.relpath(os.path.join(dp, f), path)] = hashlib.sha256(fh.read()).hexdigest()
-  return out
+USER_ERRORS = helpers.USER_ERRORS
+snapshot = helpers.snapshot
 
 
 def unlocked(config):
@@ -66,13 +51,7 @@ def templates_workdir(tmp_path_factory, data_flags):
   return workdir
 
 
-def parse(argv, workdir):
-  """``main.py ARGV --workdir=WORKDIR``'s config, parsed exactly as main.py parses it."""
-  argv = ["main.py", *argv, f"--workdir={workdir}"]
-  fv = flags.FlagValues()
-  main.define_flags(fv, sys_argv=argv)
-  main.parse_flags(argv, fv)
-  return fv.config, fv.workdir
+parse = helpers.parse_main
 
 
 def base_argv(program, data_flags, templates_workdir=None):

@@ -7,23 +7,14 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
+from helpers import big_vision_tree, posemb_sincos_2d, randomized
 from weit_jax.models import vit
 
 
-def posemb_sincos_2d(h, w, width, temperature=10_000.0):
-  """MoCo v3's table as big_vision writes it: [sin(x w), cos(x w), sin(y w), cos(y w)], w = T^-i/(d/4-1)."""
-  rows, cols = np.divmod(np.arange(h * w), w)  # token m = row * w + col
-  omega = temperature ** -(np.arange(width // 4) / (width // 4 - 1))
-  x, y = np.outer(cols, omega), np.outer(rows, omega)
-  return np.concatenate([np.sin(x), np.cos(x), np.sin(y), np.cos(y)], axis=1)[None]
-
-
-def reference_forward(params, images, cfg, legacy=False):
+def reference_forward(params, images, cfg):
   """big_vision's ``vit._Model.__call__`` in numpy (einsum attention), written from its equations,
   independently of the Flax module: the position embedding is added to the patch tokens before
-  the class token is prepended (``tok``); the head reads token 0 (``tok``) or the mean (``gap``).
-  ``legacy``: weit_jax's layout before 2026-11-29 (class token first, then one position embedding
-  for every token)."""
+  the class token is prepended (``tok``); the head reads token 0 (``tok``) or the mean (``gap``)."""
   p = traverse_util.flatten_dict(jax.tree_util.tree_map(lambda x: np.asarray(x, np.float64), params), sep="/")
   x = np.asarray(images, np.float64)
   n, hh, ww, c = x.shape
@@ -32,12 +23,9 @@ def reference_forward(params, images, cfg, legacy=False):
   tok = patches @ p["embedding/kernel"].reshape(-1, cfg.width) + p["embedding/bias"]
   pos = p["pos_embedding"] if cfg.posemb == "learn" else posemb_sincos_2d(hh // ps, ww // ps, cfg.width)
   cls = lambda: np.broadcast_to(p["cls"], (n, 1, cfg.width))
-  if legacy:
-    tok = np.concatenate([cls(), tok], 1) + pos
-  else:
-    tok = tok + pos
-    if cfg.pool_type == "tok":
-      tok = np.concatenate([cls(), tok], 1)
+  tok = tok + pos
+  if cfg.pool_type == "tok":
+    tok = np.concatenate([cls(), tok], 1)
 
   def ln(v, scale, bias):
     mu = v.mean(-1, keepdims=True)
@@ -66,38 +54,6 @@ def reference_forward(params, images, cfg, legacy=False):
   tok = ln(tok, p["Transformer/encoder_norm/scale"], p["Transformer/encoder_norm/bias"])
   pooled = tok[:, 0] if cfg.pool_type == "tok" else tok.mean(axis=1)
   return pooled @ p["head/kernel"] + p["head/bias"]
-
-
-def big_vision_tree(cfg):
-  """Parameter names and shapes of big_vision's ``vit.Model(num_classes, width, depth, mlp_dim,
-  num_heads, patch_size, pool_type, posemb, scan=True)``, read off its module definitions."""
-  w, m, h, L, p = cfg.width, cfg.mlp_dim, cfg.num_heads, cfg.depth, cfg.patch_size
-  tree = {"embedding/kernel": (p, p, cfg.channels, w), "embedding/bias": (w,),
-          "Transformer/encoder_norm/scale": (w,), "Transformer/encoder_norm/bias": (w,),
-          "head/kernel": (w, cfg.num_classes), "head/bias": (cfg.num_classes,)}
-  if cfg.posemb == "learn":  # big_vision's get_posemb: a parameter only when learned
-    tree["pos_embedding"] = (1, (cfg.image_size // p) ** 2, w)
-  if cfg.pool_type == "tok":
-    tree["cls"] = (1, 1, w)
-  block = "Transformer/encoderblock/"
-  for ln in ("LayerNorm_0", "LayerNorm_1"):
-    tree.update({f"{block}{ln}/scale": (L, w), f"{block}{ln}/bias": (L, w)})
-  for proj in ("query", "key", "value"):
-    tree.update({f"{block}MultiHeadDotProductAttention_0/{proj}/kernel": (L, w, h, w // h),
-                 f"{block}MultiHeadDotProductAttention_0/{proj}/bias": (L, h, w // h)})
-  tree.update({f"{block}MultiHeadDotProductAttention_0/out/kernel": (L, h, w // h, w),
-               f"{block}MultiHeadDotProductAttention_0/out/bias": (L, w),
-               f"{block}MlpBlock_0/Dense_0/kernel": (L, w, m), f"{block}MlpBlock_0/Dense_0/bias": (L, m),
-               f"{block}MlpBlock_0/Dense_1/kernel": (L, m, w), f"{block}MlpBlock_0/Dense_1/bias": (L, w)})
-  return tree
-
-
-def randomized(params, seed):
-  """Every parameter random (the model's own init has zero heads and unit norms)."""
-  leaves, treedef = jax.tree_util.tree_flatten(params)
-  rng = np.random.default_rng(seed)
-  return jax.tree_util.tree_unflatten(
-      treedef, [jnp.asarray(rng.normal(scale=0.3, size=x.shape), jnp.float32) for x in leaves])
 
 
 OPTIONS = [dict(pool_type=pool, posemb=posemb) for pool in ("tok", "gap") for posemb in ("learn", "sincos2d")]

@@ -10,16 +10,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import zipfile
 from typing import Any, Mapping
 
+import flax.linen as nn
 import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+
+from weit_jax import models, sharding
 
 
 def absolute(path: str) -> str:
@@ -155,7 +159,6 @@ def export_params(directory: str, params, meta: Mapping[str, Any]) -> None:
 
   The JSON is written last (atomically), so a folder with ``export.json`` is a complete export.
   """
-  from weit_jax import models
   path = epath.Path(absolute(directory))
   if (path / EXPORT_META).exists():
     raise CheckpointError(f"{path} already holds an export; choose another folder.")
@@ -229,13 +232,9 @@ def load_params(directory: str, mesh=None, expected_model=None):
   """Restores an export (plain parameters of any model family) onto one device, or sharded onto
   ``mesh`` by the logical rules. ``expected_model``: a model config the export must match (checked
   first; the runtime fields, e.g. the dtype, may differ)."""
-  import dataclasses
-  import flax.linen as nn
-  from weit_jax import models, sharding
 
   record = read_export_meta(directory)["model"]
   recorded = models.from_record(record)
-  legacy = models.legacy_of(record)
   if expected_model is not None:
     have, want = models.to_record(recorded), models.to_record(expected_model)
     diff = {k: (have.get(k), want.get(k)) for k in sorted(set(have) | set(want))
@@ -252,9 +251,4 @@ def load_params(directory: str, mesh=None, expected_model=None):
     target = jax.tree_util.tree_map(lambda _: device, abstract)
   else:
     target = sharding.shardings(abstract, nn.get_partition_spec(boxed)["params"], mesh)
-  if legacy is None:
-    return restore_tree(epath.Path(directory) / "params", abstract_with_shardings(abstract, target))
-  # An older layout of the family's parameters: restore what it stored, convert exactly.
-  stored = restore_tree(epath.Path(directory) / "params",
-                        abstract_with_shardings(legacy.stored_shapes(abstract), target))
-  return jax.tree_util.tree_map(jax.device_put, legacy.upgrade(stored), target)
+  return restore_tree(epath.Path(directory) / "params", abstract_with_shardings(abstract, target))

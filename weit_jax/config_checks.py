@@ -92,17 +92,6 @@ PLACEMENT_FIELDS = (
 ADDED_FIELDS = {"model.family": "vit", "target.family": "vit", "task": "classification"}
 
 
-def legacy_layout(recorded: Mapping[str, Any]) -> str | None:
-  """Why a recorded config (a workdir's ``config.json``) holds a model of an older parameter layout
-  (``models.Legacy``), or None. Its checkpoints cannot be resumed by this version."""
-  from weit_jax import models
-  for key in ("model", "target"):
-    section = recorded.get(key)
-    if isinstance(section, Mapping) and (legacy := models.legacy_of(section)):
-      return legacy.note
-  return None
-
-
 def flatten(config: ml_collections.ConfigDict | Mapping[str, Any]) -> dict[str, Any]:
   """Dotted field name -> value, for every leaf of ``config`` (a ConfigDict or its JSON dict)."""
   tree = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else dict(config)

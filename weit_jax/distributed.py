@@ -7,10 +7,13 @@ On Cloud TPU VMs ``jax.distributed.initialize()`` reads everything from the envi
 """
 from __future__ import annotations
 
+import math
 import os
 
 import jax
 import numpy as np
+
+from weit_jax import sharding
 
 _initialized = False
 CACHE_ENV = "WEIT_COMPILATION_CACHE"  # a directory, or 'off'
@@ -84,8 +87,6 @@ def process_batch_rows(mesh, global_batch_size: int) -> np.ndarray:
   """The rows of a global batch (sorted) that this process's devices hold under the batch sharding
   of ``mesh``: what this process must feed ``jax.make_array_from_process_local_data``, in that
   order. Where the batch is replicated across processes, that is every row."""
-  import math
-  from weit_jax import sharding
   spec = sharding.batch_sharding(mesh)
   axes = spec.spec[0] if len(spec.spec) else None
   axes = (axes,) if isinstance(axes, str) else tuple(axes or ())

@@ -1,5 +1,5 @@
 r"""Compile-only dry runs: the real pre-training step (and the init program's materialize step)
-compiled for a TPU pod slice on any machine, with its per-chip memory and FLOPs (DESIGN.md s. 4).
+compiled for a TPU pod slice on any machine, with its per-chip memory and FLOPs (docs/design.md section 5).
 
 With ``libtpu`` installed (the ``tpu`` extra; keep it in its own virtual environment),
 ``jax.experimental.topologies.get_topology_desc`` describes the chips of a slice without any TPU
@@ -31,6 +31,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+
+from weit_jax import config_checks, generator, models, sharding, train_loop
+from weit_jax.programs import pretrain
 
 GIB = 2 ** 30
 
@@ -131,8 +134,6 @@ def _abstract(tree, shardings):
 def compile_pretrain_step(config, mesh, setup=None):
   """The pre-training step exactly as ``train_loop.run`` jits it, lowered with abstract state, a
   batch of ``config.batch_size`` and the step key. Returns (compiled, setup, seconds)."""
-  from weit_jax import sharding, train_loop
-  from weit_jax.programs import pretrain
   setup = setup or pretrain.build(config)
   task = pretrain.make_task(config, setup)  # a distillation teacher is not modelled (see run())
   abstract, shardings = train_loop.state_shardings(task, mesh)
@@ -153,7 +154,6 @@ def compile_materialize(config, setup, target: str, mesh):
   """The init program's materialize step for ``target`` (e.g. 'H/14'): templates and scalers, sharded
   by the rules, -> the plain parameters, straight into the target's shardings. Returns (compiled,
   the target's model config, a note when the pre-training config's templates cannot feed it, seconds)."""
-  from weit_jax import generator, models, sharding
   fields = models.parse_targets(target, models.family_of(setup.model_config))
   if len(fields) != 1:
     raise ValueError(f"dry_run.materialize={target!r}: give one target size.")
@@ -369,7 +369,6 @@ def format_report(title: str, r: dict[str, Any]) -> str:
 def run(config, workdir: str | None = None) -> dict[str, Any]:
   """The dry run ``config.dry_run`` describes; prints its reports, writes ``WORKDIR/dry_run.json``.
   Raises SystemExit(2) after one line on stderr when a step does not fit."""
-  from weit_jax import config_checks, models, sharding
   if config.program != "pretrain":
     raise ValueError(f"dry runs compile the pre-training step (config.program={config.program!r}); use "
                      "configs/vit_pretrain.py, with --config.dry_run.materialize=TARGET for the init "
@@ -421,7 +420,6 @@ def run(config, workdir: str | None = None) -> dict[str, Any]:
                       "(--config.mesh.fsdp=N), or a smaller batch")
     return r
 
-  from weit_jax.programs import pretrain
   setup = pretrain.build(config)
 
   def pretrain_step():

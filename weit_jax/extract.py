@@ -1,6 +1,6 @@
 """Closed-form template extraction from a dense checkpoint (Van Loan–Pitsianis).
 
-``rearrange`` maps ``kron(S, T)`` (numpy convention, DESIGN.md section 1) to the rank-1 matrix
+``rearrange`` maps ``kron(S, T)`` (numpy convention, docs/design.md section 1) to the rank-1 matrix
 ``outer(vec S, vec T)``. Stacking the rearranged layers of one bank gives ``R`` of shape
 ``(layers * prod(grid), prod(tile))``, and ``sum_t kron(S_lt, T_t)`` for every layer ``l`` is exactly a
 rank-N factorization of ``R``. The truncated SVD is therefore the best shared N-template bank in the

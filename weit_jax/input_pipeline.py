@@ -38,6 +38,7 @@ from ml_collections import config_dict
 from PIL import Image
 
 from weit_jax import datasets as local_datasets
+from weit_jax import distributed
 from weit_jax.datasets import fashion_mnist_local, mnist_5k
 
 RANDOM_CROPS = ("none", "inception", "resize_crop")
@@ -430,7 +431,6 @@ def make_train_iterator(data_config: Any, *, global_batch_size: int, seed: int,
   o = _options(data_config)
   info = DATASETS[o.name]
   if mesh is not None:
-    from weit_jax import distributed
     if global_batch_size <= 0:
       raise ValueError(f"global batch size {global_batch_size} must be positive.")
     rows = distributed.process_batch_rows(mesh, global_batch_size)

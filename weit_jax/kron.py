@@ -1,6 +1,6 @@
 """The composition math: W = crop(sum_t kron(S_t, T_t)), pure jnp, no Flax.
 
-Convention (DESIGN.md section 1): along every axis, entry ``i * w + j`` of the result takes scaler
+Convention (docs/design.md section 1): along every axis, entry ``i * w + j`` of the result takes scaler
 index ``i`` and template index ``j``, exactly like ``numpy.kron``. Blocks are templates.
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Cross-entropy, distillation, and the constraint regularizer (DESIGN.md section 3)."""
+"""Cross-entropy, distillation, and the constraint regularizer (docs/design.md section 4)."""
 from __future__ import annotations
 
 import jax

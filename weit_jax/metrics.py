@@ -83,7 +83,7 @@ def read_metrics(workdir: str) -> list[dict]:
   return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-# How a plot names a metric whose key alone would mislead (sample_quality.FID_NAME; spelled out here
+# How a plot names a metric whose key alone would mislead (evaluators.sample_quality.FID_NAME; spelled out here
 # so that metrics imports nothing of the tasks).
 EVAL_LABELS = {"eval_fid_fmnist_classifier_features": "FID, Fashion-MNIST classifier features"}
 # The training metric drawn beside an eval metric when its name is not the eval name without ``eval_``:

@@ -3,7 +3,7 @@ freezing through ``optax.partition``."""
 from __future__ import annotations
 
 import re
-from typing import Any, Mapping
+from typing import Mapping
 
 import jax
 import optax

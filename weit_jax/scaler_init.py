@@ -1,5 +1,5 @@
 """Scalers for a new model size from pre-trained templates: the ``interpolate`` and ``random``
-heuristics of the init program (DESIGN.md section 1, stage 2)."""
+heuristics of the init program (docs/design.md section 1, stage 2)."""
 from __future__ import annotations
 
 import math

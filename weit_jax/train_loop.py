@@ -17,7 +17,7 @@ import numpy as np
 import optax
 from etils import epath
 
-from weit_jax import checkpoint, config_checks, metrics, sharding
+from weit_jax import checkpoint, config_checks, input_pipeline, metrics, sharding
 
 
 class DivergenceError(RuntimeError):
@@ -72,10 +72,6 @@ def check_workdir(config, workdir: str) -> bool:
   if previous == current:
     return False
   if not config.get("overwrite", False):
-    if (note := config_checks.legacy_layout(json.loads(path.read_text()))):
-      raise ValueError(f"workdir {workdir} holds a run this version cannot resume: {note}. Use another "
-                       "--workdir, or --config.overwrite=True to start it over; exports of that version "
-                       "still load (they are converted exactly).")
     diff = sorted(k for k in set(previous) | set(current) if previous.get(k) != current.get(k))
     raise ValueError(f"workdir {workdir} holds a run of a different config (fields {diff} differ); "
                      "use another --workdir, or --config.overwrite=True to start it over.")
@@ -250,7 +246,6 @@ def format_eval(ev: Mapping[str, float]) -> str:
 def _resume_data_at(data_iter, step: int, saved_by: int) -> None:
   """One batch per step: the data resumes at global batch ``step`` (input_pipeline.seek), or, for
   an iterator that cannot seek, from its start, with a warning."""
-  from weit_jax import input_pipeline
   try:
     input_pipeline.seek(data_iter, step)
     metrics.log(f"The data state was saved by {saved_by} process(es), this run has {jax.process_count()}: "

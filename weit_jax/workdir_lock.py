@@ -27,6 +27,11 @@ import threading
 import time
 import uuid
 
+import jax
+import numpy as np
+
+from weit_jax import metrics
+
 LOCK_NAME = "lock.json"
 HEARTBEAT_S = 60.0
 STALE_AFTER_S = 600.0  # ten missed heartbeats
@@ -165,9 +170,6 @@ def hold(workdir: str, program: str):
   """Holds ``workdir`` while the block runs (call it after the config is validated: it is a run's
   first write). Released at a normal or error exit and at SIGTERM (turned into ``SystemExit(143)``
   here; the training loop's own handler saves a checkpoint first)."""
-  import jax
-  import numpy as np
-  from weit_jax import metrics
   lock, refusal = None, None
   if jax.process_index() == 0:
     try:

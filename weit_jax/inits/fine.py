@@ -258,15 +258,13 @@ def pretrain(config, workdir: str) -> dict:
 
   ``config``: a ``configs/<family>_train.py``-style config (``init`` must be unset).
   """
-  from weit_jax.programs import train
-  from weit_jax.programs.pretrain import model_config_from
   if config.get("init"):
     raise ValueError("FINE pre-training starts from its own initialization; unset config.init.")
   config_checks.check_ranges(config)
   config = _without_sample_quality(config)
   task = tasks.from_config(config)
   optim.schedule(optim.with_total_steps(config.optim, task.optimizer_steps(config.total_steps)))
-  cfg = model_config_from(config)
+  cfg = tasks.model_config(config)
   mesh = sharding.make_mesh(dict(config.mesh))
   task.prepare()
   config = config.copy_and_resolve_references()
@@ -289,7 +287,7 @@ def pretrain(config, workdir: str) -> dict:
                                dict(model=models.to_record(cfg), form=EXPORT_FORM, init="fine_aux",
                                     steps=int(config.total_steps),
                                     **{k: v for k, v in summary.items() if k.startswith("eval_")},
-                                    **train.observation_stats(summary)))
+                                    **task.export_record(summary.get("carry"))))
     return summary
 
 

@@ -107,9 +107,6 @@ class TLEGSource:
     if meta.get("form") != EXPORT_FORM:
       raise ValueError(f"{directory} is not a TLEG export (form={meta.get('form')!r}); give the folder "
                        "tleg.pretrain wrote (WORKDIR/tleg_export).")
-    if (legacy := models.legacy_of(meta["model"])):
-      raise ValueError(f"the TLEG export {directory} cannot be used: {legacy.note}. "
-                       "Run TLEG's auxiliary pre-training again with this version.")
     cfg = models.from_record(meta["model"])
     abstract = jax.eval_shape(lambda k: initial_tree(cfg, k), jax.random.key(0))
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
@@ -180,14 +177,12 @@ def pretrain(config, workdir: str) -> dict:
 
   ``config``: a ``configs/<family>_train.py``-style config (``init`` must be unset).
   """
-  from weit_jax.programs import train
-  from weit_jax.programs.pretrain import model_config_from
   if config.get("init"):
     raise ValueError("TLEG pre-training starts from its own initialization; unset config.init.")
   config_checks.check_ranges(config)
   task = tasks.from_config(config)
   optim.schedule(optim.with_total_steps(config.optim, task.optimizer_steps(config.total_steps)))
-  cfg = model_config_from(config)
+  cfg = tasks.model_config(config)
   mesh = sharding.make_mesh(dict(config.mesh))
   task.prepare()
   config = config.copy_and_resolve_references()
@@ -209,5 +204,5 @@ def pretrain(config, workdir: str) -> dict:
       checkpoint.export_params(out, tree, dict(model=models.to_record(cfg), form=EXPORT_FORM, init="tleg_aux",
                                                steps=int(config.total_steps),
                                                **{k: v for k, v in summary.items() if k.startswith("eval_")},
-                                               **train.observation_stats(summary)))
+                                               **task.export_record(summary.get("carry"))))
     return summary

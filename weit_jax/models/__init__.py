@@ -19,7 +19,6 @@ A family (``config.model.family``: ``vit``, ``resnet``, ``dit``, ``policy``) is:
                   embedding): a target always has its templates' options
   data_fields     the fields set from the dataset (image size, channels, classes)
   train_flops     ``(config, batch) -> model FLOPs of one training step`` (for MFU), or None
-  legacy          how records of an older layout of the family's parameters load (``Legacy``), or None
   big_vision_npz  whether exports also write big_vision's ``params.npz`` (the parameter tree is
                   big_vision's own model's)
   tasks           the tasks (``weit_jax.tasks``) its models serve: their inputs and outputs
@@ -54,16 +53,6 @@ RUNTIME_FIELDS = ("dtype", "remat_policy")
 
 
 @dataclasses.dataclass(frozen=True)
-class Legacy:
-  """An older parameter layout of a family: which records have it, the shapes it stored, and the
-  exact conversion of its parameters to today's layout."""
-  is_legacy: Callable[[Mapping[str, Any]], bool]  # a model record or a workdir's config.model
-  stored_shapes: Callable[[dict], dict]  # today's abstract params -> the shapes a legacy export holds
-  upgrade: Callable[[dict], dict]  # legacy params -> today's, the same function of the input
-  note: str  # why it is legacy, for messages
-
-
-@dataclasses.dataclass(frozen=True)
 class Family:
   name: str
   config_cls: type
@@ -78,7 +67,6 @@ class Family:
   option_fields: tuple[str, ...] = ()
   data_fields: tuple[str, ...] = ("image_size", "channels", "num_classes")
   train_flops: Callable[[Any, int], float] | None = None
-  legacy: Legacy | None = None
   big_vision_npz: bool = False
   tasks: tuple[str, ...] = ("classification",)
   # True: the ``classes``-axis parameters are an output head (a classifier's), which weight
@@ -107,8 +95,6 @@ FAMILIES: dict[str, Family] = {
     "vit": Family("vit", vit.ViTConfig, vit.make_config, vit.VARIANTS, vit.parse_variant, vit.ViT,
                   vit.dummy_inputs, vit.SIZE_FIELDS, {"heads": "num_heads", "mlp": "mlp_dim", "patch": "patch_size"},
                   _keep_mlp_ratio, option_fields=vit.OPTION_FIELDS, train_flops=vit.train_flops,
-                  legacy=Legacy(vit.legacy_record, vit.legacy_param_shapes, vit.upgrade_legacy_params,
-                                vit.LEGACY_NOTE),
                   big_vision_npz=True),
     "resnet": Family("resnet", resnet.ResNetConfig, resnet.make_config, resnet.VARIANTS, resnet.parse_variant,
                      resnet.ResNet, resnet.dummy_inputs, resnet.SIZE_FIELDS + ("stem",), resnet.ALIASES,
@@ -190,17 +176,9 @@ def to_record(config) -> dict:
   return dict(dataclasses.asdict(config), family=family_of(config).name)
 
 
-def legacy_of(record: Mapping[str, Any]) -> Legacy | None:
-  """The older parameter layout (``Legacy``) a model record (or a workdir's recorded ``config.model``)
-  has, or None for today's layout."""
-  legacy = get(record.get("family") or "vit").legacy
-  return legacy if legacy is not None and legacy.is_legacy(record) else None
-
-
 def from_record(record: Mapping[str, Any]):
   """A model config from ``to_record``'s output; records without a family (written before there
-  were families) are ViTs. A legacy record (``legacy_of``) gives today's config of the same model:
-  ``checkpoint.load_params`` converts its parameters."""
+  were families) are ViTs."""
   fields = dict(record)
   family = get(fields.pop("family", "vit"))
   valid = {f.name for f in dataclasses.fields(family.config_cls)}
@@ -282,6 +260,6 @@ def runtime_of(config) -> dict[str, Any]:
   return {k: getattr(config, k) for k in RUNTIME_FIELDS}
 
 
-__all__ = ["FAMILIES", "FIXED_AXES", "Family", "Legacy", "build", "classifier_paths", "dummy_inputs", "family_of",
-           "from_config", "from_record", "get", "init_params", "legacy_of", "option_conflict", "other_classes", "same_up_to_head", "parse_targets", "resnet",
+__all__ = ["FAMILIES", "FIXED_AXES", "Family", "build", "classifier_paths", "dummy_inputs", "family_of",
+           "from_config", "from_record", "get", "init_params", "option_conflict", "other_classes", "same_up_to_head", "parse_targets", "resnet",
            "RUNTIME_FIELDS", "runtime_of", "target_config", "to_record", "vit", "with_fresh_classifier"]

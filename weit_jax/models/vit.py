@@ -10,11 +10,6 @@ An export loads into big_vision's ViT with the same sizes and options (its ``par
 Every parameter carries logical axis names (``embed``, ``mlp``, ``heads``, ``kv``, ...). The same
 names drive sharding (``weit_jax.sharding``) and the Kronecker composition (``weit_jax.generator``):
 the model itself knows nothing of templates.
-
-Records written before this layout (weit_jax 2026-11-28 and earlier: the class token had a learned
-position embedding, ``pos_embedding`` of ``patches + 1`` rows, and the record no ``pool_type``) are
-``legacy_record``s: ``upgrade_legacy_params`` converts their parameters exactly, as big_vision's
-``fix_old_checkpoints`` does (the class token's position embedding is added to the class token).
 """
 from __future__ import annotations
 
@@ -23,7 +18,6 @@ import re
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from weit_jax.models import fields, remat
@@ -247,28 +241,3 @@ def dummy_input(config: ViTConfig, batch: int = 1):
 
 def dummy_inputs(config: ViTConfig, batch: int = 1) -> tuple:
   return (dummy_input(config, batch),)
-
-
-def legacy_record(record) -> bool:
-  """Whether a ViT's recorded config (an export's ``model`` record or a workdir's ``config.model``)
-  predates big_vision's position-embedding layout: such records have no ``pool_type``."""
-  return "pool_type" not in record
-
-
-LEGACY_NOTE = ("it was written by weit_jax before 2026-11-29, whose ViT gave the class token a position "
-               "embedding (pos_embedding of patches + 1 rows); this ViT computes what big_vision's does")
-
-
-def legacy_param_shapes(abstract: dict) -> dict:
-  """The parameter shapes a legacy export stored for a model whose new-layout shapes are ``abstract``."""
-  pos = abstract["pos_embedding"]
-  return dict(abstract, pos_embedding=jax.ShapeDtypeStruct((1, pos.shape[1] + 1, pos.shape[2]), pos.dtype,
-                                                            sharding=getattr(pos, "sharding", None)))
-
-
-def upgrade_legacy_params(params: dict) -> dict:
-  """Legacy parameters (``tok``, ``learn``) -> this layout, computing exactly the same function: the
-  class token's row of the position embedding is added to the class token (big_vision's
-  ``fix_old_checkpoints`` does the same)."""
-  pos = params["pos_embedding"]
-  return dict(params, cls=params["cls"] + pos[:, :1], pos_embedding=pos[:, 1:])

@@ -16,7 +16,7 @@ from etils import epath
 
 from weit_jax import (checkpoint, config_checks, distributed, generator, metrics, models, optim, scaler_init,
                       sharding, tasks, train_loop, workdir_lock)
-from weit_jax.programs import pretrain, train
+from weit_jax.programs import pretrain
 
 def _targets_from_config(config, source, data: dict) -> list:
   """Target model configs: ``config.targets`` ('S/16;depth=7,width=320,heads=5', sizes of the
@@ -111,27 +111,15 @@ def run(config, workdir: str) -> dict:
     return results
 
 
-# What an init config of the control task sets of its task (the environment may differ from the
-# templates': another morphology).
-CONTROL_FIELDS = ("env", "backend", "batch_size", "episode_length", "eval_episodes", "ppo")
-
-
 def _task(config, src_config, src_state) -> tasks.Task:
-  """The task of pre-training, on its first num_examples training examples; for control, the init
-  config's environment and PPO settings, and the templates' observation statistics if the
-  environment observes as many values."""
+  """The task of pre-training as scaler training sees it (``Task.scaler_training_config``: e.g. the
+  first num_examples training examples), continuing from what the templates' run carried (a control
+  task's observation statistics)."""
   task_config = src_config.copy_and_resolve_references()
-  if task_config.get("task") == "control":
-    for name in CONTROL_FIELDS:
-      task_config[name] = config[name]
-    task = tasks.from_config(task_config)
-    stats = src_state["carry"]["obs_stats"]
-    if int(stats["mean"].shape[0]) == task.model_fields()["obs_size"]:
-      task = dataclasses.replace(task, obs_stats=tasks.control.stats_to_record(stats))
-    return task
-  task_config.data.train_split = f"{src_config.data.train_split}[:{int(config.num_examples)}]"
-  task_config.label_smoothing = config.label_smoothing
-  return tasks.from_config(task_config)
+  task_class = tasks.TASKS[task_config.get("task", "classification")]
+  task_class.scaler_training_config(task_config, config)
+  task = tasks.from_config(task_config)
+  return task.continuing(task.export_record(src_state.get("carry")))
 
 
 ADAPT = ("ppo", "distill")
@@ -241,7 +229,7 @@ def _init_one(config, workdir, target: Target, templates, src_setup, src_params,
                            lr=float(config.optim.lr), seed=int(config.seed),
                            **{f"{k.removeprefix('eval_')}_before": v for k, v in before.items()},
                            **{f"{k.removeprefix('eval_')}_after": v for k, v in after.items()}),
-      params=counts, **train.observation_stats({"carry": carry}))
+      params=counts, **task.export_record(carry))
   # The compact form first: the plain export's export.json marks the target as done.
   compact_dir = epath.Path(tdir) / "compact"
   if compact_dir.exists():  # left by a run that died before the plain export

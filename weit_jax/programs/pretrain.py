@@ -1,4 +1,4 @@
-"""Stage 1: constraint-based pre-training of weight templates (DESIGN.md sections 1 and 3).
+"""Stage 1: constraint-based pre-training of weight templates (docs/design.md sections 1 and 4).
 
 The trainable tree is ``{'templates', 'scalers'}`` (``hard``) or ``{'dense', 'templates',
 'scalers'}`` (``soft``); the model (any family of ``weit_jax.models``, ``config.model.family``) is
@@ -14,8 +14,8 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from weit_jax import (checkpoint, config_checks, distributed, generator, losses, metrics, models, optim, sharding,
-                      tasks, train_loop, workdir_lock)
+from weit_jax import (checkpoint, config_checks, distributed, extract, generator, losses, metrics, models, optim,
+                      sharding, tasks, train_loop, workdir_lock)
 
 MODES = ("hard", "soft")
 
@@ -29,21 +29,12 @@ class Setup:
   task: tasks.Task
 
 
-def model_config_from(config, model_fields=None):
-  """The model config from ``config.model`` (or ``model_fields``) and the fields its task's data
-  fixes (image size, channels, classes)."""
-  fields = model_fields if model_fields is not None else config.model
-  cfg = models.from_config(fields, tasks.from_config(config).model_fields())
-  tasks.check_family(config.get("task", "classification"), models.family_of(cfg))
-  return cfg
-
-
 def build(config) -> Setup:
   if config.constraint.mode not in MODES:
     raise ValueError(f"constraint.mode={config.constraint.mode!r}; use one of {MODES}.")
   task = tasks.from_config(config)
   optim.schedule(optim.with_total_steps(config.optim, task.optimizer_steps(config.total_steps)))  # validates it
-  cfg = model_config_from(config)
+  cfg = tasks.model_config(config)
   model = models.build(cfg)
   make_gen = lambda whole=None: generator.WeightGenerator.from_model(
       model, *models.dummy_inputs(cfg), tiles=dict(config.weit.tiles), num_templates=int(config.weit.num_templates),
@@ -134,7 +125,6 @@ def load_teacher(config):
 
 def initial_params_from_dense(config, setup: Setup, task: train_loop.Task):
   """Closed-form templates (Van Loan-Pitsianis + truncated SVD) from a dense plain-model export."""
-  from weit_jax import extract
   dense = checkpoint.load_params(config.init_templates_from)
   templates, scalers, errors = extract.extract_templates(setup.gen, jax.device_get(dense))
   metrics.log(f"Templates extracted from {config.init_templates_from}; relative reconstruction error per bank:")
@@ -210,10 +200,6 @@ def restore_state(workdir: str, step: int | None = None):
   config = ml_collections.ConfigDict(json.loads(path.read_text()))
   if config.get("program") != "pretrain":
     raise ValueError(f"{workdir} holds a {config.get('program')!r} run, not pre-training.")
-  if (note := config_checks.legacy_layout(config.to_dict())):
-    raise ValueError(f"the templates in {workdir} cannot be used: {note}, and templates do not convert "
-                     "exactly (a class token and its position embedding are two template banks). Pre-train "
-                     "templates again with this version.")
   setup = build(config)
   task = make_task(config, setup, teacher=load_teacher(config))  # the state's shape includes the teacher
   mesh = sharding.make_mesh({"data": -1})

@@ -5,7 +5,7 @@
 
 Writes ``S/samples.png`` (rows: classes, columns: samples; the leftmost column of each row says
 the class) and ``S/samples.npz`` (the images in [-1, 1], their labels, and what made them). The
-sampler is ``tasks.diffusion.sample``: Euler steps of the rectified-flow ODE from noise drawn with
+sampler is ``rectified_flow.sample``: Euler steps of the rectified-flow ODE from noise drawn with
 ``config.seed``, classifier-free guidance ``config.guidance``: the same command gives the same
 images.
 """
@@ -17,7 +17,8 @@ import json
 import numpy as np
 from etils import epath
 
-from weit_jax import checkpoint, config_checks, metrics, models, sample_quality, tasks, workdir_lock
+from weit_jax import checkpoint, config_checks, metrics, models, tasks, workdir_lock
+from weit_jax.evaluators import sample_quality
 
 
 def validate(config, workdir: str):

@@ -2,7 +2,6 @@
 from scratch. Every baseline initializer feeds this program; nothing of WeiT remains in the model."""
 from __future__ import annotations
 
-import dataclasses
 
 import flax.linen as nn
 import jax
@@ -11,7 +10,6 @@ from etils import epath
 
 from weit_jax import (checkpoint, config_checks, distributed, metrics, models, optim, sharding, tasks, train_loop,
                       workdir_lock)
-from weit_jax.programs.pretrain import model_config_from
 
 
 def initial_params(config, cfg):
@@ -78,7 +76,7 @@ def validate(config, workdir: str):
                        f"{want!r}; leave it unset (the export's) or give an export of that option.")
     fields = dict({k: getattr(exported, k) for k in family.target_fields + family.option_fields},
                   family=family.name, **{k: config.model.get(k) for k in models.RUNTIME_FIELDS})
-  cfg = model_config_from(config, fields)
+  cfg = tasks.model_config(config, fields)
   model = models.build(cfg)
   mesh = sharding.make_mesh(dict(config.mesh))
   distributed.process_batch_rows(mesh, int(config.batch_size))  # the batch splits over the mesh
@@ -89,14 +87,10 @@ def validate(config, workdir: str):
 
 
 def task_with_export(config):
-  """The config's task; a control task starts from the export's observation statistics (the policy
-  was trained on observations normalized by them), which an export of the same observation size has."""
+  """The config's task, continuing from the export's record (``Task.continuing``: a control task
+  takes the observation statistics the policy was trained with, if they fit)."""
   task = tasks.from_config(config)
-  if config.init and isinstance(task, tasks.Control):
-    stats = checkpoint.read_export_meta(config.init).get("observation_stats")
-    if stats is not None and len(stats["mean"]) == task.model_fields()["obs_size"]:
-      task = dataclasses.replace(task, obs_stats=stats)
-  return task
+  return task.continuing(checkpoint.read_export_meta(config.init)) if config.init else task
 
 
 def run(config, workdir: str) -> dict:
@@ -111,19 +105,11 @@ def run(config, workdir: str) -> dict:
     summary = train_loop.run(config, workdir, trainable, mesh=mesh, train_iter=train_iter, make_eval_iter=make_eval_iter,
                              initial_params=init, summary_extra=dict(program="train", init=config.init or "random"),
                              title=f"training {cfg.short_name()} from {config.init or 'random init'}")
-    write_export(workdir, cfg, config, summary)
+    write_export(workdir, cfg, config, summary, task)
     return summary
 
 
-def observation_stats(summary) -> dict:
-  """``{'observation_stats': ...}`` for an export's record if the run had them (control), else {}."""
-  carry = summary.get("carry")
-  if not carry or "obs_stats" not in carry:
-    return {}
-  return {"observation_stats": tasks.control.stats_to_record(carry["obs_stats"])}
-
-
-def write_export(workdir: str, cfg, config, summary) -> None:
+def write_export(workdir: str, cfg, config, summary, task: tasks.Task) -> None:
   """The trained model as an export (as the init program writes them: to sample, evaluate or train
   on) in ``WORKDIR/export``; one of an earlier, shorter run of the same workdir is replaced."""
   export = epath.Path(workdir) / "export"
@@ -137,5 +123,5 @@ def write_export(workdir: str, cfg, config, summary) -> None:
   evals = {k.removeprefix("eval_"): v for k, v in summary.items() if k.startswith("eval_")}
   checkpoint.export_params(str(export), summary["params"], dict(
       model=models.to_record(cfg), training=dict(init=config.init or "random", steps=steps, seed=int(config.seed),
-                                                 **evals), **observation_stats(summary)))
+                                                 **evals), **task.export_record(summary.get("carry"))))
   metrics.log(f"Exported the trained model to {export}.")

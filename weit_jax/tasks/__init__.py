@@ -1,4 +1,4 @@
-"""Tasks: what a program trains a model *for*, behind one small interface (DESIGN.md section 7).
+"""Tasks: what a program trains a model *for*, behind one small interface (docs/design.md section 3).
 
 A task (``config.task``; default ``classification``) gives the programs:
 
@@ -12,7 +12,7 @@ A task (``config.task``; default ``classification``) gives the programs:
                               sum / count over the eval set
   extra_eval_fn(model_fn, cfg, workdir, mesh)
                               None, or ``(step, params) -> metrics`` computed on the host at eval
-                              steps (diffusion: sample quality and a grid, weit_jax/sample_quality.py)
+                              steps (diffusion: sample quality and a grid, weit_jax/evaluators/sample_quality.py)
 
 ``pretrain``, ``init`` and ``train`` are written once against it and a model family
 (``weit_jax.models``): the constraint regularizer, scaler training, materialize, export and
@@ -24,6 +24,7 @@ bind a task to a model's ``forward(params, *inputs)``. ``diffusion``: image gene
 """
 from __future__ import annotations
 
+from weit_jax import models
 from weit_jax.tasks.base import Task
 from weit_jax.tasks.classification import Classification
 from weit_jax.tasks.control import Control
@@ -40,6 +41,16 @@ def from_config(config):
   return TASKS[name].from_config(config)
 
 
+def model_config(config, model_fields=None):
+  """The model config of ``config.model`` (or ``model_fields``) with the fields its task's data fixes
+  (image size, channels, classes; a control task's observation and action sizes), refused if the
+  family does not serve the task."""
+  fields = model_fields if model_fields is not None else config.model
+  cfg = models.from_config(fields, from_config(config).model_fields())
+  check_family(config.get("task", "classification"), models.family_of(cfg))
+  return cfg
+
+
 def check_family(task: str, family) -> None:
   """Refuses a model family that does not serve ``task`` (``models.Family.tasks``)."""
   if task not in family.tasks:
@@ -48,4 +59,4 @@ def check_family(task: str, family) -> None:
                      f"(e.g. {dict(diffusion='dit', control='policy').get(task, 'vit')}).")
 
 
-__all__ = ["Classification", "Control", "Diffusion", "TASKS", "Task", "check_family", "from_config"]
+__all__ = ["Classification", "Control", "Diffusion", "TASKS", "Task", "check_family", "from_config", "model_config"]

@@ -36,6 +36,24 @@ class Task:
     del forward, kwargs
     return None
 
+  @classmethod
+  def scaler_training_config(cls, config, init_config) -> None:
+    """Turns ``config`` (a copy of pre-training's) into the config of the init program's scaler
+    training, whose own config is ``init_config``."""
+    raise NotImplementedError
+
+  def export_record(self, carry) -> dict:
+    """What an export of a model trained on this task records beside its parameters, from the run's
+    ``experience`` carry (a control task's observation statistics); nothing by default."""
+    del carry
+    return {}
+
+  def continuing(self, record) -> "Task":
+    """This task for a model that starts from an export whose record is ``record`` (or from templates
+    whose run left ``export_record``'s fields): itself by default."""
+    del record
+    return self
+
   def extra_eval_fn(self, model_fn: Callable[..., Any], cfg, workdir: str, mesh):
     """``(step, params) -> more eval metrics``, computed at a run's eval steps beside ``eval_fn``'s
     (a generative task's sample quality), or None. ``model_fn(params, *inputs)`` is the model."""
@@ -48,6 +66,13 @@ class ImageDataTask(Task):
   """The data half of a task on a labelled image dataset (``config.data``): the model fields the
   dataset fixes, preparing it, and its batches (``image``, one-hot ``labels``, eval ``mask``)."""
   data: Any  # config.data (input_pipeline.default_data_config fields)
+
+  @classmethod
+  def scaler_training_config(cls, config, init_config) -> None:
+    """Scalers train on the first ``init_config.num_examples`` training examples."""
+    config.data.train_split = f"{config.data.train_split}[:{int(init_config.num_examples)}]"
+    if "label_smoothing" in init_config:
+      config.label_smoothing = init_config.label_smoothing
 
   def model_fields(self) -> dict[str, int]:
     info = input_pipeline.dataset_info(self.data.name)

@@ -1,4 +1,4 @@
-"""Embodied control: PPO on brax environments (DESIGN.md section 7), the policy a ``policy`` model.
+"""Embodied control: PPO on brax environments (docs/design.md section 3), the policy a ``policy`` model.
 
 One training step of a program (``config.total_steps`` counts them) is one PPO update:
 
@@ -200,6 +200,11 @@ class Experience:
     return self.epochs * self.num_minibatches
 
 
+# What an init config of the control task sets of its task (the environment may differ from the
+# templates': another morphology).
+SCALER_TRAINING_FIELDS = ("env", "backend", "batch_size", "episode_length", "eval_episodes", "ppo")
+
+
 @dataclasses.dataclass(frozen=True)
 class Control(Task):
   """PPO on a brax environment; the model is a ``policy`` (``model(obs) -> (mean, log_std, value)``)."""
@@ -231,6 +236,26 @@ class Control(Task):
     if self.obs_stats is not None and len(self.obs_stats["mean"]) != self.model_fields()["obs_size"]:
       raise ValueError(f"the observation statistics have {len(self.obs_stats['mean'])} entries, {self.env} "
                        f"observes {self.model_fields()['obs_size']}.")
+
+  @classmethod
+  def scaler_training_config(cls, config, init_config) -> None:
+    """The init config's environment and PPO settings (another morphology than the templates' may be
+    asked for)."""
+    for name in SCALER_TRAINING_FIELDS:
+      config[name] = init_config[name]
+
+  def export_record(self, carry) -> dict:
+    """The observation statistics the policy was trained with (its inputs are normalized by them)."""
+    if not carry or "obs_stats" not in carry:
+      return {}
+    return {"observation_stats": stats_to_record(carry["obs_stats"])}
+
+  def continuing(self, record) -> "Control":
+    """Starts from the record's observation statistics if this environment observes as many values."""
+    stats = (record or {}).get("observation_stats")
+    if stats is None or len(stats["mean"]) != self.model_fields()["obs_size"]:
+      return self
+    return dataclasses.replace(self, obs_stats=stats)
 
   def optimizer_steps(self, total_steps: int) -> int:
     """Optimizer updates in a run of ``total_steps`` PPO updates (what the LR schedule spans)."""

@@ -1,12 +1,12 @@
 """Samples of an image-generation model and their quality.
 
-``generate``: class-conditional samples (``tasks.diffusion.sample``, jitted once per shape);
+``generate``: class-conditional samples (``rectified_flow.sample``, jitted once per shape);
 ``grid_png``: a grid of them, one row per class. ``measure``: the Fréchet distance between
 Gaussians fitted to the features of real and generated images,
 ``||mu_1 - mu_2||^2 + Tr(S_1 + S_2 - 2 (S_1 S_2)^(1/2))`` (FID's formula), and class fidelity (how
 often the classifier names the class a sample was generated for). Which network gives the features
 decides what the number means: no Inception weights can be downloaded here, so the features are
-those of a Fashion-MNIST classifier the project trains itself (``weit_jax.feature_classifier``), and
+those of a Fashion-MNIST classifier the project trains itself (``evaluators/feature_classifier.py``), and
 the metric is called "FID, Fashion-MNIST classifier features" everywhere, never "FID" alone.
 ``SampleEval``: both, with a sample grid, at the eval steps of a training run.
 
@@ -23,52 +23,13 @@ import jax
 import numpy as np
 from etils import epath
 
-from weit_jax.tasks import diffusion
+from weit_jax import rectified_flow
+from weit_jax.evaluators.distances import feature_statistics, frechet_distance
 
 # Keys of the metrics a training run logs (as eval_<key>) and the benchmark reports, and the FID's name.
 FID_KEY = "fid_fmnist_classifier_features"
 FID_NAME = "FID, Fashion-MNIST classifier features"
 FIDELITY_KEY = "class_fidelity"
-
-
-def feature_statistics(features) -> tuple[np.ndarray, np.ndarray]:
-  """Mean and (unbiased) covariance of ``[N, D]`` features, in float64."""
-  f = np.asarray(features, np.float64)
-  if f.ndim != 2 or f.shape[0] < 2:
-    raise ValueError(f"features must be [N, D] with N >= 2; got shape {f.shape}.")
-  return f.mean(axis=0), np.cov(f, rowvar=False)
-
-
-def frechet_distance(mu1, cov1, mu2, cov2) -> float:
-  """The Fréchet distance of N(mu1, cov1) and N(mu2, cov2).
-
-  ``Tr((S_1 S_2)^(1/2))`` is computed as the sum of the square roots of the eigenvalues of the
-  symmetric ``S_1^(1/2) S_2 S_1^(1/2)`` (same spectrum as ``S_1 S_2``), so no complex matrix square
-  root is needed; tiny negative eigenvalues from round-off are clipped to zero.
-  """
-  mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
-  cov1, cov2 = np.asarray(cov1, np.float64), np.asarray(cov2, np.float64)
-  if mu1.shape != mu2.shape or cov1.shape != cov2.shape or cov1.shape != (mu1.shape[0],) * 2:
-    raise ValueError(f"statistics of different dimensions: means {mu1.shape}, {mu2.shape}; covariances "
-                     f"{cov1.shape}, {cov2.shape}.")
-  w, v = np.linalg.eigh((cov1 + cov1.T) / 2)
-  root1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
-  middle = root1 @ cov2 @ root1
-  trace_root = np.sqrt(np.clip(np.linalg.eigvalsh((middle + middle.T) / 2), 0, None)).sum()
-  return float(np.sum((mu1 - mu2) ** 2) + np.trace(cov1) + np.trace(cov2) - 2 * trace_root)
-
-
-def kernel_distance(features1, features2) -> float:
-  """KID's formula: the unbiased squared MMD between two feature sets with the polynomial kernel
-  ``k(x, y) = (x . y / D + 1)^3`` (Binkowski et al., 2018), on all pairs (no subsets)."""
-  x, y = np.asarray(features1, np.float64), np.asarray(features2, np.float64)
-  if x.ndim != 2 or y.ndim != 2 or x.shape[1] != y.shape[1] or min(len(x), len(y)) < 2:
-    raise ValueError(f"features must be [N, D] and [M, D] with N, M >= 2; got {x.shape}, {y.shape}.")
-  d = x.shape[1]
-  kxx, kyy, kxy = ((a @ b.T / d + 1) ** 3 for a, b in ((x, x), (y, y), (x, y)))
-  m, n = len(x), len(y)
-  return float((kxx.sum() - np.trace(kxx)) / (m * (m - 1)) + (kyy.sum() - np.trace(kyy)) / (n * (n - 1))
-               - 2 * kxy.mean())
 
 
 def measure(classifier, images, labels) -> dict:
@@ -92,7 +53,7 @@ def make_generate(model_fn: Callable, cfg, *, steps: int, guidance: float, out_s
   """``(params, noise, labels) -> images`` (jitted): ``steps`` Euler steps of the rectified-flow ODE
   with ``model_fn(params, x, t, y)``, guidance ``guidance``."""
   def run(params, noise, labels):
-    return diffusion.sample(lambda x, t, y: model_fn(params, x, t, y), noise, labels, steps=steps,
+    return rectified_flow.sample(lambda x, t, y: model_fn(params, x, t, y), noise, labels, steps=steps,
                             scale=guidance, null_class=cfg.num_classes)
   return jax.jit(run, out_shardings=out_sharding)
 

@@ -7,7 +7,7 @@ convolutions, a 64-d feature layer, a linear head), trained with a pinned recipe
 cached like the datasets: the first use builds it (about 8 minutes on 2 CPU cores), later uses
 read it. To build it ahead of time:
 
-  python -m weit_jax.feature_classifier [--data_dir=DIR]
+  python -m weit_jax.evaluators.feature_classifier [--data_dir=DIR]
 
 Cache: ``DATA_DIR/weit_jax_feature_classifier/<dataset>-<recipe digest>/`` (``DATA_DIR`` as the
 datasets': ``data.data_dir`` or TFDS's default), holding ``params.npz``, ``reference.npz`` (the
@@ -34,6 +34,7 @@ import numpy as np
 import optax
 
 from weit_jax import input_pipeline
+from weit_jax.evaluators import distances
 
 RECIPE = dict(dataset="fashion_mnist_local", channels=(16, 32), features=64, steps=1500, batch_size=128,
               lr=2e-3, crop_padding=2, seed=0, reference_split="train[:10000]", test_split="test")
@@ -153,8 +154,7 @@ def build(path: str, data_dir: str | None = None, recipe: dict | None = None, lo
   test_images, test_labels = real_images(recipe["test_split"], data_dir, recipe)
   accuracy = float(np.mean(np.argmax(classifier.apply(test_images)[1], -1) == test_labels))
   features, _ = classifier.apply(real_images(recipe["reference_split"], data_dir, recipe)[0])
-  from weit_jax import sample_quality
-  mean, cov = sample_quality.feature_statistics(features)
+  mean, cov = distances.feature_statistics(features)
   meta = dict(recipe=recipe, test_accuracy=accuracy, reference_examples=len(features), jax=jax.__version__)
   parent = os.path.dirname(path)
   os.makedirs(parent, exist_ok=True)
