@@ -1,7 +1,8 @@
 r"""Stage 1 for diffusion transformers: constraint-based pre-training of DiT templates.
 
-The task is class-conditional image generation by rectified flow (``weit_jax/tasks/diffusion.py``:
-velocity prediction, label dropout for classifier-free guidance); the auxiliary model is a DiT
+The task is class-conditional image generation by rectified flow (``weit_jax/tasks/diffusion.py``
+over ``weit_jax/rectified_flow.py``: velocity prediction, label dropout for classifier-free
+guidance); the auxiliary model is a DiT
 (``weit_jax/models/dit.py``) whose weights, the adaLN modulation projections included, are
 ``materialize(templates, scalers)``.
 

@@ -4,7 +4,7 @@ r"""Stage 3 for diffusion transformers: train a plain DiT from an export (or fro
   python main.py --config=configs/dit_train.py:runlocal,variant=mu/4 --workdir=DIR   # random init
 
 The model size comes from the export when ``init`` is set; the objective is the pre-training one
-(rectified flow, ``weit_jax/tasks/diffusion.py``). Default: ImageNet-1k at 32x32 pixels, as
+(rectified flow, ``weit_jax/rectified_flow.py``). Default: ImageNet-1k at 32x32 pixels, as
 configs/dit_pretrain.py. ``runlocal`` (Fashion-MNIST) also measures sample quality at eval steps
 and at the end ("FID, Fashion-MNIST classifier features" and class fidelity of 500 samples, a grid
 in DIR/samples/; ``sample_quality`` below).
