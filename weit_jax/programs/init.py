@@ -116,8 +116,7 @@ def _task(config, src_config, src_state) -> tasks.Task:
   first num_examples training examples), continuing from what the templates' run carried (a control
   task's observation statistics)."""
   task_config = src_config.copy_and_resolve_references()
-  task_class = tasks.TASKS[task_config.get("task", "classification")]
-  task_class.scaler_training_config(task_config, config)
+  tasks.task_class(task_config).scaler_training_config(task_config, config)
   task = tasks.from_config(task_config)
   return task.continuing(task.export_record(src_state.get("carry")))
 

@@ -33,12 +33,17 @@ from weit_jax.tasks.diffusion import Diffusion
 TASKS = {"classification": Classification, "diffusion": Diffusion, "control": Control}
 
 
-def from_config(config):
-  """The task of a program config (``config.task``, default classification) over ``config.data``."""
+def task_class(config) -> type:
+  """The task class a program config names (``config.task``, default classification)."""
   name = config.get("task", "classification")
   if name not in TASKS:
     raise ValueError(f"unknown task {name!r}; use one of {sorted(TASKS)} (config.task).")
-  return TASKS[name].from_config(config)
+  return TASKS[name]
+
+
+def from_config(config):
+  """The task of a program config (``config.task``, default classification) over ``config.data``."""
+  return task_class(config).from_config(config)
 
 
 def model_config(config, model_fields=None):
@@ -59,4 +64,5 @@ def check_family(task: str, family) -> None:
                      f"(e.g. {dict(diffusion='dit', control='policy').get(task, 'vit')}).")
 
 
-__all__ = ["Classification", "Control", "Diffusion", "TASKS", "Task", "check_family", "from_config", "model_config"]
+__all__ = ["Classification", "Control", "Diffusion", "TASKS", "Task", "check_family", "from_config", "model_config",
+           "task_class"]
