@@ -35,7 +35,7 @@ def get_config(arg=None):
   # auxiliary's eval loss against an unconstrained DiT's: N=4 +48%, N=16 +16%, N=32 +1%).
   config.weit = ml_collections.ConfigDict(dict(
       tiles=dict(embed=64, cond=64, cond_mlp=64, mlp=64, heads=1, kv=16), num_templates=32,
-      untemplated="", zero_init="ones"))
+      untemplated="", zero_init="ones", extra_sizes=""))
   config.constraint = ml_collections.ConfigDict(dict(
       mode="hard", template_wd=1e-4, scaler_wd=1e-4, dense_wd=0.0, diversity=0.0, soft_lambda=1.0))
   config.distill = ml_collections.ConfigDict(dict(

@@ -28,7 +28,7 @@ def get_config(arg=None):
   # Width axes: the hidden layers (hidden, hidden_in), and the observation and action axes with tile
   # 1, so the templates hold hidden-side structure only and serve any morphology (models/policy.py).
   config.weit = ml_collections.ConfigDict(dict(tiles=dict(hidden=64, hidden_in=64, obs=1, action=1),
-                                               num_templates=4, untemplated="", zero_init="ones"))
+                                               num_templates=4, untemplated="", zero_init="ones", extra_sizes=""))
   config.constraint = ml_collections.ConfigDict(dict(
       mode="hard", template_wd=0.0, scaler_wd=0.0, dense_wd=0.0, diversity=0.0, soft_lambda=1.0))
   config.distill = ml_collections.ConfigDict(dict(

@@ -35,7 +35,8 @@ def get_config(arg=None):
   config = ml_collections.ConfigDict()
   config.program = "pretrain"
   config.model = common.model_config("R50", family="resnet", dtype="bfloat16")
-  config.weit = ml_collections.ConfigDict(dict(tiles=tiles(4, 32), num_templates=4, untemplated="", zero_init="ones"))
+  config.weit = ml_collections.ConfigDict(dict(tiles=tiles(4, 32), num_templates=4, untemplated="", zero_init="ones",
+                                               extra_sizes=""))
   config.constraint = ml_collections.ConfigDict(dict(
       mode="hard", template_wd=1e-4, scaler_wd=1e-4, dense_wd=0.05, diversity=0.0, soft_lambda=1.0))
   config.distill = ml_collections.ConfigDict(dict(

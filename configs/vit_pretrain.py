@@ -26,7 +26,7 @@ def get_config(arg=None):
   config.model = common.model_config("B/16", dtype="bfloat16")
   # Width axes and their tiles; N templates per bank.
   config.weit = ml_collections.ConfigDict(dict(tiles=dict(embed=64, mlp=64, heads=1, kv=16), num_templates=4,
-                                                      untemplated="", zero_init="ones"))
+                                                      untemplated="", zero_init="ones", extra_sizes=""))
   # docs/design.md section 4: 'hard' (weights exist only as compositions) or 'soft' (a penalty).
   config.constraint = ml_collections.ConfigDict(dict(
       mode="hard", template_wd=1e-4, scaler_wd=1e-4, dense_wd=0.05, diversity=0.0, soft_lambda=1.0))

@@ -165,6 +165,9 @@ BAD_INPUT = {
         r"(?=.*'action_size': \(3, 1\))(?=.*'obs_size': \(11, 8\))export was exported for other data sizes than "
         r"this run's: .* initialize a policy for inverted_double_pendulum with configs/policy_init\.py "
         r"--config\.env=inverted_double_pendulum"),
+    "multi-size pre-training of a policy": (
+        lambda f: PRETRAIN + ["--config.weit.extra_sizes=depth=3"],
+        r"weit\.extra_sizes is for tasks trained on a dataset; the 'control' task collects its own experience"),
     "policy init from ViT templates": (
         lambda f: ["--config=configs/policy_init.py:runlocal", f"--config.templates={f['vit']}", *TINY],
         r"(?i)\bvit\b.*\bpolicy\b|\bpolicy\b.*\bvit\b"),

@@ -1,13 +1,16 @@
 """Pre-training pieces: a step lowers the loss on a fixed batch (both constraint modes), the train
-state round-trips through a checkpoint onto other shardings, and templates warm-started from a
-dense export by closed-form extraction reproduce it."""
+state round-trips through a checkpoint onto other shardings, templates warm-started from a
+dense export by closed-form extraction reproduce it, and multi-size pre-training's loss is the mean
+of every size's (numpy-composed) loss."""
 import chex
 import jax
 import ml_collections
 import numpy as np
 import pytest
+from flax import traverse_util
 
 from configs import vit_pretrain
+from helpers import numpy_materialize, randomized
 from weit_jax import checkpoint, sharding, train_loop
 from weit_jax.programs import pretrain
 
@@ -94,3 +97,72 @@ def test_templates_extracted_from_a_dense_export(tmp_path):
   params = pretrain.initial_params_from_dense(c, setup, task)
   again = setup.gen.materialize(params["templates"], params["scalers"])
   chex.assert_trees_all_close(jax.device_get(again), dense, rtol=1e-3, atol=1e-3)
+
+
+# --- multi-size pre-training (weit.extra_sizes) ------------------------------------------------------
+
+def _numpy_weights(gen, templates, scalers):
+  """Oracle: every parameter composed by a numpy.kron loop (tests/helpers.numpy_materialize)."""
+  flat_t, flat_s = traverse_util.flatten_dict(templates), traverse_util.flatten_dict(scalers)
+  return traverse_util.unflatten_dict({p: numpy_materialize(b, np.asarray(flat_t[p], np.float64),
+                                                            np.asarray(flat_s[p], np.float64))
+                                       for p, b in gen.banks.items()})
+
+
+def test_extra_sizes_loss_is_the_mean_of_each_sizes_loss():
+  """The loss of multi-size pre-training = the mean over the auxiliary and the extra sizes of each
+  size's cross-entropy, with every size's weights composed by numpy.kron from the shared templates
+  and its own scalers; a step trains every size's scalers and lowers every size's loss."""
+  c = small_config()
+  c.label_smoothing = 0.1
+  c.weit.extra_sizes = "depth=1;width=24,heads=3"
+  setup = pretrain.build(c)
+  assert [s.name for s in setup.extra] == ["d1-w32-h2-m64-p4", "d2-w24-h3-m48-p4"]
+  task = pretrain.make_task(c, setup)
+  params = randomized(task.init_params(jax.random.key(0)), seed=4)
+  assert set(params) == {"templates", "scalers", "extra_scalers"}
+  batch = fixed_batch(seed=2)
+  loss, aux = jax.jit(task.loss_fn)(params, batch, jax.random.key(1))
+  want = []
+  for size, scalers in setup.sizes(params):
+    logits = np.asarray(size.model.apply({"params": _numpy_weights(size.gen, params["templates"], scalers)},
+                                         batch["image"]), np.float64)
+    logp = logits - logits.max(-1, keepdims=True)
+    logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
+    smoothed = batch["labels"] * 0.9 + 0.1 / 10
+    want.append(float(np.mean(-np.sum(smoothed * logp, -1))))
+  np.testing.assert_allclose([float(aux["objective"]), float(aux["objective_d1-w32-h2-m64-p4"]),
+                              float(aux["objective_d2-w24-h3-m48-p4"])], want, rtol=2e-4)
+  np.testing.assert_allclose(float(loss), np.mean(want), rtol=2e-4)
+  assert len(set(np.round(want, 4))) == 3  # three different models, not one loss counted three times
+
+  mesh = sharding.make_mesh({"data": -1})
+  _, shardings = train_loop.state_shardings(task, mesh)
+  state = train_loop.make_init_state(task, shardings)(jax.random.key(0))
+  step = train_loop.make_train_step(task, shardings, sharding.batch_sharding(mesh), mesh)
+  batch = sharding.global_batch(fixed_batch(), mesh)
+  first = None
+  for _ in range(8):
+    before = jax.device_get(state["params"]["extra_scalers"])
+    state, out = step(state, batch, jax.random.key(1))
+    first = first or {k: float(v) for k, v in out.items() if k.startswith("objective")}
+  last = {k: float(v) for k, v in out.items() if k.startswith("objective")}
+  assert all(last[k] < 0.95 * first[k] for k in first), (first, last)
+  for name in ("d1-w32-h2-m64-p4", "d2-w24-h3-m48-p4"):  # each size's own scalers move
+    moved = jax.tree_util.tree_map(lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))),
+                                   before[name], jax.device_get(state["params"]["extra_scalers"][name]))
+    assert max(jax.tree_util.tree_leaves(moved)) > 0
+
+
+@pytest.mark.parametrize("change,pattern", [
+    (dict(extra_sizes="depth=2"), r"repeats the size d2-w32-h2-m64-p4 \(the auxiliary is d2-w32-h2-m64-p4\)"),
+    (dict(extra_sizes="depth=1;depth=1"), "repeats the size d1-w32"),
+    (dict(extra_sizes="depht=3"), "unknown vit field 'depht'"),
+    (dict(extra_sizes="depth=1", mode="soft"), "needs constraint.mode='hard'"),
+])
+def test_extra_sizes_refusals(change, pattern):
+  c = small_config()
+  c.weit.extra_sizes = change["extra_sizes"]
+  c.constraint.mode = change.get("mode", "hard")
+  with pytest.raises(ValueError, match=pattern):
+    pretrain.build(c)

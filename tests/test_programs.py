@@ -12,6 +12,7 @@ import pytest
 from flax import traverse_util
 
 from configs import vit_init, vit_pretrain, vit_train
+from helpers import numpy_materialize
 from weit_jax import checkpoint, generator, models, scaler_init, sharding
 from weit_jax.models import vit
 from weit_jax.programs import init as init_program
@@ -32,6 +33,7 @@ def pretrain_config(learnable_data, **overrides):
   c.model.pool_type, c.model.posemb = "gap", "sincos2d"
   c.weit.tiles = TILES
   c.weit.num_templates = 3
+  c.weit.extra_sizes = "depth=4"  # multi-size pre-training: init starts TARGETS' d4 from these scalers
   c.batch_size = 32
   c.total_steps = 12
   c.optim.warmup_steps = 2
@@ -118,7 +120,6 @@ def test_scaler_training_leaves_templates_bit_identical(pretrained, initialized)
   _, src, params, _ = pretrain.restore_templates(pretrained[0], 12)
   templates = jax.device_get(params["templates"])
   want = traverse_util.flatten_dict(templates)
-  src_stats = generator.param_stats(src.model, vit.dummy_input(src.model_config))
   for name in initialized[1]:
     compact = _restore_compact(os.path.join(initialized[0], name, "compact"))
     got = traverse_util.flatten_dict(compact["templates"])
@@ -126,16 +127,24 @@ def test_scaler_training_leaves_templates_bit_identical(pretrained, initialized)
     for k in want:
       np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(want[k]), err_msg=str(k))
     # ... while the scalers moved away from where the heuristic put them.
-    cfg = models.from_record(checkpoint.read_export_meta(os.path.join(initialized[0], name, "export"))["model"])
+    cfg = models.from_record(meta_of(initialized[0], name)["model"])
     model = vit.ViT(cfg)
     gen = generator.WeightGenerator.from_model(model, vit.dummy_input(cfg), tiles=TILES, num_templates=3)
+    sizes = src.sizes(params)
+    source, source_scalers = sizes[scaler_init.nearest_size(gen, [s.gen for s, _ in sizes])]
+    assert meta_of(initialized[0], name)["scaler_training"]["scalers_from"] == source.name
     start = scaler_init.init_scalers("interpolate", gen, templates, key=jax.random.key(0),
                                      target_stats=generator.param_stats(model, vit.dummy_input(cfg)),
-                                     source=src.gen, source_scalers=jax.device_get(params["scalers"]),
-                                     source_stats=src_stats)
+                                     source=source.gen, source_scalers=jax.device_get(source_scalers),
+                                     source_stats=generator.param_stats(source.model,
+                                                                        vit.dummy_input(source.model_config)))
     moved = [float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in zip(
         jax.tree_util.tree_leaves(compact["scalers"]), jax.tree_util.tree_leaves(start))]
     assert max(moved) > 1e-4, moved
+
+
+def meta_of(workdir, name):
+  return checkpoint.read_export_meta(os.path.join(workdir, name, "export"))
 
 
 def _restore_compact(path):
@@ -224,6 +233,17 @@ def test_init_heuristic_only_and_overwrite(pretrained, learnable_data, tmp_path)
   c = init_config(learnable_data, pretrained[0], "depth=4", steps=0)
   r = init_program.run(c, workdir)["d4-w32-h2-m64-p4-gap-sincos2d"]
   assert r["steps"] == 0 and r["accuracy_before"] == r["accuracy_after"]
+  # d4 is a size pre-training trained (weit.extra_sizes): the export is that size, composed by numpy.kron
+  # from the templates and its own pre-trained scalers.
+  assert r["scalers_from"] == "d4-w32-h2-m64-p4-gap-sincos2d"
+  _, src, params, _ = pretrain.restore_templates(pretrained[0], 12)
+  (d4, scalers), = [(s, sc) for s, sc in src.sizes(jax.device_get(params)) if s.name == r["scalers_from"]]
+  flat_t, flat_s = (traverse_util.flatten_dict(x) for x in (params["templates"], scalers))
+  plain = traverse_util.flatten_dict(jax.device_get(checkpoint.load_params(
+      os.path.join(workdir, "d4-w32-h2-m64-p4-gap-sincos2d", "export"))))
+  for path, bank in d4.gen.banks.items():
+    want = numpy_materialize(bank, np.asarray(flat_t[path], np.float64), np.asarray(flat_s[path], np.float64))
+    np.testing.assert_allclose(np.asarray(plain[path]), want, rtol=1e-4, atol=1e-5, err_msg=str(path))
   assert not os.path.exists(os.path.join(workdir, "d4-w32-h2-m64-p4-gap-sincos2d", "checkpoints"))
   c2 = init_config(learnable_data, pretrained[0], "depth=4", steps=2)
   c2.num_examples = 96  # another config (the run length alone may change between resumes)

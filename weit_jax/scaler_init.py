@@ -41,6 +41,19 @@ def interpolate_scalers(source: np.ndarray, source_bank: Bank, target_bank: Bank
   return (s * scale).astype(np.float32)
 
 
+def size_distance(target: WeightGenerator, source: WeightGenerator) -> float:
+  """How far apart two sizes composed from the same templates are: the sum over parameters of
+  ``|log(entries in the target / entries in the source)|`` (0: the same size)."""
+  return sum(abs(math.log(math.prod(b.shape) / math.prod(source.banks[p].shape))) for p, b in target.banks.items())
+
+
+def nearest_size(target: WeightGenerator, sources: list[WeightGenerator]) -> int:
+  """The index of the trained size whose scalers ``interpolate`` starts ``target`` from (multi-size
+  pre-training): the nearest by ``size_distance``, the first (the auxiliary) on a tie."""
+  distances = [size_distance(target, s) for s in sources]
+  return distances.index(min(distances))
+
+
 def fit_constant(templates: np.ndarray, bank: Bank, value: float) -> np.ndarray:
   """Scalers whose composition is closest (least squares) to the constant ``value``."""
   flat = np.asarray(templates, np.float64).reshape(templates.shape[0], -1)

@@ -101,11 +101,10 @@ def run(config, workdir: str) -> dict:
     metrics.log(f"Templates from {config.templates} (step {v.src_step}); auxiliary {source.short_name()}; "
                 f"{len(v.targets)} target(s): {', '.join(names)}.")
 
-    source_stats = generator.param_stats(v.src_setup.model, *models.dummy_inputs(source))
     results = {}
     for target in v.targets:
       results[target.name] = _init_one(config, workdir, target, templates, v.src_setup, v.src_params, v.src_step,
-                                       source_stats, v.task, v.mesh)
+                                       v.task, v.mesh)
     if metrics.is_main():
       (epath.Path(workdir) / "targets.json").write_text(json.dumps(results, indent=2))
     return results
@@ -158,8 +157,7 @@ def _optim_config(config, task=None):
   return c
 
 
-def _init_one(config, workdir, target: Target, templates, src_setup, src_params, src_step, source_stats,
-              task, mesh) -> dict:
+def _init_one(config, workdir, target: Target, templates, src_setup, src_params, src_step, task, mesh) -> dict:
   tdir = str(epath.Path(workdir) / target.name)
   export_dir = str(epath.Path(tdir) / "export")
   if (epath.Path(export_dir) / checkpoint.EXPORT_META).exists():  # written last: the target is done
@@ -170,12 +168,16 @@ def _init_one(config, workdir, target: Target, templates, src_setup, src_params,
   metrics.log(f"[{target.name}] {counts['materialized']:,} weights, {counts['scalers']:,} trainable scalers "
               f"(heuristic {config.scaler_init}).")
 
-  # ----- scalers by heuristic ----------------------------------------------------------------------
+  # ----- scalers by heuristic, from the nearest trained size (the auxiliary unless weit.extra_sizes) ---
+  sizes = src_setup.sizes(src_params)
+  source, source_scalers = sizes[scaler_init.nearest_size(gen, [s.gen for s, _ in sizes])]
   stats = generator.param_stats(target.model, *models.dummy_inputs(cfg))
   scalers = scaler_init.init_scalers(
       config.scaler_init, gen, templates, key=jax.random.key(int(config.seed)), target_stats=stats,
-      source=src_setup.gen, source_scalers=jax.device_get(src_params["scalers"]),
-      source_stats=source_stats)
+      source=source.gen, source_scalers=jax.device_get(source_scalers),
+      source_stats=generator.param_stats(source.model, *models.dummy_inputs(source.model_config)))
+  if len(sizes) > 1 and config.scaler_init == "interpolate":
+    metrics.log(f"[{target.name}] scalers interpolated from the trained size {source.name}.")
 
   # ----- train only the scalers --------------------------------------------------------------------
   def forward(params, *inputs):
@@ -222,6 +224,7 @@ def _init_one(config, workdir, target: Target, templates, src_setup, src_params,
       model=models.to_record(cfg),
       template_source=dict(workdir=checkpoint.absolute(config.templates), step=int(src_step)),
       scaler_training=dict(heuristic=config.scaler_init, steps=int(config.steps),
+                           **({"scalers_from": source.name} if config.scaler_init == "interpolate" else {}),
                            **({"adapt": config.adapt} if "adapt" in config else {}),
                            batch_size=int(config.batch_size),
                            **{k: config[k] for k in ("num_examples", "env", "backend") if k in config},

@@ -5,6 +5,11 @@ The trainable tree is ``{'templates', 'scalers'}`` (``hard``) or ``{'dense', 'te
 applied to ``materialize(templates, scalers)`` (or to ``dense``), and trained for the task of
 ``weit_jax.tasks`` (``config.task``). Optional, for classification: distillation from a teacher
 export; and templates extracted in closed form from a dense checkpoint as the starting point.
+
+Multi-size pre-training (``weit.extra_sizes``): every step also trains other sizes composed from the
+same templates, each with scalers of its own (``params['extra_scalers'][name]``), on the same batch;
+the loss is the mean over all sizes. The templates are then trained to serve several sizes, not one,
+and the init program starts each target from the scalers of the trained size nearest to it.
 """
 from __future__ import annotations
 
@@ -21,12 +26,27 @@ MODES = ("hard", "soft")
 
 
 @dataclasses.dataclass
+class Size:
+  """One model size composed from the templates: the auxiliary, or one of ``weit.extra_sizes``."""
+  name: str
+  model_config: object
+  model: nn.Module
+  gen: generator.WeightGenerator
+
+
+@dataclasses.dataclass
 class Setup:
   """Everything static about a pre-training config: built and validated before anything compiles."""
   model_config: object  # the auxiliary model's config (any family)
   model: nn.Module
   gen: generator.WeightGenerator
   task: tasks.Task
+  extra: tuple[Size, ...] = ()  # weit.extra_sizes, trained with the auxiliary (own scalers each)
+
+  def sizes(self, params: dict) -> list[tuple[Size, dict]]:
+    """Every trained size with its scalers in ``params``, the auxiliary first."""
+    auxiliary = Size(self.model_config.short_name(), self.model_config, self.model, self.gen)
+    return [(auxiliary, params["scalers"])] + [(s, params["extra_scalers"][s.name]) for s in self.extra]
 
 
 def build(config) -> Setup:
@@ -46,7 +66,39 @@ def build(config) -> Setup:
     gen = make_gen(gen.whole_banks(config.weit.untemplated))
   if config.batch_size % jax.process_count():
     raise ValueError(f"batch_size={config.batch_size} must be divisible by the {jax.process_count()} processes.")
-  return Setup(cfg, model, gen, task)
+  return Setup(cfg, model, gen, task, extra_sizes(config, cfg, gen, task))
+
+
+def extra_sizes(config, cfg, gen: generator.WeightGenerator, task: tasks.Task) -> tuple[Size, ...]:
+  """``weit.extra_sizes`` ('depth=6,width=96,heads=3;depth=2', fields over the auxiliary's, as the init
+  program's targets): their models and generators, checked against the auxiliary's templates."""
+  spec = config.weit.get("extra_sizes", "")
+  if not spec:
+    return ()
+  if config.constraint.mode != "hard":
+    raise ValueError("weit.extra_sizes needs constraint.mode='hard' (the soft constraint ties one dense model to "
+                     "the templates); set --config.weit.extra_sizes=''.")
+  if task.collects_experience:
+    raise ValueError(f"weit.extra_sizes is for tasks trained on a dataset; the {config.task!r} task collects its own "
+                     "experience with the model it trains. Set --config.weit.extra_sizes=''.")
+  family = models.family_of(cfg)
+  out, names = [], {cfg.short_name()}
+  for fields in models.parse_targets(spec, family):
+    size_cfg = models.target_config(fields, cfg)
+    name = size_cfg.short_name()
+    if name in names:
+      raise ValueError(f"weit.extra_sizes={spec!r} repeats the size {name} (the auxiliary is {cfg.short_name()}).")
+    names.add(name)
+    model = models.build(size_cfg)
+    size_gen = generator.WeightGenerator.from_model(
+        model, *models.dummy_inputs(size_cfg), tiles=dict(gen.tiles), num_templates=gen.num_templates,
+        whole=gen.whole_shapes())
+    try:
+      size_gen.check_templates(gen.template_shapes())
+    except ValueError as e:
+      raise ValueError(f"weit.extra_sizes: size {name} cannot share the auxiliary's templates: {e}") from None
+    out.append(Size(name, size_cfg, model, size_gen))
+  return tuple(out)
 
 
 def make_task(config, setup: Setup, *, teacher=None) -> train_loop.Task:
@@ -55,10 +107,16 @@ def make_task(config, setup: Setup, *, teacher=None) -> train_loop.Task:
   soft = config.constraint.mode == "soft"
   stats = generator.param_stats(model, *models.dummy_inputs(setup.model_config))
 
+  zero_init = config.weit.get("zero_init", "ones")
+  extra_stats = [generator.param_stats(s.model, *models.dummy_inputs(s.model_config)) for s in setup.extra]
+
   def init_params(key):
-    k_gen, k_dense = jax.random.split(key)
-    templates, scalers = gen.init(k_gen, stats, zero_init=config.weit.get("zero_init", "ones"))
+    k_gen, k_dense, k_extra = jax.random.split(key, 3)
+    templates, scalers = gen.init(k_gen, stats, zero_init=zero_init)
     params = {"templates": templates, "scalers": scalers}
+    if setup.extra:  # each size's scalers give its own initial weight scale over the same templates
+      params["extra_scalers"] = {s.name: s.gen.init(k, st, zero_init=zero_init)[1] for s, st, k in zip(
+          setup.extra, extra_stats, jax.random.split(k_extra, len(setup.extra)))}
     if soft:
       params["dense"] = nn.unbox(model.init(k_dense, *models.dummy_inputs(setup.model_config)))["params"]
     if teacher is not None:
@@ -66,6 +124,8 @@ def make_task(config, setup: Setup, *, teacher=None) -> train_loop.Task:
     return params
 
   axes = {"templates": gen.template_axes(), "scalers": gen.scaler_axes()}
+  if setup.extra:
+    axes["extra_scalers"] = {s.name: s.gen.scaler_axes() for s in setup.extra}
   if soft:
     axes["dense"] = gen.param_axes()
   if teacher is not None:
@@ -80,6 +140,11 @@ def make_task(config, setup: Setup, *, teacher=None) -> train_loop.Task:
     outputs = forward(params, *inputs)
     objective, aux = task.loss(outputs, batch, key)
     loss, aux = objective, dict(aux, objective=objective)
+    for size in setup.extra:  # the same inputs through each extra size; the mean over sizes
+      weights = size.gen.materialize(params["templates"], params["extra_scalers"][size.name])
+      aux[f"objective_{size.name}"], _ = task.loss(size.model.apply({"params": weights}, *inputs), batch, key)
+      loss = loss + aux[f"objective_{size.name}"]
+    loss = loss / (1 + len(setup.extra))
     if teacher is not None and config.distill.weight:  # classification only (check_teacher)
       t_logits = teacher[0].apply({"params": jax.lax.stop_gradient(params["teacher"])}, *inputs)
       kd = losses.distillation(outputs, t_logits, config.distill.temperature)
@@ -97,6 +162,7 @@ def make_task(config, setup: Setup, *, teacher=None) -> train_loop.Task:
   tx = optim.make_optimizer(
       optim_config, abstract,
       weight_decay={"templates": config.constraint.template_wd, "scalers": config.constraint.scaler_wd,
+                    **({"extra_scalers": config.constraint.scaler_wd} if setup.extra else {}),
                     "dense": config.constraint.dense_wd if soft else 0.0},
       frozen="^teacher/" if teacher is not None else None)
   return train_loop.Task(init_params=init_params, param_axes=axes, loss_fn=loss_fn,
@@ -161,6 +227,9 @@ def run(config, workdir: str) -> dict:
                 f"{counts['materialized']:,} weights from "
                 f"{counts['templates']:,} template and {counts['scalers']:,} scaler parameters "
                 f"(N={setup.gen.num_templates}, tiles {setup.gen.tiles}, constraint {config.constraint.mode}).")
+    for size in setup.extra:
+      metrics.log(f"Also trained from the same templates (weit.extra_sizes): {size.name}, "
+                  f"{size.gen.counts()['materialized']:,} weights from {size.gen.counts()['scalers']:,} scalers of its own.")
 
     # ----- task, data ------------------------------------------------------------------------------
     task = make_task(config, setup, teacher=teacher)

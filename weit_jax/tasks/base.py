@@ -11,6 +11,10 @@ class Task:
   """Subclasses define model_fields, prepare, train_iterator, eval_iterator, inputs, loss and
   eval_sums; ``loss_fn`` and ``eval_fn`` bind them to a model's forward function."""
 
+  # True for a task whose data comes from the model it trains (``experience``: RL rollouts), so one
+  # batch cannot train several models at once.
+  collects_experience = False
+
   def loss_fn(self, forward: Callable[..., Any]):
     """``forward(params, *inputs) -> outputs`` -> ``(params, batch, key) -> (loss, metrics)``."""
     def loss_fn(params, batch, key):

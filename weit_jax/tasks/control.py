@@ -208,6 +208,7 @@ SCALER_TRAINING_FIELDS = ("env", "backend", "batch_size", "episode_length", "eva
 @dataclasses.dataclass(frozen=True)
 class Control(Task):
   """PPO on a brax environment; the model is a ``policy`` (``model(obs) -> (mean, log_std, value)``)."""
+  collects_experience = True
   env: str
   backend: str
   num_envs: int  # config.batch_size: environments stepped in parallel
