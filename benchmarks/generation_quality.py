@@ -610,6 +610,15 @@ def write_report(args, agg, results, stages, targets, na, scale, cross, info, ca
            f"auxiliary DiT of the same size; the dense source of weight selection "
            f"{iq.dense_source_config().short_name()} (trained from random init). Eval loss at the end: "
            + ", ".join(f"{k} {v['eval_loss']:.4f} ({v['wall_s'] / 60:.1f} min)" for k, v in pre.items()) + ".")
+  extra = (pre.get("weit") or {}).get("weit", {}).get("extra_sizes")
+  if extra:
+    L.append(f"- WeiT's pre-training is multi-size (`weit.extra_sizes='{extra}'`): every step also trains "
+             + ", ".join(models_named(extra)) + " composed from the same templates with scalers of its own (the "
+             "loss is the mean over sizes; WeiT's eval loss above is the auxiliary's, its time includes every "
+             "size's steps). Each target starts "
+             "from the scalers of the nearest trained size (`scalers_from`: "
+             + ", ".join(f"{targets[r].short_name()} from {v.get('scalers_from', '?')}"
+                         for r, v in stages.get("init", {}).get("targets", {}).items()) + ").")
   if "fine_adapt" in stages:
     fa = stages["fine_adapt"]
     L.append(f"- FINE: its auxiliary ({aux.short_name()}, `W_l = U diag(sigma_l) V^T` per weight type, "
@@ -693,6 +702,13 @@ def write_report(args, agg, results, stages, targets, na, scale, cross, info, ca
   with open(os.path.join(args.out, "generation.json"), "w") as f:
     f.write(relative_paths(json.dumps(iq._json_safe(raw), indent=2)))
   return path
+
+
+def models_named(spec: str) -> list[str]:
+  """The model names of ``weit.extra_sizes`` (sizes over the auxiliary's)."""
+  from weit_jax import models
+  aux = iq.aux_config()
+  return [models.target_config(f, aux).short_name() for f in models.parse_targets(spec, models.family_of(aux))]
 
 
 def cause_section(cause: dict, ablated: dict | None, stages: dict, targets: dict) -> list[str]:

@@ -366,7 +366,7 @@ def init_weit(args, weit_pretrain: dict, roles: list[str] | None = None, overrid
     export = os.path.join(workdir, cfg.short_name(), "export")
     st = checkpoint.read_export_meta(export)["scaler_training"]
     out[role] = dict(export=export, **{k: st.get(k) for k in ("accuracy_before", "accuracy_after", "loss_before",
-                                                              "loss_after")})
+                                                              "loss_after", "scalers_from")})
   record = dict(targets=out, wall_s=round(wall, 1), steps=b["init_steps"], num_examples=b["init_examples"],
                 lr=c.optim.lr)
   json.dump(record, open(record_path, "w"), indent=2)
