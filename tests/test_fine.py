@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from weit_jax import checkpoint, inits, models
+from weit_jax import exports, inits, models
 from weit_jax.inits import common, fine
 from weit_jax.models import dit, vit
 
@@ -171,7 +171,7 @@ def test_pretrain_exports_and_adapt_trains_only_sigma(learnable_data, tmp_path):
   learnable_data(c)
   summary = fine.pretrain(c, str(tmp_path / "pre"))
   assert summary["final_step"] == 3 and summary["program"] == "fine_pretrain"
-  meta = checkpoint.read_export_meta(fine.export_dir(str(tmp_path / "pre")))
+  meta = exports.read_meta(fine.export_dir(str(tmp_path / "pre")))
   assert meta["form"] == "fine" and meta["steps"] == 3
   source = fine.FINESource.from_export(fine.export_dir(str(tmp_path / "pre")))
   assert source.config.short_name() == "d3-w16-h2-m32-p7"
@@ -184,7 +184,7 @@ def test_pretrain_exports_and_adapt_trains_only_sigma(learnable_data, tmp_path):
   target = dataclasses.replace(source.config, depth=4)
   out = fine.adapt(source, target, c, str(tmp_path / "adapt"), steps=2, num_examples=64)
   assert out == str(tmp_path / "adapt" / "export")
-  meta = checkpoint.read_export_meta(out)
+  meta = exports.read_meta(out)
   assert meta["init"] == "fine" and meta["model"] == models.to_record(target)
   st = meta["sigma_training"]
   assert (st["steps"], st["num_examples"]) == (2, 64) and "loss_before" in st and "loss_after" in st
@@ -194,7 +194,7 @@ def test_pretrain_exports_and_adapt_trains_only_sigma(learnable_data, tmp_path):
     jax.tree_util.tree_map(np.testing.assert_array_equal, factors.tree[group], begin[group])
   changed = [k for k, v in flat(factors.tree["sigma"]).items() if not np.allclose(v, flat(begin["sigma"])[k])]
   assert {"blocks/Dense_0/kernel", "blocks/Modulation_0/adaLN_modulation/kernel", ATT + "out/kernel"} <= set(changed)
-  plain = flat(jax.device_get(checkpoint.load_params(out, expected_model=target)))
+  plain = flat(jax.device_get(exports.load_params(out, expected_model=target)))
   for k, w in numpy_compose(factors.tree, target).items():
     np.testing.assert_allclose(plain[k], w, rtol=1e-5, atol=1e-5, err_msg=k)
   for k, v in flat(factors.tree["per_layer"]).items():

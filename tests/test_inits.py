@@ -12,7 +12,7 @@ import pytest
 from flax import traverse_util
 
 from helpers import evenly
-from weit_jax import checkpoint, inits, models
+from weit_jax import checkpoint, exports, inits, models
 from weit_jax.inits import common, mimetic, tleg, weight_selection
 from weit_jax.models import vit
 
@@ -48,7 +48,7 @@ def tleg_tree(cfg, seed):
 def fake_weit_export(directory, cfg, seed=3):
   """What programs/init.py writes: plain parameters plus export.json with ``model``."""
   params = seeded_params(cfg, seed)
-  checkpoint.export_params(directory, params, dict(model=dataclasses.asdict(cfg), template_source={}))
+  exports.write(directory, params, dict(model=dataclasses.asdict(cfg), template_source={}))
   return params
 
 
@@ -99,9 +99,9 @@ def test_every_export_loads_for_the_target_and_trains_from_config_init(tmp_path)
     directory = str(tmp_path / "exports" / name)
     params = inits.get(name)(source, TARGET, seed=4)
     assert inits.get(name).export(directory, source, TARGET, seed=4) == directory
-    meta = checkpoint.read_export_meta(directory)
+    meta = exports.read_meta(directory)
     assert meta["init"] == name and meta["model"] == models.to_record(TARGET) and meta["seed"] == 4
-    loaded = jax.device_get(checkpoint.load_params(directory, expected_model=TARGET))
+    loaded = jax.device_get(exports.load_params(directory, expected_model=TARGET))
     chex.assert_trees_all_close(loaded, params, rtol=0, atol=0)
     # What `--config.init=EXPORT` does in programs/train.py.
     config = ml_collections.ConfigDict(dict(init=directory, seed=0))
@@ -166,7 +166,7 @@ def test_weight_selection_takes_the_same_evenly_spaced_indices_for_every_paramet
 def test_weight_selection_keeps_a_same_size_model_and_reads_an_export(tmp_path):
   src = seeded_params(SOURCE, 7)
   directory = str(tmp_path / "dense")
-  checkpoint.export_params(directory, src, dict(model=dataclasses.asdict(SOURCE)))
+  exports.write(directory, src, dict(model=dataclasses.asdict(SOURCE)))
   params = inits.get("weight_selection")(directory, SOURCE, seed=0)
   src["head"] = common.own_init(SOURCE, 0)["head"]
   chex.assert_trees_all_close(params, src, rtol=0, atol=0)

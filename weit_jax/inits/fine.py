@@ -53,7 +53,7 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from weit_jax import checkpoint, config_checks, metrics, models, optim, sharding, tasks, train_loop, workdir_lock
+from weit_jax import config_checks, exports, metrics, models, optim, sharding, tasks, train_loop, workdir_lock
 from weit_jax.inits import common, tleg
 from weit_jax.scaler_init import _resample
 
@@ -163,7 +163,7 @@ class FINESource:
 
   @classmethod
   def from_export(cls, directory: str) -> "FINESource":
-    meta = checkpoint.read_export_meta(directory)
+    meta = exports.read_meta(directory)
     if meta.get("form") != EXPORT_FORM:
       raise ValueError(f"{directory} is not a FINE export (form={meta.get('form')!r}); give the folder "
                        "fine.pretrain wrote (WORKDIR/fine_export).")
@@ -171,7 +171,7 @@ class FINESource:
     abstract = jax.eval_shape(lambda k: initial_tree(cfg, k), jax.random.key(0))
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract)
-    return cls(cfg, common.to_numpy(checkpoint.restore_tree(epath.Path(directory) / "params", target)))
+    return cls(cfg, common.to_numpy(exports.restore_tree(epath.Path(directory) / "params", target)))
 
   def describe(self) -> str:
     return f"FINE {models.family_of(self.config).name} {self.config.short_name()}"
@@ -279,11 +279,11 @@ def pretrain(config, workdir: str) -> dict:
                              make_eval_iter=make_eval_iter, summary_extra=dict(program="fine_pretrain"),
                              title=f"FINE pre-training {cfg.short_name()}")
     out = export_dir(workdir)
-    if (epath.Path(out) / checkpoint.EXPORT_META).exists():
-      if checkpoint.read_export_meta(out).get("steps") != int(config.total_steps):
+    if (epath.Path(out) / exports.META).exists():
+      if exports.read_meta(out).get("steps") != int(config.total_steps):
         epath.Path(out).rmtree()  # an export of a shorter run of this workdir: replace it
-    if not (epath.Path(out) / checkpoint.EXPORT_META).exists():
-      checkpoint.export_params(out, common.to_numpy(summary["params"]),
+    if not (epath.Path(out) / exports.META).exists():
+      exports.write(out, common.to_numpy(summary["params"]),
                                dict(model=models.to_record(cfg), form=EXPORT_FORM, init="fine_aux",
                                     steps=int(config.total_steps),
                                     **{k: v for k, v in summary.items() if k.startswith("eval_")},
@@ -302,7 +302,7 @@ def adapt(source: FINESource | str, target_cfg, config, workdir: str, *, steps: 
   ``WORKDIR/export`` (``init='fine'``, ``sigma_training``), last; returns that folder. Resumes an
   interrupted run; a finished one (``export.json`` there) is returned as it is."""
   out = str(epath.Path(workdir) / "export")
-  if (epath.Path(out) / checkpoint.EXPORT_META).exists():
+  if (epath.Path(out) / exports.META).exists():
     metrics.log(f"FINE target {target_cfg.short_name()} already exported in {out}.")
     return out
   if isinstance(source, str):
@@ -346,10 +346,10 @@ def adapt(source: FINESource | str, target_cfg, config, workdir: str, *, steps: 
         **{f"{k.removeprefix('eval_')}_after": v for k, v in after.items()}))
     if epath.Path(export_dir(workdir)).exists():  # left by a run that died before the plain export
       epath.Path(export_dir(workdir)).rmtree()
-    checkpoint.export_params(export_dir(workdir), tree, dict(record, form=EXPORT_FORM))
+    exports.write(export_dir(workdir), tree, dict(record, form=EXPORT_FORM))
     params = common.to_numpy(to_plain(tree, target_cfg))
     common.check_tree(params, target_cfg, "fine")
-    checkpoint.export_params(out, params, record)
+    exports.write(out, params, record)
     metrics.log(f"FINE target {target_cfg.short_name()}: {train_loop.format_eval(before)} -> "
                 f"{train_loop.format_eval(after)}; exported to {out}")
     return out

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
-from weit_jax import checkpoint, config_checks, metrics, models, optim, sharding, tasks, train_loop, workdir_lock
+from weit_jax import config_checks, exports, metrics, models, optim, sharding, tasks, train_loop, workdir_lock
 from weit_jax.inits import common
 
 EXPORT_FORM = "tleg"
@@ -103,7 +103,7 @@ class TLEGSource:
 
   @classmethod
   def from_export(cls, directory: str) -> "TLEGSource":
-    meta = checkpoint.read_export_meta(directory)
+    meta = exports.read_meta(directory)
     if meta.get("form") != EXPORT_FORM:
       raise ValueError(f"{directory} is not a TLEG export (form={meta.get('form')!r}); give the folder "
                        "tleg.pretrain wrote (WORKDIR/tleg_export).")
@@ -111,7 +111,7 @@ class TLEGSource:
     abstract = jax.eval_shape(lambda k: initial_tree(cfg, k), jax.random.key(0))
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract)
-    return cls(cfg, common.to_numpy(checkpoint.restore_tree(epath.Path(directory) / "params", target)))
+    return cls(cfg, common.to_numpy(exports.restore_tree(epath.Path(directory) / "params", target)))
 
   def describe(self) -> str:
     return f"TLEG auxiliary {models.family_of(self.config).name} {self.config.short_name()}"
@@ -196,12 +196,12 @@ def pretrain(config, workdir: str) -> dict:
     summary = train_loop.run(config, workdir, make_task(config, cfg), mesh=mesh, train_iter=train_iter, make_eval_iter=make_eval_iter,
                              summary_extra=dict(program="tleg_pretrain"), title=f"TLEG pre-training {cfg.short_name()}")
     out = export_dir(workdir)
-    if (epath.Path(out) / checkpoint.EXPORT_META).exists():
-      if checkpoint.read_export_meta(out).get("steps") != int(config.total_steps):
+    if (epath.Path(out) / exports.META).exists():
+      if exports.read_meta(out).get("steps") != int(config.total_steps):
         epath.Path(out).rmtree()  # an export of a shorter run of this workdir: replace it
-    if not (epath.Path(out) / checkpoint.EXPORT_META).exists():
+    if not (epath.Path(out) / exports.META).exists():
       tree = common.to_numpy(summary["params"])
-      checkpoint.export_params(out, tree, dict(model=models.to_record(cfg), form=EXPORT_FORM, init="tleg_aux",
+      exports.write(out, tree, dict(model=models.to_record(cfg), form=EXPORT_FORM, init="tleg_aux",
                                                steps=int(config.total_steps),
                                                **{k: v for k, v in summary.items() if k.startswith("eval_")},
                                                **task.export_record(summary.get("carry"))))
