@@ -181,7 +181,7 @@ def pretrain_unconstrained(args) -> dict:
   if os.path.exists(export):
     shutil.rmtree(export)
   exports.write(export, common.to_numpy(summary["params"]),
-                           dict(model=models.to_record(cfg), init="unconstrained", steps=b["pretrain_steps"]))
+                dict(model=models.to_record(cfg), init="unconstrained", steps=b["pretrain_steps"]))
   record = dict(model=cfg.short_name(), steps=b["pretrain_steps"], workdir=workdir, export=export,
                 eval_loss=summary.get("eval_loss"), wall_s=round(wall, 1))
   json.dump(record, open(record_path, "w"), indent=2)
@@ -244,7 +244,7 @@ def run_one(args, classifier, method: str, role: str, cfg, seed: int, sources: d
     params = inits.get(method)(source, cfg, seed=seed)
   export = os.path.join(run_dir, "init")
   exports.write(export, params, dict(model=models.to_record(cfg), init=method, seed=seed,
-                                                source=inits.describe_source(source)))
+                                     source=inits.describe_source(source)))
   workdir = os.path.join(run_dir, "train")
   step0 = sample_eval(classifier, cfg, workdir, b)(0, params)
   c = iq.train_config(b, dataset=FMNIST, steps=b["train_steps"], seed=seed, init=export, eval_every=b["eval_every"])

@@ -329,7 +329,7 @@ def pretrain_dense(args) -> dict:
   if os.path.exists(export):
     shutil.rmtree(export)
   exports.write(export, common.to_numpy(summary["params"]),
-                           dict(model=models.to_record(cfg), init="dense_source", steps=b["pretrain_steps"]))
+                dict(model=models.to_record(cfg), init="dense_source", steps=b["pretrain_steps"]))
   record = dict(method="weight_selection", model=cfg.short_name(), steps=b["pretrain_steps"], workdir=workdir,
                 export=export, eval_accuracy=summary.get("eval_accuracy"), eval_loss=summary.get("eval_loss"), wall_s=round(wall, 1), lr=c.optim.lr)
   json.dump(record, open(record_path, "w"), indent=2)
@@ -445,8 +445,8 @@ def run_one(args, method: str, role: str, cfg, dataset: str, seed: int, sources:
   if dataset != "fashion_mnist_local":  # transfer: a new task gets a new head, whatever the method
     params = models.with_fresh_classifier(params, cfg, seed)
   exports.write(export, params, dict(model=models.to_record(cfg), init=method, seed=seed,
-                                                source=inits.describe_source(source_for(method, role, sources)),
-                                                head="new" if dataset != "fashion_mnist_local" else "kept"))
+                                     source=inits.describe_source(source_for(method, role, sources)),
+                                     head="new" if dataset != "fashion_mnist_local" else "kept"))
   c = train_config(b, dataset=dataset, steps=b["train_steps"], seed=seed, init=export, eval_every=b["eval_every"])
   acc0 = step0_accuracy(c, cfg)
   t_train = time.time()

@@ -77,7 +77,7 @@ def _worker(argv):
   out = sharding.shardings(gen.param_shapes(), gen.param_axes(), mesh)
   plain = jax.jit(gen.materialize, out_shardings=out)(params["templates"], params["scalers"])
   exports.write(os.path.join(flags.FLAGS.workdir, "export"), plain,
-                           dict(model=dataclasses.asdict(setup.model_config), step=step))
+                dict(model=dataclasses.asdict(setup.model_config), step=step))
   print(f"worker {jax.process_index()} of {jax.process_count()}: exported", flush=True)
 
 

@@ -284,10 +284,10 @@ def pretrain(config, workdir: str) -> dict:
         epath.Path(out).rmtree()  # an export of a shorter run of this workdir: replace it
     if not (epath.Path(out) / exports.META).exists():
       exports.write(out, common.to_numpy(summary["params"]),
-                               dict(model=models.to_record(cfg), form=EXPORT_FORM, init="fine_aux",
-                                    steps=int(config.total_steps),
-                                    **{k: v for k, v in summary.items() if k.startswith("eval_")},
-                                    **task.export_record(summary.get("carry"))))
+                    dict(model=models.to_record(cfg), form=EXPORT_FORM, init="fine_aux",
+                         steps=int(config.total_steps),
+                         **{k: v for k, v in summary.items() if k.startswith("eval_")},
+                         **task.export_record(summary.get("carry"))))
     return summary
 
 

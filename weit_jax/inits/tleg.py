@@ -202,7 +202,7 @@ def pretrain(config, workdir: str) -> dict:
     if not (epath.Path(out) / exports.META).exists():
       tree = common.to_numpy(summary["params"])
       exports.write(out, tree, dict(model=models.to_record(cfg), form=EXPORT_FORM, init="tleg_aux",
-                                               steps=int(config.total_steps),
-                                               **{k: v for k, v in summary.items() if k.startswith("eval_")},
-                                               **task.export_record(summary.get("carry"))))
+                                    steps=int(config.total_steps),
+                                    **{k: v for k, v in summary.items() if k.startswith("eval_")},
+                                    **task.export_record(summary.get("carry"))))
     return summary

@@ -237,7 +237,7 @@ def _init_one(config, workdir, target: Target, templates, src_setup, src_params,
   if compact_dir.exists():  # left by a run that died before the plain export
     compact_dir.rmtree()
   exports.write(str(compact_dir), {"templates": params["templates"], "scalers": params["scalers"]},
-                           dict(record, tiles=dict(gen.tiles), num_templates=gen.num_templates, form="compact"))
+                dict(record, tiles=dict(gen.tiles), num_templates=gen.num_templates, form="compact"))
   exports.write(export_dir, plain, record)
   metrics.log(f"[{target.name}] after scaler training: {train_loop.format_eval(after)}; exported to {export_dir}")
   return record["scaler_training"]

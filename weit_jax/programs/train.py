@@ -123,5 +123,5 @@ def write_export(workdir: str, cfg, config, summary, task: tasks.Task) -> None:
   evals = {k.removeprefix("eval_"): v for k, v in summary.items() if k.startswith("eval_")}
   exports.write(str(export), summary["params"], dict(
       model=models.to_record(cfg), training=dict(init=config.init or "random", steps=steps, seed=int(config.seed),
-                                                 **evals), **task.export_record(summary.get("carry"))))
+                                      **evals), **task.export_record(summary.get("carry"))))
   metrics.log(f"Exported the trained model to {export}.")
