@@ -128,8 +128,7 @@ def _write(path: str, record: dict) -> dict:
 # --- stage 1: pre-training ---------------------------------------------------------------------------
 
 def pretrain_all(args) -> dict:
-  from weit_jax.inits import tleg
-  from weit_jax.programs import pretrain, train
+  from weit_jax.programs import baseline_pretrain, pretrain, train
   P = args.budget["pretrain_updates"]
   out = {}
   for name in ("weit", "tleg", "dense"):
@@ -147,8 +146,8 @@ def pretrain_all(args) -> dict:
     elif name == "tleg":
       c = train_config(env="hopper", updates=P, seed=0, eval_every=max(1, P // 5), model=model_config("hopper", **AUX))
       log(f"pre-training the TLEG auxiliary (d3-w64, {P} PPO updates) in {workdir}")
-      summary = tleg.pretrain(c, workdir)
-      record = dict(workdir=workdir, export=tleg.export_dir(workdir))
+      summary = baseline_pretrain.run(baseline_pretrain.for_baseline(c, "tleg"), workdir)
+      record = dict(workdir=workdir, export=baseline_pretrain.export_dir(workdir))
     else:
       c = train_config(env="hopper", updates=P, seed=0, eval_every=max(1, P // 5),
                        model=model_config("hopper", **DENSE_SOURCE))

@@ -121,7 +121,7 @@ def parse_args(argv=None):
 
 def pretrain_fine(args) -> dict:
   """FINE's auxiliary DiT (the auxiliary's size, the same data, steps and optimizer as TLEG's)."""
-  from weit_jax.inits import fine
+  from weit_jax.programs import baseline_pretrain
   b = args.budget
   workdir = iq.pretrain_dir(args, "fine")
   record_path = os.path.join(workdir, "bench.json")
@@ -131,9 +131,9 @@ def pretrain_fine(args) -> dict:
                       batch_size=b["pretrain_batch_size"])
   c.checkpoint_every = max(1, b["pretrain_steps"] // 4)
   iq.log(f"pre-training the FINE auxiliary model ({iq.aux_config().short_name()}) in {workdir}")
-  summary, wall = iq.wall_clock(fine.pretrain, c, workdir)
+  summary, wall = iq.wall_clock(baseline_pretrain.run, baseline_pretrain.for_baseline(c, "fine"), workdir)
   record = dict(method="fine", model=iq.aux_config().short_name(), steps=b["pretrain_steps"], workdir=workdir,
-                export=fine.export_dir(workdir), eval_loss=summary.get("eval_loss"), wall_s=round(wall, 1))
+                export=baseline_pretrain.export_dir(workdir), eval_loss=summary.get("eval_loss"), wall_s=round(wall, 1))
   json.dump(record, open(record_path, "w"), indent=2)
   return record
 

@@ -292,7 +292,7 @@ def pretrain_weit(args, variant: str = "", overrides: dict | None = None) -> dic
 
 
 def pretrain_tleg(args) -> dict:
-  from weit_jax.inits import tleg
+  from weit_jax.programs import baseline_pretrain
   b = args.budget
   workdir = pretrain_dir(args, "tleg")
   record_path = os.path.join(workdir, "bench.json")
@@ -302,9 +302,9 @@ def pretrain_tleg(args) -> dict:
                    batch_size=b["pretrain_batch_size"])
   c.checkpoint_every = max(1, b["pretrain_steps"] // 4)  # long: resumable
   log(f"pre-training the TLEG auxiliary model ({aux_config().short_name()}, {b['pretrain_steps']} steps) in {workdir}")
-  summary, wall = wall_clock(tleg.pretrain, c, workdir)
+  summary, wall = wall_clock(baseline_pretrain.run, baseline_pretrain.for_baseline(c, "tleg"), workdir)
   record = dict(method="tleg", model=aux_config().short_name(), steps=b["pretrain_steps"], workdir=workdir,
-                export=tleg.export_dir(workdir), eval_accuracy=summary.get("eval_accuracy"), eval_loss=summary.get("eval_loss"), wall_s=round(wall, 1),
+                export=baseline_pretrain.export_dir(workdir), eval_accuracy=summary.get("eval_accuracy"), eval_loss=summary.get("eval_loss"), wall_s=round(wall, 1),
                 lr=c.optim.lr)
   json.dump(record, open(record_path, "w"), indent=2)
   return record
