@@ -171,9 +171,10 @@ def make_task(config, setup: Setup, *, teacher=None) -> train_loop.Task:
 
 
 def check_teacher(config) -> None:
-  """Refuses a distillation setting that cannot work (reads only the teacher's export record)."""
-  if not config.distill.teacher:
-    if config.distill.weight:
+  """Refuses a distillation setting that cannot work (reads only the teacher's export record).
+  Configs of tasks without distillation (diffusion, control) have no ``distill`` section."""
+  if not config.get("distill") or not config.distill.teacher:
+    if config.get("distill") and config.distill.weight:
       raise ValueError("distill.weight is set but distill.teacher is not; give a plain-model export folder.")
     return
   if not isinstance(tasks.from_config(config), tasks.Classification):
@@ -183,7 +184,7 @@ def check_teacher(config) -> None:
 
 def load_teacher(config):
   check_teacher(config)
-  if not config.distill.teacher:
+  if not config.get("distill") or not config.distill.teacher:
     return None
   t_cfg = models.from_record(exports.read_meta(config.distill.teacher)["model"])
   return models.build(t_cfg), exports.load_params(config.distill.teacher)
