@@ -161,10 +161,10 @@ def unlocked(config) -> ml_collections.ConfigDict:
 
 def data_config(name: str, budget: dict):
   from configs import common
-  from weit_jax import input_pipeline, models
+  from weit_jax import data_catalog, models
   # As the family's configs read it: a generator's data has no pad-and-crop and pixels in [-1, 1].
   generation = "diffusion" in models.get(FAMILY).tasks
-  d = common.generation_data(name) if generation else input_pipeline.default_data_config(name)
+  d = common.generation_data(name) if generation else data_catalog.default_data_config(name)
   if name == "fashion_mnist_local":
     d.eval_split = budget["fmnist_eval"]
   d.read_threads = 4
