@@ -31,7 +31,7 @@ def define_flags(flag_values=flags.FLAGS, sys_argv=None):
 
 define_flags()
 
-PROGRAMS = ("pretrain", "init", "train", "sample")
+PROGRAMS = ("pretrain", "init", "train", "sample", "baseline_pretrain")
 
 
 def main(argv):

@@ -128,8 +128,7 @@ def _write(path: str, record: dict) -> dict:
 # --- stage 1: pre-training ---------------------------------------------------------------------------
 
 def pretrain_all(args) -> dict:
-  from weit_jax.inits import tleg
-  from weit_jax.programs import pretrain, train
+  from weit_jax.programs import baseline_pretrain, pretrain, train
   P = args.budget["pretrain_updates"]
   out = {}
   for name in ("weit", "tleg", "dense"):
@@ -147,8 +146,8 @@ def pretrain_all(args) -> dict:
     elif name == "tleg":
       c = train_config(env="hopper", updates=P, seed=0, eval_every=max(1, P // 5), model=model_config("hopper", **AUX))
       log(f"pre-training the TLEG auxiliary (d3-w64, {P} PPO updates) in {workdir}")
-      summary = tleg.pretrain(c, workdir)
-      record = dict(workdir=workdir, export=tleg.export_dir(workdir))
+      summary = baseline_pretrain.run(baseline_pretrain.for_baseline(c, "tleg"), workdir)
+      record = dict(workdir=workdir, export=baseline_pretrain.export_dir(workdir))
     else:
       c = train_config(env="hopper", updates=P, seed=0, eval_every=max(1, P // 5),
                        model=model_config("hopper", **DENSE_SOURCE))
@@ -163,7 +162,7 @@ def pretrain_all(args) -> dict:
 # --- stage 2: WeiT init ------------------------------------------------------------------------------
 
 def init_weit(args, templates: str, env: str, adapt: str) -> dict:
-  from weit_jax import checkpoint
+  from weit_jax import exports
   from weit_jax.programs import init as init_program
   b = args.budget
   workdir = os.path.join(args.workdir, "init", f"{env}_{adapt}_P{b['pretrain_updates']}_S{b['init_updates']}")
@@ -179,7 +178,7 @@ def init_weit(args, templates: str, env: str, adapt: str) -> dict:
   targets = {}
   for role, cfg in target_configs(env).items():
     export = os.path.join(workdir, cfg.short_name(), "export")
-    st = checkpoint.read_export_meta(export)["scaler_training"]
+    st = exports.read_meta(export)["scaler_training"]
     targets[role] = dict(export=export, return_before=st.get("return_before"), return_after=st.get("return_after"))
   return _write(os.path.join(workdir, "bench.json"), dict(targets=targets, wall_s=round(time.time() - t0, 1)))
 
@@ -202,7 +201,7 @@ def applies(method: str, cfg, env: str) -> str | None:
 def initial_export(method: str, role: str, cfg, env: str, seed: int, sources: dict, path: str) -> None:
   """The method's parameters for ``cfg`` as an export, with the observation statistics of its
   source when the observation size matches (the train program starts from them)."""
-  from weit_jax import checkpoint, inits, models
+  from weit_jax import exports, inits, models
   if method == "weit":
     source = sources["weit_init"][env]["targets"][role]["export"]
   elif method in ("weight_selection", "tleg"):
@@ -211,10 +210,10 @@ def initial_export(method: str, role: str, cfg, env: str, seed: int, sources: di
     source = None
   params = inits.get(method)(source, cfg, seed=seed)
   meta = dict(model=models.to_record(cfg), init=method, seed=seed)
-  stats = checkpoint.read_export_meta(source).get("observation_stats") if source else None
+  stats = exports.read_meta(source).get("observation_stats") if source else None
   if stats is not None and len(stats["mean"]) == cfg.obs_size:
     meta["observation_stats"] = stats
-  checkpoint.export_params(path, params, meta)
+  exports.write(path, params, meta)
 
 
 def step0_return(c, cfg) -> float:

@@ -121,7 +121,7 @@ def parse_args(argv=None):
 
 def pretrain_fine(args) -> dict:
   """FINE's auxiliary DiT (the auxiliary's size, the same data, steps and optimizer as TLEG's)."""
-  from weit_jax.inits import fine
+  from weit_jax.programs import baseline_pretrain
   b = args.budget
   workdir = iq.pretrain_dir(args, "fine")
   record_path = os.path.join(workdir, "bench.json")
@@ -131,9 +131,9 @@ def pretrain_fine(args) -> dict:
                       batch_size=b["pretrain_batch_size"])
   c.checkpoint_every = max(1, b["pretrain_steps"] // 4)
   iq.log(f"pre-training the FINE auxiliary model ({iq.aux_config().short_name()}) in {workdir}")
-  summary, wall = iq.wall_clock(fine.pretrain, c, workdir)
+  summary, wall = iq.wall_clock(baseline_pretrain.run, baseline_pretrain.for_baseline(c, "fine"), workdir)
   record = dict(method="fine", model=iq.aux_config().short_name(), steps=b["pretrain_steps"], workdir=workdir,
-                export=fine.export_dir(workdir), eval_loss=summary.get("eval_loss"), wall_s=round(wall, 1))
+                export=baseline_pretrain.export_dir(workdir), eval_loss=summary.get("eval_loss"), wall_s=round(wall, 1))
   json.dump(record, open(record_path, "w"), indent=2)
   return record
 
@@ -154,15 +154,15 @@ def adapt_fine(args, record: dict, targets: dict) -> dict:
     c.optim.lr = init_lr
     c.weight_decay = 0.0
     export = fine.adapt(record["export"], cfg, c, workdir, steps=b["init_steps"], num_examples=b["init_examples"])
-    from weit_jax import checkpoint
-    out[role] = dict(export=export, **checkpoint.read_export_meta(export).get("sigma_training", {}))
+    from weit_jax import exports
+    out[role] = dict(export=export, **exports.read_meta(export).get("sigma_training", {}))
   return dict(targets=out, wall_s=round(time.time() - t0, 1))
 
 
 def pretrain_unconstrained(args) -> dict:
   """A plain DiT of the auxiliary's size from random init, the same data, steps and batch: the
   eval loss the constrained auxiliary is measured against, and the weights the template fits read."""
-  from weit_jax import checkpoint, models
+  from weit_jax import exports, models
   from weit_jax.inits import common
   from weit_jax.programs import train
   b = args.budget
@@ -180,8 +180,8 @@ def pretrain_unconstrained(args) -> dict:
   export = os.path.join(workdir, "export_params")
   if os.path.exists(export):
     shutil.rmtree(export)
-  checkpoint.export_params(export, common.to_numpy(summary["params"]),
-                           dict(model=models.to_record(cfg), init="unconstrained", steps=b["pretrain_steps"]))
+  exports.write(export, common.to_numpy(summary["params"]),
+                dict(model=models.to_record(cfg), init="unconstrained", steps=b["pretrain_steps"]))
   record = dict(model=cfg.short_name(), steps=b["pretrain_steps"], workdir=workdir, export=export,
                 eval_loss=summary.get("eval_loss"), wall_s=round(wall, 1))
   json.dump(record, open(record_path, "w"), indent=2)
@@ -221,7 +221,7 @@ def run_tag(b: dict) -> str:
 def run_one(args, classifier, method: str, role: str, cfg, seed: int, sources: dict, variant: str = "") -> dict:
   """One (method, target, seed): export, step-0 sample quality, training. Cached in its folder
   (``variant``: an ablation's recipe, a folder of its own)."""
-  from weit_jax import checkpoint, inits, models
+  from weit_jax import exports, inits, models
   from weit_jax.evaluators import sample_quality
   from weit_jax.programs import train
   b = args.budget
@@ -239,12 +239,12 @@ def run_one(args, classifier, method: str, role: str, cfg, seed: int, sources: d
     shutil.rmtree(run_dir)  # an interrupted run, or another source (a new recipe), starts over
   t0 = time.time()
   if method == "fine":  # FINE's trained-sigma export of this target (adapt_fine)
-    params = inits.common.to_numpy(checkpoint.load_params(source, expected_model=cfg))
+    params = inits.common.to_numpy(exports.load_params(source, expected_model=cfg))
   else:
     params = inits.get(method)(source, cfg, seed=seed)
   export = os.path.join(run_dir, "init")
-  checkpoint.export_params(export, params, dict(model=models.to_record(cfg), init=method, seed=seed,
-                                                source=inits.describe_source(source)))
+  exports.write(export, params, dict(model=models.to_record(cfg), init=method, seed=seed,
+                                     source=inits.describe_source(source)))
   workdir = os.path.join(run_dir, "train")
   step0 = sample_eval(classifier, cfg, workdir, b)(0, params)
   c = iq.train_config(b, dataset=FMNIST, steps=b["train_steps"], seed=seed, init=export, eval_every=b["eval_every"])
@@ -323,7 +323,7 @@ def ablations(args, classifier, targets: dict, default: dict, results: list[dict
 def diagnose(args, stages: dict, results: list[dict], targets: dict, ablated: dict | None) -> dict:
   """The numbers of generation.md's cause section; cached in WORKDIR/diagnosis."""
   import generation_diagnosis as gd
-  from weit_jax import checkpoint
+  from weit_jax import exports
   b = args.budget
   path = os.path.join(args.workdir, "diagnosis", f"{run_tag(b)}{'_ablations' if ablated else ''}.json")
   if os.path.exists(path):
@@ -331,18 +331,18 @@ def diagnose(args, stages: dict, results: list[dict], targets: dict, ablated: di
   t0 = time.time()
   aux = iq.aux_config()
   tiles = stages["pretrain"]["weit"]["weit"]["tiles"]
-  fits = gd.constraint_fits(checkpoint.load_params(stages["unconstrained"]["export"]), aux, tiles)
+  fits = gd.constraint_fits(exports.load_params(stages["unconstrained"]["export"]), aux, tiles)
   _, inputs, target = gd.probe_batch(iq.data_config(FMNIST, b))
   probes = {}
   for r in results:
     if r["seed"] == 0:
       probes.setdefault(r["role"], {})[r["method"]] = gd.probe_export(
-          checkpoint.load_params(os.path.join(r["run_dir"], "init")), targets[r["role"]], inputs, target)
+          exports.load_params(os.path.join(r["run_dir"], "init")), targets[r["role"]], inputs, target)
   for name, row in (ablated or {}).items():
     for role, v in row["roles"].items():
       if "export" not in v:  # the default's row: its exports are the main runs'
         continue
-      probes.setdefault(role, {})[f"weit-{name}"] = gd.probe_export(checkpoint.load_params(v["export"]),
+      probes.setdefault(role, {})[f"weit-{name}"] = gd.probe_export(exports.load_params(v["export"]),
                                                                    targets[role], inputs, target)
   init_dir = os.path.dirname(os.path.dirname(next(iter(stages["init"]["targets"].values()))["export"]))
   scalers = {role: gd.scaler_convergence(init_dir, targets[role].short_name()) for role in stages["init"]["targets"]}
@@ -413,7 +413,7 @@ def metric_scale(classifier, b: dict) -> dict:
 def inception(args, classifier, results: list[dict], targets: dict) -> dict:
   """Inception FID and KID of each (target, method)'s final samples (seed 0) against real test
   images, with the classifier-feature FID of the very same images; cached in WORKDIR/inception."""
-  from weit_jax import checkpoint, models
+  from weit_jax import exports, models
   from weit_jax.evaluators import distances, feature_classifier, sample_quality
   n = args.inception_samples
   path = os.path.join(args.workdir, "inception", f"{run_tag(args.budget)}_n{n}_r{args.inception_real}.json")
@@ -441,7 +441,7 @@ def inception(args, classifier, results: list[dict], targets: dict) -> dict:
     if r["seed"] != 0:
       continue
     cfg = targets[r["role"]]
-    made, made_labels = sample_quality.generate(models.build(cfg), checkpoint.load_params(r["export"]), cfg,
+    made, made_labels = sample_quality.generate(models.build(cfg), exports.load_params(r["export"]), cfg,
                                                 list(range(10)), per_class=n, steps=args.budget["sample_steps"],
                                                 guidance=args.budget["guidance"], seed=1)
     f = features(made)
@@ -534,7 +534,7 @@ def plot_grids(results: list[dict], role: str, cfg, b: dict, path: str, columns:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  from weit_jax import checkpoint, models
+  from weit_jax import exports, models
   from weit_jax.evaluators import sample_quality
   runs = {r["method"]: r for r in results if r["role"] == role and r["seed"] == 0}
   methods = [m for m in METHODS if m in runs]
@@ -544,7 +544,7 @@ def plot_grids(results: list[dict], role: str, cfg, b: dict, path: str, columns:
     r = runs[method]
     for row, (label, export, step) in enumerate((("step 0", os.path.join(r["run_dir"], "init"), 0),
                                                  (f"step {b['train_steps']}", r["export"], -1))):
-      images, _ = sample_quality.generate(model, checkpoint.load_params(export), cfg, list(range(10)),
+      images, _ = sample_quality.generate(model, exports.load_params(export), cfg, list(range(10)),
                                           per_class=columns, steps=b["sample_steps"], guidance=b["guidance"], seed=0)
       ax = axes[row][col]
       ax.imshow(sample_quality.grid_canvas(images, columns)[..., 0], cmap="gray", vmin=0, vmax=1,

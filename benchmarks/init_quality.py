@@ -161,10 +161,10 @@ def unlocked(config) -> ml_collections.ConfigDict:
 
 def data_config(name: str, budget: dict):
   from configs import common
-  from weit_jax import input_pipeline, models
+  from weit_jax import data_catalog, models
   # As the family's configs read it: a generator's data has no pad-and-crop and pixels in [-1, 1].
   generation = "diffusion" in models.get(FAMILY).tasks
-  d = common.generation_data(name) if generation else input_pipeline.default_data_config(name)
+  d = common.generation_data(name) if generation else data_catalog.default_data_config(name)
   if name == "fashion_mnist_local":
     d.eval_split = budget["fmnist_eval"]
   d.read_threads = 4
@@ -292,7 +292,7 @@ def pretrain_weit(args, variant: str = "", overrides: dict | None = None) -> dic
 
 
 def pretrain_tleg(args) -> dict:
-  from weit_jax.inits import tleg
+  from weit_jax.programs import baseline_pretrain
   b = args.budget
   workdir = pretrain_dir(args, "tleg")
   record_path = os.path.join(workdir, "bench.json")
@@ -302,16 +302,16 @@ def pretrain_tleg(args) -> dict:
                    batch_size=b["pretrain_batch_size"])
   c.checkpoint_every = max(1, b["pretrain_steps"] // 4)  # long: resumable
   log(f"pre-training the TLEG auxiliary model ({aux_config().short_name()}, {b['pretrain_steps']} steps) in {workdir}")
-  summary, wall = wall_clock(tleg.pretrain, c, workdir)
+  summary, wall = wall_clock(baseline_pretrain.run, baseline_pretrain.for_baseline(c, "tleg"), workdir)
   record = dict(method="tleg", model=aux_config().short_name(), steps=b["pretrain_steps"], workdir=workdir,
-                export=tleg.export_dir(workdir), eval_accuracy=summary.get("eval_accuracy"), eval_loss=summary.get("eval_loss"), wall_s=round(wall, 1),
+                export=baseline_pretrain.export_dir(workdir), eval_accuracy=summary.get("eval_accuracy"), eval_loss=summary.get("eval_loss"), wall_s=round(wall, 1),
                 lr=c.optim.lr)
   json.dump(record, open(record_path, "w"), indent=2)
   return record
 
 
 def pretrain_dense(args) -> dict:
-  from weit_jax import checkpoint, models
+  from weit_jax import exports, models
   from weit_jax.inits import common
   from weit_jax.programs import train
   b = args.budget
@@ -328,8 +328,8 @@ def pretrain_dense(args) -> dict:
   export = os.path.join(workdir, "export")
   if os.path.exists(export):
     shutil.rmtree(export)
-  checkpoint.export_params(export, common.to_numpy(summary["params"]),
-                           dict(model=models.to_record(cfg), init="dense_source", steps=b["pretrain_steps"]))
+  exports.write(export, common.to_numpy(summary["params"]),
+                dict(model=models.to_record(cfg), init="dense_source", steps=b["pretrain_steps"]))
   record = dict(method="weight_selection", model=cfg.short_name(), steps=b["pretrain_steps"], workdir=workdir,
                 export=export, eval_accuracy=summary.get("eval_accuracy"), eval_loss=summary.get("eval_loss"), wall_s=round(wall, 1), lr=c.optim.lr)
   json.dump(record, open(record_path, "w"), indent=2)
@@ -339,7 +339,7 @@ def pretrain_dense(args) -> dict:
 def init_weit(args, weit_pretrain: dict, roles: list[str] | None = None, overrides: dict | None = None) -> dict:
   """programs/init.py for every target (or ``roles``): role -> {export, accuracy before/after, wall};
   ``overrides``: init config fields (e.g. ``{'optim.lr': 1e-2}``) for an ablation."""
-  from weit_jax import checkpoint
+  from weit_jax import exports
   from weit_jax.programs import init as init_program
   b = args.budget
   chosen = [(role, spec) for role, spec in setup()["targets"] if roles is None or role in roles]
@@ -364,7 +364,7 @@ def init_weit(args, weit_pretrain: dict, roles: list[str] | None = None, overrid
     if role not in dict(chosen):
       continue
     export = os.path.join(workdir, cfg.short_name(), "export")
-    st = checkpoint.read_export_meta(export)["scaler_training"]
+    st = exports.read_meta(export)["scaler_training"]
     out[role] = dict(export=export, **{k: st.get(k) for k in ("accuracy_before", "accuracy_after", "loss_before",
                                                               "loss_after", "scalers_from")})
   record = dict(targets=out, wall_s=round(wall, 1), steps=b["init_steps"], num_examples=b["init_examples"],
@@ -424,7 +424,7 @@ def eval_curve(workdir: str) -> dict[int, float]:
 
 def run_one(args, method: str, role: str, cfg, dataset: str, seed: int, sources: dict) -> dict:
   """One (method, target, dataset, seed): export, step-0 accuracy, training. Cached in its folder."""
-  from weit_jax import checkpoint, inits, models
+  from weit_jax import exports, inits, models
   from weit_jax.programs import train
   b = args.budget
   budget_key = {k: v for k, v in b.items() if k != "seeds"}  # everything a run's result depends on
@@ -444,9 +444,9 @@ def run_one(args, method: str, role: str, cfg, dataset: str, seed: int, sources:
   params = init(source_for(method, role, sources), cfg, seed=seed)
   if dataset != "fashion_mnist_local":  # transfer: a new task gets a new head, whatever the method
     params = models.with_fresh_classifier(params, cfg, seed)
-  checkpoint.export_params(export, params, dict(model=models.to_record(cfg), init=method, seed=seed,
-                                                source=inits.describe_source(source_for(method, role, sources)),
-                                                head="new" if dataset != "fashion_mnist_local" else "kept"))
+  exports.write(export, params, dict(model=models.to_record(cfg), init=method, seed=seed,
+                                     source=inits.describe_source(source_for(method, role, sources)),
+                                     head="new" if dataset != "fashion_mnist_local" else "kept"))
   c = train_config(b, dataset=dataset, steps=b["train_steps"], seed=seed, init=export, eval_every=b["eval_every"])
   acc0 = step0_accuracy(c, cfg)
   t_train = time.time()

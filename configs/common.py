@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from weit_jax import input_pipeline, sharding
+from weit_jax import data_catalog, sharding
 
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
@@ -61,7 +61,7 @@ DATA_PARALLEL, FSDP_ALL = sharding.DATA_PARALLEL, sharding.FSDP_ALL
 def generation_data(name: str) -> ml_collections.ConfigDict:
   """A dataset as image generation reads it: the whole image (shorter side resized, center crop; no
   pad-and-crop, which would teach black borders), flips as the dataset allows, pixels in [-1, 1]."""
-  data = input_pipeline.default_data_config(name)
+  data = data_catalog.default_data_config(name)
   channels = len(data.mean)
   data.update(dict(random_crop="none", crop_padding=0, center_crop_fraction=1.0, mean=(0.5,) * channels,
                    std=(0.5,) * channels))

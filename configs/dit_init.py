@@ -25,7 +25,6 @@ def get_config(arg=None):
   config.scaler_init = "interpolate"  # or 'random'
   config.num_examples = 50_000  # how much training data the scalers see
   config.steps = 1000  # scaler-training steps (0: heuristic only)
-  config.label_smoothing = 0.0
   config.scaler_wd = 0.0
   common.training_fields(config, total_steps=1000, batch_size=1024, mesh=common.FSDP_ALL)
   del config["total_steps"]  # the scaler-training length is `steps`

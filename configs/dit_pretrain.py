@@ -38,8 +38,6 @@ def get_config(arg=None):
       untemplated="", zero_init="ones", extra_sizes=""))
   config.constraint = ml_collections.ConfigDict(dict(
       mode="hard", template_wd=1e-4, scaler_wd=1e-4, dense_wd=0.0, diversity=0.0, soft_lambda=1.0))
-  config.distill = ml_collections.ConfigDict(dict(
-      teacher=config_dict.placeholder(str), weight=0.0, temperature=1.0))
   config.init_templates_from = config_dict.placeholder(str)
 
   config.data = common.generation_data("imagenet2012")

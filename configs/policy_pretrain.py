@@ -31,8 +31,6 @@ def get_config(arg=None):
                                                num_templates=4, untemplated="", zero_init="ones", extra_sizes=""))
   config.constraint = ml_collections.ConfigDict(dict(
       mode="hard", template_wd=0.0, scaler_wd=0.0, dense_wd=0.0, diversity=0.0, soft_lambda=1.0))
-  config.distill = ml_collections.ConfigDict(dict(
-      teacher=config_dict.placeholder(str), weight=0.0, temperature=1.0))
   config.init_templates_from = config_dict.placeholder(str)
   common.training_fields(config, total_steps=2000, batch_size=4096)
   common.control_fields(config, runlocal=arg.runlocal)

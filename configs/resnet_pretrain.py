@@ -19,7 +19,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from configs import common
-from weit_jax import input_pipeline
+from weit_jax import data_catalog
 
 
 def tiles(stages: int, tile: int) -> dict[str, int]:
@@ -43,7 +43,7 @@ def get_config(arg=None):
       teacher=config_dict.placeholder(str), weight=0.0, temperature=1.0))
   config.init_templates_from = config_dict.placeholder(str)
 
-  config.data = input_pipeline.default_data_config("imagenet2012")
+  config.data = data_catalog.default_data_config("imagenet2012")
   config.label_smoothing = 0.1
   common.training_fields(config, total_steps=90 * 1251, batch_size=1024)  # 90 epochs
   config.optim = ml_collections.ConfigDict(dict(
@@ -56,7 +56,7 @@ def get_config(arg=None):
   if arg.runlocal:
     config.model = common.model_config("pico", family="resnet")
     config.weit.tiles = tiles(3, 8)
-    config.data = input_pipeline.default_data_config("fashion_mnist_local")
+    config.data = data_catalog.default_data_config("fashion_mnist_local")
     config.label_smoothing = 0.0
     config.total_steps = 300
     config.batch_size = 64

@@ -14,7 +14,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from configs import common
-from weit_jax import input_pipeline
+from weit_jax import data_catalog
 
 
 def get_config(arg=None):
@@ -34,7 +34,7 @@ def get_config(arg=None):
       teacher=config_dict.placeholder(str), weight=0.0, temperature=1.0))
   config.init_templates_from = config_dict.placeholder(str)
 
-  config.data = input_pipeline.default_data_config("imagenet2012")
+  config.data = data_catalog.default_data_config("imagenet2012")
   config.label_smoothing = 0.1
   common.training_fields(config, total_steps=300 * 1251, batch_size=4096)  # 300 epochs
   config.optim = ml_collections.ConfigDict(dict(
@@ -48,7 +48,7 @@ def get_config(arg=None):
     config.model = common.model_config("pico/4")
     config.weit.tiles = dict(embed=16, mlp=16, heads=1, kv=8)
     config.weit.num_templates = 4
-    config.data = input_pipeline.default_data_config("fashion_mnist_local")
+    config.data = data_catalog.default_data_config("fashion_mnist_local")
     config.label_smoothing = 0.0
     config.total_steps = 1500
     config.batch_size = 128

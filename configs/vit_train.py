@@ -10,7 +10,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from configs import common
-from weit_jax import input_pipeline
+from weit_jax import data_catalog
 
 
 def get_config(arg=None):
@@ -19,7 +19,7 @@ def get_config(arg=None):
   config.program = "train"
   config.init = config_dict.placeholder(str)  # an export folder (init program or a baseline)
   config.model = common.model_config(arg.variant, dtype="bfloat16")
-  config.data = input_pipeline.default_data_config("imagenet2012")
+  config.data = data_catalog.default_data_config("imagenet2012")
   config.label_smoothing = 0.1
   config.weight_decay = 0.05
   common.training_fields(config, total_steps=10 * 1251, batch_size=1024)  # 10 epochs
@@ -28,7 +28,7 @@ def get_config(arg=None):
       wd_paths=r"(kernel|embedding|pos_embedding|cls)$"))
   if arg.runlocal:
     config.model = common.model_config(arg.variant if arg.variant != "S/16" else "mu/4")
-    config.data = input_pipeline.default_data_config("fashion_mnist_local")
+    config.data = data_catalog.default_data_config("fashion_mnist_local")
     config.label_smoothing = 0.0
     config.total_steps = 500
     config.batch_size = 128

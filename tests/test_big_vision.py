@@ -16,7 +16,7 @@ import pytest
 from flax import traverse_util
 
 from helpers import big_vision_tree, randomized
-from weit_jax import checkpoint, models
+from weit_jax import exports, models
 from weit_jax.models import vit
 
 IMAGE, CHANNELS, CLASSES = 12, 3, 5
@@ -51,7 +51,7 @@ def export(tmp_path_factory):
   cfg = small_vit()
   params = random_params(cfg, seed=3)
   directory = str(tmp_path_factory.mktemp("export") / "export")
-  checkpoint.export_params(directory, params, dict(model=models.to_record(cfg), init="test"))
+  exports.write(directory, params, dict(model=models.to_record(cfg), init="test"))
   return directory, cfg, params
 
 
@@ -77,7 +77,7 @@ def test_export_restores_with_orbax_alone(export):
 def test_resnet_exports_write_no_npz(tmp_path):
   """big_vision's bit.py has one module per unit, not a scanned stack: no npz that would not load."""
   cfg = models.resnet.make_config("femto", image_size=8, channels=1, num_classes=3)
-  checkpoint.export_params(str(tmp_path / "e"), models.init_params(cfg, 0), dict(model=models.to_record(cfg)))
+  exports.write(str(tmp_path / "e"), models.init_params(cfg, 0), dict(model=models.to_record(cfg)))
   assert sorted(os.listdir(tmp_path / "e")) == ["export.json", "params"]
 
 
@@ -91,7 +91,7 @@ def test_training_refuses_an_option_other_than_its_exports(tmp_path):
   from configs import vit_train
   from weit_jax.programs import train
   cfg = small_vit("gap", "learn")
-  checkpoint.export_params(str(tmp_path / "e"), models.init_params(cfg, 0), dict(model=models.to_record(cfg)))
+  exports.write(str(tmp_path / "e"), models.init_params(cfg, 0), dict(model=models.to_record(cfg)))
   c = ml_collections.ConfigDict(vit_train.get_config("runlocal").to_dict())
   c.init, c.model.pool_type = str(tmp_path / "e"), "tok"
   with pytest.raises(ValueError, match=r"export of a model with pool_type='gap', but --config.model.pool_type='tok'; "

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 from helpers import assert_refused, committed_steps, ok, run_main, snapshot
-from weit_jax import checkpoint, metrics, models
+from weit_jax import checkpoint, exports, metrics, models
 
 # inverted_pendulum: the cheapest brax system to compile (about half of hopper's compile time).
 TINY = ["--config.env=inverted_pendulum", "--config.batch_size=8", "--config.ppo.unroll_length=4", "--config.ppo.num_minibatches=2",
@@ -40,7 +40,7 @@ TRAIN = ["--config=configs/policy_train.py:runlocal", "--config.model.variant=mu
 # with the train state already past the last checkpoint.
 KILL_AFTER_STEP = r'''
 import os, runpy, signal, sys
-from weit_jax import checkpoint, metrics
+from weit_jax import checkpoint, exports, metrics
 made = []
 _init = checkpoint.Checkpointer.__init__
 def init(self, *args, **kwargs):
@@ -126,7 +126,7 @@ def hopper_export(tmp_path_factory):
   """A plain policy export for hopper's sizes (11 observations, 3 actions), as an init writes one."""
   cfg = models.get("policy").make_config("mu", width=16, obs_size=11, action_size=3)
   path = str(tmp_path_factory.mktemp("policy_export") / "export")
-  checkpoint.export_params(path, models.init_params(cfg, 0), dict(model=models.to_record(cfg)))
+  exports.write(path, models.init_params(cfg, 0), dict(model=models.to_record(cfg)))
   return path
 
 
@@ -241,14 +241,14 @@ def test_init_for_both_morphologies_and_train_from_an_export(reference, tmp_path
 
   c = _config(policy_init, templates=workdir, targets="width=12", steps=2, adapt="distill", checkpoint_every=2)
   init_program.run(c, str(tmp_path / "distill"))
-  meta = checkpoint.read_export_meta(str(tmp_path / "distill" / "d2-w12-o4-a1" / "export"))
+  meta = exports.read_meta(str(tmp_path / "distill" / "d2-w12-o4-a1" / "export"))
   assert meta["scaler_training"]["adapt"] == "distill" and np.isfinite(meta["scaler_training"]["return_after"])
   assert meta["observation_stats"]["count"] == float(template_stats["count"]) + 2 * 32
 
   c = _config(policy_init, templates=workdir, targets="depth=3", steps=0, env="inverted_double_pendulum")
   init_program.run(c, str(tmp_path / "other"))
   export = str(tmp_path / "other" / "d3-w16-o8-a1" / "export")
-  meta = checkpoint.read_export_meta(export)
+  meta = exports.read_meta(export)
   cfg = models.from_record(meta["model"])
   assert (cfg.obs_size, cfg.action_size) == (8, 1) and np.isfinite(meta["scaler_training"]["return_before"])
   assert meta["observation_stats"]["count"] == 0 and len(meta["observation_stats"]["mean"]) == 8

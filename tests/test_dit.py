@@ -161,7 +161,7 @@ def test_pretrain_init_sample_train_a_dit(learnable_data, tmp_path, monkeypatch)
   objective), exported, sampled, and trained with sample quality measured. (Training from an export
   and its own export, resuming: the family-blind train program, tests/test_programs.py.)"""
   from configs import dit_init, dit_pretrain
-  from weit_jax import checkpoint, models
+  from weit_jax import exports, models
   from weit_jax.programs import init as init_program
   from weit_jax.programs import pretrain
   tiles = dict(embed=8, cond=8, cond_mlp=8, mlp=8, heads=1, kv=8)
@@ -177,7 +177,7 @@ def test_pretrain_init_sample_train_a_dit(learnable_data, tmp_path, monkeypatch)
   [result] = init_program.run(ini, str(tmp_path / "init")).values()
   assert result["loss_after"] < result["loss_before"]
   export = str(tmp_path / "init" / "d3-w40-h2-m160-p4" / "export")
-  cfg = models.from_record(checkpoint.read_export_meta(export)["model"])
+  cfg = models.from_record(exports.read_meta(export)["model"])
   assert models.family_of(cfg).name == "dit" and (cfg.depth, cfg.width) == (3, 40)
 
   # Samples of the export: a grid with one row per class, the same images for the same seed.
@@ -189,7 +189,7 @@ def test_pretrain_init_sample_train_a_dit(learnable_data, tmp_path, monkeypatch)
   assert os.path.getsize(made["png"]) > 1000
   saved = np.load(tmp_path / "samples" / "samples.npz")
   assert saved["images"].shape == (6, 28, 28, 1) and list(saved["labels"]) == [0, 0, 0, 7, 7, 7]
-  again, _ = sample_quality.generate(models.build(cfg), checkpoint.load_params(export), cfg, [0, 7], per_class=3,
+  again, _ = sample_quality.generate(models.build(cfg), exports.load_params(export), cfg, [0, 7], per_class=3,
                                      steps=2, guidance=2.0, seed=0)
   np.testing.assert_array_equal(again, saved["images"])
   sc.classes = "3,10"
@@ -211,7 +211,7 @@ def test_pretrain_init_sample_train_a_dit(learnable_data, tmp_path, monkeypatch)
   assert sorted(logged) == [1, 2] and summary[fid] == logged[2][fid] > 0
   assert 0 <= summary["eval_" + sample_quality.FIDELITY_KEY] <= 1
   assert sorted(os.listdir(tmp_path / "train" / "samples")) == ["step_0000001.png", "step_0000002.png"]
-  assert checkpoint.read_export_meta(str(tmp_path / "train" / "export"))["training"][sample_quality.FID_KEY] == \
+  assert exports.read_meta(str(tmp_path / "train" / "export"))["training"][sample_quality.FID_KEY] == \
       summary[fid]
   # Measured on the classifier's data only: other data is refused before anything is written.
   tc.data.image_size = 32

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from weit_jax import checkpoint, inits, models
+from weit_jax import exports, inits, models
 from weit_jax.inits import common, fine
 from weit_jax.models import dit, vit
+from weit_jax.programs import baseline_pretrain
 
 DIT = dit.make_config(width=16, depth=3, num_heads=2, mlp_dim=32, patch_size=4, image_size=8, channels=1,
                       num_classes=3)
@@ -169,11 +170,11 @@ def test_pretrain_exports_and_adapt_trains_only_sigma(learnable_data, tmp_path):
   c.optim.warmup_steps = 0  # adaLN-Zero: the blocks' MLP gets gradient from the third update on
   c.sample_quality.per_class = 0  # (the loops never measure it; off here too, so nothing builds its classifier)
   learnable_data(c)
-  summary = fine.pretrain(c, str(tmp_path / "pre"))
-  assert summary["final_step"] == 3 and summary["program"] == "fine_pretrain"
-  meta = checkpoint.read_export_meta(fine.export_dir(str(tmp_path / "pre")))
+  summary = baseline_pretrain.run(baseline_pretrain.for_baseline(c, "fine"), str(tmp_path / "pre"))
+  assert summary["final_step"] == 3 and summary["program"] == "baseline_pretrain" and summary["baseline"] == "fine"
+  meta = exports.read_meta(baseline_pretrain.export_dir(str(tmp_path / "pre")))
   assert meta["form"] == "fine" and meta["steps"] == 3
-  source = fine.FINESource.from_export(fine.export_dir(str(tmp_path / "pre")))
+  source = fine.FINESource.from_export(baseline_pretrain.export_dir(str(tmp_path / "pre")))
   assert source.config.short_name() == "d3-w16-h2-m32-p7"
   trained = common.to_numpy(summary["params"])
   jax.tree_util.tree_map(np.testing.assert_array_equal, source.tree, trained)
@@ -184,17 +185,17 @@ def test_pretrain_exports_and_adapt_trains_only_sigma(learnable_data, tmp_path):
   target = dataclasses.replace(source.config, depth=4)
   out = fine.adapt(source, target, c, str(tmp_path / "adapt"), steps=2, num_examples=64)
   assert out == str(tmp_path / "adapt" / "export")
-  meta = checkpoint.read_export_meta(out)
+  meta = exports.read_meta(out)
   assert meta["init"] == "fine" and meta["model"] == models.to_record(target)
   st = meta["sigma_training"]
   assert (st["steps"], st["num_examples"]) == (2, 64) and "loss_before" in st and "loss_after" in st
-  factors = fine.FINESource.from_export(fine.export_dir(str(tmp_path / "adapt")))
+  factors = fine.FINESource.from_export(fine.factors_dir(str(tmp_path / "adapt")))
   begin = fine.expand_tree(source, target)
   for group in ("U", "V", "dense"):  # frozen
     jax.tree_util.tree_map(np.testing.assert_array_equal, factors.tree[group], begin[group])
   changed = [k for k, v in flat(factors.tree["sigma"]).items() if not np.allclose(v, flat(begin["sigma"])[k])]
   assert {"blocks/Dense_0/kernel", "blocks/Modulation_0/adaLN_modulation/kernel", ATT + "out/kernel"} <= set(changed)
-  plain = flat(jax.device_get(checkpoint.load_params(out, expected_model=target)))
+  plain = flat(jax.device_get(exports.load_params(out, expected_model=target)))
   for k, w in numpy_compose(factors.tree, target).items():
     np.testing.assert_allclose(plain[k], w, rtol=1e-5, atol=1e-5, err_msg=k)
   for k, v in flat(factors.tree["per_layer"]).items():

@@ -1,6 +1,7 @@
 """Baseline initializers (weit_jax.inits): shapes, weight selection against hand-computed indices,
 TLEG's interpolation rule, mimetic factorizations, seeds, exports, and TLEG pre-training."""
 import dataclasses
+import os
 
 import chex
 import flax.linen as nn
@@ -12,9 +13,10 @@ import pytest
 from flax import traverse_util
 
 from helpers import evenly
-from weit_jax import checkpoint, inits, models
+from weit_jax import checkpoint, exports, inits, models
 from weit_jax.inits import common, mimetic, tleg, weight_selection
 from weit_jax.models import vit
+from weit_jax.programs import baseline_pretrain
 
 FORMAT = dict(image_size=28, channels=1, num_classes=10)
 TARGET = vit.make_config("mu/4", **FORMAT)  # d2-w32-h2-m64
@@ -48,7 +50,7 @@ def tleg_tree(cfg, seed):
 def fake_weit_export(directory, cfg, seed=3):
   """What programs/init.py writes: plain parameters plus export.json with ``model``."""
   params = seeded_params(cfg, seed)
-  checkpoint.export_params(directory, params, dict(model=dataclasses.asdict(cfg), template_source={}))
+  exports.write(directory, params, dict(model=dataclasses.asdict(cfg), template_source={}))
   return params
 
 
@@ -99,9 +101,9 @@ def test_every_export_loads_for_the_target_and_trains_from_config_init(tmp_path)
     directory = str(tmp_path / "exports" / name)
     params = inits.get(name)(source, TARGET, seed=4)
     assert inits.get(name).export(directory, source, TARGET, seed=4) == directory
-    meta = checkpoint.read_export_meta(directory)
+    meta = exports.read_meta(directory)
     assert meta["init"] == name and meta["model"] == models.to_record(TARGET) and meta["seed"] == 4
-    loaded = jax.device_get(checkpoint.load_params(directory, expected_model=TARGET))
+    loaded = jax.device_get(exports.load_params(directory, expected_model=TARGET))
     chex.assert_trees_all_close(loaded, params, rtol=0, atol=0)
     # What `--config.init=EXPORT` does in programs/train.py.
     config = ml_collections.ConfigDict(dict(init=directory, seed=0))
@@ -166,7 +168,7 @@ def test_weight_selection_takes_the_same_evenly_spaced_indices_for_every_paramet
 def test_weight_selection_keeps_a_same_size_model_and_reads_an_export(tmp_path):
   src = seeded_params(SOURCE, 7)
   directory = str(tmp_path / "dense")
-  checkpoint.export_params(directory, src, dict(model=dataclasses.asdict(SOURCE)))
+  exports.write(directory, src, dict(model=dataclasses.asdict(SOURCE)))
   params = inits.get("weight_selection")(directory, SOURCE, seed=0)
   src["head"] = common.own_init(SOURCE, 0)["head"]
   chex.assert_trees_all_close(params, src, rtol=0, atol=0)
@@ -246,9 +248,9 @@ def test_tleg_pretraining_trains_a_and_b_and_exports(learnable_data, tmp_path):
   c.optim.warmup_steps = 1
   learnable_data(c)
   workdir = str(tmp_path / "tleg")
-  summary = tleg.pretrain(c, workdir)
-  assert summary["final_step"] == 6 and summary["program"] == "tleg_pretrain"
-  source = inits.TLEGSource.from_export(tleg.export_dir(workdir))
+  summary = baseline_pretrain.run(baseline_pretrain.for_baseline(c, "tleg"), workdir)
+  assert summary["final_step"] == 6 and summary["program"] == "baseline_pretrain" and summary["baseline"] == "tleg"
+  source = inits.TLEGSource.from_export(baseline_pretrain.export_dir(workdir))
   assert source.config.short_name() == "d2-w32-h2-m64-p4"
   k = ("Transformer", "encoderblock", "MlpBlock_0", "Dense_0", "kernel")
   assert float(np.abs(flat(source.tree["B"])[k]).max()) > 0  # B started at 0 and was trained
@@ -327,3 +329,28 @@ def test_weit_passes_an_export_through_and_refuses_another_size(tmp_path):
   renewed = inits.get("weit")(directory, five)
   assert renewed["head"]["kernel"].shape == (32, 5)
   np.testing.assert_array_equal(renewed["embedding"]["kernel"], params["embedding"]["kernel"])
+
+
+def test_baseline_pretrain_config_and_refusals(tmp_path):
+  """configs/baseline_pretrain.py is the family's training config with the program and baseline
+  set; the program refuses an unknown baseline and a set init before writing anything."""
+  from configs import baseline_pretrain as config_module
+  from configs import dit_train
+  c = config_module.get_config("family=dit,baseline=fine,runlocal")
+  train_c = dit_train.get_config("runlocal")
+  assert (c.program, c.baseline, c.sample_quality.per_class) == ("baseline_pretrain", "fine", 0)
+  assert c.model == train_c.model and c.optim == train_c.optim and "init" not in c
+  assert config_module.get_config("family=vit,baseline=tleg,variant=mu/4").model.variant == "mu/4"
+  bad = unlocked(c)
+  bad.baseline = "lora"
+  with pytest.raises(ValueError, match=r"baseline='lora'; use one of \['fine', 'tleg'\]"):
+    baseline_pretrain.validate(bad, str(tmp_path / "wd"))
+  with pytest.raises(ValueError, match="tleg pre-training starts from its own initialization; unset config.init"):
+    baseline_pretrain.for_baseline(dict_config(train_c, init="/some/export"), "tleg")
+  assert not os.path.exists(tmp_path / "wd")
+
+
+def dict_config(config, **fields):
+  c = unlocked(config)
+  c.update(fields)
+  return c

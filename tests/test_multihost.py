@@ -69,15 +69,15 @@ def _worker(argv):
         "trained", flush=True)
   if not os.environ.get("WEIT_TEST_EXPORT"):
     return
-  from weit_jax import checkpoint, sharding
+  from weit_jax import exports, sharding
   from weit_jax.programs import pretrain
   config, setup, params, step = pretrain.restore_templates(flags.FLAGS.workdir)
   gen = setup.gen
   mesh = sharding.make_mesh({"fsdp": -1})
   out = sharding.shardings(gen.param_shapes(), gen.param_axes(), mesh)
   plain = jax.jit(gen.materialize, out_shardings=out)(params["templates"], params["scalers"])
-  checkpoint.export_params(os.path.join(flags.FLAGS.workdir, "export"), plain,
-                           dict(model=dataclasses.asdict(setup.model_config), step=step))
+  exports.write(os.path.join(flags.FLAGS.workdir, "export"), plain,
+                dict(model=dataclasses.asdict(setup.model_config), step=step))
   print(f"worker {jax.process_index()} of {jax.process_count()}: exported", flush=True)
 
 
@@ -95,7 +95,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from configs import vit_pretrain  # noqa: E402
-from weit_jax import checkpoint, sharding, train_loop  # noqa: E402
+from weit_jax import checkpoint, exports, sharding, train_loop # noqa: E402
 from weit_jax.programs import pretrain  # noqa: E402
 
 
@@ -278,9 +278,9 @@ def diff(a, b):
 
 def test_export_of_two_processes_loads_on_any_mesh(runs, data, meshes):
   export = os.path.join(runs["two"], "export")
-  one_device = checkpoint.load_params(export)
-  four = checkpoint.load_params(export, mesh=meshes["4 devices, another mesh"])
-  eight = checkpoint.load_params(export, mesh=sharding.make_mesh({"data": 2, "fsdp": 4}))
+  one_device = exports.load_params(export)
+  four = exports.load_params(export, mesh=meshes["4 devices, another mesh"])
+  eight = exports.load_params(export, mesh=sharding.make_mesh({"data": 2, "fsdp": 4}))
   kernel = four["Transformer"]["encoderblock"]["MlpBlock_0"]["Dense_0"]["kernel"]
   assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "model")
   assert len(one_device["head"]["kernel"].sharding.device_set) == 1

@@ -11,7 +11,7 @@ from flax import traverse_util
 
 from configs import vit_pretrain
 from helpers import numpy_materialize, randomized
-from weit_jax import checkpoint, sharding, train_loop
+from weit_jax import checkpoint, exports, sharding, train_loop
 from weit_jax.programs import pretrain
 
 
@@ -91,7 +91,7 @@ def test_templates_extracted_from_a_dense_export(tmp_path):
   dense = jax.device_get(setup.gen.materialize(t, s))
   export = str(tmp_path / "dense")
   import dataclasses
-  checkpoint.export_params(export, dense, dict(model=dataclasses.asdict(setup.model_config)))
+  exports.write(export, dense, dict(model=dataclasses.asdict(setup.model_config)))
   c.init_templates_from = export
   task = pretrain.make_task(c, setup)
   params = pretrain.initial_params_from_dense(c, setup, task)

@@ -13,7 +13,7 @@ from flax import traverse_util
 
 from configs import vit_init, vit_pretrain, vit_train
 from helpers import numpy_materialize
-from weit_jax import checkpoint, generator, models, scaler_init, sharding
+from weit_jax import checkpoint, exports, generator, models, scaler_init, sharding
 from weit_jax.models import vit
 from weit_jax.programs import init as init_program
 from weit_jax.programs import pretrain, train
@@ -110,7 +110,7 @@ def test_init_exports_every_target(initialized):
   workdir, results = initialized
   assert sorted(results) == [f"{n}-gap-sincos2d" for n in ("d1-w32-h2-m64-p4", "d2-w36-h3-m72-p4", "d4-w32-h2-m64-p4")]
   for name, r in results.items():
-    meta = checkpoint.read_export_meta(os.path.join(workdir, name, "export"))
+    meta = exports.read_meta(os.path.join(workdir, name, "export"))
     assert meta["template_source"]["step"] == 12
     assert set(meta["scaler_training"]) >= {"accuracy_before", "accuracy_after", "heuristic", "steps"}
     assert models.from_record(meta["model"]).short_name() == name
@@ -144,7 +144,7 @@ def test_scaler_training_leaves_templates_bit_identical(pretrained, initialized)
 
 
 def meta_of(workdir, name):
-  return checkpoint.read_export_meta(os.path.join(workdir, name, "export"))
+  return exports.read_meta(os.path.join(workdir, name, "export"))
 
 
 def _restore_compact(path):
@@ -156,14 +156,14 @@ def _restore_compact(path):
 def test_export_preserves_the_template_models_function(initialized):
   workdir, results = initialized
   name = "d2-w36-h3-m72-p4-gap-sincos2d"
-  meta = checkpoint.read_export_meta(os.path.join(workdir, name, "export"))
+  meta = exports.read_meta(os.path.join(workdir, name, "export"))
   cfg = models.from_record(meta["model"])
   model = vit.ViT(cfg)
   gen = generator.WeightGenerator.from_model(model, vit.dummy_input(cfg), tiles=TILES, num_templates=3)
   compact = _restore_compact(os.path.join(workdir, name, "compact"))
   images = jax.random.normal(jax.random.key(0), (4, 28, 28, 1))
   template_logits = model.apply({"params": gen.materialize(compact["templates"], compact["scalers"])}, images)
-  plain = checkpoint.load_params(os.path.join(workdir, name, "export"))
+  plain = exports.load_params(os.path.join(workdir, name, "export"))
   export_logits = model.apply({"params": plain}, images)
   np.testing.assert_allclose(np.asarray(export_logits), np.asarray(template_logits), rtol=1e-5, atol=1e-5)
   assert float(jnp.std(export_logits)) > 0
@@ -171,13 +171,13 @@ def test_export_preserves_the_template_models_function(initialized):
 
 def test_export_restores_on_one_and_eight_devices(initialized):
   export = os.path.join(initialized[0], "d4-w32-h2-m64-p4-gap-sincos2d", "export")
-  one = checkpoint.load_params(export)
+  one = exports.load_params(export)
   kernel = one["Transformer"]["encoderblock"]["MlpBlock_0"]["Dense_0"]["kernel"]
   assert len(kernel.sharding.device_set) == 1
   for shape, spec in (({"fsdp": 8}, jax.sharding.PartitionSpec(None, "fsdp", None)),
                       ({"fsdp": 4, "model": 2}, jax.sharding.PartitionSpec(None, "fsdp", "model"))):
     mesh = sharding.make_mesh(shape)
-    eight = checkpoint.load_params(export, mesh=mesh)
+    eight = exports.load_params(export, mesh=mesh)
     k8 = eight["Transformer"]["encoderblock"]["MlpBlock_0"]["Dense_0"]["kernel"]
     assert k8.sharding.spec == spec and len(k8.sharding.device_set) == 8
     chex.assert_trees_all_close(jax.device_get(eight), jax.device_get(one), rtol=0, atol=0)
@@ -188,9 +188,9 @@ def test_mismatched_export_is_refused(initialized):
   other = vit.make_config("mu/4", depth=3, image_size=28, channels=1, num_classes=10)
   with pytest.raises(checkpoint.CheckpointError, match=r"is a vit d4-w32-h2-m64-p4-gap-sincos2d but the model asked "
                                                        r"for is a vit d3-w32.*'pool_type': \('gap', 'tok'\)"):
-    checkpoint.load_params(export, expected_model=other)
+    exports.load_params(export, expected_model=other)
   with pytest.raises(checkpoint.CheckpointError, match="is not an export"):
-    checkpoint.load_params(initialized[0])
+    exports.load_params(initialized[0])
 
 
 def test_train_from_export_and_from_scratch(initialized, learnable_data, tmp_path):
@@ -210,19 +210,19 @@ def test_train_from_export_and_from_scratch(initialized, learnable_data, tmp_pat
   assert results["random"]["params"]["Transformer"]["encoderblock"]["LayerNorm_0"]["scale"].shape[0] == 2
   # A finished run leaves its trained model as an export; invoked again, it keeps it.
   trained = str(tmp_path / "weit" / "export")
-  assert checkpoint.read_export_meta(trained)["training"]["steps"] == 6
-  chex.assert_trees_all_equal(jax.device_get(checkpoint.load_params(trained)), jax.device_get(results["weit"]["params"]))
+  assert exports.read_meta(trained)["training"]["steps"] == 6
+  chex.assert_trees_all_equal(jax.device_get(exports.load_params(trained)), jax.device_get(results["weit"]["params"]))
   train.run(c, str(tmp_path / "random"))
-  assert checkpoint.read_export_meta(str(tmp_path / "random" / "export"))["training"]["init"] == "random"
+  assert exports.read_meta(str(tmp_path / "random" / "export"))["training"]["init"] == "random"
 
 
 def test_new_head_for_another_number_of_classes(initialized):
   export = os.path.join(initialized[0], "d1-w32-h2-m64-p4-gap-sincos2d", "export")
-  cfg = models.from_record(dict(checkpoint.read_export_meta(export)["model"], num_classes=5))
+  cfg = models.from_record(dict(exports.read_meta(export)["model"], num_classes=5))
   c = ml_collections.ConfigDict(dict(init=export, seed=0))
   params = train.initial_params(c, cfg)
   assert params["head"]["kernel"].shape == (32, 5)
-  exported = jax.device_get(checkpoint.load_params(export))
+  exported = jax.device_get(exports.load_params(export))
   np.testing.assert_array_equal(params["embedding"]["kernel"], exported["embedding"]["kernel"])
 
 
@@ -239,7 +239,7 @@ def test_init_heuristic_only_and_overwrite(pretrained, learnable_data, tmp_path)
   _, src, params, _ = pretrain.restore_templates(pretrained[0], 12)
   (d4, scalers), = [(s, sc) for s, sc in src.sizes(jax.device_get(params)) if s.name == r["scalers_from"]]
   flat_t, flat_s = (traverse_util.flatten_dict(x) for x in (params["templates"], scalers))
-  plain = traverse_util.flatten_dict(jax.device_get(checkpoint.load_params(
+  plain = traverse_util.flatten_dict(jax.device_get(exports.load_params(
       os.path.join(workdir, "d4-w32-h2-m64-p4-gap-sincos2d", "export"))))
   for path, bank in d4.gen.banks.items():
     want = numpy_materialize(bank, np.asarray(flat_t[path], np.float64), np.asarray(flat_s[path], np.float64))

@@ -29,7 +29,7 @@ from jax.sharding import PartitionSpec as P
 
 from configs import vit_pretrain
 from helpers import TIMEOUT, USER_ERRORS, assert_refused, committed_steps, ok, parse_main, run_main, snapshot
-from weit_jax import checkpoint, input_pipeline, losses, sharding, tasks, train_loop
+from weit_jax import checkpoint, exports, input_pipeline, losses, sharding, tasks, train_loop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOTAL, EVERY = 20, 5
@@ -338,7 +338,7 @@ def small_export(tmp_path_factory):
   cfg = vit.make_config("mu/4", depth=1, image_size=28, channels=1, num_classes=10)
   params = nn.unbox(jax.jit(vit.ViT(cfg).init)(jax.random.key(0), vit.dummy_input(cfg)))["params"]
   path = str(tmp_path_factory.mktemp("export") / "export")
-  checkpoint.export_params(path, jax.device_get(params), {"model": dataclasses.asdict(cfg)})
+  exports.write(path, jax.device_get(params), {"model": dataclasses.asdict(cfg)})
   return path
 
 

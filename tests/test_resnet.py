@@ -13,7 +13,7 @@ import pytest
 from flax import traverse_util
 
 from configs import resnet_init, resnet_pretrain, resnet_train
-from weit_jax import checkpoint, generator, inits, models
+from weit_jax import exports, generator, inits, models
 from weit_jax.inits import common, tleg, weight_selection
 from weit_jax.models import resnet, vit
 from weit_jax.programs import init as init_program
@@ -310,10 +310,10 @@ def test_resnet_pipeline_exports_loads_and_trains(resnet_runs):
   assert sorted(results) == ["r3-w10-g2"]
   for name in results:
     export = str(root / "init" / name / "export")
-    meta = checkpoint.read_export_meta(export)
+    meta = exports.read_meta(export)
     cfg = models.from_record(meta["model"])
     assert meta["model"]["family"] == "resnet" and cfg.short_name() == name
-    params = checkpoint.load_params(export)
+    params = exports.load_params(export)
     common.check_tree(jax.device_get(params), cfg, name)
     # The export computes what the template model computes: materialize(compact) -> same params.
     logits = models.build(cfg).apply({"params": params}, jnp.ones((2, 28, 28, 1)))

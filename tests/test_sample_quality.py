@@ -9,7 +9,7 @@ import pytest
 import scipy.linalg
 
 from helpers import TINY_RECIPE
-from weit_jax import input_pipeline
+from weit_jax import data_catalog
 from weit_jax.evaluators import distances, feature_classifier, sample_quality
 
 
@@ -74,7 +74,7 @@ def test_kernel_distance_matches_the_pairwise_sums():
 @pytest.fixture(scope="module")
 def tiny_classifier(learnable_data, tmp_path_factory):
   """The classifier recipe at a tiny size, on the learnable Fashion-MNIST stand-in (bars per class)."""
-  config = learnable_data(ml_collections.ConfigDict(dict(data=input_pipeline.default_data_config(
+  config = learnable_data(ml_collections.ConfigDict(dict(data=data_catalog.default_data_config(
       "fashion_mnist_local"))))
   data_dir = config.data.data_dir
   path = feature_classifier.cache_dir(data_dir, TINY_RECIPE)

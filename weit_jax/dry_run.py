@@ -389,7 +389,7 @@ def run(config, workdir: str | None = None) -> dict[str, Any]:
   kind = devices[0].device_kind
   print(f"Dry run on {topo.name}: {len(devices)} x {kind} ({hbm:g} GiB HBM, {topo.chip.peak_tflops:g} TFLOP/s "
         f"bf16 each); mesh {dict(mesh.shape)}; nothing is allocated, no data is read.", flush=True)
-  if config.distill.get("teacher"):
+  if config.get("distill") and config.distill.get("teacher"):
     print("  note: the distillation teacher is not part of the compiled step (its memory is not counted).")
   results: dict[str, Any] = dict(topology=topo.name, chips=len(devices), device_kind=kind, hbm_gib=hbm,
                                  peak_tflops=topo.chip.peak_tflops, mesh=dict(mesh.shape),

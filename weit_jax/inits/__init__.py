@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Mapping
 
-from weit_jax import checkpoint, models
+from weit_jax import checkpoint, exports, models
 from weit_jax.inits import common, fine, mimetic, tleg, weight_selection
 from weit_jax.inits.fine import FINESource
 from weit_jax.inits.tleg import TLEGSource
@@ -49,12 +49,12 @@ class Initializer:
 
   def export(self, directory: str, source: Any, target, *, seed: int = 0,
              meta: Mapping[str, Any] | None = None) -> str:
-    """Writes ``self(source, target, seed=seed)`` as an export (``checkpoint.export_params``) with
+    """Writes ``self(source, target, seed=seed)`` as an export (``exports.write``) with
     ``model`` (the target), ``init`` (this name), ``seed`` and ``source`` recorded. Returns the folder."""
     params = self(source, target, seed=seed)
     record = dict(meta or {}, model=models.to_record(target), init=self.name, seed=int(seed),
                   source=describe_source(source))
-    checkpoint.export_params(directory, params, record)
+    exports.write(directory, params, record)
     return directory
 
 
@@ -77,11 +77,11 @@ def _weit(source, target, *, seed: int = 0) -> dict:
   if not isinstance(source, str):
     raise ValueError("weit needs the init program's export folder (WORKDIR/<size>/export); "
                      f"got {type(source).__name__}.")
-  exported = models.from_record(checkpoint.read_export_meta(source)["model"])
+  exported = models.from_record(exports.read_meta(source)["model"])
   if not models.same_up_to_head(exported, target):
-    checkpoint.load_params(source, expected_model=target)  # raises, naming the differing fields
+    exports.load_params(source, expected_model=target)  # raises, naming the differing fields
     raise ValueError(f"export {source} is a {exported.short_name()}, not the target {target.short_name()}.")
-  params = common.to_numpy(checkpoint.load_params(source))
+  params = common.to_numpy(exports.load_params(source))
   if models.other_classes(exported, target):
     params = models.with_fresh_classifier(params, target, seed)
   return params

@@ -30,8 +30,8 @@ target must equal the auxiliary's; a different number of classes gets a new head
 init). :func:`adapt` then trains only sigma and per_layer of a target on a little data ("trained
 sigma"), with U, V and dense frozen.
 
-Pre-training (:func:`pretrain`) uses the shared ``train_loop.run`` with a ``Task`` like
-``tleg.pretrain``. Start (:func:`initial_tree`): the auxiliary model's own initializers; per
+Pre-training (``programs/baseline_pretrain.py`` with :func:`make_task`) uses the shared
+``train_loop.run``, like TLEG's. Start (:func:`initial_tree`): the auxiliary model's own initializers; per
 factorized weight, U, V and the singular values s of the thin SVD of the model's init of its *first*
 layer, and sigma_l = s for every layer (all layers start equal, like TLEG's B = 0, and the first
 layer is exactly the model's own init up to float rounding). A zero-initialized weight (the DiT's
@@ -53,11 +53,12 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from weit_jax import checkpoint, config_checks, metrics, models, optim, sharding, tasks, train_loop, workdir_lock
+from weit_jax import config_checks, exports, metrics, models, optim, sharding, tasks, train_loop, workdir_lock
 from weit_jax.inits import common, tleg
 from weit_jax.scaler_init import _resample
 
 EXPORT_FORM = "fine"
+DESCRIPTION = "layer l = U diag(sigma_l) V^T"
 SPLIT_BEFORE_LAST = ("heads", "conv_h", "conv_w")
 FROZEN = r"^(U|V|dense)/"  # what adapt does not train
 
@@ -163,15 +164,15 @@ class FINESource:
 
   @classmethod
   def from_export(cls, directory: str) -> "FINESource":
-    meta = checkpoint.read_export_meta(directory)
+    meta = exports.read_meta(directory)
     if meta.get("form") != EXPORT_FORM:
-      raise ValueError(f"{directory} is not a FINE export (form={meta.get('form')!r}); give the folder "
-                       "fine.pretrain wrote (WORKDIR/fine_export).")
+      raise ValueError(f"{directory} is not a FINE export (form={meta.get('form')!r}); give the WORKDIR/export "
+                       "of a baseline_pretrain run with baseline=fine (configs/baseline_pretrain.py).")
     cfg = models.from_record(meta["model"])
     abstract = jax.eval_shape(lambda k: initial_tree(cfg, k), jax.random.key(0))
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract)
-    return cls(cfg, common.to_numpy(checkpoint.restore_tree(epath.Path(directory) / "params", target)))
+    return cls(cfg, common.to_numpy(exports.restore_tree(epath.Path(directory) / "params", target)))
 
   def describe(self) -> str:
     return f"FINE {models.family_of(self.config).name} {self.config.short_name()}"
@@ -214,7 +215,7 @@ def expand(source: FINESource | str, target, *, seed: int = 0) -> dict:
   return params
 
 
-# --- pre-training with the shared loop -------------------------------------------------------------
+# --- pre-training (programs/baseline_pretrain.py) ---------------------------------------------------
 
 def _train_task(task: tasks.Task, cfg, tree_like, optim_config, *, init_params, frozen=None,
                 weight_decay=None) -> train_loop.Task:
@@ -247,51 +248,12 @@ def _without_sample_quality(config):
   return config
 
 
-def export_dir(workdir: str) -> str:
+# --- trained sigma for a target ----------------------------------------------------------------------
+
+def factors_dir(workdir: str) -> str:
+  """Where :func:`adapt` writes the target's trained factors (a FINE export of the target)."""
   return str(epath.Path(workdir) / "fine_export")
 
-
-def pretrain(config, workdir: str) -> dict:
-  """Trains the FINE model of ``config.model`` on ``config.data`` for ``config.total_steps``
-  (resuming like any run) and exports ``{'U', 'V', 'sigma', 'per_layer', 'dense'}`` to
-  ``WORKDIR/fine_export`` (``form='fine'``).
-
-  ``config``: a ``configs/<family>_train.py``-style config (``init`` must be unset).
-  """
-  if config.get("init"):
-    raise ValueError("FINE pre-training starts from its own initialization; unset config.init.")
-  config_checks.check_ranges(config)
-  config = _without_sample_quality(config)
-  task = tasks.from_config(config)
-  optim.schedule(optim.with_total_steps(config.optim, task.optimizer_steps(config.total_steps)))
-  cfg = tasks.model_config(config)
-  mesh = sharding.make_mesh(dict(config.mesh))
-  task.prepare()
-  config = config.copy_and_resolve_references()
-  with config.unlocked():
-    config.program = "fine_pretrain"  # a workdir of another program is refused by the guard
-  with workdir_lock.hold(workdir, config.program):  # the first write: refused if another run holds it
-    train_loop.guard_workdir(config, workdir)
-    metrics.log(f"FINE {models.family_of(cfg).name} {cfg.short_name()}: layer l = U diag(sigma_l) V^T.")
-    train_iter = task.train_iterator(config.batch_size, config.seed, mesh)
-    make_eval_iter = lambda: task.eval_iterator(config.batch_size)
-    summary = train_loop.run(config, workdir, make_task(config, cfg), mesh=mesh, train_iter=train_iter,
-                             make_eval_iter=make_eval_iter, summary_extra=dict(program="fine_pretrain"),
-                             title=f"FINE pre-training {cfg.short_name()}")
-    out = export_dir(workdir)
-    if (epath.Path(out) / checkpoint.EXPORT_META).exists():
-      if checkpoint.read_export_meta(out).get("steps") != int(config.total_steps):
-        epath.Path(out).rmtree()  # an export of a shorter run of this workdir: replace it
-    if not (epath.Path(out) / checkpoint.EXPORT_META).exists():
-      checkpoint.export_params(out, common.to_numpy(summary["params"]),
-                               dict(model=models.to_record(cfg), form=EXPORT_FORM, init="fine_aux",
-                                    steps=int(config.total_steps),
-                                    **{k: v for k, v in summary.items() if k.startswith("eval_")},
-                                    **task.export_record(summary.get("carry"))))
-    return summary
-
-
-# --- trained sigma for a target ----------------------------------------------------------------------
 
 def adapt(source: FINESource | str, target_cfg, config, workdir: str, *, steps: int, num_examples: int) -> str:
   """FINE's "trained sigma": ``expand_tree``'s factors for ``target_cfg``, then only sigma and
@@ -302,7 +264,7 @@ def adapt(source: FINESource | str, target_cfg, config, workdir: str, *, steps: 
   ``WORKDIR/export`` (``init='fine'``, ``sigma_training``), last; returns that folder. Resumes an
   interrupted run; a finished one (``export.json`` there) is returned as it is."""
   out = str(epath.Path(workdir) / "export")
-  if (epath.Path(out) / checkpoint.EXPORT_META).exists():
+  if (epath.Path(out) / exports.META).exists():
     metrics.log(f"FINE target {target_cfg.short_name()} already exported in {out}.")
     return out
   if isinstance(source, str):
@@ -344,12 +306,13 @@ def adapt(source: FINESource | str, target_cfg, config, workdir: str, *, steps: 
         lr=float(config.optim.lr), seed=int(config.seed),
         **{f"{k.removeprefix('eval_')}_before": v for k, v in before.items()},
         **{f"{k.removeprefix('eval_')}_after": v for k, v in after.items()}))
-    if epath.Path(export_dir(workdir)).exists():  # left by a run that died before the plain export
-      epath.Path(export_dir(workdir)).rmtree()
-    checkpoint.export_params(export_dir(workdir), tree, dict(record, form=EXPORT_FORM))
+    factors = epath.Path(factors_dir(workdir))
+    if factors.exists():  # left by a run that died before the plain export
+      factors.rmtree()
+    exports.write(str(factors), tree, dict(record, form=EXPORT_FORM))
     params = common.to_numpy(to_plain(tree, target_cfg))
     common.check_tree(params, target_cfg, "fine")
-    checkpoint.export_params(out, params, record)
+    exports.write(out, params, record)
     metrics.log(f"FINE target {target_cfg.short_name()}: {train_loop.format_eval(before)} -> "
                 f"{train_loop.format_eval(after)}; exported to {out}")
     return out

@@ -16,9 +16,9 @@ patch, image size, channels) must equal the auxiliary's. A different number of c
 head (the target model's own init). The paper is about ViTs; the rule applies to any family whose
 blocks are scanned, and the ResNet benchmark uses it for the depth-only targets.
 
-Pre-training (:func:`pretrain`) uses the shared ``train_loop.run`` with a ``Task`` like
-``programs/pretrain.py``: the same data, step budget and optimizer as any other run of a
-``configs/vit_train.py``-style config. Start: ``A`` and ``dense`` from the auxiliary model's own
+Pre-training (``programs/baseline_pretrain.py`` with :func:`make_task`) uses the shared
+``train_loop.run``: the same data, step budget and optimizer as any other run of a
+``configs/<family>_train.py`` config. Start: ``A`` and ``dense`` from the auxiliary model's own
 initializers (``A`` = its first block), ``B = 0`` (all layers start equal; the gradient of ``B``
 is the depth-weighted sum of the layers' gradients, so they separate at once).
 """
@@ -33,10 +33,11 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
-from weit_jax import checkpoint, config_checks, metrics, models, optim, sharding, tasks, train_loop, workdir_lock
+from weit_jax import exports, models, optim, tasks, train_loop
 from weit_jax.inits import common
 
 EXPORT_FORM = "tleg"
+DESCRIPTION = "layer l = A + (l/L) B"
 
 
 def coefficients(depth: int) -> np.ndarray:
@@ -103,15 +104,15 @@ class TLEGSource:
 
   @classmethod
   def from_export(cls, directory: str) -> "TLEGSource":
-    meta = checkpoint.read_export_meta(directory)
+    meta = exports.read_meta(directory)
     if meta.get("form") != EXPORT_FORM:
-      raise ValueError(f"{directory} is not a TLEG export (form={meta.get('form')!r}); give the folder "
-                       "tleg.pretrain wrote (WORKDIR/tleg_export).")
+      raise ValueError(f"{directory} is not a TLEG export (form={meta.get('form')!r}); give the WORKDIR/export "
+                       "of a baseline_pretrain run with baseline=tleg (configs/baseline_pretrain.py).")
     cfg = models.from_record(meta["model"])
     abstract = jax.eval_shape(lambda k: initial_tree(cfg, k), jax.random.key(0))
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract)
-    return cls(cfg, common.to_numpy(checkpoint.restore_tree(epath.Path(directory) / "params", target)))
+    return cls(cfg, common.to_numpy(exports.restore_tree(epath.Path(directory) / "params", target)))
 
   def describe(self) -> str:
     return f"TLEG auxiliary {models.family_of(self.config).name} {self.config.short_name()}"
@@ -146,7 +147,7 @@ def expand(source: TLEGSource | str, target, *, seed: int = 0) -> dict:
   return params
 
 
-# --- pre-training with the shared loop -------------------------------------------------------------
+# --- pre-training (programs/baseline_pretrain.py) ---------------------------------------------------
 
 def make_task(config, cfg) -> train_loop.Task:
   """The TLEG pre-training task for a ``configs/<family>_train.py``-style config (model = auxiliary)."""
@@ -165,44 +166,3 @@ def make_task(config, cfg) -> train_loop.Task:
   return train_loop.Task(init_params=init_params, param_axes=tleg_axes(cfg), loss_fn=task.loss_fn(forward),
                          eval_fn=task.eval_fn(forward), optimizer=tx, lr_schedule=optim.schedule(optim_config),
                          experience=task.experience(forward))
-
-
-def export_dir(workdir: str) -> str:
-  return str(epath.Path(workdir) / "tleg_export")
-
-
-def pretrain(config, workdir: str) -> dict:
-  """Trains the TLEG auxiliary model of ``config.model`` on ``config.data`` for ``config.total_steps``
-  (resuming like any run) and exports ``{'A', 'B', 'dense'}`` to ``WORKDIR/tleg_export``.
-
-  ``config``: a ``configs/<family>_train.py``-style config (``init`` must be unset).
-  """
-  if config.get("init"):
-    raise ValueError("TLEG pre-training starts from its own initialization; unset config.init.")
-  config_checks.check_ranges(config)
-  task = tasks.from_config(config)
-  optim.schedule(optim.with_total_steps(config.optim, task.optimizer_steps(config.total_steps)))
-  cfg = tasks.model_config(config)
-  mesh = sharding.make_mesh(dict(config.mesh))
-  task.prepare()
-  config = config.copy_and_resolve_references()
-  with config.unlocked():
-    config.program = "tleg_pretrain"  # a workdir of another program is refused by the guard
-  with workdir_lock.hold(workdir, config.program):  # the first write: refused if another run holds it
-    train_loop.guard_workdir(config, workdir)
-    metrics.log(f"TLEG auxiliary {models.family_of(cfg).name} {cfg.short_name()}: layer l = A + (l/L) B.")
-    train_iter = task.train_iterator(config.batch_size, config.seed, mesh)
-    make_eval_iter = lambda: task.eval_iterator(config.batch_size)
-    summary = train_loop.run(config, workdir, make_task(config, cfg), mesh=mesh, train_iter=train_iter, make_eval_iter=make_eval_iter,
-                             summary_extra=dict(program="tleg_pretrain"), title=f"TLEG pre-training {cfg.short_name()}")
-    out = export_dir(workdir)
-    if (epath.Path(out) / checkpoint.EXPORT_META).exists():
-      if checkpoint.read_export_meta(out).get("steps") != int(config.total_steps):
-        epath.Path(out).rmtree()  # an export of a shorter run of this workdir: replace it
-    if not (epath.Path(out) / checkpoint.EXPORT_META).exists():
-      tree = common.to_numpy(summary["params"])
-      checkpoint.export_params(out, tree, dict(model=models.to_record(cfg), form=EXPORT_FORM, init="tleg_aux",
-                                               steps=int(config.total_steps),
-                                               **{k: v for k, v in summary.items() if k.startswith("eval_")},
-                                               **task.export_record(summary.get("carry"))))
-    return summary

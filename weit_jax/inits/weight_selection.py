@@ -34,7 +34,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from weit_jax import checkpoint, models
+from weit_jax import exports, models
 from weit_jax.inits import common
 
 FIRST_N_AXES = (common.LAYERS,)  # the first N entries; every other non-fixed axis: evenly spaced
@@ -48,8 +48,8 @@ class DenseSource:
 
   @classmethod
   def from_export(cls, directory: str) -> "DenseSource":
-    cfg = models.from_record(checkpoint.read_export_meta(directory)["model"])
-    return cls(cfg, common.to_numpy(checkpoint.load_params(directory)))
+    cfg = models.from_record(exports.read_meta(directory)["model"])
+    return cls(cfg, common.to_numpy(exports.load_params(directory)))
 
   def describe(self) -> str:
     return f"dense {models.family_of(self.config).name} {self.config.short_name()}"

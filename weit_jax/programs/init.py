@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 from etils import epath
 
-from weit_jax import (checkpoint, config_checks, distributed, generator, metrics, models, optim, scaler_init,
+from weit_jax import (checkpoint, config_checks, distributed, exports, generator, metrics, models, optim, scaler_init,
                       sharding, tasks, train_loop, workdir_lock)
 from weit_jax.programs import pretrain
 
@@ -160,9 +160,9 @@ def _optim_config(config, task=None):
 def _init_one(config, workdir, target: Target, templates, src_setup, src_params, src_step, task, mesh) -> dict:
   tdir = str(epath.Path(workdir) / target.name)
   export_dir = str(epath.Path(tdir) / "export")
-  if (epath.Path(export_dir) / checkpoint.EXPORT_META).exists():  # written last: the target is done
+  if (epath.Path(export_dir) / exports.META).exists():  # written last: the target is done
     metrics.log(f"[{target.name}] already exported in {export_dir}; skipping.")
-    return checkpoint.read_export_meta(export_dir)["scaler_training"]
+    return exports.read_meta(export_dir)["scaler_training"]
   gen, cfg = target.gen, target.model_config
   counts = gen.counts()
   metrics.log(f"[{target.name}] {counts['materialized']:,} weights, {counts['scalers']:,} trainable scalers "
@@ -236,8 +236,8 @@ def _init_one(config, workdir, target: Target, templates, src_setup, src_params,
   compact_dir = epath.Path(tdir) / "compact"
   if compact_dir.exists():  # left by a run that died before the plain export
     compact_dir.rmtree()
-  checkpoint.export_params(str(compact_dir), {"templates": params["templates"], "scalers": params["scalers"]},
-                           dict(record, tiles=dict(gen.tiles), num_templates=gen.num_templates, form="compact"))
-  checkpoint.export_params(export_dir, plain, record)
+  exports.write(str(compact_dir), {"templates": params["templates"], "scalers": params["scalers"]},
+                dict(record, tiles=dict(gen.tiles), num_templates=gen.num_templates, form="compact"))
+  exports.write(export_dir, plain, record)
   metrics.log(f"[{target.name}] after scaler training: {train_loop.format_eval(after)}; exported to {export_dir}")
   return record["scaler_training"]

@@ -19,8 +19,8 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from weit_jax import (checkpoint, config_checks, distributed, extract, generator, losses, metrics, models, optim,
-                      sharding, tasks, train_loop, workdir_lock)
+from weit_jax import (checkpoint, config_checks, distributed, exports, extract, generator, losses, metrics, models,
+                      optim, sharding, tasks, train_loop, workdir_lock)
 
 MODES = ("hard", "soft")
 
@@ -171,27 +171,28 @@ def make_task(config, setup: Setup, *, teacher=None) -> train_loop.Task:
 
 
 def check_teacher(config) -> None:
-  """Refuses a distillation setting that cannot work (reads only the teacher's export record)."""
-  if not config.distill.teacher:
-    if config.distill.weight:
+  """Refuses a distillation setting that cannot work (reads only the teacher's export record).
+  Configs of tasks without distillation (diffusion, control) have no ``distill`` section."""
+  if not config.get("distill") or not config.distill.teacher:
+    if config.get("distill") and config.distill.weight:
       raise ValueError("distill.weight is set but distill.teacher is not; give a plain-model export folder.")
     return
   if not isinstance(tasks.from_config(config), tasks.Classification):
     raise ValueError(f"distillation (distill.teacher) needs the classification task, not {config.task!r}.")
-  checkpoint.read_export_meta(config.distill.teacher)
+  exports.read_meta(config.distill.teacher)
 
 
 def load_teacher(config):
   check_teacher(config)
-  if not config.distill.teacher:
+  if not config.get("distill") or not config.distill.teacher:
     return None
-  t_cfg = models.from_record(checkpoint.read_export_meta(config.distill.teacher)["model"])
-  return models.build(t_cfg), checkpoint.load_params(config.distill.teacher)
+  t_cfg = models.from_record(exports.read_meta(config.distill.teacher)["model"])
+  return models.build(t_cfg), exports.load_params(config.distill.teacher)
 
 
 def initial_params_from_dense(config, setup: Setup, task: train_loop.Task):
   """Closed-form templates (Van Loan-Pitsianis + truncated SVD) from a dense plain-model export."""
-  dense = checkpoint.load_params(config.init_templates_from)
+  dense = exports.load_params(config.init_templates_from)
   templates, scalers, errors = extract.extract_templates(setup.gen, jax.device_get(dense))
   metrics.log(f"Templates extracted from {config.init_templates_from}; relative reconstruction error per bank:")
   for path, err in sorted(errors.items()):
@@ -208,7 +209,7 @@ def validate(config, workdir: str) -> tuple[Setup, jax.sharding.Mesh]:
   setup = build(config)
   check_teacher(config)
   if config.init_templates_from:
-    checkpoint.read_export_meta(config.init_templates_from)  # refuses a folder that is not an export
+    exports.read_meta(config.init_templates_from)  # refuses a folder that is not an export
   mesh = sharding.make_mesh(dict(config.mesh))
   distributed.process_batch_rows(mesh, int(config.batch_size))  # the batch splits over the mesh
   setup.task.prepare()

@@ -17,7 +17,7 @@ import json
 import numpy as np
 from etils import epath
 
-from weit_jax import checkpoint, config_checks, metrics, models, tasks, workdir_lock
+from weit_jax import checkpoint, config_checks, exports, metrics, models, tasks, workdir_lock
 from weit_jax.evaluators import sample_quality
 
 
@@ -28,7 +28,7 @@ def validate(config, workdir: str):
   if not config.init:
     raise ValueError("set --config.init to an export folder of a DiT (the init program's "
                      "WORKDIR/<size>/export, a baseline's) or a finished training workdir.")
-  cfg = models.from_record(checkpoint.read_export_meta(export_of(config.init))["model"])
+  cfg = models.from_record(exports.read_meta(export_of(config.init))["model"])
   tasks.check_family("diffusion", models.family_of(cfg))
   for name, low in (("per_class", 1), ("steps", 1)):
     if int(config[name]) < low:
@@ -46,7 +46,7 @@ def validate(config, workdir: str):
 def export_of(path: str) -> str:
   """``path`` itself, or the export a finished training run wrote into it (``WORKDIR/export``)."""
   inner = epath.Path(path) / "export"
-  if not (epath.Path(path) / checkpoint.EXPORT_META).exists() and (inner / checkpoint.EXPORT_META).exists():
+  if not (epath.Path(path) / exports.META).exists() and (inner / exports.META).exists():
     return str(inner)
   return path
 
@@ -55,7 +55,7 @@ def run(config, workdir: str) -> dict:
   cfg, classes = validate(config, workdir)
   with workdir_lock.hold(workdir, "sample"):  # the first write: refused if another run holds it
     source = export_of(config.init)
-    params = checkpoint.load_params(source)
+    params = exports.load_params(source)
     model = models.build(cfg)
     metrics.log(f"Sampling {config.per_class} images of each of {len(classes)} classes from {config.init} "
                 f"({cfg.short_name()}; {config.steps} Euler steps, guidance {config.guidance}, seed {config.seed}).")

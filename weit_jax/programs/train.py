@@ -8,15 +8,15 @@ import jax
 import numpy as np
 from etils import epath
 
-from weit_jax import (checkpoint, config_checks, distributed, metrics, models, optim, sharding, tasks, train_loop,
-                      workdir_lock)
+from weit_jax import (config_checks, distributed, exports, metrics, models, optim, sharding, tasks,
+                      train_loop, workdir_lock)
 
 
 def initial_params(config, cfg):
   """The export's parameters (with a fresh head if the number of classes differs), or None."""
   if not config.init:
     return None
-  exported = models.from_record(checkpoint.read_export_meta(config.init)["model"])
+  exported = models.from_record(exports.read_meta(config.init)["model"])
   family = models.family_of(cfg)
   sizes = {k: (getattr(exported, k), getattr(cfg, k)) for k in family.data_fields
            if k != "num_classes" and getattr(exported, k, None) != getattr(cfg, k)}
@@ -26,8 +26,8 @@ def initial_params(config, cfg):
     raise ValueError(f"{config.init} was exported for other data sizes than this run's: {sizes} (export, this "
                      f"run); {hint}, or train from scratch without --config.init.")
   if not models.same_up_to_head(exported, cfg):
-    checkpoint.load_params(config.init, expected_model=cfg)  # raises, naming the differing fields
-  params = jax.device_get(checkpoint.load_params(config.init))
+    exports.load_params(config.init, expected_model=cfg)  # raises, naming the differing fields
+  params = jax.device_get(exports.load_params(config.init))
   if models.other_classes(exported, cfg):
     params = models.with_fresh_classifier(params, cfg, int(config.seed))
     metrics.log(f"The export has {exported.num_classes} classes, this dataset {cfg.num_classes}: "
@@ -65,7 +65,7 @@ def validate(config, workdir: str):
   optim.schedule(optim.with_total_steps(config.optim, task.optimizer_steps(config.total_steps)))  # validates it
   fields = None
   if config.init:  # the size comes from the export
-    exported = models.from_record(checkpoint.read_export_meta(config.init)["model"])
+    exported = models.from_record(exports.read_meta(config.init)["model"])
     family = models.family_of(exported)
     if family.name != config.model.get("family", "vit"):
       raise ValueError(f"{config.init} is an export of a {family.name} model, but this config trains a "
@@ -90,7 +90,7 @@ def task_with_export(config):
   """The config's task, continuing from the export's record (``Task.continuing``: a control task
   takes the observation statistics the policy was trained with, if they fit)."""
   task = tasks.from_config(config)
-  return task.continuing(checkpoint.read_export_meta(config.init)) if config.init else task
+  return task.continuing(exports.read_meta(config.init)) if config.init else task
 
 
 def run(config, workdir: str) -> dict:
@@ -114,14 +114,14 @@ def write_export(workdir: str, cfg, config, summary, task: tasks.Task) -> None:
   on) in ``WORKDIR/export``; one of an earlier, shorter run of the same workdir is replaced."""
   export = epath.Path(workdir) / "export"
   steps = int(summary["final_step"])
-  if (export / checkpoint.EXPORT_META).exists():
-    if checkpoint.read_export_meta(str(export)).get("training", {}).get("steps") == steps:
+  if (export / exports.META).exists():
+    if exports.read_meta(str(export)).get("training", {}).get("steps") == steps:
       return  # a finished run invoked again
     export.rmtree()  # the run was extended: its export is stale
   elif export.exists():
     export.rmtree()  # left by a crash before export.json was written
   evals = {k.removeprefix("eval_"): v for k, v in summary.items() if k.startswith("eval_")}
-  checkpoint.export_params(str(export), summary["params"], dict(
+  exports.write(str(export), summary["params"], dict(
       model=models.to_record(cfg), training=dict(init=config.init or "random", steps=steps, seed=int(config.seed),
-                                                 **evals), **task.export_record(summary.get("carry"))))
+                                      **evals), **task.export_record(summary.get("carry"))))
   metrics.log(f"Exported the trained model to {export}.")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
-from weit_jax import input_pipeline
+from weit_jax import data_catalog, input_pipeline
 
 
 class Task:
@@ -69,7 +69,7 @@ class Task:
 class ImageDataTask(Task):
   """The data half of a task on a labelled image dataset (``config.data``): the model fields the
   dataset fixes, preparing it, and its batches (``image``, one-hot ``labels``, eval ``mask``)."""
-  data: Any  # config.data (input_pipeline.default_data_config fields)
+  data: Any  # config.data (data_catalog.default_data_config fields)
 
   @classmethod
   def scaler_training_config(cls, config, init_config) -> None:
@@ -79,7 +79,7 @@ class ImageDataTask(Task):
       config.label_smoothing = init_config.label_smoothing
 
   def model_fields(self) -> dict[str, int]:
-    info = input_pipeline.dataset_info(self.data.name)
+    info = data_catalog.dataset_info(self.data.name)
     return dict(image_size=int(self.data.image_size), channels=int(info.channels),
                 num_classes=int(info.num_classes))
 
