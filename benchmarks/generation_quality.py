@@ -86,8 +86,10 @@ def parse_args(argv=None):
     p.add_argument("--" + key.replace("_", "-"), type=type(value), default=None,
                    help=f"override the budget (full: {value}, quick: {BUDGETS['quick'][key]})")
   p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
-  p.add_argument("--ablations", action="store_true", help="also WeiT's recipe one change at a time (ABLATIONS: "
-                 "a pre-training, scaler training and one downstream seed on two targets each)")
+  p.add_argument("--ablations", nargs="?", const=",".join(ABLATIONS), default="",
+                 help="also WeiT's recipe one change at a time: all of ABLATIONS, or a comma-separated subset of "
+                 + ", ".join(ABLATIONS) + " (each a pre-training, scaler training and one downstream seed on two "
+                 "targets)")
   args = p.parse_args(argv)
   iq.FAMILY = "dit"
   budget = dict(BUDGETS["quick" if args.quick else "full"])
@@ -99,6 +101,10 @@ def parse_args(argv=None):
                                                               else "bench_dit"))
   args.out = os.path.abspath(args.out or (os.path.join(args.workdir, "results") if args.quick else
                                           os.path.join(ROOT, "docs", "results")))
+  args.ablations = [a for a in args.ablations.split(",") if a]
+  for a in args.ablations:
+    if a not in ABLATIONS:
+      p.error(f"unknown ablation {a!r}; valid: {', '.join(ABLATIONS)}")
   args.methods = [m for m in args.methods.split(",") if m]
   for m in args.methods:
     if m not in METHODS:
@@ -286,6 +292,12 @@ ABLATIONS = {
     "untemplated": ("embedders and final layer kept out of templates (weit.untemplated)",
                     {"weit.untemplated": "_embedder|final_"}),
     "init-lr-1e-2": ("scaler training at lr 1e-2 (the former DiT init default)", {"init.optim.lr": 1e-2}),
+    "extra-d6w96": ("multi-size pre-training: also d6-w96-h3-m384-p4, the dense source's size (weit.extra_sizes)",
+                    {"weit.extra_sizes": "depth=6,width=96,heads=3"}),
+    "extra-d8w64": ("multi-size pre-training: also d8-w64-h2-m256-p4, deeper at the auxiliary's width "
+                    "(weit.extra_sizes)", {"weit.extra_sizes": "depth=8"}),
+    "pretrain-lr-3e-4": ("pre-training at lr 3e-4 (a third of the plain DiT's: the composed weights move faster "
+                         "than their templates and scalers)", {"optim.lr": 3e-4}),
 }
 ABLATION_ROLES = ("deeper", "wider")
 
@@ -294,7 +306,8 @@ def ablations(args, classifier, targets: dict, default: dict, results: list[dict
   """name -> {label, overrides, eval_loss, per role: step-0 and final FID, fidelity}; the default
   recipe's row from the main runs (seed 0)."""
   out = {}
-  for name, (label, overrides) in ABLATIONS.items():
+  for name in args.ablations:
+    label, overrides = ABLATIONS[name]
     if overrides is None:  # the zero_init the default does not use
       other = "ones" if default["weit"].get("zero_init", "ones") == "noise" else "noise"
       name, label, overrides = f"zero-init-{other}", f"weit.zero_init={other}", {"weit.zero_init": other}

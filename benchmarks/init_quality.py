@@ -271,7 +271,9 @@ def pretrain_weit(args, variant: str = "", overrides: dict | None = None) -> dic
     c.weit.tiles = configs("pretrain").tiles(*setup()["weit_tiles"])
   apply_overrides(c, overrides)
   # Keyed by the recipe too: a changed default never reuses templates of the old one.
-  recipe = hashlib.sha1(json.dumps([c.weit.to_dict(), c.constraint.to_dict()], sort_keys=True).encode()).hexdigest()[:6]
+  # weit.extra_sizes off ('') is the recipe of templates made before the option existed: same key.
+  weit = {k: v for k, v in c.weit.to_dict().items() if not (k == "extra_sizes" and not v)}
+  recipe = hashlib.sha1(json.dumps([weit, c.constraint.to_dict()], sort_keys=True).encode()).hexdigest()[:6]
   workdir = pretrain_dir(args, "weit" + (f"-{variant}" if variant else "") + f"-{recipe}")
   record_path = os.path.join(workdir, "bench.json")
   if (r := _done(record_path, b["pretrain_steps"])):
