@@ -74,3 +74,17 @@ def test_init_scalers_shapes_and_scale(heuristic):
   np.testing.assert_allclose(np.asarray(params["Transformer"]["encoder_norm"]["scale"]), 1.0, rtol=1e-4)
   with pytest.raises(ValueError, match="scaler_init='nope'; use one of"):
     scaler_init.init_scalers("nope", dst, t, key=jax.random.key(1), target_stats=dst_stats)
+
+
+def test_nearest_trained_size_by_hand():
+  """size_distance sums |log| of the length ratios axis by axis (depth included): a d3-w96 target is
+  nearer the d3-w64 auxiliary (2 log 1.5) than a d8-w64 extra size (log 8/3 + 2 log 1.5), although the
+  latter has about as many entries; a d6-w64 target is nearer the d8-w64 one (log 8/6 vs log 2)."""
+  import types
+  size = lambda layers, width: types.SimpleNamespace(banks={("k",): bank(layers, (width // 8, 4 * width // 8))})
+  aux, deep = size(3, 64), size(8, 64)
+  np.testing.assert_allclose(scaler_init.size_distance(size(3, 96), aux), 2 * np.log(1.5))
+  np.testing.assert_allclose(scaler_init.size_distance(size(3, 96), deep), np.log(8 / 3) + 2 * np.log(1.5))
+  assert scaler_init.nearest_size(size(3, 96), [aux, deep]) == 0
+  assert scaler_init.nearest_size(size(6, 64), [aux, deep]) == 1
+  assert scaler_init.nearest_size(size(3, 64), [aux, size(3, 64)]) == 0  # a tie: the auxiliary

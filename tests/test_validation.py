@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import helpers
-from configs import resnet_init, resnet_pretrain, resnet_train, vit_init, vit_pretrain, vit_train
+from configs import dit_pretrain, resnet_init, resnet_pretrain, resnet_train, vit_init, vit_pretrain, vit_train
 from weit_jax import config_checks, train_loop
 from weit_jax.programs import init as init_program
 from weit_jax.programs import pretrain, train
@@ -274,3 +274,13 @@ def test_init_validates_before_writing(templates_workdir, data_flags, tmp_path):
   init_program.validate(parse(base, workdir)[0], workdir)
   assert not os.path.exists(workdir)
   shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.mark.parametrize("module", [vit_pretrain, dit_pretrain])
+def test_scaler_distillation_is_refused_for_tasks_trained_on_a_dataset(module):
+  """``adapt='distill'`` (the init program) needs a task whose data the model makes (control)."""
+  from weit_jax import tasks
+  config = module.get_config("runlocal")
+  with pytest.raises(ValueError, match=r"adapt='distill' is for tasks whose data the model makes .* "
+                                       r"Use --config\.adapt=ppo\."):
+    tasks.from_config(config).check_distillation(config)

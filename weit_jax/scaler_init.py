@@ -42,9 +42,11 @@ def interpolate_scalers(source: np.ndarray, source_bank: Bank, target_bank: Bank
 
 
 def size_distance(target: WeightGenerator, source: WeightGenerator) -> float:
-  """How far apart two sizes composed from the same templates are: the sum over parameters of
-  ``|log(entries in the target / entries in the source)|`` (0: the same size)."""
-  return sum(abs(math.log(math.prod(b.shape) / math.prod(source.banks[p].shape))) for p, b in target.banks.items())
+  """How far apart two sizes composed from the same templates are: over every parameter and every
+  axis (depth included), the sum of ``|log(target's length / source's length)|`` (0: the same size).
+  Axis by axis, so a deeper, narrower size is not taken for a shallower, wider one of as many
+  entries."""
+  return sum(abs(math.log(n / m)) for p, b in target.banks.items() for n, m in zip(b.shape, source.banks[p].shape))
 
 
 def nearest_size(target: WeightGenerator, sources: list[WeightGenerator]) -> int:

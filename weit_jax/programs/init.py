@@ -127,25 +127,14 @@ def _check_adapt(config, src_config, task) -> None:
   adapt = config.get("adapt", "ppo")
   if adapt not in ADAPT:
     raise ValueError(f"adapt={adapt!r}; use one of {ADAPT}.")
-  if adapt == "distill" and not isinstance(task, tasks.Control):
-    raise ValueError("adapt='distill' is for the control task (scalers trained to match the auxiliary policy).")
-  if adapt == "distill" and (task.env, task.backend) != (src_config.env, src_config.backend):
-    raise ValueError(f"adapt='distill' needs the auxiliary policy's environment ({src_config.env}, "
-                     f"{src_config.backend}): its actions mean nothing in {task.env}. Use --config.adapt=ppo.")
+  if adapt == "distill":
+    task.check_distillation(src_config)
 
 
-def _distillation(config, task, forward, src_setup, src_params):
-  """(loss_fn, experience) of scaler training by distillation: the auxiliary policy (its templates
-  and scalers) acts in the rollouts; the target's outputs match its outputs."""
-  teacher_weights = src_setup.gen.materialize(src_params["templates"], src_params["scalers"])
-  teacher = lambda _, obs: src_setup.model.apply({"params": teacher_weights}, obs)
-
-  def loss_fn(params, batch, key):  # the teacher's outputs come with the batch (its rollout)
-    del key
-    return tasks.control.distillation_loss(forward(params, batch["obs"]),
-                                           (batch["mean"], batch["log_std"], batch["value"]),
-                                           value_coef=float(task.ppo["value_coef"]))
-  return loss_fn, task.experience(forward, actor=teacher)
+def _teacher(src_setup, src_params):
+  """The auxiliary model (its templates and scalers) as ``(params, *inputs) -> outputs``."""
+  weights = src_setup.gen.materialize(src_params["templates"], src_params["scalers"])
+  return lambda _, *inputs: src_setup.model.apply({"params": weights}, *inputs)
 
 
 def _optim_config(config, task=None):
@@ -192,7 +181,7 @@ def _init_one(config, workdir, target: Target, templates, src_setup, src_params,
                             frozen="^templates/")
   loss_fn, experience = task.loss_fn(forward), task.experience(forward)
   if config.get("adapt", "ppo") == "distill":  # the auxiliary policy acts; the target matches its outputs
-    loss_fn, experience = _distillation(config, task, forward, src_setup, src_params)
+    loss_fn, experience = task.distillation(forward, _teacher(src_setup, src_params))
   trainable = train_loop.Task(init_params=lambda key: initial, param_axes={
       "templates": gen.template_axes(), "scalers": gen.scaler_axes()}, loss_fn=loss_fn,
       eval_fn=task.eval_fn(forward), optimizer=tx, lr_schedule=optim.schedule(optim_config), experience=experience)

@@ -282,6 +282,19 @@ class Control(Task):
   def eval_sums(self, outputs, batch):
     raise NotImplementedError("control has no eval batches; its evaluation is Experience.evaluate")
 
+  def check_distillation(self, source_config) -> None:
+    if (self.env, self.backend) != (source_config.env, source_config.backend):
+      raise ValueError(f"adapt='distill' needs the auxiliary policy's environment ({source_config.env}, "
+                       f"{source_config.backend}): its actions mean nothing in {self.env}. Use --config.adapt=ppo.")
+
+  def distillation(self, forward: Callable[..., Any], teacher: Callable[..., Any]):
+    """The teacher policy acts in the rollouts; the loss matches its outputs (``distillation_loss``)."""
+    def loss_fn(params, batch, key):  # the teacher's outputs come with the batch (its rollout)
+      del key
+      return distillation_loss(forward(params, batch["obs"]), (batch["mean"], batch["log_std"], batch["value"]),
+                               value_coef=float(self.ppo["value_coef"]))
+    return loss_fn, self.experience(forward, actor=teacher)
+
   def experience(self, forward: Callable[..., Any], *, actor: Callable[..., Any] | None = None) -> Experience:
     """``forward(params, obs) -> (mean, log_std, value)``: the policy trained. ``actor``: another
     policy that acts in the rollouts instead (distillation); None: the trained one."""
