@@ -84,19 +84,6 @@ class ImageDataTask(Task):
   dataset fixes, preparing it, and its batches (``image``, one-hot ``labels``, eval ``mask``)."""
   data: Any  # config.data (data_catalog.default_data_config fields)
 
-  def check_distillation(self, source_config) -> None:
-    """Refuses scaler training by distillation (the init program's ``adapt='distill'``: the target
-    matches the auxiliary model's outputs on the auxiliary's own data) where this task has none, or
-    where the auxiliary's run (``source_config``) cannot teach this one."""
-    del source_config
-    raise ValueError(f"adapt='distill' is for tasks whose data the model makes (control: rollouts of the auxiliary "
-                     f"policy); {type(self).__name__} trains scalers on its own objective. Use --config.adapt=ppo.")
-
-  def distillation(self, forward: Callable[..., Any], teacher: Callable[..., Any]):
-    """``(loss_fn, experience)`` of training ``forward``'s model to match ``teacher(params, *inputs)``
-    (see ``check_distillation``)."""
-    raise NotImplementedError
-
   @classmethod
   def scaler_training_config(cls, config, init_config) -> None:
     """Scalers train on the first ``init_config.num_examples`` training examples."""
