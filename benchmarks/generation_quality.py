@@ -294,6 +294,8 @@ ABLATIONS = {
     "init-lr-1e-2": ("scaler training at lr 1e-2 (the former DiT init default)", {"init.optim.lr": 1e-2}),
     "extra-d6w96": ("multi-size pre-training: also d6-w96-h3-m384-p4, the dense source's size (weit.extra_sizes)",
                     {"weit.extra_sizes": "depth=6,width=96,heads=3"}),
+    "extra-d6w96-n64": ("multi-size pre-training with d6-w96-h3-m384-p4 and N=64 templates (two changes: room for "
+                        "both sizes)", {"weit.extra_sizes": "depth=6,width=96,heads=3", "weit.num_templates": 64}),
     "extra-d8w64": ("multi-size pre-training: also d8-w64-h2-m256-p4, deeper at the auxiliary's width "
                     "(weit.extra_sizes)", {"weit.extra_sizes": "depth=8"}),
     "pretrain-lr-3e-4": ("pre-training at lr 3e-4 (a third of the plain DiT's: the composed weights move faster "
