@@ -288,6 +288,7 @@ ABLATIONS = {
     "n4": ("N=4, zero-initialized parameters with an all-ones template (the former default)",
            {"weit.num_templates": 4, "weit.zero_init": "ones"}),
     "n16": ("N=16", {"weit.num_templates": 16}),
+    "n64": ("N=64", {"weit.num_templates": 64}),
     "zero-init-other": ("the other weit.zero_init", None),  # set from the default in ablations()
     "untemplated": ("embedders and final layer kept out of templates (weit.untemplated)",
                     {"weit.untemplated": "_embedder|final_"}),
