@@ -388,9 +388,11 @@ def test_missing_gcloud_fails_clearly_for_run_from_the_command_line(tmp_path):
 
 
 FAKE_GCLOUD = r"""#!/bin/sh
-# Records its arguments (one per line, then ---) and imitates the few gcloud answers we need.
-for a in "$@"; do printf '%s\n' "$a"; done >> "$FAKE_LOG"
-echo --- >> "$FAKE_LOG"
+# Records its arguments (one per line) in a file of its own, named by the time it started: the
+# launcher runs one ssh per worker at once, and appends to one shared file interleave. Imitates the
+# few gcloud answers we need.
+record="$FAKE_LOG/$(date +%s%N)-$$"
+for a in "$@"; do printf '%s\n' "$a"; done > "$record.tmp" && mv "$record.tmp" "$record"
 case " $* " in
   *" $FAKE_FAIL "*) echo "fake failure" >&2; exit 7 ;;
 esac
@@ -414,7 +416,8 @@ def fake_gcloud(tmp_path, monkeypatch):
   gcloud = bindir / "gcloud"
   gcloud.write_text(FAKE_GCLOUD)
   gcloud.chmod(0o755)
-  log = tmp_path / "gcloud-calls.log"
+  log = tmp_path / "gcloud-calls"
+  log.mkdir()
   monkeypatch.setenv("PATH", f"{bindir}{os.pathsep}{os.environ['PATH']}")
   monkeypatch.setenv("FAKE_LOG", str(log))
   monkeypatch.setenv("FAKE_FAIL", "no-such-word")
@@ -423,10 +426,10 @@ def fake_gcloud(tmp_path, monkeypatch):
       {"networkEndpoints": [{"ipAddress": f"10.0.0.{i}"} for i in range(3)]}))
 
   def calls():
-    if not log.exists():
-      return []
-    chunks = log.read_text().split("---\n")
-    return [c.splitlines() for c in chunks if c]
+    """Every call's arguments, in the order the calls started."""
+    records = sorted((p for p in log.iterdir() if not p.name.endswith(".tmp")),
+                     key=lambda p: tuple(map(int, p.name.split("-"))))
+    return [p.read_text().splitlines() for p in records]
   return calls
 
 
