@@ -33,8 +33,8 @@ def get_config(arg=None):
   # hidden layer (cond_mlp) are all as wide as the model; mlp, heads, kv as the ViT's. N=64: a
   # denoiser needs far more template capacity than a classifier (docs/results/generation.md, on the
   # runlocal DiT: the auxiliary's eval loss against an unconstrained DiT's is N=4 +48%, N=16 +16%,
-  # N=32 +1%, N=64 -11%, and only N=64 puts WeiT's students ahead of weight selection's). Chosen
-  # on that CPU-sized DiT; at paper scale the same count, not re-measured there.
+  # N=32 +1%, N=64 -11%; N=64 is the smallest count whose deeper and wider students end ahead of
+  # weight selection's). Chosen on that CPU-sized DiT; at paper scale the same count, not re-measured.
   config.weit = ml_collections.ConfigDict(dict(
       tiles=dict(embed=64, cond=64, cond_mlp=64, mlp=64, heads=1, kv=16), num_templates=64,
       untemplated="", zero_init="ones", extra_sizes=""))
