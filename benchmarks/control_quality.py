@@ -53,7 +53,7 @@ BUDGETS = {
 
 
 def parse_args(argv=None):
-  p = harness.parser(__doc__, workdir="bench_control")
+  p = harness.parser(__doc__)
   p.add_argument("--no-peer", action="store_true", help="skip brax's ppo.train (stage 4)")
   args = p.parse_args(argv)
   return harness.resolve(p, args, BUDGETS, ("bench_control", "bench_control_quick"))

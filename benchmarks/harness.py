@@ -35,13 +35,12 @@ def log(msg: str) -> None:
 # Flags and budgets
 # ---------------------------------------------------------------------------------------------------
 
-def parser(doc: str, budgets: dict | None = None, methods: tuple[str, ...] | None = None,
-           workdir: str = "bench") -> argparse.ArgumentParser:
+def parser(doc: str, budgets: dict | None = None, methods: tuple[str, ...] | None = None) -> argparse.ArgumentParser:
   """--workdir, --out, --quick; with ``budgets`` one override flag per budget key, with ``methods``
   --methods. Add the benchmark's own flags, then call ``resolve``."""
   p = argparse.ArgumentParser(description=doc.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--workdir", default=None, help=f"cache of every stage (default workdirs/{workdir}, "
-                 f"its _quick variant with --quick)")
+  p.add_argument("--workdir", default=None, help="cache of every stage (default: the benchmark's folder in "
+                 "workdirs/, another one with --quick)")
   p.add_argument("--out", default=None, help="where the report goes (default docs/results; "
                  "WORKDIR/results with --quick, so a smoke test never overwrites the real report)")
   p.add_argument("--quick", action="store_true", help="tiny budgets and 1 seed: a smoke test")
