@@ -1,6 +1,7 @@
 """The stages that the image benchmarks (classification in init_quality.py, generation in
-generation_quality.py) share: pre-training of WeiT, TLEG and the dense source on Fashion-MNIST at one
-budget, WeiT's scaler training of every target, and the configs they run with.
+generation_quality.py) share: pre-training on Fashion-MNIST at one budget (WeiT's templates, a
+baseline's auxiliary model, plain models such as the dense source of weight selection), WeiT's
+scaler training of every target, and the configs they run with.
 
 Every function takes the family's ``FamilySetup`` (on ``args.setup`` for the stages): no module
 holds a current family.
@@ -10,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import importlib
+import json
 import os
 import shutil
 
@@ -146,7 +148,6 @@ def done(path: str, steps: int) -> dict | None:
 def pretrain_weit(args, variant: str = "", overrides: dict | None = None) -> dict:
   """WeiT's template pre-training with the family's runlocal recipe; ``variant`` (a folder name
   suffix) with ``overrides`` (dotted config keys -> values) for an ablation of that recipe."""
-  import json
   from weit_jax.programs import pretrain
   setup, b = args.setup, args.budget
   c = unlocked(configs(setup, "pretrain").get_config("runlocal"))
