@@ -11,16 +11,28 @@ baseline's factorized form (``weit_jax/programs/baseline_pretrain.py``). The exp
 """
 import importlib
 
+import ml_collections
+
 from configs import common
 
 
 def get_config(arg=None):
   arg = common.parse_arg(arg, family="vit", baseline="tleg", runlocal=False, variant="")
   train = importlib.import_module(f"configs.{arg.family}_train")
-  config = train.get_config(",".join(["runlocal"] * arg.runlocal + [f"variant={arg.variant}"] * bool(arg.variant)))
-  config.program = "baseline_pretrain"
-  config.baseline = arg.baseline  # 'tleg' or 'fine'
-  del config["init"]  # the baseline starts from its own initialization
+  return from_train_config(
+      train.get_config(",".join(["runlocal"] * arg.runlocal + [f"variant={arg.variant}"] * bool(arg.variant))),
+      arg.baseline)
+
+
+def from_train_config(train_config, baseline: str) -> ml_collections.ConfigDict:
+  """A copy of a ``configs/<family>_train.py`` config that pre-trains ``baseline``'s auxiliary
+  ('tleg' or 'fine'). Its ``init`` goes (the baseline starts from its own initialization; one that
+  is set stays, for the program to refuse), and so does a DiT's ``sample_quality``: the train
+  program measures it, this one never would."""
+  config = ml_collections.ConfigDict(train_config.copy_and_resolve_references().to_dict())
+  config.program, config.baseline = "baseline_pretrain", baseline
+  if "init" in config and not config.init:
+    del config["init"]
   if "sample_quality" in config:
-    config.sample_quality.per_class = 0  # measured by the train program only
+    del config["sample_quality"]
   return config

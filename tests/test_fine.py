@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
+from configs import baseline_pretrain as baseline_pretrain_config
 from weit_jax import exports, inits, models
 from weit_jax.inits import common, fine
 from weit_jax.models import dit, vit
@@ -170,7 +171,7 @@ def test_pretrain_exports_and_adapt_trains_only_sigma(learnable_data, tmp_path):
   c.optim.warmup_steps = 0  # adaLN-Zero: the blocks' MLP gets gradient from the third update on
   c.sample_quality.per_class = 0  # (the loops never measure it; off here too, so nothing builds its classifier)
   learnable_data(c)
-  summary = baseline_pretrain.run(baseline_pretrain.for_baseline(c, "fine"), str(tmp_path / "pre"))
+  summary = baseline_pretrain.run(baseline_pretrain_config.from_train_config(c, "fine"), str(tmp_path / "pre"))
   assert summary["final_step"] == 3 and summary["program"] == "baseline_pretrain" and summary["baseline"] == "fine"
   meta = exports.read_meta(baseline_pretrain.export_dir(str(tmp_path / "pre")))
   assert meta["form"] == "fine" and meta["steps"] == 3

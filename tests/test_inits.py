@@ -13,6 +13,7 @@ import pytest
 from flax import traverse_util
 
 from helpers import evenly
+from configs import baseline_pretrain as baseline_pretrain_config
 from weit_jax import checkpoint, exports, inits, models
 from weit_jax.inits import common, mimetic, tleg, weight_selection
 from weit_jax.models import vit
@@ -248,7 +249,7 @@ def test_tleg_pretraining_trains_a_and_b_and_exports(learnable_data, tmp_path):
   c.optim.warmup_steps = 1
   learnable_data(c)
   workdir = str(tmp_path / "tleg")
-  summary = baseline_pretrain.run(baseline_pretrain.for_baseline(c, "tleg"), workdir)
+  summary = baseline_pretrain.run(baseline_pretrain_config.from_train_config(c, "tleg"), workdir)
   assert summary["final_step"] == 6 and summary["program"] == "baseline_pretrain" and summary["baseline"] == "tleg"
   source = inits.TLEGSource.from_export(baseline_pretrain.export_dir(workdir))
   assert source.config.short_name() == "d2-w32-h2-m64-p4"
@@ -334,19 +335,19 @@ def test_weit_passes_an_export_through_and_refuses_another_size(tmp_path):
 def test_baseline_pretrain_config_and_refusals(tmp_path):
   """configs/baseline_pretrain.py is the family's training config with the program and baseline
   set; the program refuses an unknown baseline and a set init before writing anything."""
-  from configs import baseline_pretrain as config_module
   from configs import dit_train
-  c = config_module.get_config("family=dit,baseline=fine,runlocal")
+  c = baseline_pretrain_config.get_config("family=dit,baseline=fine,runlocal")
   train_c = dit_train.get_config("runlocal")
-  assert (c.program, c.baseline, c.sample_quality.per_class) == ("baseline_pretrain", "fine", 0)
+  assert (c.program, c.baseline) == ("baseline_pretrain", "fine") and "sample_quality" not in c
   assert c.model == train_c.model and c.optim == train_c.optim and "init" not in c
-  assert config_module.get_config("family=vit,baseline=tleg,variant=mu/4").model.variant == "mu/4"
+  assert baseline_pretrain_config.get_config("family=vit,baseline=tleg,variant=mu/4").model.variant == "mu/4"
   bad = unlocked(c)
   bad.baseline = "lora"
   with pytest.raises(ValueError, match=r"baseline='lora'; use one of \['fine', 'tleg'\]"):
     baseline_pretrain.validate(bad, str(tmp_path / "wd"))
   with pytest.raises(ValueError, match="tleg pre-training starts from its own initialization; unset config.init"):
-    baseline_pretrain.for_baseline(dict_config(train_c, init="/some/export"), "tleg")
+    baseline_pretrain.validate(baseline_pretrain_config.from_train_config(dict_config(train_c, init="/some/export"), "tleg"),
+                               str(tmp_path / "wd"))
   assert not os.path.exists(tmp_path / "wd")
 
 

@@ -239,15 +239,6 @@ def make_task(config, cfg) -> train_loop.Task:
                      init_params=init_params, weight_decay=float(config.weight_decay))
 
 
-def _without_sample_quality(config):
-  """A copy of ``config`` with a DiT's sample-quality measurement off: these loops never measure it
-  (it is ``programs/train.py``'s), and preparing it would build its feature classifier."""
-  config = ml_collections.ConfigDict(config.copy_and_resolve_references().to_dict())
-  if "sample_quality" in config:
-    config.sample_quality.per_class = 0
-  return config
-
-
 # --- trained sigma for a target ----------------------------------------------------------------------
 
 def factors_dir(workdir: str) -> str:
@@ -270,7 +261,9 @@ def adapt(source: FINESource | str, target_cfg, config, workdir: str, *, steps: 
   if isinstance(source, str):
     source = FINESource.from_export(source)
   start = expand_tree(source, target_cfg, seed=int(config.seed))
-  config = _without_sample_quality(config)
+  config = ml_collections.ConfigDict(config.copy_and_resolve_references().to_dict())
+  if "sample_quality" in config:  # the train program's measurement; this loop never makes one
+    del config["sample_quality"]
   config.update(dict(program="fine_adapt", total_steps=max(int(steps), 1), init=None,
                      fine=dict(source=source.describe(), target=models.to_record(target_cfg),
                                num_examples=int(num_examples))))

@@ -1,14 +1,13 @@
 """Pre-training of a baseline initializer's auxiliary model (TLEG, FINE): a program beside the others.
 
 The config is a ``configs/<family>_train.py`` config (the same data, step budget and optimizer as a
-plain training run; ``configs/baseline_pretrain.py`` builds one) with ``program='baseline_pretrain'``
+plain training run; ``configs/baseline_pretrain.py`` builds one, ``from_train_config``) with ``program='baseline_pretrain'``
 and ``baseline``: its model is the auxiliary, trained in the baseline's factorized form (the
 baseline's module in ``weit_jax/inits``: ``make_task``, ``EXPORT_FORM``, ``DESCRIPTION``), and
 exported to ``WORKDIR/export`` with ``form`` the baseline's: the source its ``from_export`` reads.
 """
 from __future__ import annotations
 
-import ml_collections
 from etils import epath
 
 from weit_jax import (config_checks, distributed, exports, metrics, models, optim, sharding, tasks, train_loop,
@@ -20,22 +19,6 @@ BASELINES = {"tleg": tleg, "fine": fine}
 
 def export_dir(workdir: str) -> str:
   return str(epath.Path(workdir) / "export")
-
-
-def for_baseline(train_config, baseline: str):
-  """A copy of a ``configs/<family>_train.py`` config that pre-trains ``baseline``'s auxiliary.
-
-  A DiT's sample-quality measurement is off: it is ``programs/train.py``'s, and preparing it would
-  build its feature classifier."""
-  config = ml_collections.ConfigDict(train_config.copy_and_resolve_references().to_dict())
-  config.program, config.baseline = "baseline_pretrain", baseline
-  if "init" in config:
-    if config.init:
-      raise ValueError(f"{baseline} pre-training starts from its own initialization; unset config.init.")
-    del config["init"]
-  if "sample_quality" in config:
-    config.sample_quality.per_class = 0
-  return config
 
 
 def _baseline(config):
