@@ -107,6 +107,7 @@ def write(path: str, record: dict) -> dict:
 # --- stage 1: pre-training ---------------------------------------------------------------------------
 
 def pretrain_all(args) -> dict:
+  from configs import baseline_pretrain as baseline_config
   from weit_jax.programs import baseline_pretrain, pretrain, train
   P = args.budget["pretrain_updates"]
   out = {}
@@ -125,7 +126,7 @@ def pretrain_all(args) -> dict:
     elif name == "tleg":
       c = train_config(env="hopper", updates=P, seed=0, eval_every=max(1, P // 5), model=model_config("hopper", **AUX))
       log(f"pre-training the TLEG auxiliary (d3-w64, {P} PPO updates) in {workdir}")
-      summary = baseline_pretrain.run(baseline_pretrain.for_baseline(c, "tleg"), workdir)
+      summary = baseline_pretrain.run(baseline_config.from_train_config(c, "tleg"), workdir)
       record = dict(workdir=workdir, export=baseline_pretrain.export_dir(workdir))
     else:
       c = train_config(env="hopper", updates=P, seed=0, eval_every=max(1, P // 5),

@@ -181,6 +181,7 @@ def pretrain_weit(args, variant: str = "", overrides: dict | None = None) -> dic
 def pretrain_baseline(args, method: str) -> dict:
   """The auxiliary model of a baseline's own pre-training (``programs/baseline_pretrain.py``: TLEG,
   FINE): the auxiliary's size, the same data, steps and optimizer."""
+  from configs import baseline_pretrain as baseline_config
   from weit_jax.programs import baseline_pretrain
   b = args.budget
   workdir = pretrain_dir(args, method)
@@ -191,7 +192,7 @@ def pretrain_baseline(args, method: str) -> dict:
   c = pretrain_config(args, aux)
   log(f"pre-training the {method.upper()} auxiliary model ({aux.short_name()}, {b['pretrain_steps']} steps) "
       f"in {workdir}")
-  summary, wall = wall_clock(baseline_pretrain.run, baseline_pretrain.for_baseline(c, method), workdir)
+  summary, wall = wall_clock(baseline_pretrain.run, baseline_config.from_train_config(c, method), workdir)
   return write_json(record_path, dict(
       method=method, model=aux.short_name(), steps=b["pretrain_steps"], workdir=workdir,
       export=baseline_pretrain.export_dir(workdir), eval_accuracy=summary.get("eval_accuracy"),
