@@ -330,10 +330,12 @@ def aggregate(results: list[dict]) -> dict:
       for method, runs in methods.items():
         steps = sorted(int(s) for s in runs[0]["curve"])
         ev = harness.curve_stats(harness.seed_curves([r["curve"] for r in runs], steps))
-        tsteps = sorted({int(s) for r in runs for s in r["train_curve"]})  # seeds' first episodes differ
-        tvalues = np.array([[r["train_curve"].get(str(s), np.nan) for s in tsteps] for r in runs])
-        tlast = tvalues[:, -SMOOTH:].mean(1)
-        first = [r["train_curve"][min(r["train_curve"], key=int)] for r in runs]
+        # Training returns of the seeds where an episode ended (a --quick budget can end before any).
+        finished = [r["train_curve"] for r in runs if r["train_curve"]] or [{}]
+        tsteps = sorted({int(s) for c in finished for s in c})  # seeds' first episodes differ
+        tvalues = np.array([[c.get(str(s), np.nan) for s in tsteps] for c in finished]).reshape(len(finished), -1)
+        tlast = tvalues[:, -SMOOTH:].mean(1) if tsteps else np.full(len(finished), np.nan)
+        first = [c[min(c, key=int)] if c else np.nan for c in finished]
         entry[method] = dict(x=[s * per_update for s in steps], mean=ev["mean"], std=ev["std"],
                              final=ev["final_mean"], final_std=ev["final_std"], step0=ev["step0_mean"],
                              tx=[s * per_update for s in tsteps], tmean=smooth(np.nanmean(tvalues, 0)).tolist(),
@@ -452,9 +454,10 @@ def write_report(args, agg: dict, stages: dict, peer: dict | None, na: dict, inf
       for method in METHODS:
         if method in agg.get(env, {}).get(role, {}):
           e = agg[env][role][method]
-          lines.append(f"| {role} {cfg.short_name()} | {LABELS[method]} | {e['tfirst']:.1f} -> {e['tfinal']:.1f} +- "
-                       f"{e['tfinal_std']:.1f} ({e['seeds']} seeds) | {fmt_speedup(e)} | {e['step0']:.1f} -> "
-                       f"{e['final']:.1f} +- {e['final_std']:.1f} |")
+          returns = (f"{e['tfirst']:.1f} -> {e['tfinal']:.1f} +- {e['tfinal_std']:.1f} ({e['seeds']} seeds)"
+                     if e["tx"] else "no episode ended within the budget")
+          lines.append(f"| {role} {cfg.short_name()} | {LABELS[method]} | {returns} | {fmt_speedup(e)} | "
+                       f"{e['step0']:.1f} -> {e['final']:.1f} +- {e['final_std']:.1f} |")
         elif (why := na.get((env, role, method))):
           lines.append(f"| {role} {cfg.short_name()} | {LABELS[method]} | n/a | {why} | n/a |")
   if peer:
