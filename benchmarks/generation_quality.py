@@ -262,7 +262,7 @@ def ablations(args, classifier, targets: dict, default: dict, results: list[dict
       r = run_one(args, classifier, "weit", role, targets[role], 0, {"weit": {role: init["targets"][role]["export"]}},
                   variant=name)
       row["roles"][role] = dict(step0_fid=r["step0_fid"], final_fid=r["final_fid"], final_fidelity=r["final_fidelity"],
-                                export=os.path.join(r["run_dir"], "init"))
+                                export=os.path.join(r["run_dir"], "init"), run=run_key(r))
       log(f"ablation {name} {role}: {FID} {r['step0_fid']:.1f} -> {r['final_fid']:.1f}")
     out[name] = row
   out["default"] = dict(label="today's default", overrides={}, eval_loss=default["eval_loss"],
@@ -281,7 +281,7 @@ def diagnose(args, stages: dict, results: list[dict], targets: dict, ablated: di
   b = args.budget
   path = os.path.join(args.workdir, "diagnosis", f"{run_tag(b)}{'_ablations' if ablated else ''}.json")
   sources = sorted([run_key(r) for r in results if r["seed"] == 0]
-                   + [v["export"] for row in (ablated or {}).values() for v in row["roles"].values() if "export" in v])
+                   + [v["run"] for row in (ablated or {}).values() for v in row["roles"].values() if "run" in v])
   if (cached := harness.read_json(path)) and cached.get("sources") == sources:
     return cached  # measured on these very exports; a new recipe's are probed again
   t0 = time.time()
@@ -356,7 +356,7 @@ def metric_scale(classifier, b: dict) -> dict:
 def inception(args, classifier, results: list[dict], targets: dict) -> dict:
   """Inception FID and KID of each (target, method)'s final samples (seed 0) against real test
   images, with the classifier-feature FID of the very same images; cached in WORKDIR/inception, row
-  by row under the export measured (a new recipe's runs are measured again, the others are not)."""
+  by row under its run (``run_key``: a new recipe's runs are measured again, the others are not)."""
   from weit_jax import exports, models
   from weit_jax.evaluators import distances, feature_classifier, sample_quality
   n = args.inception_samples
