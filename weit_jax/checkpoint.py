@@ -15,8 +15,29 @@ import os
 import grain
 import jax
 import orbax.checkpoint as ocp
+from absl import logging as absl_logging
 from etils import epath
 
+# Orbax splits an array replicated over N devices into N slices, one written by each replica. For a
+# small array that costs more than it saves (a compiled slice per shape, N tiny writes): arrays whose
+# slice would be under 1 MiB are written whole by one replica.
+MIN_SLICE_BYTES_FOR_REPLICA_PARALLEL = 1 << 20
+
+
+def _write_small_arrays_from_one_replica() -> None:
+  default = ocp.type_handlers.get_type_handler(jax.Array)
+  handler = ocp.type_handlers.ArrayHandler(
+      array_metadata_store=getattr(default, "_array_metadata_store", None),
+      min_slice_bytes_for_replica_parallel=MIN_SLICE_BYTES_FOR_REPLICA_PARALLEL)
+  verbosity = absl_logging.get_verbosity()
+  absl_logging.set_verbosity(absl_logging.ERROR)  # orbax warns on every override, an intended one too
+  try:
+    ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
+  finally:
+    absl_logging.set_verbosity(verbosity)
+
+
+_write_small_arrays_from_one_replica()
 
 
 def absolute(path: str) -> str:
