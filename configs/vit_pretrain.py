@@ -66,7 +66,6 @@ def get_config(arg=None):
     config.log_every = 50
     config.eval_every = 500
     config.checkpoint_every = 250
-  if arg.from_checkpoint:
-    config.model.variant = config_dict.placeholder(str)  # the sizes: init_templates_from's
-    config.total_steps = 0  # the extracted templates, saved without training
+  if arg.from_checkpoint:  # sizes from init_templates_from; the extracted templates saved as step 0
+    common.from_checkpoint(config)
   return config

@@ -149,5 +149,5 @@ def _grid(tokens: int) -> int | None:
 
 def _mismatch(source: Source, what: str, detail: str) -> ValueError:
   return ValueError(f"init_templates_from={source.path} is not {what} (the model this config declares or reads from "
-                    f"the checkpoint): {detail}. Give a checkpoint of that model, or set --config.model.* to the "
-                    "checkpoint's sizes (configs/vit_pretrain.py:from_checkpoint reads them from a big_vision ViT).")
+                    f"the checkpoint): {detail}. Give a checkpoint of that model, or set --config.model.* to its "
+                    "sizes (or leave them unset to read them from it: configs/<family>_pretrain.py:from_checkpoint).")
