@@ -13,8 +13,8 @@ fits it to the run's model:
 - ``plan`` / ``adapt``: the checkpoint's parameters in the shapes of the run's model, parameter by
   parameter; the first that fits neither way below is refused, naming the expected and found shapes.
   Parameters the checkpoint holds for its own data are handled as weight selection handles them
-  (``inits/weight_selection.py``): a head for other classes (a ``classes`` axis) starts from the
-  model's own initializer; a learned position embedding of another square grid (``tokens``) is
+  (``inits/weight_selection.py``): a head for other classes (a ``classes`` axis of a family whose
+  classes are an output, ``Family.class_head``) starts from the model's own initializer; a learned position embedding of another square grid (``tokens``) is
   resampled bilinearly to the model's grid, as big_vision does when it loads one.
 """
 from __future__ import annotations
@@ -104,7 +104,7 @@ def plan(source: Source, gen: generator.WeightGenerator, cfg) -> dict[str, str]:
     differ = [i for i, (a, b) in enumerate(zip(shape, found)) if a != b] if len(shape) == len(found) else None
     if differ == []:
       out[name] = COPIED
-    elif differ and all(axes[i] == "classes" for i in differ):
+    elif differ and all(axes[i] == "classes" for i in differ) and models.family_of(cfg).class_head:
       out[name] = (f"own init: the checkpoint's head is for {found[differ[0]]} classes, the data has "
                    f"{shape[differ[0]]} (as weight selection does)")
     elif differ and all(axes[i] == "tokens" for i in differ) and _grid(found[differ[0]]) and _grid(shape[differ[0]]):
