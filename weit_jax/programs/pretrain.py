@@ -233,7 +233,9 @@ def initial_params_from_dense(config, setup: Setup, task: train_loop.Task,
   for path, how in sorted(handling.items()):
     if how != dense_checkpoint.COPIED:
       metrics.log(f"  {path}: {how}")
-  params = jax.device_get(task.init_params(jax.random.key(int(config.seed))))
+  key = jax.random.key(int(config.seed))
+  others = set(jax.eval_shape(task.init_params, key)) - {"templates", "scalers"}  # extra sizes' scalers, ...
+  params = jax.device_get(jax.jit(task.init_params)(key)) if others else {}
   params["templates"], params["scalers"] = templates, scalers
   if "dense" in params:  # the soft constraint's free weights start as the checkpoint's
     params["dense"] = dense
