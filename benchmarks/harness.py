@@ -21,10 +21,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the reposi
 sys.path.insert(0, ROOT)  # configs/ and this checkout's weit_jax, for every benchmark
 
 # Every initializer any benchmark compares, in the order of tables and legends.
-LABELS = {"random": "random", "weit": "WeiT", "weight_selection": "weight selection", "tleg": "TLEG",
-          "mimetic": "mimetic", "fine": "FINE"}
-COLORS = {"random": "tab:gray", "weit": "tab:red", "weight_selection": "tab:blue", "tleg": "tab:green",
-          "mimetic": "tab:purple", "fine": "tab:orange"}
+LABELS = {"random": "random", "weit": "WeiT", "weit_extracted": "WeiT (extracted)",
+          "weight_selection": "weight selection", "tleg": "TLEG", "mimetic": "mimetic", "fine": "FINE"}
+COLORS = {"random": "tab:gray", "weit": "tab:red", "weit_extracted": "tab:brown", "weight_selection": "tab:blue",
+          "tleg": "tab:green", "mimetic": "tab:purple", "fine": "tab:orange"}
 
 
 def log(msg: str) -> None:

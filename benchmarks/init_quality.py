@@ -12,6 +12,10 @@ Stages (each cached in ``--workdir``; an interrupted run continues where it stop
    (a plain model trained from random init by ``programs/train.py``; as large as the largest target
    along every axis, so weight selection applies to every target).
 2. WeiT initialization of every target (``programs/init.py``: frozen templates, scaler training).
+   "WeiT (extracted)": templates extracted in closed form from the dense source of weight selection
+   (``programs/pretrain.py`` with ``init_templates_from`` and ``total_steps=0``: no constrained
+   pre-training), then the same scaler training; and the sweep over N of those extractions
+   (reconstruction error, accuracy of the dense source composed from them).
 3. For every target, method, dataset and seed: an export (``weit_jax.inits``), its eval accuracy
    at step 0, and a fixed training budget with ``programs/train.py`` (eval every k steps).
    Datasets: Fashion-MNIST (the pre-training data: same-dataset setting) and ``mnist_5k`` (5,000 real
@@ -34,7 +38,8 @@ import stages as shared  # noqa: E402  (stages 1-2, shared with generation_quali
 from harness import LABELS, ROOT, log  # noqa: E402
 from stages import FamilySetup  # noqa: E402
 
-METHODS = ("random", "weit", "weight_selection", "tleg", "mimetic")
+METHODS = ("random", "weit", "weit_extracted", "weight_selection", "tleg", "mimetic")
+EXTRACTION_NS = (1, 2, 4, 8, 16)  # the sweep over N of templates extracted from the dense source
 DATASETS = ("fashion_mnist_local", "mnist_5k")
 DATASET_LABELS = {"fashion_mnist_local": "Fashion-MNIST (same dataset)", "mnist_5k": "MNIST-5k (transfer)"}
 
@@ -145,7 +150,7 @@ def run_one(args, method: str, role: str, cfg, dataset: str, seed: int, sources:
     shutil.rmtree(run_dir)  # an interrupted run starts over (runs are short)
   t0 = time.time()
   export = os.path.join(run_dir, "export")
-  init = inits.get(method)
+  init = inits.get(shared.INITIALIZERS.get(method, method))
   source = shared.source_for(method, role, sources)
   params = init(source, cfg, seed=seed)
   if dataset != "fashion_mnist_local":  # transfer: a new task gets a new head, whatever the method
@@ -261,6 +266,15 @@ def write_report(args, agg: dict, results: list[dict], stages: dict, targets: di
       r = stages["pretrain"][key]
       w(f"  - {label}: {setup.family} {r['model']}, lr {r['lr']}, {r['wall_s'] / 60:.1f} min, eval accuracy "
         f"{100 * r['eval_accuracy']:.1f}%")
+  if "extracted" in stages:
+    r, e = stages["extracted"], stages["init_extracted"]
+    w(f"- **WeiT (extracted)**: N={r['num_templates']} templates and the source's scalers extracted in closed form "
+      f"(Van Loan-Pitsianis + SVD, `programs/pretrain.py` with `init_templates_from` and `total_steps=0`) from the "
+      f"dense source {r['model']} (the model weight selection starts from; no constrained pre-training), "
+      f"{r['wall_s']:.0f} s; relative reconstruction error {r['reconstruction_error']['mean']:.3f} (mean over banks), "
+      f"{r['reconstruction_error']['max']:.3f} (max); the dense source composed from them: eval accuracy "
+      f"{100 * r['eval_accuracy']:.1f}%. Then the same scaler training as WeiT ({e['steps']} steps), "
+      f"{e['wall_s'] / 60:.1f} min for all targets.")
   if "init" in stages:
     r = stages["init"]
     w(f"- **WeiT initialization**: frozen templates, scalers of each target trained for {r['steps']} steps "
@@ -310,6 +324,23 @@ def write_report(args, agg: dict, results: list[dict], stages: dict, targets: di
           cells.append("N/A" if e is None else fmt_acc(e[f"{key}_mean"], e[f"{key}_std"], len(e["seeds"])))
         w(f"| {role} {targets[role].short_name()} | " + " | ".join(cells) + " |")
       w("")
+
+  if stages.get("extraction_sweep"):
+    sweep = stages["extraction_sweep"]
+    name = f"{report}_extraction.png"
+    plot_extraction(sweep, stages["pretrain"]["dense"], os.path.join(args.out, name))
+    w("## Templates extracted from the dense source, against N\n")
+    w(f"The dense source ({sweep[0]['model']}, eval accuracy {100 * stages['pretrain']['dense']['eval_accuracy']:.1f}%) "
+      "composed from N extracted templates per bank and its own extracted scalers, before any training: the "
+      "relative reconstruction error ||W - W_N||/||W|| over the banks, and the eval accuracy of the composed "
+      f"model on `{b['fmnist_eval']}`.\n")
+    w(f"![reconstruction error and accuracy against N]({name})\n")
+    w("| N | mean error | max error | eval accuracy (%) |")
+    w("|---|---|---|---|")
+    for r in sweep:
+      w(f"| {r['num_templates']} | {r['reconstruction_error']['mean']:.3f} | {r['reconstruction_error']['max']:.3f} | "
+        f"{100 * r['eval_accuracy']:.1f} |")
+    w("")
 
   w("## Where WeiT does and does not win\n")
   w("Generated from the tables above (final accuracy, mean over seeds; 'ahead' means a higher mean, not "
@@ -374,6 +405,32 @@ def write_report(args, agg: dict, results: list[dict], stages: dict, targets: di
   with open(path, "w") as f:
     f.write("\n".join(L) + "\n")
   return path
+
+
+def plot_extraction(sweep: list[dict], dense: dict, path: str) -> None:
+  """Reconstruction error (mean and max over banks) and the composed dense source's accuracy against N."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  n = [r["num_templates"] for r in sweep]
+  fig, (ax_err, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.6))
+  ax_err.plot(n, [r["reconstruction_error"]["mean"] for r in sweep], marker="o", label="mean over banks")
+  ax_err.plot(n, [r["reconstruction_error"]["max"] for r in sweep], marker="s", ls="--", label="max")
+  ax_err.set_ylabel("relative reconstruction error")
+  ax_err.legend()
+  ax_acc.plot(n, [100 * r["eval_accuracy"] for r in sweep], marker="o", color="tab:brown", label="composed from N")
+  ax_acc.axhline(100 * dense["eval_accuracy"], color="k", ls=":", lw=0.8, label="the dense source")
+  ax_acc.set_ylabel("eval accuracy (%)")
+  ax_acc.legend()
+  for ax in (ax_err, ax_acc):
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(n, [str(v) for v in n])
+    ax.set_xlabel("templates per bank (N)")
+    ax.grid(alpha=0.3)
+  fig.suptitle(f"Templates extracted in closed form from the dense source {sweep[0]['model']}", fontsize=10)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -478,6 +535,8 @@ def main(argv=None) -> None:
   # ----- stage 1 and 2: pre-training, WeiT init ------------------------------------------------------
   stages: dict = {"pretrain": {}}
   sources = shared.pretrain_sources(args, stages)
+  if "weit_extracted" in args.methods:  # the sweep over N (no training: seconds each)
+    stages["extraction_sweep"] = [shared.extract_weit(args, stages["pretrain"]["dense"], n) for n in EXTRACTION_NS]
 
   # ----- stage 3: downstream runs ----------------------------------------------------------------------
   why_not = lambda method, cfg: shared.applies(setup, method, cfg, sources)
@@ -496,7 +555,8 @@ def main(argv=None) -> None:
   # ----- report -------------------------------------------------------------------------------------------
   agg = aggregate(results, b)
   recorded = sum(r["wall_s"] for r in results) + sum(r["wall_s"] for r in stages["pretrain"].values()) + \
-      stages.get("init", {}).get("wall_s", 0.0)
+      stages.get("init", {}).get("wall_s", 0.0) + stages.get("init_extracted", {}).get("wall_s", 0.0) + \
+      sum(r["wall_s"] for r in stages.get("extraction_sweep", []))
   info = harness.run_info("benchmarks/init_quality.py", argv, t_start, load_start, total_recorded_s=recorded)
   path = write_report(args, agg, results, stages, targets, na, info)
   log(f"report: {path}; wall time {info['wall_s'] / 60:.1f} min")

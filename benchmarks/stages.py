@@ -234,9 +234,58 @@ def pretrain_dense(args) -> dict:
                         init="dense_source", method="weight_selection")
 
 
+def extract_weit(args, dense: dict, num_templates: int | None = None) -> dict:
+  """WeiT's templates extracted in closed form from the dense source of weight selection
+  (``programs/pretrain.py`` with ``init_templates_from`` and ``total_steps=0``: no training step): a
+  templates workdir at step 0 with the family's runlocal tiles and N (or ``num_templates``). Its
+  record has the reconstruction error per bank and the eval accuracy of the dense source composed
+  from the extracted templates and scalers."""
+  from weit_jax.programs import pretrain
+  setup, b = args.setup, args.budget
+  c = unlocked(configs(setup, "pretrain").get_config("runlocal"))
+  c.model = model_fields(setup)  # every size from the dense source's export
+  if setup.weit_tiles:
+    c.weit.tiles = configs(setup, "pretrain").tiles(*setup.weit_tiles)
+  if num_templates:
+    c.weit.num_templates = int(num_templates)
+  n = int(c.weit.num_templates)
+  recipe = hashlib.sha1(json.dumps(c.weit.to_dict(), sort_keys=True).encode()).hexdigest()[:6]
+  workdir = pretrain_dir(args, f"dense-extracted-N{n}-{recipe}")
+  record_path = os.path.join(workdir, "bench.json")
+  if (r := done(record_path, 0)):
+    return r
+  c.init_templates_from = dense["export"]
+  c.data = data_config(setup, "fashion_mnist_local", b)
+  c.total_steps, c.batch_size = 0, b["pretrain_batch_size"]
+  c.eval_every, c.log_every, c.checkpoint_every = 0, 1, 1
+  log(f"extracting N={n} templates from the dense source {dense['model']} in {workdir}")
+  summary, wall = wall_clock(pretrain.run, c, workdir)
+  errors = summary["template_source"]["reconstruction_error"]
+  return write_json(record_path, dict(
+      method="weit_extracted", model=dense["model"], steps=0, templates_step=0, workdir=workdir, num_templates=n,
+      source=dense["export"], eval_accuracy=summary.get("eval_accuracy"), eval_loss=summary.get("eval_loss"),
+      reconstruction_error=dict(mean=float(sum(errors.values()) / len(errors)), max=max(errors.values()),
+                                per_bank=errors),
+      wall_s=round(wall, 1), params=dict(templates=summary.get("templates_params"),
+                                         scalers=summary.get("scalers_params"))))
+
+
+def full_spec(cfg) -> str:
+  """An init-program target spec that names every size field of ``cfg``: the same target from
+  templates of any auxiliary (a spec that names only some fields takes the rest from the templates')."""
+  from weit_jax import models
+  parts = []
+  for name in models.family_of(cfg).target_fields:
+    value = getattr(cfg, name)
+    if value is not None:
+      parts.append(f"{name}={'-'.join(map(str, value)) if isinstance(value, (tuple, list)) else value}")
+  return ",".join(parts)
+
+
 def init_weit(args, weit_pretrain: dict, roles: list[str] | None = None, overrides: dict | None = None) -> dict:
   """programs/init.py for every target (or ``roles``): role -> {export, accuracy before/after, wall};
-  ``overrides``: init config fields (e.g. ``{'optim.lr': 1e-2}``) for an ablation."""
+  ``overrides``: init config fields (e.g. ``{'optim.lr': 1e-2}``) for an ablation. Templates of
+  another model than the auxiliary (``extract_weit``'s, at step 0) get every target in full."""
   from weit_jax import exports
   from weit_jax.programs import init as init_program
   setup, b = args.setup, args.budget
@@ -249,8 +298,11 @@ def init_weit(args, weit_pretrain: dict, roles: list[str] | None = None, overrid
   if (r := read_json(record_path)):
     return r
   c.templates = weit_pretrain["workdir"]
-  c.templates_step = b["pretrain_steps"]
-  c.targets = ";".join(spec for _, spec in chosen)
+  c.templates_step = weit_pretrain.get("templates_step", b["pretrain_steps"])
+  if weit_pretrain["model"] == aux_config(setup).short_name():
+    c.targets = ";".join(spec for _, spec in chosen)
+  else:
+    c.targets = ";".join(full_spec(target_configs(setup)[role]) for role, _ in chosen)
   c.steps, c.num_examples, c.batch_size = b["init_steps"], b["init_examples"], b["pretrain_batch_size"]
   c.optim.warmup_steps = min(c.optim.warmup_steps, max(1, b["init_steps"] // 10))
   c.log_every = max(1, b["init_steps"] // 4)
@@ -290,8 +342,13 @@ def applies(setup: FamilySetup, method: str, target, sources: dict) -> str | Non
   return None
 
 
+# Methods that are another method's initializer from another source (the rest: their own name).
+INITIALIZERS = {"weit_extracted": "weit"}  # the init program's exports, from templates extracted in closed form
+
+
 def source_for(method: str, role: str, sources: dict):
   return {"random": None, "mimetic": None, "weit": (sources.get("weit") or {}).get(role),
+          "weit_extracted": (sources.get("weit_extracted") or {}).get(role),
           "weight_selection": sources.get("dense"), "tleg": sources.get("tleg"),
           "fine": (sources.get("fine") or {}).get(role)}[method]
 
@@ -308,7 +365,12 @@ def pretrain_sources(args, stages: dict) -> dict:
   if "tleg" in args.methods:
     stages["pretrain"]["tleg"] = pretrain_baseline(args, "tleg")
     sources["tleg"] = inits.TLEGSource.from_export(stages["pretrain"]["tleg"]["export"])
-  if "weight_selection" in args.methods:
+  if "weight_selection" in args.methods or "weit_extracted" in args.methods:
     stages["pretrain"]["dense"] = pretrain_dense(args)
+  if "weight_selection" in args.methods:
     sources["dense"] = inits.DenseSource.from_export(stages["pretrain"]["dense"]["export"])
+  if "weit_extracted" in args.methods:  # templates of the same dense model, in closed form, then scaler training
+    stages["extracted"] = extract_weit(args, stages["pretrain"]["dense"])
+    stages["init_extracted"] = init_weit(args, stages["extracted"])
+    sources["weit_extracted"] = {role: r["export"] for role, r in stages["init_extracted"]["targets"].items()}
   return sources

@@ -54,6 +54,15 @@ def model_config(variant: str | None = "B/16", family: str = "vit", **sizes) -> 
   return c
 
 
+def from_checkpoint(config: ml_collections.ConfigDict) -> None:
+  """A pre-training config's ``from_checkpoint`` argument: templates from a dense checkpoint one has
+  (``init_templates_from``: a big_vision ``.npz`` or an export folder), the model's sizes read from it
+  (no variant; ``--config.model.*`` declares them instead), saved as step 0 without training
+  (``--config.total_steps=N`` fine-tunes them under the constraint)."""
+  config.model.variant = ml_collections.config_dict.placeholder(str)
+  config.total_steps = 0
+
+
 # Meshes over ('data', 'fsdp', 'model'): weit_jax.sharding's defaults.
 DATA_PARALLEL, FSDP_ALL = sharding.DATA_PARALLEL, sharding.FSDP_ALL
 

@@ -24,7 +24,7 @@ from configs import common
 
 
 def get_config(arg=None):
-  arg = common.parse_arg(arg, runlocal=False)
+  arg = common.parse_arg(arg, runlocal=False, from_checkpoint=False)
   config = ml_collections.ConfigDict()
   config.program = "pretrain"
 
@@ -65,4 +65,6 @@ def get_config(arg=None):
     config.log_every = 50
     config.eval_every = 500
     config.checkpoint_every = 250
+  if arg.from_checkpoint:  # sizes from init_templates_from (an export); its templates saved as step 0
+    common.from_checkpoint(config)
   return config

@@ -21,7 +21,7 @@ from configs import common
 
 
 def get_config(arg=None):
-  arg = common.parse_arg(arg, runlocal=False)
+  arg = common.parse_arg(arg, runlocal=False, from_checkpoint=False)
   config = ml_collections.ConfigDict()
   config.program = "pretrain"
   config.model = common.model_config("B", family="policy")
@@ -39,4 +39,6 @@ def get_config(arg=None):
     config.model = common.model_config("pico", family="policy")
     config.weit.tiles = dict(hidden=16, hidden_in=16, obs=1, action=1)
     config.total_steps = 300
+  if arg.from_checkpoint:  # sizes from init_templates_from (an export); its templates saved as step 0
+    common.from_checkpoint(config)
   return config

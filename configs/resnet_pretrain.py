@@ -31,7 +31,7 @@ def tiles(stages: int, tile: int) -> dict[str, int]:
 
 
 def get_config(arg=None):
-  arg = common.parse_arg(arg, runlocal=False)
+  arg = common.parse_arg(arg, runlocal=False, from_checkpoint=False)
   config = ml_collections.ConfigDict()
   config.program = "pretrain"
   config.model = common.model_config("R50", family="resnet", dtype="bfloat16")
@@ -65,4 +65,6 @@ def get_config(arg=None):
     config.log_every = 25
     config.eval_every = 100
     config.checkpoint_every = 100
+  if arg.from_checkpoint:  # sizes from init_templates_from (an export); its templates saved as step 0
+    common.from_checkpoint(config)
   return config

@@ -9,6 +9,15 @@ schedule with warmup) for a TPU pod:
 ViT, a few minutes on a laptop CPU:
 
   python main.py --config=configs/vit_pretrain.py:runlocal --workdir=workdirs/pretrain
+
+``from_checkpoint``: templates from a dense ViT one already has, no training (README, "Start from a
+checkpoint you have"): the model's sizes and options are read from ``init_templates_from`` (a
+big_vision ``.npz`` or an export folder; ``--config.model.*`` declares them instead), the templates
+and its scalers are extracted in closed form and saved as step 0 (``--config.total_steps=N``
+fine-tunes them for N steps under the constraint):
+
+  python main.py --config=configs/vit_pretrain.py:runlocal,from_checkpoint \
+      --config.init_templates_from=/path/to/params.npz --workdir=workdirs/from_checkpoint
 """
 import ml_collections
 from ml_collections import config_dict
@@ -18,7 +27,7 @@ from weit_jax import data_catalog
 
 
 def get_config(arg=None):
-  arg = common.parse_arg(arg, runlocal=False)
+  arg = common.parse_arg(arg, runlocal=False, from_checkpoint=False)
   config = ml_collections.ConfigDict()
   config.program = "pretrain"
 
@@ -57,4 +66,6 @@ def get_config(arg=None):
     config.log_every = 50
     config.eval_every = 500
     config.checkpoint_every = 250
+  if arg.from_checkpoint:  # sizes from init_templates_from; the extracted templates saved as step 0
+    common.from_checkpoint(config)
   return config

@@ -94,7 +94,8 @@ def test_templates_extracted_from_a_dense_export(tmp_path):
   exports.write(export, dense, dict(model=dataclasses.asdict(setup.model_config)))
   c.init_templates_from = export
   task = pretrain.make_task(c, setup)
-  params = pretrain.initial_params_from_dense(c, setup, task)
+  params, record = pretrain.initial_params_from_dense(c, setup, task)
+  assert max(record["reconstruction_error"].values()) < 1e-3 and record["form"] == "export"
   again = setup.gen.materialize(params["templates"], params["scalers"])
   chex.assert_trees_all_close(jax.device_get(again), dense, rtol=1e-3, atol=1e-3)
 

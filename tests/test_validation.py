@@ -75,7 +75,7 @@ RANGE_CASES = [
     (vit_pretrain, "optim.clip_norm", -0.5, 0.0),
     (vit_pretrain, "optim.min_lr_ratio", 1.5, 1.0),
     (vit_pretrain, "batch_size", 0, 1),
-    (vit_pretrain, "total_steps", 0, 1),
+    (vit_pretrain, "total_steps", -1, 0),  # 0: the initial state saved as step 0
     (vit_pretrain, "log_every", 0, 1),
     (vit_pretrain, "eval_every", -1, 0),
     (vit_pretrain, "checkpoint_every", 0, 1),

@@ -20,7 +20,7 @@ import ml_collections
 
 # Dotted field pattern -> (low, low inclusive, high, high inclusive); None = unbounded.
 RANGES: dict[str, tuple[float | None, bool, float | None, bool]] = {
-    "total_steps": (1, True, None, False),
+    "total_steps": (0, True, None, False),  # 0: the initial state saved as step 0, evaluated, not trained
     "steps": (0, True, None, False),  # init: 0 = heuristic scalers only
     "batch_size": (1, True, None, False),
     "num_examples": (1, True, None, False),

@@ -72,6 +72,25 @@ def write_big_vision_npz(path, params) -> None:
     tmp.rename(path)
 
 
+def read_big_vision_npz(path) -> dict[str, np.ndarray]:
+  """A big_vision ``.npz`` checkpoint (``write_big_vision_npz``'s layout, and big_vision's: one array
+  per ``/``-joined parameter name) as ``name -> array``, read whole. A file that is not such an
+  archive (not a zip, truncated, a damaged member, a single ``.npy``) raises ValueError in one line."""
+  path = epath.Path(path)
+  try:
+    with path.open("rb") as f, contextlib.closing(np.load(f, allow_pickle=False)) as z:
+      if not isinstance(z, np.lib.npyio.NpzFile):
+        raise ValueError(f"it holds one array {np.shape(z)}, not a tree of named parameters")
+      arrays = {name: np.asarray(z[name]) for name in z.files}
+  except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile) as e:
+    detail = (str(e).splitlines() or [""])[0][:160]
+    raise ValueError(f"{path} is not a readable .npz checkpoint ({type(e).__name__}: {detail}); give a big_vision "
+                     "checkpoint (one array per '/'-joined parameter name) or an export folder.") from None
+  if not arrays:
+    raise ValueError(f"{path} is an empty .npz: it holds no parameters.")
+  return arrays
+
+
 def read_meta(directory: str) -> dict:
   meta = epath.Path(directory) / META
   if not meta.exists():

@@ -328,7 +328,9 @@ def run(config, workdir: str, task: Task, *, mesh, train_iter, make_eval_iter, i
         summary_extra: Mapping[str, Any] | None = None, title: str = "") -> dict:
   """Trains ``task`` for ``config.total_steps`` steps in ``workdir``; resumes if a checkpoint exists.
 
-  Returns the summary dict (also written to ``workdir/summary.json``) with ``params`` added.
+  ``total_steps=0``: the initial state (e.g. templates extracted from a checkpoint) is saved as
+  step 0 and evaluated, without a train step. Returns the summary dict (also written to
+  ``workdir/summary.json``) with ``params`` added.
   """
   t_start = time.time()
   total = int(config.total_steps)
@@ -377,6 +379,8 @@ def run(config, workdir: str, task: Task, *, mesh, train_iter, make_eval_iter, i
   # a state with a non-finite value is never saved, so the last good checkpoint stays the latest.
   pending = []  # (step, device outputs) not yet checked
   try:
+    if total == 0 and resume_step is None:  # nothing to train: the initial state is the run's step 0
+      ckpt.save(0, state, data_iter, force=True)
     with _Preemption() as preemption:
       step = start
       while step < total:

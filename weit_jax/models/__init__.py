@@ -21,6 +21,9 @@ A family (``config.model.family``: ``vit``, ``resnet``, ``dit``, ``policy``) is:
   train_flops     ``(config, batch) -> model FLOPs of one training step`` (for MFU), or None
   big_vision_npz  whether exports also write big_vision's ``params.npz`` (the parameter tree is
                   big_vision's own model's)
+  from_big_vision ``flat '/'-joined arrays -> (flat arrays in this model's layout, size and option
+                  fields read off their shapes)``: how a big_vision checkpoint of the family is read
+                  (a template source, ``weit_jax/dense_checkpoint.py``), or None
   tasks           the tasks (``weit_jax.tasks``) its models serve: their inputs and outputs
 
 The programs, initializers, dry run and benchmarks go through this registry (``get``, ``build``,
@@ -68,6 +71,7 @@ class Family:
   data_fields: tuple[str, ...] = ("image_size", "channels", "num_classes")
   train_flops: Callable[[Any, int], float] | None = None
   big_vision_npz: bool = False
+  from_big_vision: Callable[[Mapping[str, Any]], tuple[dict, dict]] | None = None
   tasks: tuple[str, ...] = ("classification",)
   # True: the ``classes``-axis parameters are an output head (a classifier's), which weight
   # selection re-initializes as its paper does; False: a class embedding the model reads (a
@@ -95,7 +99,7 @@ FAMILIES: dict[str, Family] = {
     "vit": Family("vit", vit.ViTConfig, vit.make_config, vit.VARIANTS, vit.parse_variant, vit.ViT,
                   vit.dummy_inputs, vit.SIZE_FIELDS, {"heads": "num_heads", "mlp": "mlp_dim", "patch": "patch_size"},
                   _keep_mlp_ratio, option_fields=vit.OPTION_FIELDS, train_flops=vit.train_flops,
-                  big_vision_npz=True),
+                  big_vision_npz=True, from_big_vision=vit.from_big_vision),
     "resnet": Family("resnet", resnet.ResNetConfig, resnet.make_config, resnet.VARIANTS, resnet.parse_variant,
                      resnet.ResNet, resnet.dummy_inputs, resnet.SIZE_FIELDS + ("stem",), resnet.ALIASES,
                      _resnet_derive, train_flops=resnet.train_flops),

@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any
+from typing import Any, Mapping
 
 import flax.linen as nn
 import jax.numpy as jnp
+import numpy as np
 
 from weit_jax.models import fields, remat
 
@@ -241,3 +242,55 @@ def dummy_input(config: ViTConfig, batch: int = 1):
 
 def dummy_inputs(config: ViTConfig, batch: int = 1) -> tuple:
   return (dummy_input(config, batch),)
+
+
+BLOCKS = "Transformer/encoderblock"  # the scanned blocks; big_vision's unscanned form: encoderblock_{i}
+
+
+def from_big_vision(flat: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+  """A big_vision ViT checkpoint (``'/'``-joined name -> array) in this model's layout, and the size
+  and option fields read off its shapes.
+
+  big_vision writes its blocks scanned (``Transformer/encoderblock/...``, a leading depth axis) or,
+  with ``scan=False`` (its default, and its public checkpoints), one ``Transformer/encoderblock_{i}``
+  per layer; the latter are stacked into the former, as big_vision's ``vit.load`` does. The sizes:
+  width and patch from ``embedding/kernel`` ``(p, p, channels, width)``, depth from the blocks, MLP
+  size from ``Dense_0``, heads from the query kernel ``(width, heads, head_dim)``; the options from
+  which parameters exist (``cls``: pool ``tok``, ``pos_embedding``: posemb ``learn``). The fields the
+  data fixes (image size, channels, classes) are not read: a run takes them from its data.
+  """
+  out, layers = {}, {}
+  for name, value in flat.items():
+    m = re.fullmatch(re.escape(BLOCKS) + r"_(\d+)/(.+)", name)
+    if m:
+      layers.setdefault(m.group(2), {})[int(m.group(1))] = value
+    else:
+      out[name] = value
+  depths = {tuple(sorted(by_layer)) for by_layer in layers.values()}
+  if layers:
+    if len(depths) != 1 or next(iter(depths)) != tuple(range(len(next(iter(depths))))):
+      raise ValueError(f"the checkpoint's blocks {BLOCKS}_<i> are not numbered 0..depth-1 with the same parameters "
+                       "in each; it is not a big_vision ViT.")
+    if any(k.startswith(BLOCKS + "/") for k in out):
+      raise ValueError(f"the checkpoint has both scanned ({BLOCKS}/...) and per-layer ({BLOCKS}_<i>/...) blocks.")
+    for rest, by_layer in layers.items():
+      out[f"{BLOCKS}/{rest}"] = np.stack([np.asarray(by_layer[i]) for i in sorted(by_layer)])
+
+  def shape(name, ndim):
+    if name not in out:
+      raise ValueError(f"it has no parameter {name!r}, so it is not a big_vision ViT (its parameters: "
+                       f"{sorted(out)[:6]}...).")
+    if np.ndim(out[name]) != ndim:
+      raise ValueError(f"its parameter {name} has shape {np.shape(out[name])}, not the {ndim} axes of a big_vision "
+                       "ViT's.")
+    return np.shape(out[name])
+  patch = shape("embedding/kernel", 4)
+  if patch[0] != patch[1]:
+    raise ValueError(f"its patch embedding embedding/kernel {patch} is not square; this ViT has square patches.")
+  fields = dict(width=patch[3], patch_size=patch[0],
+                depth=shape(f"{BLOCKS}/LayerNorm_0/scale", 2)[0],
+                mlp_dim=shape(f"{BLOCKS}/MlpBlock_0/Dense_0/kernel", 3)[2],
+                num_heads=shape(f"{BLOCKS}/MultiHeadDotProductAttention_0/query/kernel", 4)[2],
+                pool_type="tok" if "cls" in out else "gap",
+                posemb="learn" if "pos_embedding" in out else "sincos2d")
+  return out, {k: int(v) if not isinstance(v, str) else v for k, v in fields.items()}

@@ -6,6 +6,15 @@ applied to ``materialize(templates, scalers)`` (or to ``dense``), and trained fo
 ``weit_jax.tasks`` (``config.task``). Optional, for classification: distillation from a teacher
 export; and templates extracted in closed form from a dense checkpoint as the starting point.
 
+Templates from a checkpoint one already has (``init_templates_from``: a big_vision ``.npz`` or an
+export folder of any family; ``weit_jax/dense_checkpoint.py``): the model fields ``config.model``
+leaves unset are read from it (``configs/vit_pretrain.py:from_checkpoint`` leaves the sizes unset),
+the checkpoint is checked against that model before anything is written, and the templates and the
+source's scalers are extracted in closed form. With ``total_steps=0`` the run saves them as its step
+0 without training: a workdir the init program takes like any pre-training workdir; a positive
+``total_steps`` fine-tunes them under the constraint. ``summary.json`` records the source, how each
+parameter came from it and the relative reconstruction error per bank (``template_source``).
+
 Multi-size pre-training (``weit.extra_sizes``): every step also trains other sizes composed from the
 same templates, each with scalers of its own (``params['extra_scalers'][name]``), on the same batch;
 the loss is the mean over all sizes. The templates are then trained to serve several sizes, not one,
@@ -19,8 +28,8 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from weit_jax import (checkpoint, config_checks, distributed, exports, extract, generator, losses, metrics, models,
-                      optim, sharding, tasks, train_loop, workdir_lock)
+from weit_jax import (checkpoint, config_checks, dense_checkpoint, distributed, exports, extract, generator, losses,
+                      metrics, models, optim, sharding, tasks, train_loop, workdir_lock)
 
 MODES = ("hard", "soft")
 
@@ -190,36 +199,81 @@ def load_teacher(config):
   return models.build(t_cfg), exports.load_params(config.distill.teacher)
 
 
-def initial_params_from_dense(config, setup: Setup, task: train_loop.Task):
-  """Closed-form templates (Van Loan-Pitsianis + truncated SVD) from a dense plain-model export."""
-  dense = exports.load_params(config.init_templates_from)
-  templates, scalers, errors = extract.extract_templates(setup.gen, jax.device_get(dense))
-  metrics.log(f"Templates extracted from {config.init_templates_from}; relative reconstruction error per bank:")
+def with_source(config):
+  """``(config, source)``: without ``init_templates_from``, ``(config, None)``; with it, the checkpoint
+  (``dense_checkpoint.read``) and a copy of ``config`` whose model fields left unset are the
+  checkpoint's (``dense_checkpoint.model_fields``). That copy is what the run records, so its
+  workdir rebuilds its model without the checkpoint."""
+  if not config.get("init_templates_from"):
+    return config, None
+  family = models.get(config.model.get("family") or "vit")
+  source = dense_checkpoint.read(config.init_templates_from, family)
+  fields = dense_checkpoint.model_fields(config.model.to_dict(), source)
+  out = config.copy_and_resolve_references()
+  for name, value in fields.items():
+    if out.model.get(name) is None and value is not None:
+      out.model[name] = "-".join(map(str, value)) if isinstance(value, (tuple, list)) else value
+  return out, source
+
+
+def initial_params_from_dense(config, setup: Setup, task: train_loop.Task,
+                              source: dense_checkpoint.Source | None = None) -> tuple[dict, dict]:
+  """Closed-form templates (Van Loan-Pitsianis + truncated SVD) of a dense checkpoint
+  (``init_templates_from``, or ``source`` already read), fitted to the auxiliary's shapes first
+  (``dense_checkpoint.adapt``). Returns the initial trainable tree (``soft``: the dense weights too)
+  and the record of where the templates came from."""
+  if source is None:
+    source = dense_checkpoint.read(config.init_templates_from, models.family_of(setup.model_config))
+  dense, handling = dense_checkpoint.adapt(source, setup.gen, setup.model_config, seed=int(config.seed))
+  templates, scalers, errors = extract.extract_templates(setup.gen, dense)
+  metrics.log(f"Templates extracted from {config.init_templates_from} ({source.form}); relative reconstruction "
+              "error per bank:")
   for path, err in sorted(errors.items()):
     metrics.log(f"  {path:70s} {err:.4f}")
-  params = jax.device_get(task.init_params(jax.random.key(int(config.seed))))
+  for path, how in sorted(handling.items()):
+    if how != dense_checkpoint.COPIED:
+      metrics.log(f"  {path}: {how}")
+  key = jax.random.key(int(config.seed))
+  others = set(jax.eval_shape(task.init_params, key)) - {"templates", "scalers"}  # extra sizes' scalers, ...
+  params = jax.device_get(jax.jit(task.init_params)(key)) if others else {}
   params["templates"], params["scalers"] = templates, scalers
-  return jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32), params)
+  if "dense" in params:  # the soft constraint's free weights start as the checkpoint's
+    params["dense"] = dense
+  record = dict(source.describe(), num_templates=setup.gen.num_templates, tiles=dict(setup.gen.tiles),
+                parameters=handling, reconstruction_error=errors)
+  return jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32), params), record
 
 
-def validate(config, workdir: str) -> tuple[Setup, jax.sharding.Mesh]:
+@dataclasses.dataclass
+class Validated:
+  """What ``validate`` read and built."""
+  config: object  # the config the run records (model fields completed from init_templates_from)
+  setup: Setup
+  mesh: jax.sharding.Mesh
+  source: dense_checkpoint.Source | None  # the checkpoint of init_templates_from, read
+  handling: dict[str, str] | None  # how each parameter comes from it (dense_checkpoint.plan)
+
+
+def validate(config, workdir: str) -> Validated:
   """Every check of a pre-training run, before anything compiles or is written to ``workdir``
-  (the embedded dataset may be built into its own data_dir)."""
+  (the embedded dataset may be built into its own data_dir); a checkpoint in ``init_templates_from``
+  is read whole and checked against the auxiliary model, parameter by parameter."""
   config_checks.check_ranges(config)
+  config, source = with_source(config)
   setup = build(config)
   check_teacher(config)
-  if config.init_templates_from:
-    exports.read_meta(config.init_templates_from)  # refuses a folder that is not an export
+  handling = dense_checkpoint.plan(source, setup.gen, setup.model_config) if source is not None else None
   mesh = sharding.make_mesh(dict(config.mesh))
   distributed.process_batch_rows(mesh, int(config.batch_size))  # the batch splits over the mesh
   setup.task.prepare()
   train_loop.check_workdir(config, workdir)
-  return setup, mesh
+  return Validated(config, setup, mesh, source, handling)
 
 
 def run(config, workdir: str) -> dict:
   # ----- validate everything before anything compiles or writes --------------------------------
-  setup, mesh = validate(config, workdir)
+  checked = validate(config, workdir)
+  config, setup, mesh = checked.config, checked.setup, checked.mesh
   teacher = load_teacher(config)
   with workdir_lock.hold(workdir, "pretrain"):  # the first write: refused if another run holds it
     train_loop.guard_workdir(config, workdir)
@@ -234,14 +288,16 @@ def run(config, workdir: str) -> dict:
 
     # ----- task, data ------------------------------------------------------------------------------
     task = make_task(config, setup, teacher=teacher)
-    initial = initial_params_from_dense(config, setup, task) if config.init_templates_from else None
+    initial, source = (initial_params_from_dense(config, setup, task, checked.source)
+                       if checked.source is not None else (None, None))
     train_iter = setup.task.train_iterator(config.batch_size, config.seed, mesh)
     make_eval_iter = lambda: setup.task.eval_iterator(config.batch_size)
 
-    # ----- train -----------------------------------------------------------------------------------
+    # ----- train (total_steps=0: the initial templates saved as step 0) ------------------------------
+    extra = dict(program="pretrain", **{f"{k}_params": v for k, v in counts.items()},
+                 **({"template_source": source} if source is not None else {}))
     summary = train_loop.run(config, workdir, task, mesh=mesh, train_iter=train_iter,
-                             make_eval_iter=make_eval_iter, initial_params=initial,
-                             summary_extra=dict(program="pretrain", **{f"{k}_params": v for k, v in counts.items()}),
+                             make_eval_iter=make_eval_iter, initial_params=initial, summary_extra=extra,
                              title=f"pre-training {setup.model_config.short_name()}")
     return summary
 
