@@ -1,6 +1,7 @@
 """Helpers more than one test file uses (import them from here; never from another test file)."""
 import dataclasses
 import hashlib
+import logging
 import os
 import re
 import signal
@@ -166,6 +167,25 @@ def committed_steps(workdir):
 def ok(result):
   assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
   return result
+
+
+def refused_in_process(argv, workdir, caplog) -> tuple[str, set[str]]:
+  """``main.py ARGV --workdir=WORKDIR`` in this process, for input it must refuse: parsed as main.py
+  parses it, its program run; returns the message main.py would print as its one ``error:`` line
+  and the names of the functions compiled meanwhile (JAX's compile log)."""
+  import importlib
+  config, workdir = parse_main(argv, workdir)
+  program = importlib.import_module(f"weit_jax.programs.{config.program}")
+  caplog.clear()
+  with caplog.at_level(logging.WARNING, logger="jax._src.dispatch"), jax.log_compiles(True):
+    try:
+      program.run(config, workdir)
+    except USER_ERRORS as e:
+      refused = e
+    else:
+      raise AssertionError(f"{argv} was accepted")
+  compiled = set(re.findall(r"Finished XLA compilation of jit\((\w+)\)", caplog.text))
+  return str(refused), compiled
 
 
 def assert_refused(result, pattern: str, case: str) -> None:

@@ -2,7 +2,8 @@
 observation statistics against hand-computed values and numpy/scipy reimplementations; the policy
 family composed from templates against an explicit ``numpy.kron`` oracle and a numpy forward pass
 (one template bank for hopper and walker2d sizes); and the ``Control`` task's rollouts and evaluation
-on a tiny hopper (one module-scoped fixture: a brax environment's compile costs seconds)."""
+on a tiny inverted pendulum (one module-scoped fixture: a brax environment's compile costs seconds;
+the pendulum is the cheapest system to compile, about half of hopper's)."""
 
 import jax
 import jax.numpy as jnp
@@ -293,14 +294,14 @@ TINY_PPO = dict(unroll_length=4, num_minibatches=2, epochs=1)
 
 
 @pytest.fixture(scope="module")
-def hopper():
-  """A tiny hopper (spring) task, a mu policy, its experience with jitted init / collect."""
+def pendulum():
+  """A tiny inverted pendulum (spring) task, a mu policy, its experience with jitted init / collect."""
   config = ml_collections.ConfigDict(policy_train.get_config("runlocal").to_dict())
-  config.update(TINY)
+  config.update(TINY, env="inverted_pendulum")
   config.ppo.update(TINY_PPO)
   config.model.variant = "mu"
   task = tasks.from_config(config)
-  assert isinstance(task, tasks.Control) and (task.env, task.backend) == ("hopper", "spring")
+  assert isinstance(task, tasks.Control) and (task.env, task.backend) == ("inverted_pendulum", "spring")
   task.prepare()
   cfg = models.from_config(config.model, task.model_fields())
   model = models.build(cfg)
@@ -315,20 +316,20 @@ def hopper():
               collect=jax.jit(exp.collect))
 
 
-def test_control_model_fields_and_rollout_batch(hopper):
-  cfg, exp, params = hopper["cfg"], hopper["exp"], hopper["params"]
-  assert (cfg.obs_size, cfg.action_size, cfg.width, cfg.depth) == (11, 3, 32, 2)
-  assert hopper["task"].optimizer_steps(10) == 10 * 1 * 2
+def test_control_model_fields_and_rollout_batch(pendulum):
+  cfg, exp, params = pendulum["cfg"], pendulum["exp"], pendulum["params"]
+  assert (cfg.obs_size, cfg.action_size, cfg.width, cfg.depth) == (4, 1, 32, 2)
+  assert pendulum["task"].optimizer_steps(10) == 10 * 1 * 2
   T, E = TINY_PPO["unroll_length"], TINY["batch_size"]
   assert exp.env_steps_per_update == T * E and exp.updates_per_step == 2
-  carry, batch, metrics = hopper["collect"](params, hopper["carry"], jax.random.key(1))
+  carry, batch, metrics = pendulum["collect"](params, pendulum["carry"], jax.random.key(1))
   batch = jax.device_get(batch)
   assert {k: v.shape for k, v in batch.items()} == {
-      "obs": (T * E, 11), "action": (T * E, 3), "log_prob": (T * E,), "advantage": (T * E,), "return": (T * E,),
+      "obs": (T * E, 4), "action": (T * E, 1), "log_prob": (T * E,), "advantage": (T * E,), "return": (T * E,),
       "weight": (T * E,)}
   assert set(np.unique(batch["weight"])) <= {0.0, 1.0}
   # The log-probabilities at collection are the policy's own on the recorded observations and actions.
-  mean, log_std, value = (np.asarray(x, np.float64) for x in hopper["forward"](params, batch["obs"]))
+  mean, log_std, value = (np.asarray(x, np.float64) for x in pendulum["forward"](params, batch["obs"]))
   np.testing.assert_allclose(batch["log_prob"],
                              scipy_stats.norm.logpdf(batch["action"], mean, np.exp(log_std)).sum(-1), rtol=1e-4,
                              atol=1e-4)
@@ -344,17 +345,17 @@ def test_control_model_fields_and_rollout_batch(hopper):
   assert float(metrics["episodes"]) >= 0
 
 
-def test_control_rollouts_and_evaluation_are_deterministic(hopper):
-  exp, params, collect = hopper["exp"], hopper["params"], hopper["collect"]
-  first = jax.device_get(collect(params, hopper["carry"], jax.random.key(2)))
-  again = jax.device_get(collect(params, hopper["carry"], jax.random.key(2)))
+def test_control_rollouts_and_evaluation_are_deterministic(pendulum):
+  exp, params, collect = pendulum["exp"], pendulum["params"], pendulum["collect"]
+  first = jax.device_get(collect(params, pendulum["carry"], jax.random.key(2)))
+  again = jax.device_get(collect(params, pendulum["carry"], jax.random.key(2)))
   jax.tree_util.tree_map(np.testing.assert_array_equal, first, again)
-  other = jax.device_get(collect(params, hopper["carry"], jax.random.key(3)))
+  other = jax.device_get(collect(params, pendulum["carry"], jax.random.key(3)))
   assert not np.array_equal(first[1]["action"], other[1]["action"])  # the key does matter
 
   # 20 environment steps (5 rollouts of 4): every environment's episode ends at least once (the
   # time limit is 20), and the weights mask only the truncated steps.
-  carry, episodes, weights = hopper["carry"], 0.0, []
+  carry, episodes, weights = pendulum["carry"], 0.0, []
   for i in range(5):
     carry, batch, m = collect(params, carry, jax.random.key(10 + i))
     episodes += float(m["episodes"])
@@ -367,10 +368,10 @@ def test_control_rollouts_and_evaluation_are_deterministic(hopper):
   assert ev1 == ev2 and np.isfinite(ev1["return"]) and ev1["return"] != 0.0
 
 
-def test_a_rollout_returns_the_carry_with_the_types_it_took(hopper):
+def test_a_rollout_returns_the_carry_with_the_types_it_took(pendulum):
   """The carry out of ``collect`` must have the avals of the carry in (shape, dtype and weak type):
   otherwise every jitted caller (the train step) is compiled once more after its first call."""
-  exp, params = hopper["exp"], hopper["params"]
+  exp, params = pendulum["exp"], pendulum["params"]
   given = jax.eval_shape(exp.init, jax.random.key(0))
   returned = jax.eval_shape(exp.collect, params, given, jax.random.key(1))[0]
   aval = lambda x: (x.shape, x.dtype, x.weak_type)

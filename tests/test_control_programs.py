@@ -22,7 +22,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from helpers import assert_refused, committed_steps, ok, run_main, snapshot
+from helpers import assert_refused, committed_steps, ok, refused_in_process, run_main, snapshot
 from weit_jax import checkpoint, exports, metrics, models
 
 # inverted_pendulum: the cheapest brax system to compile (about half of hopper's compile time).
@@ -177,16 +177,32 @@ BAD_INPUT = {
 }
 # Cases that restore a checkpoint's abstract state (compiling the auxiliary model's statistics).
 NEEDS_CHECKPOINT = {"policy init from ViT templates", "ViT init from policy templates"}
+# Through main.py in a subprocess: exit 2, one error: line, nothing compiled. The other cases are
+# checked in this process (the same parse, the same program run, the error main.py would print).
+IN_SUBPROCESS = {"unknown env", "export of another morphology"}
+HEAVY = {"experience_step_fn", "init", "evaluate", "collect", "materialize"}
 
 
-@pytest.mark.parametrize("case", list(BAD_INPUT))
-def test_bad_input_is_refused_with_one_line_and_nothing_written(case, request, tmp_path, env, hopper_export):
-  build, pattern = BAD_INPUT[case]
+def _fixtures_for(case, request, hopper_export):
   flags = dict(export=hopper_export)
   if case == "policy init from ViT templates":
     flags["vit"] = request.getfixturevalue("vit_templates")
   if case == "ViT init from policy templates":
     flags["policy"] = request.getfixturevalue("reference")[0]
+  return flags
+
+
+def _check_compiled(compiled, case):
+  assert not compiled & HEAVY, compiled
+  if case not in NEEDS_CHECKPOINT:
+    assert "stats" not in compiled, compiled
+
+
+@pytest.mark.parametrize("case", sorted(IN_SUBPROCESS))
+def test_bad_input_is_refused_by_main_with_one_line_and_nothing_written(case, request, tmp_path, env,
+                                                                       hopper_export):
+  build, pattern = BAD_INPUT[case]
+  flags = _fixtures_for(case, request, hopper_export)
   workdir = str(tmp_path / "new" / "wd")
   watched = sorted(flags.values())
   before = [snapshot(p) for p in watched]
@@ -194,10 +210,21 @@ def test_bad_input_is_refused_with_one_line_and_nothing_written(case, request, t
   assert_refused(result, pattern, case)
   assert not os.path.exists(workdir)  # nothing written: the workdir is not even created
   assert [snapshot(p) for p in watched] == before  # the export or templates read, never written
-  compiled = set(re.findall(r"(?:Compiling jit\(|compilation cache hit for '?jit_)(\w+)", result.stderr))
-  assert not compiled & {"experience_step_fn", "init", "evaluate", "collect", "materialize"}, compiled
-  if case not in NEEDS_CHECKPOINT:
-    assert "stats" not in compiled, compiled
+  _check_compiled(set(re.findall(r"(?:Compiling jit\(|compilation cache hit for '?jit_)(\w+)", result.stderr)), case)
+
+
+@pytest.mark.parametrize("case", sorted(set(BAD_INPUT) - IN_SUBPROCESS))
+def test_bad_input_is_refused_with_one_line_and_nothing_written(case, request, tmp_path, hopper_export, caplog):
+  build, pattern = BAD_INPUT[case]
+  flags = _fixtures_for(case, request, hopper_export)
+  workdir = str(tmp_path / "new" / "wd")
+  watched = sorted(flags.values())
+  before = [snapshot(p) for p in watched]
+  message, compiled = refused_in_process(build(flags), workdir, caplog)
+  assert "\n" not in message and re.search(pattern, message), message
+  assert not os.path.exists(workdir)
+  assert [snapshot(p) for p in watched] == before
+  _check_compiled(compiled, case)
 
 
 # --- the pipeline in process, from the reference run's templates -----------------------------------

@@ -5,8 +5,6 @@ real TPU topology."""
 import importlib.util
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +15,6 @@ from configs import vit_pretrain
 from weit_jax import dry_run
 from weit_jax.models import vit
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = {"model.variant": "mu/4", "weit.tiles": dict(embed=8, mlp=8, heads=1, kv=8), "weit.num_templates": 3,
         "batch_size": 64, "optim.warmup_steps": 2}
 
@@ -163,18 +160,18 @@ def test_a_template_set_that_cannot_feed_the_target_is_noted():
   assert cfg.patch_size == 2 and "cannot feed d2-w32-h2-m64-p2" in note
 
 
-def test_a_step_that_does_not_fit_exits_2_with_one_line(tmp_path):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4")
-  args = [sys.executable, "main.py", "--config=configs/vit_pretrain.py:runlocal", f"--workdir={tmp_path}",
-          "--config.model.variant=mu/4", "--config.weit.tiles.embed=8", "--config.weit.tiles.mlp=8",
-          "--config.weit.tiles.kv=8", "--config.batch_size=32", "--config.dry_run.topology=cpu:4",
-          "--config.dry_run.hbm_gib=0.0001"]
-  proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-  assert proc.returncode == 2, proc.stderr[-2000:]
-  lines = [l for l in proc.stderr.splitlines() if l.strip()]
-  assert lines[-1].startswith("error: pretrain_step does not fit on cpu:4:"), proc.stderr[-2000:]
+def test_a_step_that_does_not_fit_is_refused_with_the_report_written(tmp_path, capsys):
+  """In process, on the report's config and mesh (its compiled step is reused): exit 2 after one
+  ``error:`` line, the last on stderr; the table says so, and the report is on disk."""
+  c = tiny_config(hbm_gib=0.0001)
+  c.mesh = dict(data=2, fsdp=2, model=2)
+  with pytest.raises(SystemExit) as stopped:
+    dry_run.run(c, str(tmp_path))
+  out, err = capsys.readouterr()
+  lines = [l for l in err.splitlines() if l.strip()]
+  assert stopped.value.code == 2 and lines[-1].startswith("error: pretrain_step does not fit on cpu:8:"), err
   assert sum(l.startswith("error:") for l in lines) == 1
-  assert "DOES NOT FIT" in proc.stdout
+  assert "DOES NOT FIT" in out
   assert json.loads((tmp_path / "dry_run.json").read_text())["steps"]["pretrain_step"]["fits"] is False
 
 

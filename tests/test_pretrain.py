@@ -34,7 +34,9 @@ def fixed_batch(seed=0, n=16):
   return {"image": rng.normal(size=(n, 28, 28, 1)).astype(np.float32), "labels": labels}
 
 
-@pytest.mark.parametrize("mode,diversity", [("hard", 0.0), ("hard", 0.1), ("soft", 0.0)])
+# The hard constraint with the diversity term, and the soft one (the default, hard without the term,
+# trains in every program test).
+@pytest.mark.parametrize("mode,diversity", [("hard", 0.1), ("soft", 0.0)])
 def test_steps_lower_the_loss_on_a_fixed_batch(mode, diversity):
   c = small_config()
   c.constraint.mode = mode
