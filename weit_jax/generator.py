@@ -320,16 +320,28 @@ def _constant_scalers(b: Bank, value: float) -> jnp.ndarray:
   return s.at[index].set(value)
 
 
-def param_stats(model: nn.Module, *init_args, key: jax.Array | None = None, **init_kwargs) -> dict:
+def param_stats(model: nn.Module, *init_args, key: jax.Array | None = None) -> dict:
   """``(mean, std)`` of every parameter under the model's own initializers.
 
-  The full init runs inside ``jit`` and only the statistics leave it.
+  The full init runs inside ``jit`` and only the statistics leave it. They depend on the model, the
+  key and the inputs' shapes only, and are kept for the process: the init program asks for its
+  source's statistics once per target, and each ask would compile and run the model's init again.
   """
   key = jax.random.key(0) if key is None else key
+  shapes = tuple((tuple(jnp.shape(x)), str(jnp.result_type(x))) for x in init_args)
+  data = np.asarray(jax.random.key_data(key))
+  stats = _param_stats(model, shapes, str(jax.random.key_impl(key)), data.shape, tuple(data.ravel().tolist()))
+  return jax.tree_util.tree_map(np.copy, stats)  # the cached arrays stay as they are
+
+
+@functools.lru_cache(maxsize=64)
+def _param_stats(model: nn.Module, shapes, impl: str, key_shape, key_data) -> dict:
+  key = jax.random.wrap_key_data(np.asarray(key_data, np.uint32).reshape(key_shape), impl=impl)
+  init_args = [jnp.zeros(shape, dtype) for shape, dtype in shapes]
 
   @jax.jit
   def stats(k):
-    params = nn.unbox(model.init(k, *init_args, **init_kwargs))["params"]
+    params = nn.unbox(model.init(k, *init_args))["params"]
     return jax.tree_util.tree_map(lambda x: jnp.stack([x.mean(), x.std()]), params)
 
   return jax.tree_util.tree_map(np.asarray, stats(key))
