@@ -52,12 +52,16 @@ config's tiles: embed/mlp 64, kv 16, heads 1, N = 4), the plain float32 weights 
 shardings, on the init program's default mesh: fsdp over every chip (`--config.mesh`,
 `--config.dry_run.materialize_mesh`). *Before*: each chip composed whole rows of the Kronecker product and
 XLA moved them into place; *after*: each chip composes only its own shard (`generator._local_plan`:
-a split axis whose per-chip slice is not whole tiles is composed row by row). *Temps in shards*:
-temporaries / the chip's output (its shard). The goal: temporaries at most one shard.
-A dimension the chip count does not divide is not split (`sharding._mesh_spec`; the rules shard
-`embed` over `fsdp`): ViT-G/14's width 1664 does not split 256 ways, so on v5e:16x16 every chip
-holds all of G/14's weights (its outputs equal the model's 6.87 GiB); splitting another dimension
-there (the MLP's 8192) is not done yet.
+a split axis whose per-chip slice is not whole tiles is composed row by row), the scanned blocks'
+weights one layer at a time (`lax.map`: composed for all layers at once, the compiler kept
+whole-weight intermediates padded to the TPU's tiles, 1.4-2.4 shards on the smallest slices), and a
+mesh axis that does not divide a weight's sharded dimension moves to another dimension it divides
+(`sharding._fallback`). *Temps in shards*: temporaries / the chip's output (its shard). The goal:
+temporaries at most one shard. ViT-G/14 on v5e:16x16: its width 1664 does not split 256 ways, so its
+MLP weights are split along their 8192 instead; its attention kernels (48 x 1664 x 16 heads x 104)
+have no dimension that 256 divides and stay whole on every chip (2.02 GiB of its 6.87). A mesh of
+fsdp=16 x model=16 (`--config.dry_run.materialize_mesh`, the init program's `--config.mesh`) splits
+every weight: 0.03 GiB per chip.
 """
 SWEEP_SLICES = ("v5e:2x2", "v5e:2x4", "v5e:4x4", "v5e:8x8", "v5e:16x16", "v5p:2x2x1", "v5p:2x2x2", "v5p:2x2x4")
 

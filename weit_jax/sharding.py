@@ -68,16 +68,37 @@ def make_mesh(mesh_shape: Mapping[str, int] | Sequence[int], devices: Sequence[j
 
 
 def _mesh_spec(shape: Sequence[int], logical: Sequence[str | None], mesh, rules) -> P:
-  """Logical names -> mesh PartitionSpec, dropping mesh axes that do not divide a dimension."""
+  """Logical names -> mesh PartitionSpec, dropping mesh axes that do not divide a dimension and
+  moving each dropped one to another dimension it divides (``_fallback``)."""
   spec = nn.logical_to_mesh_axes(tuple(logical), rules)
-  fixed = []
+  fixed, dropped = [], []
   for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
     names = (axes,) if isinstance(axes, str) else tuple(axes or ())
     names = tuple(a for a in names if mesh.shape[a] > 1)
     if names and dim % math.prod(mesh.shape[a] for a in names):
+      dropped += names
       names = ()  # e.g. a tile of 12 over 8 devices: replicate that dimension instead
-    fixed.append(names[0] if len(names) == 1 else (names or None))
-  return P(*fixed)
+    fixed.append(names)
+  _fallback(fixed, dropped, shape, logical, mesh, rules)
+  return P(*(names[0] if len(names) == 1 else (names or None) for names in fixed))
+
+
+def _fallback(fixed: list[tuple[str, ...]], dropped: Sequence[str], shape, logical, mesh, rules) -> None:
+  """Puts each dropped mesh axis on a dimension left unsplit that it divides, in place.
+
+  Without it a weight whose first sharded dimension does not divide is whole on every device, e.g.
+  ViT-G/14's width 1664 over 256 chips: all of G/14 on each chip, though its MLP dimension (8192)
+  splits 256 ways. Only dimensions whose logical name the rules shard somewhere qualify (never
+  ``layers``, ``templates``, ``kv``, ...); the largest is taken, the first on a tie. A pure function
+  of shapes, names, mesh sizes and rules, so every host derives the same spec; a weight whose
+  dimensions all divide never gets here.
+  """
+  shardable = {name for name, axes in rules if axes}
+  for axis in dropped:
+    free = [i for i, (dim, name) in enumerate(zip(shape, logical))
+            if not fixed[i] and name in shardable and dim % mesh.shape[axis] == 0]
+    if free:
+      fixed[max(free, key=lambda i: (shape[i], -i))] = (axis,)
 
 
 def shardings(abstract_tree, logical_tree, mesh, rules=DEFAULT_RULES):
