@@ -307,7 +307,7 @@ def init_weit(args, weit_pretrain: dict, roles: list[str] | None = None, overrid
   c.optim.warmup_steps = min(c.optim.warmup_steps, max(1, b["init_steps"] // 10))
   c.log_every = max(1, b["init_steps"] // 4)
   c.checkpoint_every = max(1, b["init_steps"])
-  log(f"WeiT init of {len(setup.targets)} targets ({b['init_steps']} scaler-training steps each) in {workdir}")
+  log(f"WeiT init of {len(chosen)} targets ({b['init_steps']} scaler-training steps each) in {workdir}")
   _, wall = wall_clock(init_program.run, c, workdir)
   out = {}
   for role, cfg in target_configs(setup).items():
