@@ -161,8 +161,9 @@ def test_a_template_set_that_cannot_feed_the_target_is_noted():
 
 
 def test_a_step_that_does_not_fit_is_refused_with_the_report_written(tmp_path, capsys):
-  """In process, on the report's config and mesh (its compiled step is reused): exit 2 after one
-  ``error:`` line, the last on stderr; the table says so, and the report is on disk."""
+  """In process, on the report's config and mesh (the session's compilation cache has its step once
+  the report fixture has run): exit 2 after one ``error:`` line, the last on stderr; the table says
+  so, and the report is on disk."""
   c = tiny_config(hbm_gib=0.0001)
   c.mesh = dict(data=2, fsdp=2, model=2)
   with pytest.raises(SystemExit) as stopped:
