@@ -30,7 +30,9 @@ from flax import traverse_util
 from weit_jax import exports, generator, models
 from weit_jax.checkpoint import absolute
 
-COPIED = "copied"
+# How a parameter comes from the checkpoint: the first words of its entry in the record (``plan``),
+# which ``adapt`` acts on.
+COPIED, OWN_INIT, RESAMPLED = "copied", "own init", "resampled"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,11 +106,11 @@ def plan(source: Source, gen: generator.WeightGenerator, cfg) -> dict[str, str]:
     if differ == []:
       out[name] = COPIED
     elif differ and all(axes[i] == "classes" for i in differ) and models.family_of(cfg).class_head:
-      out[name] = (f"own init: the checkpoint's head is for {found[differ[0]]} classes, the data has "
+      out[name] = (f"{OWN_INIT}: the checkpoint's head is for {found[differ[0]]} classes, the data has "
                    f"{shape[differ[0]]} (as weight selection does)")
     elif differ and all(axes[i] == "tokens" for i in differ) and _grid(found[differ[0]]) and _grid(shape[differ[0]]):
       g_from, g_to = _grid(found[differ[0]]), _grid(shape[differ[0]])
-      out[name] = f"resampled bilinearly from a {g_from}x{g_from} to a {g_to}x{g_to} grid of tokens"
+      out[name] = f"{RESAMPLED} bilinearly from a {g_from}x{g_from} to a {g_to}x{g_to} grid of tokens"
     else:
       raise _mismatch(source, what, f"parameter {name}: expected shape {shape}, found {found}")
   return out
@@ -121,10 +123,10 @@ def adapt(source: Source, gen: generator.WeightGenerator, cfg, *, seed: int) -> 
   flat = {}
   for name, what in how.items():
     w = np.asarray(source.params[name], np.float32)
-    if what.startswith("own init"):
+    if what.startswith(OWN_INIT):
       own = own if own is not None else traverse_util.flatten_dict(models.init_params(cfg, seed), sep="/")
       w = own[name]
-    elif what.startswith("resampled"):
+    elif what.startswith(RESAMPLED):
       axis = list(gen.banks[tuple(name.split("/"))].axes).index("tokens")
       w = resample_grid(w, axis, gen.banks[tuple(name.split("/"))].shape[axis])
     flat[name] = w
