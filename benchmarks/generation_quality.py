@@ -243,9 +243,9 @@ ABLATIONS = {
                     {"weit.extra_sizes": "depth=6,width=96,heads=3"}),
     "extra-w32-w96": ("multi-size pre-training: also d3-w32 and d3-w96-h3, half and 1.5x the auxiliary's width "
                       "(weit.extra_sizes)", {"weit.extra_sizes": "width=32;width=96,heads=3"}),
-    "tiles8": ("tiles of 8 on the width axes instead of 16 (the narrower target's 40 is 5 x 8; with 16 its "
-               "composition is 48 wide, cropped to 40)",
-               {"weit.tiles.embed": 8, "weit.tiles.cond": 8, "weit.tiles.cond_mlp": 8, "weit.tiles.mlp": 8}),
+    "tiles16": ("tiles of 16 on the width axes instead of 8 (the former default; the narrower target's 40 is "
+                "then composed 48 wide and cropped)",
+                {"weit.tiles.embed": 16, "weit.tiles.cond": 16, "weit.tiles.cond_mlp": 16, "weit.tiles.mlp": 16}),
     "extra-d8w64": ("multi-size pre-training: also d8-w64-h2-m256-p4, deeper at the auxiliary's width "
                     "(weit.extra_sizes)", {"weit.extra_sizes": "depth=8"}),
     "pretrain-lr-3e-4": ("pre-training at lr 3e-4 (a third of the plain DiT's: the composed weights move faster "
