@@ -1,4 +1,5 @@
 """Helpers more than one test file uses (import them from here; never from another test file)."""
+import contextlib
 import dataclasses
 import hashlib
 import logging
@@ -196,3 +197,84 @@ def assert_refused(result, pattern: str, case: str) -> None:
   assert len(error) == 1 and lines[-1] == error[0], lines[-10:]
   assert re.search(pattern, error[0]), error[0]
   assert "Traceback" not in result.stderr
+
+
+# --- every config field is read --------------------------------------------------------------------
+
+# ConfigDict methods that visit every field without a program choosing to read it: their reads do not count.
+_WHOLE_CONFIG_WALKS = ("items", "values", "iteritems", "itervalues", "to_dict", "to_json", "to_json_best_effort",
+                       "copy_and_resolve_references", "__eq__", "__repr__", "__str__", "__init__")
+
+
+@contextlib.contextmanager
+def config_reads():
+  """The set of ConfigDict field names read (attribute, item, ``get``) while the context is open, by
+  any ConfigDict (programs copy their config). Whole-config walks (``_WHOLE_CONFIG_WALKS`` of a
+  config with a ``program``: the workdir guard's JSON, range checks, copies) are not reads; such a
+  walk of a section (``config.data.to_dict()`` for the input pipeline) reads all its fields."""
+  from ml_collections.config_dict import config_dict as cd
+  read, walking = set(), [0]
+  getitem = cd.ConfigDict.__getitem__
+
+  def recording_getitem(self, key):
+    if not walking[0] and isinstance(key, str) and "." not in key:  # a dotted key recurses per part
+      read.add(key)
+    return getitem(self, key)
+
+  def leaf_names(section):
+    for key, value in section._fields.items():
+      yield from leaf_names(value) if isinstance(value, cd.ConfigDict) else (key,)
+
+  def not_a_read(method):
+    def walk(self, *args, **kwargs):
+      fields = vars(self).get("_fields")  # None while __init__ builds it
+      if not walking[0] and fields is not None and "program" not in fields:  # a section handed on whole
+        read.update(leaf_names(self))
+      walking[0] += 1
+      try:
+        return method(self, *args, **kwargs)
+      finally:
+        walking[0] -= 1
+    return walk
+
+  originals = {name: getattr(cd.ConfigDict, name) for name in _WHOLE_CONFIG_WALKS}
+  cd.ConfigDict.__getitem__ = recording_getitem
+  for name, method in originals.items():
+    setattr(cd.ConfigDict, name, not_a_read(method))
+  try:
+    yield read
+  finally:
+    cd.ConfigDict.__getitem__ = getitem
+    for name, method in originals.items():
+      setattr(cd.ConfigDict, name, method)
+
+
+# Read by main.py, not by a program's run: which program runs, and the dry run's settings (--dry_run).
+READ_BY_MAIN = ("program", "dry_run.*")
+# Read only in some runs of a program: field pattern -> when.
+READ_WHEN = {
+    "overwrite": "the workdir holds a run of another config",
+    "constraint.dense_wd": "constraint.mode='soft' (the dense weights' weight decay)",
+    "constraint.soft_lambda": "constraint.mode='soft'",
+    "distill.temperature": "distill.teacher set (distillation from a dense teacher)",
+}
+
+
+def unread_fields(config, read: set[str], read_when: dict[str, str] | None = None) -> list[str]:
+  """The dotted fields of ``config`` whose name no code read (``config_reads``), beside those
+  main.py reads and those read only in some runs (``READ_WHEN``, and ``read_when`` for this run)."""
+  import fnmatch
+  from weit_jax import config_checks
+  excused = READ_BY_MAIN + tuple(READ_WHEN) + tuple(read_when or {})
+  return sorted(f for f in config_checks.flatten(config) if f.rpartition(".")[2] not in read
+                and not any(fnmatch.fnmatchcase(f, p) for p in excused))
+
+
+@contextlib.contextmanager
+def every_field_read(config, read_when: dict[str, str] | None = None):
+  """Fails if the code run in the context leaves a field of ``config`` unread: a dead field (remove
+  it) or one read only in some runs (say when, in ``READ_WHEN`` or ``read_when``)."""
+  with config_reads() as read:
+    yield
+  unread = unread_fields(config, read, read_when)
+  assert not unread, f"config fields no code read in this run: {unread}"

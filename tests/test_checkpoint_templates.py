@@ -204,7 +204,9 @@ def test_step_zero_workdir_initializes_three_sizes(tmp_path, data_flags):
   npz = write_npz(tmp_path / "vit.npz", {n: rng.normal(scale=0.2, size=s)
                                          for n, s in helpers.big_vision_tree(other).items()})
   workdir = str(tmp_path / "templates")
-  summary = pretrain.run(parse(npz, data_flags, workdir), workdir)
+  config = parse(npz, data_flags, workdir)
+  with helpers.every_field_read(config, {"constraint.diversity": "total_steps > 0 (a loss is computed)"}):
+    summary = pretrain.run(config, workdir)
   assert summary["final_step"] == 0 and 0 <= summary["eval_accuracy"] <= 1
   assert os.listdir(os.path.join(workdir, "checkpoints")) == ["0"]
   with open(os.path.join(workdir, "summary.json")) as f:

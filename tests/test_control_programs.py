@@ -22,7 +22,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from helpers import assert_refused, committed_steps, ok, refused_in_process, run_main, snapshot
+from helpers import assert_refused, committed_steps, every_field_read, ok, refused_in_process, run_main, snapshot
 from weit_jax import checkpoint, exports, metrics, models
 
 # inverted_pendulum: the cheapest brax system to compile (about half of hopper's compile time).
@@ -267,7 +267,8 @@ def test_init_for_both_morphologies_and_train_from_an_export(reference, tmp_path
   template_stats = jax.device_get(state["carry"]["obs_stats"])
 
   c = _config(policy_init, templates=workdir, targets="width=12", steps=2, adapt="distill", checkpoint_every=2)
-  init_program.run(c, str(tmp_path / "distill"))
+  with every_field_read(c):
+    init_program.run(c, str(tmp_path / "distill"))
   meta = exports.read_meta(str(tmp_path / "distill" / "d2-w12-o4-a1" / "export"))
   assert meta["scaler_training"]["adapt"] == "distill" and np.isfinite(meta["scaler_training"]["return_after"])
   assert meta["observation_stats"]["count"] == float(template_stats["count"]) + 2 * 32

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from helpers import TINY_RECIPE, evenly, numpy_materialize, posemb_sincos_2d, randomized
+from helpers import TINY_RECIPE, evenly, every_field_read, numpy_materialize, posemb_sincos_2d, randomized
 from weit_jax import generator
 from weit_jax.evaluators import sample_quality
 from weit_jax.models import dit
@@ -167,14 +167,16 @@ def test_pretrain_init_sample_train_a_dit(learnable_data, tmp_path, monkeypatch)
   tiles = dict(embed=8, cond=8, cond_mlp=8, mlp=8, heads=1, kv=8)
   pre = _config(dit_pretrain, learnable_data, total_steps=8, eval_every=8, checkpoint_every=8,
                 weit=dict(tiles=tiles, num_templates=3))
-  summary = pretrain.run(pre, str(tmp_path / "pre"))
+  with every_field_read(pre):  # and every field of the other programs' configs below
+    summary = pretrain.run(pre, str(tmp_path / "pre"))
   import json
   first = next(json.loads(l) for l in open(tmp_path / "pre" / "metrics.jsonl") if '"loss"' in l)
   assert summary["final_step"] == 8 and summary["eval_loss"] < 0.95 * first["loss"]  # it learns
   ini = _config(dit_init, learnable_data, steps=4, num_examples=64, templates=str(tmp_path / "pre"),
                 targets="depth=3,width=40,heads=2")
   ini.optim.warmup_steps = 1
-  [result] = init_program.run(ini, str(tmp_path / "init")).values()
+  with every_field_read(ini):
+    [result] = init_program.run(ini, str(tmp_path / "init")).values()
   assert result["loss_after"] < result["loss_before"]
   export = str(tmp_path / "init" / "d3-w40-h2-m160-p4" / "export")
   cfg = models.from_record(exports.read_meta(export)["model"])
@@ -185,7 +187,8 @@ def test_pretrain_init_sample_train_a_dit(learnable_data, tmp_path, monkeypatch)
   from weit_jax.programs import sample
   sc = dit_sample.get_config()
   sc.update(dict(init=export, per_class=3, classes="0,7", steps=2))
-  made = sample.run(sc, str(tmp_path / "samples"))
+  with every_field_read(sc):
+    made = sample.run(sc, str(tmp_path / "samples"))
   assert os.path.getsize(made["png"]) > 1000
   saved = np.load(tmp_path / "samples" / "samples.npz")
   assert saved["images"].shape == (6, 28, 28, 1) and list(saved["labels"]) == [0, 0, 0, 7, 7, 7]
@@ -205,7 +208,8 @@ def test_pretrain_init_sample_train_a_dit(learnable_data, tmp_path, monkeypatch)
   monkeypatch.setattr(feature_classifier, "RECIPE", TINY_RECIPE)
   tc = _config(dit_train, learnable_data, total_steps=2, eval_every=1, checkpoint_every=2, init=export,
                sample_quality=dict(per_class=3, steps=2, guidance=1.0, seed=0))
-  summary = train.run(tc, str(tmp_path / "train"))
+  with every_field_read(tc, {"model.*": "config.init unset (an export names its model)"}):
+    summary = train.run(tc, str(tmp_path / "train"))
   fid = "eval_" + sample_quality.FID_KEY
   logged = {r["step"]: r for r in metrics.read_metrics(str(tmp_path / "train")) if fid in r}
   assert sorted(logged) == [1, 2] and summary[fid] == logged[2][fid] > 0

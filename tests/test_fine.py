@@ -10,6 +10,7 @@ import pytest
 from flax import traverse_util
 
 from configs import baseline_pretrain as baseline_pretrain_config
+from helpers import every_field_read
 from weit_jax import exports, inits, models
 from weit_jax.inits import common, fine
 from weit_jax.models import dit, vit
@@ -171,7 +172,9 @@ def test_pretrain_exports_and_adapt_trains_only_sigma(learnable_data, tmp_path):
   c.optim.warmup_steps = 0  # adaLN-Zero: the blocks' MLP gets gradient from the third update on
   c.sample_quality.per_class = 0  # (the loops never measure it; off here too, so nothing builds its classifier)
   learnable_data(c)
-  summary = baseline_pretrain.run(baseline_pretrain_config.from_train_config(c, "fine"), str(tmp_path / "pre"))
+  config = baseline_pretrain_config.from_train_config(c, "fine")
+  with every_field_read(config, {"sample_quality.*": "sample_quality.per_class > 0"}):
+    summary = baseline_pretrain.run(config, str(tmp_path / "pre"))
   assert summary["final_step"] == 3 and summary["program"] == "baseline_pretrain" and summary["baseline"] == "fine"
   meta = exports.read_meta(baseline_pretrain.export_dir(str(tmp_path / "pre")))
   assert meta["form"] == "fine" and meta["steps"] == 3

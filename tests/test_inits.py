@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from helpers import evenly
+from helpers import evenly, every_field_read
 from configs import baseline_pretrain as baseline_pretrain_config
 from weit_jax import checkpoint, exports, inits, models
 from weit_jax.inits import common, mimetic, tleg, weight_selection
@@ -249,7 +249,9 @@ def test_tleg_pretraining_trains_a_and_b_and_exports(learnable_data, tmp_path):
   c.optim.warmup_steps = 1
   learnable_data(c)
   workdir = str(tmp_path / "tleg")
-  summary = baseline_pretrain.run(baseline_pretrain_config.from_train_config(c, "tleg"), workdir)
+  config = baseline_pretrain_config.from_train_config(c, "tleg")
+  with every_field_read(config):
+    summary = baseline_pretrain.run(config, workdir)
   assert summary["final_step"] == 6 and summary["program"] == "baseline_pretrain" and summary["baseline"] == "tleg"
   source = inits.TLEGSource.from_export(baseline_pretrain.export_dir(workdir))
   assert source.config.short_name() == "d2-w32-h2-m64-p4"

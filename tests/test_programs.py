@@ -12,7 +12,7 @@ import pytest
 from flax import traverse_util
 
 from configs import vit_init, vit_pretrain, vit_train
-from helpers import numpy_materialize
+from helpers import every_field_read, numpy_materialize
 from weit_jax import checkpoint, exports, generator, models, scaler_init, sharding
 from weit_jax.models import vit
 from weit_jax.programs import init as init_program
@@ -47,7 +47,9 @@ def pretrain_config(learnable_data, **overrides):
 @pytest.fixture(scope="module")
 def pretrained(learnable_data, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("pretrain"))
-  summary = pretrain.run(pretrain_config(learnable_data), workdir)
+  config = pretrain_config(learnable_data)
+  with every_field_read(config):
+    summary = pretrain.run(config, workdir)
   return workdir, summary
 
 
@@ -99,7 +101,9 @@ TARGETS = "depth=1;depth=4;width=36,heads=3"
 @pytest.fixture(scope="module")
 def initialized(pretrained, learnable_data, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("init"))
-  results = init_program.run(init_config(learnable_data, pretrained[0], TARGETS), workdir)
+  config = init_config(learnable_data, pretrained[0], TARGETS)
+  with every_field_read(config):
+    results = init_program.run(config, workdir)
   return workdir, results
 
 
@@ -199,7 +203,8 @@ def test_train_from_export_and_from_scratch(initialized, learnable_data, tmp_pat
     c.total_steps, c.batch_size, c.log_every, c.eval_every, c.checkpoint_every = 6, 32, 3, 0, 6
     c.optim.warmup_steps = 1
     learnable_data(c)
-    results[label] = train.run(c, str(tmp_path / label))
+    with every_field_read(c, {"model.*": "config.init unset (an export names its model)"} if init else None):
+      results[label] = train.run(c, str(tmp_path / label))
   assert results["weit"]["init"] == export and results["random"]["init"] == "random"
   # The export's depth (1) and options (gap: no class token) are used, not the config's variant (mu: depth 2).
   assert results["weit"]["params"]["Transformer"]["encoderblock"]["LayerNorm_0"]["scale"].shape[0] == 1

@@ -13,6 +13,7 @@ import pytest
 from flax import traverse_util
 
 from configs import resnet_init, resnet_pretrain, resnet_train
+from helpers import every_field_read
 from weit_jax import exports, generator, inits, models
 from weit_jax.inits import common, tleg, weight_selection
 from weit_jax.models import resnet, vit
@@ -291,17 +292,20 @@ def resnet_runs(learnable_data, tmp_path_factory):
   c.weit.num_templates = 2
   c.batch_size, c.total_steps, c.optim.warmup_steps = 32, 2, 1
   c.log_every, c.eval_every, c.checkpoint_every = 1, 0, 2
-  pretrain.run(c, str(root / "pretrain"))
+  with every_field_read(c):
+    pretrain.run(c, str(root / "pretrain"))
   i = unlocked(resnet_init.get_config("runlocal"))
   i.templates = str(root / "pretrain")
   i.targets = "depth=3,width=10,groups=2"  # deeper and narrower: 10 is not a multiple of the tile 4
   i.steps, i.num_examples, i.batch_size, i.optim.warmup_steps, i.log_every = 1, 64, 32, 0, 1
-  results = init_program.run(i, str(root / "init"))
+  with every_field_read(i):
+    results = init_program.run(i, str(root / "init"))
   t = learnable_data(unlocked(resnet_train.get_config("runlocal")))
   t.init = str(root / "init" / "r3-w10-g2" / "export")
   t.batch_size, t.total_steps, t.optim.warmup_steps = 32, 2, 1
   t.log_every, t.eval_every, t.checkpoint_every = 1, 0, 2
-  summary = train.run(t, str(root / "train"))
+  with every_field_read(t, {"model.*": "config.init unset (an export names its model)"}):
+    summary = train.run(t, str(root / "train"))
   return root, results, summary
 
 

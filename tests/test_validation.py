@@ -284,3 +284,18 @@ def test_scaler_distillation_is_refused_for_tasks_trained_on_a_dataset(module):
   with pytest.raises(ValueError, match=r"adapt='distill' is for tasks whose data the model makes .* "
                                        r"Use --config\.adapt=ppo\."):
     tasks.from_config(config).check_distillation(config)
+
+
+def test_the_field_read_check_sees_reads_and_misses():
+  """The check behind ``helpers.every_field_read`` (used by every program's pipeline test) on a
+  config whose reads are known: attribute, item, ``get`` and a section handed on whole count; the
+  range check's and the workdir guard's whole-config walks and copies do not."""
+  c = ml_collections.ConfigDict(dict(program="x", a=1, b=2, c=3, d=4, sec=dict(e=5, f=6), other=dict(g=7)))
+  with helpers.config_reads() as read:
+    assert (c.a, c["b"], c.get("c"), c.sec.to_dict()) == (1, 2, 3, dict(e=5, f=6))
+    config_checks.check_ranges(c), c.to_json(), ml_collections.ConfigDict(c.to_dict()), c.copy_and_resolve_references()
+  assert helpers.unread_fields(c, read) == ["d", "other.g"]
+  assert helpers.unread_fields(c, read, {"other.*": "read only in some runs"}) == ["d"]
+  with pytest.raises(AssertionError, match=r"config fields no code read in this run: \['d', 'other.g'\]"):
+    with helpers.every_field_read(c):
+      c.a, c.b, c.c, c.sec.e, c.sec.f
