@@ -48,12 +48,12 @@ DIT = FamilySetup(
     auxiliary=dict(variant="pico/4"),  # d3-w64-h2-m256-p4
     targets=(("shallower", "depth=2"),  # d2-w64
              ("deeper", "depth=6"),  # d6-w64
-             ("narrower", "width=40,heads=2"),  # d3-w40: 40 is not a multiple of the embed tile (16)
+             ("narrower", "width=40,heads=2"),  # d3-w40: 5 embed tiles of 8 (with the former 16: cropped from 48)
              ("wider", "width=96,heads=3")),  # d3-w96
     dense_source=dict(variant="pico/4", depth=6, width=96, num_heads=3, mlp_dim=384),
     report="generation",
-    tiles="N=64 templates per bank; runlocal tiles are embed, cond, cond_mlp, mlp 16, heads 1, kv 8: width 40 "
-          "(MLP 160) is not a tile multiple")
+    tiles="N=64 templates per bank; runlocal tiles are embed, cond, cond_mlp, mlp 8, heads 1, kv 8: every "
+          "target's width is a tile multiple (the former tiles of 16: ablation tiles16)")
 
 BUDGETS = {
     # pretrain_*, init_*: as init_quality.py; train_steps, batch_size, eval_every: every downstream
