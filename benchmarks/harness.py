@@ -1,7 +1,7 @@
 """What every benchmark of initializers does the same way: budgets and flags, stage caches, curves
 over seeds, the speed-up over random init, curve plots and the report's header.
 
-A benchmark (init_quality.py, generation_quality.py, control_quality.py) keeps only its own stages,
+A benchmark (init_quality.py, generation_quality.py, control_quality.py, ablations.py) keeps only its own stages,
 its metric and its prose; nothing here holds state between calls.
 """
 from __future__ import annotations

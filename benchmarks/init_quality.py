@@ -134,24 +134,28 @@ def eval_curve(workdir: str) -> dict[int, float]:
   return curve
 
 
-def run_one(args, method: str, role: str, cfg, dataset: str, seed: int, sources: dict) -> dict:
-  """One (method, target, dataset, seed): export, step-0 accuracy, training. Cached in its folder."""
+def run_one(args, method: str, role: str, cfg, dataset: str, seed: int, sources: dict, variant: str = "") -> dict:
+  """One (method, target, dataset, seed): export, step-0 accuracy, training. Cached in its folder
+  (``variant``: a recipe of the method's, e.g. an ablation's, in a folder of its own)."""
   from weit_jax import exports, inits, models
   from weit_jax.programs import train
   b = args.budget
   budget_key = {k: v for k, v in b.items() if k != "seeds"}  # everything a run's result depends on
   tag = (f"P{b['pretrain_steps']}xB{b['pretrain_batch_size']}_S{b['init_steps']}xE{b['init_examples']}"
          f"_T{b['train_steps']}xB{b['batch_size']}_k{b['eval_every']}")
-  run_dir = os.path.join(args.workdir, "runs", tag, dataset, cfg.short_name(), method, f"seed{seed}")
+  run_dir = os.path.join(args.workdir, "runs", tag, dataset, cfg.short_name(), method + (f"-{variant}" if variant else ""),
+                         f"seed{seed}")
   result_path = os.path.join(run_dir, "result.json")
-  if (result := harness.read_json(result_path)) and result.get("budget") == budget_key:
+  source = shared.source_for(method, role, sources)
+  described = inits.describe_source(source)
+  if (result := harness.read_json(result_path)) and result.get("budget") == budget_key \
+     and result.get("source", described) == described:  # (results of before the source was recorded: kept)
     return result
   if os.path.exists(run_dir):
     shutil.rmtree(run_dir)  # an interrupted run starts over (runs are short)
   t0 = time.time()
   export = os.path.join(run_dir, "export")
   init = inits.get(shared.INITIALIZERS.get(method, method))
-  source = shared.source_for(method, role, sources)
   params = init(source, cfg, seed=seed)
   if dataset != "fashion_mnist_local":  # transfer: a new task gets a new head, whatever the method
     params = models.with_fresh_classifier(params, cfg, seed)
@@ -167,6 +171,7 @@ def run_one(args, method: str, role: str, cfg, dataset: str, seed: int, sources:
   curve = eval_curve(os.path.join(run_dir, "train"))
   curve[0] = acc0
   result = dict(method=method, target=cfg.short_name(), role=role, dataset=dataset, seed=seed, budget=budget_key,
+                source=described,
                 curve={str(s): curve[s] for s in sorted(curve)}, final_accuracy=summary["eval_accuracy"],
                 step0_accuracy=acc0, wall_s=round(t_end - t0, 2), train_wall_s=round(t_end - t_train, 2))
   shutil.rmtree(os.path.join(run_dir, "train", "checkpoints"), ignore_errors=True)  # only the curve is kept

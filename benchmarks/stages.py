@@ -284,15 +284,20 @@ def full_spec(cfg) -> str:
 
 def init_weit(args, weit_pretrain: dict, roles: list[str] | None = None, overrides: dict | None = None) -> dict:
   """programs/init.py for every target (or ``roles``): role -> {export, accuracy before/after, wall};
-  ``overrides``: init config fields (e.g. ``{'optim.lr': 1e-2}``) for an ablation. Templates of
-  another model than the auxiliary (``extract_weit``'s, at step 0) get every target in full."""
+  ``overrides``: init config fields (e.g. ``{'optim.lr': 1e-2}``, ``{'steps': 10}``) for an
+  ablation, over the budget's scaler steps and examples. Templates of another model than the
+  auxiliary (``extract_weit``'s, at step 0) get every target in full."""
   from weit_jax import exports
   from weit_jax.programs import init as init_program
   setup, b = args.setup, args.budget
   chosen = [(role, spec) for role, spec in setup.targets if roles is None or role in roles]
   c = unlocked(configs(setup, "init").get_config("runlocal"))
+  c.steps, c.num_examples, c.batch_size = b["init_steps"], b["init_examples"], b["pretrain_batch_size"]
   apply_overrides(c, overrides)
-  workdir = (weit_pretrain["workdir"] + f"_init_S{b['init_steps']}xE{b['init_examples']}_lr{c.optim.lr:g}"
+  # Keyed by what differs from the default: steps, examples, lr by value, any other override by a hash.
+  other = {k: v for k, v in (overrides or {}).items() if k not in ("steps", "num_examples", "optim.lr")}
+  workdir = (weit_pretrain["workdir"] + f"_init_S{c.steps}xE{c.num_examples}_lr{c.optim.lr:g}"
+             + (f"_{hashlib.sha1(json.dumps(other, sort_keys=True).encode()).hexdigest()[:6]}" if other else "")
              + ("" if roles is None else "_" + "-".join(role for role, _ in chosen)))
   record_path = os.path.join(workdir, "bench.json")
   if (r := read_json(record_path)):
@@ -303,11 +308,10 @@ def init_weit(args, weit_pretrain: dict, roles: list[str] | None = None, overrid
     c.targets = ";".join(spec for _, spec in chosen)
   else:
     c.targets = ";".join(full_spec(target_configs(setup)[role]) for role, _ in chosen)
-  c.steps, c.num_examples, c.batch_size = b["init_steps"], b["init_examples"], b["pretrain_batch_size"]
-  c.optim.warmup_steps = min(c.optim.warmup_steps, max(1, b["init_steps"] // 10))
-  c.log_every = max(1, b["init_steps"] // 4)
-  c.checkpoint_every = max(1, b["init_steps"])
-  log(f"WeiT init of {len(chosen)} targets ({b['init_steps']} scaler-training steps each) in {workdir}")
+  c.optim.warmup_steps = min(c.optim.warmup_steps, max(1, c.steps // 10))
+  c.log_every = max(1, c.steps // 4)
+  c.checkpoint_every = max(1, c.steps)
+  log(f"WeiT init of {len(chosen)} targets ({c.steps} scaler-training steps each) in {workdir}")
   _, wall = wall_clock(init_program.run, c, workdir)
   out = {}
   for role, cfg in target_configs(setup).items():
@@ -317,8 +321,8 @@ def init_weit(args, weit_pretrain: dict, roles: list[str] | None = None, overrid
     st = exports.read_meta(export)["scaler_training"]
     out[role] = dict(export=export, **{k: st.get(k) for k in ("accuracy_before", "accuracy_after", "loss_before",
                                                               "loss_after", "scalers_from")})
-  return write_json(record_path, dict(targets=out, wall_s=round(wall, 1), steps=b["init_steps"],
-                                      num_examples=b["init_examples"], lr=c.optim.lr))
+  return write_json(record_path, dict(targets=out, wall_s=round(wall, 1), steps=c.steps,
+                                      num_examples=c.num_examples, batch_size=c.batch_size, lr=c.optim.lr))
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -1,0 +1,301 @@
+r"""Ablations: WeiT's recipe one factor at a time, for the classifier families (ViT, ResNet).
+
+  python benchmarks/ablations.py                     # ViT, every factor
+  python benchmarks/ablations.py --family=resnet     # N, tiles, multi-size, templated parameters, scaler budget
+  python benchmarks/ablations.py --quick             # smoke test: tiny budgets, 1 seed, a few factors
+  python benchmarks/ablations.py --factors=n2,n8     # a subset (rows already run stay in the report)
+
+Every row changes one thing from today's default recipe (``configs/<family>_pretrain.py`` and
+``_init.py`` at ``runlocal``, at the budget of ``init_quality.py``) and reports:
+
+- the auxiliary model's eval accuracy after pre-training (Fashion-MNIST; a row that changes only
+  the scaler training shares the default's pre-training);
+- for one depth target and one width target (``ROLES``: the width is not a tile multiple): the
+  Fashion-MNIST eval accuracy of WeiT's export (after scaler training: what the init program
+  delivers), and on MNIST-5k (the transfer setting: 5,000 real digits, a new head for every method,
+  so every step 0 is at chance) the accuracy after the downstream budget, mean ± std over seeds,
+  and the speed-up over random init (the steps random init needs for its final accuracy over those
+  WeiT needs).
+
+The stages are ``init_quality.py``'s (``benchmarks/stages.py``: pre-training, scaler training;
+``init_quality.run_one``: downstream runs), in the same ``--workdir``: the default recipe's
+pre-training, scaler training and downstream runs, the dense source (the distillation teacher) and
+random init's runs are those of ``init_quality.py`` when it ran there with the same budget. Each row's
+own stages are cached under their recipe; an interrupted run continues where it stopped. The
+report (``docs/results/ablations.md``, a section per family, and a plot of the scaler budget) is
+written from the results of every family run so far (``ablations_<family>.json``).
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # harness, stages, init_quality
+
+import harness  # noqa: E402
+import init_quality  # noqa: E402  (its setups, budgets and downstream runs)
+import numpy as np  # noqa: E402
+import stages as shared  # noqa: E402
+
+DATASET = "mnist_5k"  # transfer: a new head for every method
+ROLES = ("deeper", "narrower")  # one depth target, one width target that is not a tile multiple
+SEEDS = 2  # downstream seeds of the full budget (the quick one: 1)
+
+# The scaler budget grid: init-program steps x the examples they draw from (the default: the budget's).
+SCALER_STEPS = (0, 10, 25, 100, 400)
+SCALER_EXAMPLES = (500, 2000, 8000)
+
+# Per family: the alternatives that name the family's own fields.
+FAMILY_FACTORS = {
+    "vit": dict(
+        tiles={"tiles-embed-8": {"weit.tiles.embed": 8}, "tiles-embed-32": {"weit.tiles.embed": 32},
+               "tiles-mlp-8": {"weit.tiles.mlp": 8}, "tiles-mlp-32": {"weit.tiles.mlp": 32}},
+        extra_sizes="depth=2,width=32,heads=1;depth=6,width=96,heads=3",
+        untemplated={"untemplated-embed-head": "^(embedding|head)/",
+                     "untemplated-all-outside-blocks": "^(embedding|head|pos_embedding|cls|Transformer/encoder_norm)"}),
+    "resnet": dict(
+        tiles={"tiles-2": ("resnet_tiles", 2), "tiles-8": ("resnet_tiles", 8)},
+        extra_sizes="depth=2,width=6,groups=2;depth=5,width=12",
+        untemplated={"untemplated-stem-head": "^(conv_root|head)/"}),
+}
+
+
+def factors(setup, budget: dict) -> dict:
+  """name -> (group, label, pre-training overrides, init overrides) for ``setup``'s family."""
+  fam = FAMILY_FACTORS[setup.family]
+  out = {}
+  for n in (2, 8, 16):
+    out[f"n{n}"] = ("templates", f"N={n} templates per bank", {"weit.num_templates": n}, {})
+  for name, change in fam["tiles"].items():
+    if isinstance(change, tuple):  # a ResNet's tiles: one tile for every channel axis (4x on stage outputs)
+      tiles = shared.configs(setup, "pretrain").tiles(setup.weit_tiles[0], change[1])
+      out[name] = ("tiles", f"tile {change[1]} on every channel axis ({4 * change[1]} on stage outputs)",
+                   {"weit.tiles": tiles}, {})
+    else:
+      (key, value), = change.items()
+      out[name] = ("tiles", f"{key.rsplit('.', 1)[1]} tile {value}", change, {})
+  if setup.family == "vit":  # the constraint's form on one family: ResNet steps are the slow ones here (init_quality.py)
+    out["soft"] = ("constraint", "soft constraint (constraint.mode=soft: dense weights, a penalty)",
+                   {"constraint.mode": "soft"}, {})
+    out["diversity"] = ("constraint", "template-diversity term 0.1 (constraint.diversity)",
+                        {"constraint.diversity": 0.1}, {})
+  out["multi-size"] = ("multi-size", f"multi-size pre-training: also {fam['extra_sizes']} (weit.extra_sizes)",
+                       {"weit.extra_sizes": fam["extra_sizes"]}, {})
+  if setup.family == "vit":  # the dense source of weight selection as the teacher (classification only)
+    out["distill"] = ("distillation", "distillation from the dense source of weight selection (weight 1)",
+                      {"distill.teacher": "DENSE_SOURCE", "distill.weight": 1.0}, {})
+  for name, pattern in fam["untemplated"].items():
+    out[name] = ("templated parameters", f"kept out of templates: `{pattern}` (weit.untemplated)",
+                 {"weit.untemplated": pattern}, {})
+  out["scaler-S0"] = ("scaler budget", "no scaler training (the heuristic scalers only)", {}, {"steps": 0})
+  for steps in (s for s in SCALER_STEPS if s):  # 0 steps read no examples: one row
+    for examples in SCALER_EXAMPLES:
+      if (steps, examples) != (budget["init_steps"], budget["init_examples"]):
+        out[f"scaler-S{steps}xE{examples}"] = ("scaler budget", f"{steps} scaler steps on {examples:,} examples",
+                                               {}, {"steps": steps, "num_examples": examples})
+  out["scaler-init-random"] = ("scaler budget", "random scaler initialization (scaler_init=random)", {},
+                               {"scaler_init": "random"})
+  return out
+
+
+QUICK_FACTORS = ("n2", "scaler-S10xE500")
+
+
+def parse_args(argv=None):
+  p = harness.parser(__doc__, init_quality.BUDGETS)
+  p.add_argument("--family", default="vit", choices=sorted(FAMILY_FACTORS), help="the model family")
+  p.add_argument("--factors", default=None, help="comma-separated subset of the family's factors (default: "
+                 "all; --quick: " + ",".join(QUICK_FACTORS) + ")")
+  args = p.parse_args(argv)
+  args.setup = init_quality.SETUPS[args.family]
+  suffix = "" if args.family == "vit" else f"_{args.family}"
+  harness.resolve(p, args, init_quality.BUDGETS, ("bench" + suffix, "bench_quick" + suffix), None,
+                  args.setup.budget)
+  args.budget["seeds"] = min(args.budget["seeds"], SEEDS)
+  known = factors(args.setup, args.budget)
+  chosen = args.factors.split(",") if args.factors else (QUICK_FACTORS if args.quick else list(known))
+  for name in chosen:
+    if name not in known:
+      p.error(f"unknown factor {name!r} for {args.family}; valid: {', '.join(known)}")
+  args.factors = [n for n in chosen if n]
+  return args
+
+
+def run_row(args, name: str, pre_overrides: dict, init_overrides: dict, stages: dict, targets: dict) -> dict:
+  """One recipe: its pre-training (or the default's), scaler training for ``ROLES``, downstream runs."""
+  if pre_overrides.get("distill.teacher") == "DENSE_SOURCE":
+    pre_overrides = dict(pre_overrides, **{"distill.teacher": stages.setdefault("dense", shared.pretrain_dense(args))
+                                           ["export"]})
+  pre = shared.pretrain_weit(args, name if pre_overrides else "", pre_overrides)
+  # The default recipe: init_quality.py's scaler training of every target (the same exports, so its runs are reused).
+  roles = list(ROLES) if pre_overrides or init_overrides else None
+  init = shared.init_weit(args, pre, roles=roles, overrides=init_overrides)
+  sources = {"weit": {role: r["export"] for role, r in init["targets"].items()}}
+  runs = [init_quality.run_one(args, "weit", role, targets[role], DATASET, seed, sources, variant=name)
+          for role in ROLES for seed in range(args.budget["seeds"])]
+  return dict(aux_accuracy=pre.get("eval_accuracy"), params=pre.get("params"), pretrain_wall_s=pre["wall_s"],
+              init={role: {k: v for k, v in r.items() if k != "export"} for role, r in init["targets"].items()
+                    if role in ROLES},
+              init_steps=init["steps"], init_examples=init["num_examples"],
+              init_batch=init.get("batch_size", args.budget["pretrain_batch_size"]), runs=runs)
+
+
+def summarize(runs: list[dict], reference: dict | None, T: int) -> dict:
+  """role -> step-0 / final mean and std, speed-up over ``reference`` (random init's role -> final mean)."""
+  out = {}
+  for role, rs in harness.group(runs, "role").items():
+    steps = sorted(int(s) for s in rs[0]["curve"])
+    st = harness.curve_stats(harness.seed_curves([r["curve"] for r in rs], steps))
+    e = dict(step0_mean=st["step0_mean"], step0_std=st["step0_std"], final_mean=st["final_mean"],
+             final_std=st["final_std"], seeds=len(rs))
+    if reference and role in reference:
+      e["steps_to_random_final"] = harness.steps_to_reach(steps, st["mean"], reference[role])
+      e["speedup"] = harness.speedup(e["steps_to_random_final"], T)
+    out[role] = e
+  return out
+
+
+def main(argv=None) -> None:
+  args = parse_args(argv)
+  t_start, load_start = harness.start(args)
+  from weit_jax import input_pipeline
+  setup, b = args.setup, args.budget
+  for dataset in ("fashion_mnist_local", DATASET):
+    input_pipeline.prepare(shared.data_config(setup, dataset, b))
+  targets = shared.target_configs(setup)
+  known = factors(setup, b)
+  stages: dict = {}
+
+  # Random init's runs (the speed-up's reference) and today's default recipe.
+  random_runs = [init_quality.run_one(args, "random", role, targets[role], DATASET, seed, {})
+                 for role in ROLES for seed in range(b["seeds"])]
+  reference = {role: e["final_mean"] for role, e in summarize(random_runs, None, b["train_steps"]).items()}
+  rows = {"default": dict(group="default", label="today's default", **run_row(args, "", {}, {}, stages, targets))}
+  for i, name in enumerate(args.factors):
+    group, label, pre_overrides, init_overrides = known[name]
+    t0 = time.time()
+    rows[name] = dict(group=group, label=label, overrides=dict(pre_overrides, **{f"init.{k}": v for k, v in
+                                                                                init_overrides.items()}),
+                      **run_row(args, name, pre_overrides, init_overrides, stages, targets))
+    s = summarize(rows[name]["runs"], reference, b["train_steps"])
+    harness.log(f"[{i + 1}/{len(args.factors)}] {name}: " + "; ".join(
+        f"{r} {100 * e['step0_mean']:.1f}% -> {100 * e['final_mean']:.1f}%" for r, e in s.items())
+        + f" ({time.time() - t0:.0f}s)")
+
+  record = dict(
+      family=setup.family, budget=b, roles={r: targets[r].short_name() for r in ROLES}, dataset=DATASET,
+      random=dict(runs=random_runs, summary=summarize(random_runs, reference, b["train_steps"])),
+      rows={name: dict({k: v for k, v in row.items() if k != "runs"},
+                       summary=summarize(row["runs"], reference, b["train_steps"]),
+                       runs=[{k: r[k] for k in ("role", "seed", "step0_accuracy", "final_accuracy", "curve")}
+                             for r in row["runs"]])
+            for name, row in rows.items()},
+      info=harness.run_info("benchmarks/ablations.py", argv, t_start, load_start))
+  os.makedirs(args.out, exist_ok=True)
+  previous = harness.read_json(os.path.join(args.out, f"ablations_{setup.family}.json"))
+  if previous and previous.get("budget") == b:  # rows of earlier invocations (other --factors) stay
+    record["rows"] = {**{k: v for k, v in previous["rows"].items() if k not in record["rows"]}, **record["rows"]}
+  harness.write_json(os.path.join(args.out, f"ablations_{setup.family}.json"), record)
+  path = write_report(args.out)
+  harness.log(f"report: {path}; wall time {(time.time() - t_start) / 60:.1f} min")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------------------------------
+
+def fmt(e: dict, key: str) -> str:
+  m, s = 100 * e[f"{key}_mean"], 100 * e[f"{key}_std"]
+  return f"{m:.1f} ± {s:.1f}" if e["seeds"] > 1 else f"{m:.1f}"
+
+
+def fmt_speedup(e: dict) -> str:
+  x = e.get("speedup")
+  return "not reached" if x is None else ("∞ (step 0)" if np.isinf(x) else f"{x:.1f}×")
+
+
+def plot_scaler_budget(rec: dict, path: str) -> None:
+  """Against scaler-training examples seen (steps x batch; log axis, 0 steps drawn at 1), one line
+  per example pool: MNIST-5k accuracy after the downstream budget (top; dotted: random init's) and
+  the export's Fashion-MNIST accuracy after scaler training (bottom)."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  rows = [r for n, r in rec["rows"].items() if r["group"] in ("scaler budget", "default")
+          and not n.startswith("scaler-init")]
+  pools = sorted({r["init_examples"] for r in rows})
+  fig, axes = plt.subplots(2, len(rec["roles"]), figsize=(4.6 * len(rec["roles"]), 6.8), squeeze=False)
+  for col, (role, name) in enumerate(rec["roles"].items()):
+    for pool, color in zip(pools, ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple")):
+      pts = sorted(((r["init_steps"] * r["init_batch"], r) for r in rows  # 0 steps: every pool's start
+                    if (r["init_examples"] == pool or r["init_steps"] == 0) and role in r["summary"]),
+                   key=lambda p: p[0])
+      x = np.array([max(seen, 1) for seen, _ in pts], dtype=float)
+      m = np.array([100 * r["summary"][role]["final_mean"] for _, r in pts])
+      sd = np.array([100 * r["summary"][role]["final_std"] for _, r in pts])
+      axes[0][col].plot(x, m, "-o", ms=4, color=color, label=f"{pool:,} examples")
+      axes[0][col].fill_between(x, m - sd, m + sd, color=color, alpha=0.15, linewidth=0)
+      after = [r["init"].get(role, {}).get("accuracy_after") for _, r in pts]
+      axes[1][col].plot(x, [100 * a if a is not None else np.nan for a in after], "-o", ms=4, color=color)
+    axes[0][col].axhline(100 * rec["random"]["summary"][role]["final_mean"], color="k", ls=":", lw=0.8)
+    axes[0][col].set_title(f"{role}: {name}", fontsize=10)
+    axes[1][col].set_xlabel("scaler-training examples seen (steps x batch; 0 steps at 1)")
+    for ax in axes[:, col]:
+      ax.set_xscale("log")
+      ax.grid(alpha=0.3, which="both")
+  axes[0][0].set_ylabel(f"{rec['dataset']} accuracy, final (%)")
+  axes[1][0].set_ylabel("Fashion-MNIST accuracy of the export (%)")
+  axes[0][-1].legend(fontsize=8, title="scaler examples", title_fontsize=8)
+  fig.suptitle(f"{rec['family']}: the scaler budget (dotted: random init's final accuracy)", fontsize=10)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def write_report(out: str) -> str:
+  L = ["# Ablations: WeiT's recipe one factor at a time\n",
+       "Each row changes one thing from today's default recipe. Columns: the auxiliary model's eval accuracy "
+       "after pre-training (Fashion-MNIST); per target, the Fashion-MNIST accuracy of WeiT's export after "
+       "scaler training (head kept), and on MNIST-5k (transfer: a new head, so step 0 is at chance) the accuracy "
+       "after the downstream budget (mean ± std over seeds) and the speed-up over random init (steps random "
+       "init needs for its final accuracy / steps WeiT needs). The stages are `benchmarks/init_quality.py`'s; "
+       "the method, budgets and caching are in `benchmarks/ablations.py`.\n"]
+  for family in FAMILY_FACTORS:
+    rec = harness.read_json(os.path.join(out, f"ablations_{family}.json"))
+    if not rec:
+      continue
+    b, info = rec["budget"], rec["info"]
+    L.append(f"## {family}\n")
+    L += harness.header(info, b["seeds"], "downstream seeds; one pre-training and scaler training per recipe")
+    L.append(f"Budget: pre-training {b['pretrain_steps']} steps x batch {b['pretrain_batch_size']}; scaler training "
+             f"(default) {b['init_steps']} steps x batch {b['pretrain_batch_size']} on {b['init_examples']:,} "
+             f"examples; downstream {b['train_steps']} steps x batch {b['batch_size']}, eval every {b['eval_every']}.\n")
+    roles = rec["roles"]
+    L.append("| factor | recipe | aux eval accuracy | " + " | ".join(
+        f"{name}: export (F-MNIST) | MNIST-5k final | speed-up" for name in roles.values()) + " |")
+    L.append("|---|---|---|" + "---|---|---|" * len(roles))
+    rand = rec["random"]["summary"]
+    L.append("| - | random init | - | " + " | ".join(f"- | {fmt(rand[r], 'final')} | 1×" for r in roles) + " |")
+    for name, row in rec["rows"].items():
+      acc = row.get("aux_accuracy")
+      cells = []
+      for r in roles:
+        e, after = row["summary"].get(r), row["init"].get(r, {}).get("accuracy_after")
+        cells.append(f"{'-' if after is None else f'{100 * after:.1f}'} | "
+                     + (f"{fmt(e, 'final')} | {fmt_speedup(e)}" if e else "- | -"))
+      label = row["label"].replace("|", "\\|")  # a regular expression's alternatives, inside a table
+      L.append(f"| {row['group']} | {label} | {'-' if acc is None else f'{100 * acc:.1f}'} | " + " | ".join(cells) + " |")
+    L.append("")
+    plot = f"ablations_{family}_scaler_budget.png"
+    if any(r["group"] == "scaler budget" for r in rec["rows"].values()):
+      plot_scaler_budget(rec, os.path.join(out, plot))
+      L.append(f"![scaler budget]({plot})\n")
+  path = os.path.join(out, "ablations.md")
+  with open(path, "w") as f:
+    f.write("\n".join(L) + "\n")
+  return path
+
+
+if __name__ == "__main__":
+  main()
