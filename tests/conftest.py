@@ -15,12 +15,13 @@ import pytest  # noqa: E402
 
 
 # The test files that take longest, longest first (CPU seconds on the 2-core development machine,
-# from 146 down to 25). With ``--dist loadfile --no-loadscope-reorder`` (scripts/test.sh) the two
+# from 108 down to 10). With ``--dist loadfile --no-loadscope-reorder`` (scripts/test.sh) the two
 # workers take files in collection order, so the long ones start first and the short ones fill in
 # at the end, instead of one worker finishing a long file while the other idles.
 SLOWEST_FIRST = ("test_reliability.py", "test_control_programs.py", "test_programs.py", "test_dit.py",
-                 "test_resnet.py", "test_inits.py", "test_multihost.py", "test_pretrain.py", "test_generator.py",
-                 "test_fine.py", "test_vit.py", "test_control.py", "test_checkpoint_templates.py")
+                 "test_resnet.py", "test_multihost.py", "test_pretrain.py", "test_generator.py", "test_inits.py",
+                 "test_fine.py", "test_control.py", "test_vit.py", "test_checkpoint_templates.py",
+                 "test_sample_quality.py", "test_validation.py", "test_dry_run.py")
 
 
 def pytest_collection_modifyitems(items):

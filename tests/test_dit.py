@@ -251,6 +251,9 @@ def test_a_family_is_refused_for_a_task_it_does_not_serve(tmp_path):
   c = ml_collections.ConfigDict(dit_pretrain.get_config("runlocal").to_dict())
   c.diffusion.label_dropout = 1.0
   refused(c, r"diffusion.label_dropout=1.0: use a probability in \[0, 1\)")
+  c = ml_collections.ConfigDict(dit_pretrain.get_config("runlocal").to_dict())
+  c.distill = ml_collections.ConfigDict(dict(teacher=str(tmp_path), weight=1.0, temperature=1.0))
+  refused(c, r"distillation from a teacher \(distill.teacher\) is for tasks .*; Diffusion has none")
 
 
 def test_weight_selection_and_tleg_serve_dits(tmp_path):

@@ -11,7 +11,7 @@ from flax import traverse_util
 
 from configs import vit_pretrain
 from helpers import numpy_materialize, randomized
-from weit_jax import checkpoint, exports, sharding, train_loop
+from weit_jax import checkpoint, exports, models, sharding, train_loop
 from weit_jax.programs import pretrain
 
 
@@ -34,15 +34,21 @@ def fixed_batch(seed=0, n=16):
   return {"image": rng.normal(size=(n, 28, 28, 1)).astype(np.float32), "labels": labels}
 
 
-# The hard constraint with the diversity term, and the soft one (the default, hard without the term,
-# trains in every program test).
+# The hard constraint with the diversity term and a dense teacher, and the soft one (the default,
+# hard without either, trains in every program test).
 @pytest.mark.parametrize("mode,diversity", [("hard", 0.1), ("soft", 0.0)])
-def test_steps_lower_the_loss_on_a_fixed_batch(mode, diversity):
+def test_steps_lower_the_loss_on_a_fixed_batch(mode, diversity, tmp_path):
   c = small_config()
   c.constraint.mode = mode
   c.constraint.diversity = diversity
+  if diversity:  # distillation from a dense ViT of another size: its weight 0.5 in the loss, it stays frozen
+    teacher_cfg = models.from_config(dict(variant="mu/4", depth=1, width=24, num_heads=2),
+                                     dict(image_size=28, channels=1, num_classes=10))
+    teacher = jax.device_get(randomized(models.init_params(teacher_cfg, 0), 4))
+    exports.write(str(tmp_path / "teacher"), teacher, dict(model=models.to_record(teacher_cfg)))
+    c.distill.update(dict(teacher=str(tmp_path / "teacher"), weight=0.5))
   setup = pretrain.build(c)
-  task = pretrain.make_task(c, setup)
+  task = pretrain.make_task(c, setup, teacher=pretrain.load_teacher(c))
   mesh = sharding.make_mesh({"data": -1})
   _, shardings = train_loop.state_shardings(task, mesh)
   state = train_loop.make_init_state(task, shardings)(jax.random.key(0))
@@ -56,7 +62,10 @@ def test_steps_lower_the_loss_on_a_fixed_batch(mode, diversity):
   if mode == "soft":
     assert float(out["constraint"]) > 0
   if diversity:
-    assert float(out["diversity"]) > 0
+    assert float(out["diversity"]) > 0 and float(out["distill"]) > 0
+    np.testing.assert_allclose(float(out["loss"]), float(out["objective"]) + 0.5 * float(out["distill"])
+                               + diversity * float(out["diversity"]), rtol=1e-5)
+    chex.assert_trees_all_close(jax.device_get(state["params"].pop("teacher")), teacher)
   assert set(state["params"]) == ({"templates", "scalers", "dense"} if mode == "soft" else {"templates", "scalers"})
 
 

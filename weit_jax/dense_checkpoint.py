@@ -80,7 +80,7 @@ def model_fields(model: Mapping[str, Any], source: Source) -> dict[str, Any]:
   embedding) always. A variant or a field it sets is declared: the checkpoint must then be that model
   (``plan`` refuses it otherwise)."""
   fields = dict(model)
-  family = models.get(fields.get("family") or "vit")
+  family = models.family_named_in(fields)
   sizes_declared = bool(fields.get("variant"))
   for name, value in source.fields.items():
     if fields.get(name) is None and (name in family.option_fields or not sizes_declared):

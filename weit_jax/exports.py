@@ -42,7 +42,7 @@ def write(directory: str, params, meta: Mapping[str, Any]) -> None:
     ckptr.save(path / "params", params, force=True)
     ckptr.wait_until_finished()
   record = meta.get("model")
-  if record is not None and "form" not in meta and models.get(record.get("family") or "vit").big_vision_npz:
+  if record is not None and "form" not in meta and models.family_named_in(record).big_vision_npz:
     write_big_vision_npz(path / BIG_VISION_NPZ, params)
   if jax.process_index() == 0:
     tmp = path / (META + ".tmp")

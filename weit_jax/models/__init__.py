@@ -180,11 +180,19 @@ def to_record(config) -> dict:
   return dict(dataclasses.asdict(config), family=family_of(config).name)
 
 
+DEFAULT_FAMILY = "vit"  # of a model section or record that names none (written before there were families)
+
+
+def family_named_in(fields: Mapping[str, Any]) -> Family:
+  """The family a model section or record names (``family``; ``DEFAULT_FAMILY`` if it names none)."""
+  return get(fields.get("family") or DEFAULT_FAMILY)
+
+
 def from_record(record: Mapping[str, Any]):
-  """A model config from ``to_record``'s output; records without a family (written before there
-  were families) are ViTs."""
+  """A model config from ``to_record``'s output."""
   fields = dict(record)
-  family = get(fields.pop("family", "vit"))
+  family = family_named_in(fields)
+  fields.pop("family", None)
   valid = {f.name for f in dataclasses.fields(family.config_cls)}
   unknown = set(fields) - valid
   if unknown:
@@ -197,7 +205,8 @@ def from_config(model_fields: Mapping[str, Any], data_fields: Mapping[str, Any])
   """A validated model config from ``config.model`` (``family``, ``variant`` and size overrides)
   and the dataset's fields (image size, channels, classes)."""
   fields = {k: v for k, v in dict(model_fields).items() if v is not None}
-  family = get(fields.pop("family", "vit"))
+  family = family_named_in(fields)
+  fields.pop("family", None)
   variant = fields.pop("variant", None)
   return family.make_config(variant, **fields, **dict(data_fields))
 

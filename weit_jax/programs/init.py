@@ -33,7 +33,7 @@ def _check_family(config, source) -> None:
   """Refuses templates of another family than the init config's (its ``target``), before the
   templates' task is rebuilt with this config's fields."""
   family = models.family_of(source)
-  wanted = config.target.get("family") or "vit"
+  wanted = models.family_named_in(config.target).name
   if wanted != family.name:
     raise ValueError(f"this init config makes {wanted} models, but the templates in {config.templates} are of the "
                      f"{family.name} family; use configs/{family.name}_init.py (or templates of a {wanted}).")

@@ -154,9 +154,9 @@ def make_task(config, setup: Setup, *, teacher=None) -> train_loop.Task:
       aux[f"objective_{size.name}"], _ = task.loss(size.model.apply({"params": weights}, *inputs), batch, key)
       loss = loss + aux[f"objective_{size.name}"]
     loss = loss / (1 + len(setup.extra))
-    if teacher is not None and config.distill.weight:  # classification only (check_teacher)
-      t_logits = teacher[0].apply({"params": jax.lax.stop_gradient(params["teacher"])}, *inputs)
-      kd = losses.distillation(outputs, t_logits, config.distill.temperature)
+    if teacher is not None and config.distill.weight:
+      t_outputs = teacher[0].apply({"params": jax.lax.stop_gradient(params["teacher"])}, *inputs)
+      kd = task.teacher_loss(outputs, t_outputs, config.distill.temperature)
       loss, aux["distill"] = loss + config.distill.weight * kd, kd
     if config.constraint.diversity:
       div = losses.template_diversity(params["templates"])
@@ -186,8 +186,7 @@ def check_teacher(config) -> None:
     if config.get("distill") and config.distill.weight:
       raise ValueError("distill.weight is set but distill.teacher is not; give a plain-model export folder.")
     return
-  if not isinstance(tasks.from_config(config), tasks.Classification):
-    raise ValueError(f"distillation (distill.teacher) needs the classification task, not {config.task!r}.")
+  tasks.from_config(config).check_teacher()
   exports.read_meta(config.distill.teacher)
 
 
@@ -206,7 +205,7 @@ def with_source(config):
   workdir rebuilds its model without the checkpoint."""
   if not config.get("init_templates_from"):
     return config, None
-  family = models.get(config.model.get("family") or "vit")
+  family = models.family_named_in(config.model)
   source = dense_checkpoint.read(config.init_templates_from, family)
   fields = dense_checkpoint.model_fields(config.model.to_dict(), source)
   out = config.copy_and_resolve_references()

@@ -21,10 +21,8 @@ def initial_params(config, cfg):
   sizes = {k: (getattr(exported, k), getattr(cfg, k)) for k in family.data_fields
            if k != "num_classes" and getattr(exported, k, None) != getattr(cfg, k)}
   if sizes:
-    hint = (f"initialize a policy for {config.env} with configs/policy_init.py --config.env={config.env}"
-            if family.name == "policy" else "give an export made for this data")
     raise ValueError(f"{config.init} was exported for other data sizes than this run's: {sizes} (export, this "
-                     f"run); {hint}, or train from scratch without --config.init.")
+                     f"run); {tasks.from_config(config).export_hint()}, or train from scratch without --config.init.")
   if not models.same_up_to_head(exported, cfg):
     exports.load_params(config.init, expected_model=cfg)  # raises, naming the differing fields
   params = jax.device_get(exports.load_params(config.init))
@@ -67,9 +65,9 @@ def validate(config, workdir: str):
   if config.init:  # the size comes from the export
     exported = models.from_record(exports.read_meta(config.init)["model"])
     family = models.family_of(exported)
-    if family.name != config.model.get("family", "vit"):
+    if family is not models.family_named_in(config.model):
       raise ValueError(f"{config.init} is an export of a {family.name} model, but this config trains a "
-                       f"{config.model.get('family', 'vit')}; use configs/{family.name}_train.py.")
+                       f"{models.family_named_in(config.model).name}; use configs/{family.name}_train.py.")
     if (conflict := models.option_conflict(config.model, exported)):  # the export's computation is the model's
       name, want, have = conflict
       raise ValueError(f"{config.init} is an export of a model with {name}={have!r}, but --config.model.{name}="

@@ -40,6 +40,21 @@ class Task:
     del forward, kwargs
     return None
 
+  def export_hint(self) -> str:
+    """What to do when an export was made for other data sizes than this task's (one clause)."""
+    return "give an export made for this data"
+
+  def check_teacher(self) -> None:
+    """Refuses pre-training with a dense teacher (``distill.teacher``) where this task has no
+    ``teacher_loss``."""
+    raise ValueError(f"distillation from a teacher (distill.teacher) is for tasks whose model outputs a "
+                     f"distribution to match (classification); {type(self).__name__} has none. Unset distill.teacher.")
+
+  def teacher_loss(self, outputs, teacher_outputs, temperature: float):
+    """The term pre-training adds with a dense teacher: how far the model's ``outputs`` are from the
+    teacher's on the same inputs (see ``check_teacher``)."""
+    raise NotImplementedError
+
   def check_distillation(self, source_config) -> None:
     """Refuses scaler training by distillation (the init program's ``adapt='distill'``: the target
     matches the auxiliary model's outputs on the auxiliary's own data) where this task has none, or

@@ -27,6 +27,12 @@ class Classification(ImageDataTask):
     return losses.softmax_cross_entropy(logits, batch["labels"], self.label_smoothing), {
         "accuracy": jnp.mean(losses.accuracy(logits, batch["labels"]))}
 
+  def check_teacher(self) -> None:
+    pass
+
+  def teacher_loss(self, logits, teacher_logits, temperature: float):
+    return losses.distillation(logits, teacher_logits, temperature)
+
   def eval_sums(self, logits, batch) -> dict[str, jax.Array]:
     mask = batch["mask"]
     per_example = -jnp.sum(batch["labels"] * jax.nn.log_softmax(logits), -1)

@@ -245,6 +245,9 @@ class Control(Task):
     for name in SCALER_TRAINING_FIELDS:
       config[name] = init_config[name]
 
+  def export_hint(self) -> str:
+    return f"initialize a policy for {self.env} with configs/policy_init.py --config.env={self.env}"
+
   def export_record(self, carry) -> dict:
     """The observation statistics the policy was trained with (its inputs are normalized by them)."""
     if not carry or "obs_stats" not in carry:
