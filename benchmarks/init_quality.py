@@ -3,6 +3,7 @@ r"""Initialization quality: WeiT against baseline initializers, on targets of se
   python benchmarks/init_quality.py                  # the full run (~60 min on a 2-core machine alone)
   python benchmarks/init_quality.py --quick          # smoke test: tiny budgets, 1 seed, a few minutes
   python benchmarks/init_quality.py --estimate       # time one step of each size; print the projection
+  python benchmarks/init_quality.py --long           # full training: until random init plateaus (LONG)
 
 Stages (each cached in ``--workdir``; an interrupted run continues where it stopped):
 
@@ -73,6 +74,15 @@ SETUPS = {
               "whole in the template): width 6 (stage channels 6/24, 12/48, 24/96) is not a tile multiple."),
 }
 
+# --long: downstream runs until random init has plateaued, on fewer cells (init_quality_long.md,
+# init_quality_resnet_long.md): over the family's full budget, and the defaults of --datasets,
+# --roles and --methods (the transfer setting, one depth and one width target, the best baselines).
+LONG = {"vit": dict(train_steps=2000, eval_every=100, seeds=2),
+        "resnet": dict(train_steps=600, eval_every=50, seeds=2)}
+LONG_DEFAULTS = dict(datasets="mnist_5k", roles="deeper,narrower", methods="random,weit,weight_selection,tleg")
+PLATEAU_POINTS = 0.01  # random init has plateaued when its final accuracy is within 1 point of its best
+                       # over the last quarter of the run
+
 BUDGETS = {
     # pretrain_*: each pre-training run (WeiT, TLEG, dense source) and WeiT's scaler training;
     # init_*: WeiT's scaler-training steps / examples; train_steps, batch_size: every downstream run,
@@ -94,11 +104,30 @@ def parse_args(argv=None):
   p.add_argument("--family", default="vit", choices=sorted(SETUPS), help="the model family to benchmark")
   p.add_argument("--estimate", action="store_true", help="time one training step of every size and "
                  "print the projected wall time of the chosen budgets; trains nothing")
-  p.add_argument("--datasets", default=",".join(DATASETS), help="comma-separated subset of " + ",".join(DATASETS))
+  p.add_argument("--datasets", default=None, help="comma-separated subset of " + ",".join(DATASETS)
+                 + f" (default: all; --long: {LONG_DEFAULTS['datasets']})")
+  p.add_argument("--roles", default=None, help="comma-separated subset of the targets (default: all; --long: "
+                 f"{LONG_DEFAULTS['roles']})")
+  p.add_argument("--long", action="store_true", help="full training: downstream runs until random init "
+                 "plateaus (LONG), reported apart (<report>_long.md) with the steps each method needs to reach "
+                 f"random init's plateau; default methods {LONG_DEFAULTS['methods']}")
   args = p.parse_args(argv)
   args.setup = SETUPS[args.family]
+  if args.long and args.quick:
+    p.error("--long and --quick: choose one budget")
+  if args.long:
+    args.datasets = args.datasets or LONG_DEFAULTS["datasets"]
+    args.roles = args.roles or LONG_DEFAULTS["roles"]
+    if args.methods == p.get_default("methods"):
+      args.methods = LONG_DEFAULTS["methods"]
+  args.datasets = args.datasets or ",".join(DATASETS)
+  args.roles = [r for r in (args.roles or ",".join(args.setup.roles)).split(",") if r]
+  for r in args.roles:
+    if r not in args.setup.roles:
+      p.error(f"unknown role {r!r}; valid: {', '.join(args.setup.roles)}")
   suffix = "" if args.family == "vit" else f"_{args.family}"
-  harness.resolve(p, args, BUDGETS, ("bench" + suffix, "bench_quick" + suffix), METHODS, args.setup.budget)
+  harness.resolve(p, args, BUDGETS, ("bench" + suffix, "bench_quick" + suffix), METHODS,
+                  {**args.setup.budget, **(LONG[args.family] if args.long else {})})
   if args.family != "vit" and "mimetic" in args.methods:
     args.methods.remove("mimetic")  # sets self-attention weights; reported as N/A
   args.datasets = [d for d in args.datasets.split(",") if d]
@@ -203,6 +232,16 @@ def aggregate(results: list[dict], budget: dict) -> dict:
         for method, e in entry.items():
           e["steps_to_random_final"] = harness.steps_to_reach(e["steps"], e["mean"], threshold)
           e["speedup"] = harness.speedup(e["steps_to_random_final"], T)
+        # Random init's plateau: its best (mean over seeds) over the last quarter of the run; the steps
+        # each method needs to reach it, against the steps random init needs.
+        r = entry["random"]
+        last = [m for s, m in zip(r["steps"], r["mean"]) if s >= 0.75 * T]
+        plateau = max(last)
+        r_steps = harness.steps_to_reach(r["steps"], r["mean"], plateau)
+        for method, e in entry.items():
+          e["plateau"] = dict(value=plateau, random_plateaued=bool(r["final_mean"] >= plateau - PLATEAU_POINTS),
+                              steps=harness.steps_to_reach(e["steps"], e["mean"], plateau))
+          e["plateau"]["speedup"] = harness.speedup(e["plateau"]["steps"], r_steps)
       out.setdefault(dataset, {})[role] = entry
   return out
 
@@ -210,6 +249,15 @@ def aggregate(results: list[dict], budget: dict) -> dict:
 # ---------------------------------------------------------------------------------------------------
 # Report
 # ---------------------------------------------------------------------------------------------------
+
+def fmt_plateau(e: dict | None) -> str:
+  """A method's cell of the full-training table: the steps to random init's plateau, the speed-up."""
+  if e is None:
+    return "N/A"
+  if e["steps"] is None:
+    return "not reached"
+  return f"{e['steps']:.0f}, " + ("∞" if np.isinf(e["speedup"]) else f"{e['speedup']:.1f}×")
+
 
 def fmt_acc(mean: float, std: float, n: int) -> str:
   return f"{100 * mean:.1f} ± {100 * std:.1f}" if n > 1 else f"{100 * mean:.1f}"
@@ -238,8 +286,8 @@ def write_report(args, agg: dict, results: list[dict], stages: dict, targets: di
   setup, b = args.setup, args.budget
   T = b["train_steps"]
   os.makedirs(args.out, exist_ok=True)
-  roles = setup.roles
-  report = setup.report
+  roles = args.roles
+  report = setup.report + ("_long" if args.long else "")
   plots = {}
   for dataset in args.datasets:
     name = f"{report}_{dataset}.png"
@@ -311,6 +359,28 @@ def write_report(args, agg: dict, results: list[dict], stages: dict, targets: di
     d = agg.get(dataset, {})
     w(f"## {DATASET_LABELS[dataset]}\n")
     w(f"![accuracy vs step]({plots[dataset]})\n")
+    if args.long:
+      w("### Full training: the steps to random init's plateau\n")
+      w(f"Random init's plateau: its best accuracy (mean over seeds) over the last quarter of the {T} steps; it "
+        f"has plateaued when its final accuracy is within {100 * PLATEAU_POINTS:.0f} point of it. Speed-up: the "
+        "steps random init needs to reach its plateau over the steps the method needs.\n")
+      w("| target | random init's plateau (%) | plateaued | " + " | ".join(
+          f"{LABELS[m]}: steps, speed-up" for m in methods if m != "random") + " |")
+      w("|---|---|---|" + "---|" * (len(methods) - 1))
+      for role in roles:
+        entry = d.get(role, {})
+        if "random" not in entry:
+          continue
+        pl = entry["random"]["plateau"]
+        cells = []
+        for m in methods:
+          if m == "random":
+            continue
+          e = entry.get(m, {}).get("plateau")
+          cells.append(fmt_plateau(e))
+        w(f"| {role} {targets[role].short_name()} | {100 * pl['value']:.1f} | {'yes' if pl['random_plateaued'] else 'no'} | "
+          + " | ".join(cells) + " |")
+      w("")
     w(f"### Speed-up over random init ({T}-step budget)\n")
     w("| target | " + " | ".join(LABELS[m] for m in methods) + " |")
     w("|---|" + "---|" * len(methods))
@@ -546,7 +616,7 @@ def main(argv=None) -> None:
   # ----- stage 3: downstream runs ----------------------------------------------------------------------
   why_not = lambda method, cfg: shared.applies(setup, method, cfg, sources)
   pairs, na = harness.applicable(targets, args.methods + (["mimetic"] if setup.family != "vit" else []), why_not)
-  jobs = [(dataset, seed, role, method) for role, method in pairs for dataset in args.datasets
+  jobs = [(dataset, seed, role, method) for role, method in pairs if role in args.roles for dataset in args.datasets
           for seed in range(b["seeds"])]
   jobs.sort(key=lambda j: (j[1], DATASETS.index(j[0]), setup.roles.index(j[2]), METHODS.index(j[3])))
   results = []
