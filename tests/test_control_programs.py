@@ -165,6 +165,9 @@ BAD_INPUT = {
         r"(?=.*'action_size': \(3, 1\))(?=.*'obs_size': \(11, 8\))export was exported for other data sizes than "
         r"this run's: .* initialize a policy for inverted_double_pendulum with configs/policy_init\.py "
         r"--config\.env=inverted_double_pendulum"),
+    "environments that do not split over the mesh": (  # 8 devices here: each steps its own environments
+        lambda f: PRETRAIN + ["--config.batch_size=12"],
+        r"global batch size 12 must be a positive multiple of the 8 batch shards of the mesh"),
     "multi-size pre-training of a policy": (
         lambda f: PRETRAIN + ["--config.weit.extra_sizes=depth=3"],
         r"weit\.extra_sizes is for tasks trained on a dataset; the 'control' task collects its own experience"),
@@ -239,6 +242,43 @@ def _config(module, **overrides):
   if "model" in c:
     c.model.variant, c.model.width, c.model.depth = None, 16, 2
   return c
+
+
+def test_environments_are_split_over_the_mesh(reference, tmp_path):
+  """On 8 devices (mesh data=8) each device steps its own environments: the compiled PPO step's
+  per-device arguments hold 1/8 of the carry's per-environment state (memory analysis of the step
+  compiled with the carry split and with it replicated, against the bytes of those arrays), and
+  the run equals the 1-device run of the same seed (the reference, a main.py subprocess) to float
+  tolerance (sums over devices come in another order)."""
+  from helpers import parse_main
+  from weit_jax import sharding, train_loop
+  from weit_jax.programs import pretrain
+  config, workdir = parse_main(PRETRAIN, str(tmp_path / "wd"))
+  task = pretrain.make_task(config, pretrain.build(config))
+  mesh = sharding.make_mesh(dict(config.mesh))
+  assert sharding.batch_ways(mesh) == 8
+  abstract, split = train_loop.state_shardings(task, mesh)
+  replicated = dict(split, carry=[sharding.replicated(mesh)] * len(split["carry"]))
+  carry = jax.eval_shape(task.experience.init, jax.random.key(0))
+  per_env = sum(x.size * x.dtype.itemsize for k in task.experience.PER_ENV for x in jax.tree_util.tree_leaves(carry[k]))
+  key = jax.eval_shape(lambda: jax.random.key(0))
+
+  def argument_bytes(shardings):
+    step = train_loop.make_train_step(task, shardings, sharding.batch_sharding(mesh), mesh)
+    return step.lower(abstract, None, key).compile().memory_analysis().argument_size_in_bytes
+
+  saved = argument_bytes(replicated) - argument_bytes(split)
+  assert per_env > 1000 and abs(saved - per_env * 7 / 8) <= 0.02 * per_env, (saved, per_env)
+
+  pretrain.run(config, workdir)
+  ref_dir, _ = reference
+  ref = {r["step"]: r for r in metrics.read_metrics(ref_dir) if "loss" in r}
+  got = {r["step"]: r for r in metrics.read_metrics(workdir) if "loss" in r}
+  assert sorted(got) == sorted(ref) == list(range(1, TOTAL + 1))
+  for step, r in got.items():
+    np.testing.assert_allclose([r[k] for k in ("loss", "episode_return", "grad_norm")],
+                               [ref[step][k] for k in ("loss", "episode_return", "grad_norm")], rtol=1e-5,
+                               err_msg=f"step {step}")
 
 
 def test_templates_record_returns_and_observation_statistics(reference):

@@ -7,7 +7,6 @@ On Cloud TPU VMs ``jax.distributed.initialize()`` reads everything from the envi
 """
 from __future__ import annotations
 
-import math
 import os
 
 import jax
@@ -88,9 +87,7 @@ def process_batch_rows(mesh, global_batch_size: int) -> np.ndarray:
   of ``mesh``: what this process must feed ``jax.make_array_from_process_local_data``, in that
   order. Where the batch is replicated across processes, that is every row."""
   spec = sharding.batch_sharding(mesh)
-  axes = spec.spec[0] if len(spec.spec) else None
-  axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
-  ways = math.prod(mesh.shape[a] for a in axes)
+  ways = sharding.batch_ways(mesh)
   if global_batch_size <= 0 or global_batch_size % ways:
     raise ValueError(f"global batch size {global_batch_size} must be a positive multiple of the {ways} "
                      f"batch shards of the mesh {dict(mesh.shape)}.")

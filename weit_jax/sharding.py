@@ -118,6 +118,14 @@ def batch_sharding(mesh, rules=DEFAULT_RULES) -> NamedSharding:
   return NamedSharding(mesh, nn.logical_to_mesh_axes(("batch",), rules))
 
 
+def batch_ways(mesh, rules=DEFAULT_RULES) -> int:
+  """Into how many shards ``batch_sharding`` splits a batch."""
+  spec = batch_sharding(mesh, rules).spec
+  axes = spec[0] if len(spec) else None
+  axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+  return math.prod(mesh.shape[a] for a in axes)
+
+
 def global_batch(local_batch: Mapping[str, np.ndarray], mesh, rules=DEFAULT_RULES) -> dict:
   """This process's slice of a batch -> global arrays sharded along the batch axis."""
   sharding = batch_sharding(mesh, rules)

@@ -110,9 +110,19 @@ def state_shardings(task: Task, mesh):
   abstract = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": abstract_params, "opt_state": abstract_opt}
   shardings = {"step": repl, "params": param_sh, "opt_state": opt_sh}
   if task.experience is not None:
-    abstract["carry"] = jax.tree_util.tree_leaves(jax.eval_shape(task.experience.init, jax.random.key(0)))
-    shardings["carry"] = [repl] * len(abstract["carry"])
+    carry = jax.eval_shape(task.experience.init, jax.random.key(0))
+    abstract["carry"] = jax.tree_util.tree_leaves(carry)
+    shardings["carry"] = jax.tree_util.tree_leaves(carry_shardings(task.experience, carry, mesh))
   return abstract, shardings
+
+
+def carry_shardings(exp, carry, mesh):
+  """The experience's per-environment state split over the batch axes of the mesh along its
+  environment axis, as a batch is (each device steps its own environments); the rest replicated."""
+  per_env, repl = sharding.batch_sharding(mesh), sharding.replicated(mesh)
+  return {k: jax.tree_util.tree_map(
+      lambda x, k=k: per_env if k in exp.PER_ENV and x.ndim and x.shape[0] == exp.num_envs else repl, v)
+      for k, v in carry.items()}
 
 
 def _carry_def(task: Task):
@@ -181,6 +191,7 @@ def make_train_step(task: Task, shardings, batch_sharding, mesh):
     exp = task.experience
     k_collect, k_epochs = jax.random.split(jax.random.fold_in(key, state["step"]))
     carry, data, collected = exp.collect(state["params"], carry_of(task, state), k_collect)
+    data = jax.lax.with_sharding_constraint(data, batch_sharding)  # the rollout's examples split like a batch
     n = jax.tree_util.tree_leaves(data)[0].shape[0]
 
     def epoch(c, k):
@@ -188,6 +199,8 @@ def make_train_step(task: Task, shardings, batch_sharding, mesh):
       perm = jax.random.permutation(k_perm, n)
       minibatches = jax.tree_util.tree_map(
           lambda x: x[perm].reshape((exp.num_minibatches, n // exp.num_minibatches) + x.shape[1:]), data)
+      if (n // exp.num_minibatches) % batch_ways == 0:  # each minibatch split like a batch
+        minibatches = jax.lax.with_sharding_constraint(minibatches, minibatch_sharding)
 
       def minibatch(c, x):
         mb, i = x
@@ -203,6 +216,8 @@ def make_train_step(task: Task, shardings, batch_sharding, mesh):
     return {"step": state["step"] + 1, "params": params, "opt_state": opt_state,
             "carry": jax.tree_util.tree_leaves(carry)}, out
 
+  minibatch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, *batch_sharding.spec))
+  batch_ways = sharding.batch_ways(mesh)
   if task.experience is not None:
     return jax.jit(experience_step_fn, in_shardings=(shardings, None, repl), out_shardings=(shardings, repl),
                    donate_argnums=0)

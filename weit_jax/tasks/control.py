@@ -194,6 +194,11 @@ class Experience:
   epochs: int
   num_minibatches: int
   env_steps_per_update: int
+  num_envs: int  # the leading axis of the carry's per-environment entries (``PER_ENV``), split like a batch
+
+  # The carry's entries with one row per environment (the rest, observation statistics and the last
+  # return, are whole on every device).
+  PER_ENV = ("env", "episode_return")
 
   @property
   def updates_per_step(self) -> int:
@@ -376,7 +381,7 @@ def make_experience(task: Control, forward, actor=None) -> Experience:
     return {"return": jnp.mean(ret), "return_std": jnp.std(ret)}
 
   return Experience(init=init, collect=collect, evaluate=evaluate, epochs=int(p["epochs"]),
-                    num_minibatches=int(p["num_minibatches"]), env_steps_per_update=T * E)
+                    num_minibatches=int(p["num_minibatches"]), env_steps_per_update=T * E, num_envs=E)
 
 
 __all__ = ["BACKENDS", "Control", "Experience", "env_names", "env_sizes", "gae", "gaussian_entropy",
