@@ -1,21 +1,20 @@
 """The control programs as a user runs them (``python main.py``, one CPU device, tiny settings):
-bad input is refused before anything compiles, with one ``error:`` line and nothing written; a
-pre-training run killed with SIGKILL resumes exactly; the persistent compilation cache fills; and,
-in process from that run's templates, the init program for the templates' environment and for
-another morphology, and the train program's use of such an export.
+bad input is refused before anything compiles, with one ``error:`` line and nothing written; the
+persistent compilation cache fills; that run, resumed in process on 8 devices from its step-2
+checkpoint with the environments split over the mesh, logs what it logged; and, in process from
+that run's templates, the init program for the templates' environment and for another
+morphology, and the train program's use of such an export.
 
 Every run shares one persistent compilation cache (``WEIT_COMPILATION_CACHE``, the programs' own
 setting), so only the first run compiles the rollout and the update.
 
-Tolerance: the resumed run reproduces the uninterrupted one *exactly* (``==`` on every logged value
-and on the final evaluation): the same programs, the restored bits of the train state (parameters,
-optimizer state, and the experience's carry: environment states, observation statistics, running
-returns), and per-step keys that depend only on the seed and the step.
+Tolerance: the resumed run reproduces the uninterrupted one from the restored bits of the train
+state (parameters, optimizer state, and the experience's carry: environment states, observation
+statistics, running returns) and per-step keys that depend only on the seed and the step; on 8
+devices the sums over devices come in another order, so to float tolerance.
 """
-import json
 import os
 import re
-import signal
 
 import jax
 import ml_collections
@@ -35,31 +34,6 @@ PRETRAIN = ["--config=configs/policy_pretrain.py:runlocal", "--config.model.vari
             "--config.eval_every=0", "--config.log_every=1"]
 TRAIN = ["--config=configs/policy_train.py:runlocal", "--config.model.variant=mu", *TINY, "--config.total_steps=2"]
 
-# Runs main.py, and SIGKILLs the process right after the metrics of step $WEIT_TEST_KILL_AFTER_STEP
-# are written, once the checkpoints saved so far are committed: a deterministic kill (no timing)
-# with the train state already past the last checkpoint.
-KILL_AFTER_STEP = r'''
-import os, runpy, signal, sys
-from weit_jax import checkpoint, exports, metrics
-made = []
-_init = checkpoint.Checkpointer.__init__
-def init(self, *args, **kwargs):
-  _init(self, *args, **kwargs)
-  made.append(self)
-checkpoint.Checkpointer.__init__ = init
-_write = metrics.MetricWriter.write
-def write(self, step, values):
-  _write(self, step, values)
-  if step == int(os.environ["WEIT_TEST_KILL_AFTER_STEP"]) and "loss" in values:
-    for c in made:
-      c.wait()
-    os.kill(os.getpid(), signal.SIGKILL)
-metrics.MetricWriter.write = write
-sys.argv[0] = "main.py"
-runpy.run_path("main.py", run_name="__main__")
-'''
-
-
 @pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory):
   return str(tmp_path_factory.mktemp("control_xla_cache"))
@@ -76,7 +50,7 @@ def env(cache_dir):
   return e
 
 
-# --- resume after SIGKILL; the compilation cache ----------------------------------------------------
+# --- the compilation cache ---------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, env, cache_dir):
@@ -91,32 +65,6 @@ def test_the_persistent_compilation_cache_fills(reference):
   # The rollout-and-update step and the evaluation (each compiles for seconds) are persisted.
   assert any(n.startswith("jit_experience_step_fn") for n in cached), cached
   assert any(n.startswith("jit_evaluate") for n in cached), cached
-
-
-def test_pretraining_killed_with_sigkill_resumes_exactly(reference, tmp_path, env):
-  ref_dir, _ = reference
-  workdir = str(tmp_path / "wd")
-  killed = run_main(PRETRAIN, workdir, env, wrapper=KILL_AFTER_STEP, extra_env={"WEIT_TEST_KILL_AFTER_STEP": "3"})
-  assert killed.returncode == -signal.SIGKILL, killed.stdout[-2000:] + killed.stderr[-2000:]
-  assert committed_steps(workdir) == [2]  # step 3 was done and logged, its state lost
-  assert max(r["step"] for r in metrics.read_metrics(workdir)) == 3
-  resumed = ok(run_main(PRETRAIN, workdir, env))
-  assert resumed.resumed_from() == 2 and f"Done: step {TOTAL}" in resumed.stdout
-
-  ref = {}
-  for r in metrics.read_metrics(ref_dir):
-    ref.setdefault(r["step"], {}).update(r)
-  records = metrics.read_metrics(workdir)
-  assert {r["step"] for r in records} == set(ref)
-  for r in records:  # the killed run's steps 1-3 and the resumed run's 3-6 (step 3 twice)
-    assert r == {k: ref[r["step"]][k] for k in r}, f"step {r['step']}: {r} != uninterrupted {ref[r['step']]}"
-  after = [r for r in records if r["step"] > 2 and "loss" in r]
-  assert [r["step"] for r in after] == [3, 3, 4, 5, 6]
-  assert all("episode_return" in r and "policy_loss" in r for r in after)
-  assert len({r["loss"] for r in after}) > 1  # the losses differ step to step: a step out of place would show
-  want, got = (json.loads(open(os.path.join(d, "summary.json")).read()) for d in (ref_dir, workdir))
-  assert got["eval_return"] == want["eval_return"] and got["eval_return_std"] == want["eval_return_std"]
-  assert got["resumed_from"] == 2 and want["resumed_from"] is None
 
 
 # --- bad input is refused before compiling, with nothing written ---------------------------------------
@@ -247,13 +195,22 @@ def _config(module, **overrides):
 def test_environments_are_split_over_the_mesh(reference, tmp_path):
   """On 8 devices (mesh data=8) each device steps its own environments: the compiled PPO step's
   per-device arguments hold 1/8 of the carry's per-environment state (memory analysis of the step
-  compiled with the carry split and with it replicated, against the bytes of those arrays), and
-  the run equals the 1-device run of the same seed (the reference, a main.py subprocess) to float
-  tolerance (sums over devices come in another order)."""
+  compiled with the carry split and with it replicated, against the bytes of those arrays). The
+  1-device run (the reference, a main.py subprocess), stopped after step 2, resumes here on 8
+  devices (its carry restored onto the split layout) and logs what the uninterrupted run logged,
+  to float tolerance (sums over devices come in another order; observed 2.2e-7 relative). (SIGKILL
+  and a resume on its heels: tests/test_reliability.py, on the same train loop.)"""
+  import shutil
   from helpers import parse_main
   from weit_jax import sharding, train_loop
   from weit_jax.programs import pretrain
-  config, workdir = parse_main(PRETRAIN, str(tmp_path / "wd"))
+  ref_dir, _ = reference
+  workdir = str(tmp_path / "wd")
+  shutil.copytree(ref_dir, workdir)
+  for step in committed_steps(workdir)[1:]:  # the run as it stood after step 2's checkpoint
+    shutil.rmtree(os.path.join(workdir, "checkpoints", str(step)))
+  assert committed_steps(workdir) == [2]
+  config, workdir = parse_main(PRETRAIN, workdir)
   task = pretrain.make_task(config, pretrain.build(config))
   mesh = sharding.make_mesh(dict(config.mesh))
   assert sharding.batch_ways(mesh) == 8
@@ -270,15 +227,15 @@ def test_environments_are_split_over_the_mesh(reference, tmp_path):
   saved = argument_bytes(replicated) - argument_bytes(split)
   assert per_env > 1000 and abs(saved - per_env * 7 / 8) <= 0.02 * per_env, (saved, per_env)
 
-  pretrain.run(config, workdir)
-  ref_dir, _ = reference
+  summary = pretrain.run(config, workdir)
+  assert summary["resumed_from"] == 2 and summary["final_step"] == TOTAL
   ref = {r["step"]: r for r in metrics.read_metrics(ref_dir) if "loss" in r}
-  got = {r["step"]: r for r in metrics.read_metrics(workdir) if "loss" in r}
-  assert sorted(got) == sorted(ref) == list(range(1, TOTAL + 1))
-  for step, r in got.items():
+  resumed = [r for r in metrics.read_metrics(workdir) if "loss" in r][TOTAL:]  # appended after the reference's
+  assert [r["step"] for r in resumed] == list(range(3, TOTAL + 1))
+  for r in resumed:
     np.testing.assert_allclose([r[k] for k in ("loss", "episode_return", "grad_norm")],
-                               [ref[step][k] for k in ("loss", "episode_return", "grad_norm")], rtol=1e-5,
-                               err_msg=f"step {step}")
+                               [ref[r["step"]][k] for k in ("loss", "episode_return", "grad_norm")], rtol=1e-5,
+                               err_msg=f"step {r['step']}")
 
 
 def test_templates_record_returns_and_observation_statistics(reference):
