@@ -233,7 +233,7 @@ ABLATIONS = {
     "n4": ("N=4, zero-initialized parameters with an all-ones template (the first default)",
            {"weit.num_templates": 4, "weit.zero_init": "ones"}),
     "n16": ("N=16", {"weit.num_templates": 16}),
-    "n32": ("N=32 (the former default)", {"weit.num_templates": 32}),
+    "n32": ("N=32 (the default before N=64)", {"weit.num_templates": 32}),
     "n128": ("N=128", {"weit.num_templates": 128}),
     "zero-init-other": ("the other weit.zero_init", None),  # set from the default in ablations()
     "untemplated": ("embedders and final layer kept out of templates (weit.untemplated)",
