@@ -141,6 +141,25 @@ def test_dry_run_compiles_the_real_steps_and_reports_memory_and_flops(report):
   assert mat["flops_per_chip"] > 0
 
 
+def test_the_control_step_compiles_with_its_environments_split(tmp_path):
+  """The PPO step of the control task (a rollout of batch_size brax environments, then the updates)
+  compiled for the 8 CPU devices: each chip holds and steps batch_size / 8 environments; the
+  environment-step bound is the chip's share of a step's environment steps over the step's time at
+  peak."""
+  from configs import policy_pretrain
+  c = ml_collections.ConfigDict(policy_pretrain.get_config("runlocal").to_dict())
+  c.model.update(dict(variant="mu", width=16, depth=2))
+  c.weit.update(dict(tiles=dict(hidden=8, hidden_in=8), num_templates=2))
+  c.update(dict(env="inverted_pendulum", batch_size=16, episode_length=20, eval_episodes=2))
+  c.ppo.update(dict(unroll_length=4, num_minibatches=2, epochs=1))
+  c.dry_run.topology = "cpu:8"
+  step = dry_run.run(c, str(tmp_path))["steps"]["pretrain_step"]
+  assert step["fits"] and step["environments_per_chip"] == 2 and step["env_steps_per_step_per_chip"] == 8
+  assert step["model_flops_per_chip"] is None and "mfu_bound" not in step  # no one-pass model FLOPs for PPO
+  assert step["flops_per_chip"] > 0
+  assert step["env_steps_per_s_at_peak"] == pytest.approx(8 / (step["flops_per_chip"] / 1e12))
+
+
 def test_only_the_materialize_step_on_a_mesh_of_choice(tmp_path):
   c = tiny_config(materialize="depth=2,width=64,heads=4", pretrain_step=False)
   c.dry_run.materialize_mesh = dict(data=2, fsdp=4, model=1)

@@ -1,5 +1,7 @@
 r"""Compile-only dry runs: the real pre-training step (and the init program's materialize step)
 compiled for a TPU pod slice on any machine, with its per-chip memory and FLOPs (docs/design.md section 5).
+For the control task the step is PPO's (a rollout of ``batch_size`` environments split over the
+batch axes, then the updates), and the report adds environments and environment steps per chip.
 
 With ``libtpu`` installed (the ``tpu`` extra; keep it in its own virtual environment),
 ``jax.experimental.topologies.get_topology_desc`` describes the chips of a slice without any TPU
@@ -133,21 +135,25 @@ def _abstract(tree, shardings):
 
 def compile_pretrain_step(config, mesh, setup=None):
   """The pre-training step exactly as ``train_loop.run`` jits it, lowered with abstract state, a
-  batch of ``config.batch_size`` and the step key. Returns (compiled, setup, seconds)."""
+  batch of ``config.batch_size`` (none for a task that collects its own: control's rollouts) and the
+  step key. Returns (compiled, task, seconds)."""
   setup = setup or pretrain.build(config)
   task = pretrain.make_task(config, setup)  # a distillation teacher is not modelled (see run())
   abstract, shardings = train_loop.state_shardings(task, mesh)
   batch_sh = sharding.batch_sharding(mesh)
   step = train_loop.make_train_step(task, shardings, batch_sh, mesh)
   cfg, b = setup.model_config, int(config.batch_size)
-  batch = {"image": jax.ShapeDtypeStruct((b, cfg.image_size, cfg.image_size, cfg.channels), jnp.float32,
-                                         sharding=batch_sh),
-           "labels": jax.ShapeDtypeStruct((b, cfg.num_classes), jnp.float32, sharding=batch_sh)}
+  if task.experience is not None:  # the step collects its own batch (rollouts of batch_size environments)
+    batch = None
+  else:
+    batch = {"image": jax.ShapeDtypeStruct((b, cfg.image_size, cfg.image_size, cfg.channels), jnp.float32,
+                                           sharding=batch_sh),
+             "labels": jax.ShapeDtypeStruct((b, cfg.num_classes), jnp.float32, sharding=batch_sh)}
   key = jax.eval_shape(jax.random.key, 0)
   key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=sharding.replicated(mesh))
   t0 = time.time()
   compiled = step.lower(_abstract(abstract, shardings), batch, key).compile()
-  return compiled, setup, time.time() - t0
+  return compiled, task, time.time() - t0
 
 
 def compile_materialize(config, setup, target: str, mesh):
@@ -358,6 +364,11 @@ def format_report(title: str, r: dict[str, Any]) -> str:
            f"  -> at least {1e3 * r['step_time_at_peak_s']:.2f} ms per step at the peak "
            f"{r['peak_flops_per_chip'] / 1e12:g} TFLOP/s (bf16)"]
   lines += [f"  note: {n}" for n in r.get("flops_notes", ())]
+  if r.get("env_steps_per_step_per_chip"):
+    lines.append(f"  {r['environments_per_chip']:g} environments per chip, {r['env_steps_per_step_per_chip']:g} "
+                 f"environment steps per chip per step: at most {r['env_steps_per_s_at_peak']:.3g} environment "
+                 "steps/s per chip at that bound (it counts the policy's dots; the simulator's elementwise "
+                 "physics is not in it, so the real rate is lower)")
   if r.get("model_flops_per_chip"):
     lines.append(f"  model FLOPs per chip {r['model_flops_per_chip']:.3e} (the plain model's matmuls, convolutions and attention, "
                  f"forward and backward): MFU at most {100 * r['mfu_bound']:.1f}% (the rest of the compiled FLOPs: "
@@ -373,10 +384,6 @@ def run(config, workdir: str | None = None) -> dict[str, Any]:
     raise ValueError(f"dry runs compile the pre-training step (config.program={config.program!r}); use "
                      "configs/vit_pretrain.py, with --config.dry_run.materialize=TARGET for the init "
                      "program's materialize step.")
-  if config.get("task", "classification") not in ("classification", "diffusion"):
-    raise ValueError(f"dry runs compile the step of an image task; config.task={config.task!r} steps a simulator "
-                     "inside its step, which a compile-only run cannot size. Run it on a small device count "
-                     "instead.")
   config_checks.check_ranges(config)
   dry = config.dry_run
   target = dry.get("materialize")
@@ -410,6 +417,8 @@ def run(config, workdir: str | None = None) -> dict[str, Any]:
       raise
     compiled, extra, seconds = out
     r = dict(analyze(compiled, topo.chip, hbm), compile_s=round(seconds, 1), **extra)
+    if r.get("env_steps_per_step_per_chip") and r["step_time_at_peak_s"]:
+      r["env_steps_per_s_at_peak"] = r["env_steps_per_step_per_chip"] / r["step_time_at_peak_s"]
     if r.get("model_flops_per_chip") and r["flops_per_chip"]:
       r["mfu_bound"] = r["model_flops_per_chip"] / r["flops_per_chip"]
     results["steps"][name] = r
@@ -423,16 +432,21 @@ def run(config, workdir: str | None = None) -> dict[str, Any]:
   setup = pretrain.build(config)
 
   def pretrain_step():
-    compiled, _, seconds = compile_pretrain_step(config, mesh, setup)
+    compiled, task, seconds = compile_pretrain_step(config, mesh, setup)
     cfg, b = setup.model_config, int(config.batch_size)
     train_flops = models.family_of(cfg).train_flops
     model_flops = train_flops(cfg, b) / len(devices) if train_flops else None
     counts = setup.gen.counts()
-    batch_ways = mesh.shape["data"] * mesh.shape["fsdp"]  # the batch's shards (model: split work)
+    batch_ways = sharding.batch_ways(mesh)  # the batch's shards (model: split work)
     extra = dict(model=cfg.short_name(), batch_size=b, per_chip_batch=b / batch_ways,
                  model_flops_per_chip=model_flops,
                  template_params=counts["templates"], scaler_params=counts["scalers"],
                  materialized_params=counts["materialized"])
+    if task.experience is not None:  # control: b environments, each chip steps its own
+      # (train_flops counts one pass over b examples; a PPO step makes unroll x b of them and
+      # passes over those epochs times: no model-FLOPs bound is claimed for it.)
+      extra.update(environments_per_chip=b / batch_ways, model_flops_per_chip=None,
+                   env_steps_per_step_per_chip=task.experience.env_steps_per_update / batch_ways)
     return compiled, extra, seconds
 
   variant = config.model.get("variant")
