@@ -39,7 +39,10 @@ ROWS = (
        for p in ("nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable")]
     # ... and the smallest slices with the policy that keeps least.
     + [("pretrain", "B/16", t, ["--config.model.remat_policy=nothing_saveable"], None) for t in ("v5e:2x4", "v5e:2x2")]
+    # The control task's PPO step (configs/policy_pretrain.py: hopper, 4096 environments, policy B).
+    + [("control", "B", t, [], None) for t in ("v5e:2x2", "v5e:4x4", "v5e:16x16")]
 )
+CONFIGS = {"pretrain": "configs/vit_pretrain.py", "control": "configs/policy_pretrain.py"}
 
 # Materializing a target on the init program's default mesh (fsdp over all chips), per slice:
 # `--materialize-sweep` (one process per slice, each target compiled by weit_jax.dry_run's own
@@ -66,9 +69,9 @@ every weight: 0.03 GiB per chip.
 SWEEP_SLICES = ("v5e:2x2", "v5e:2x4", "v5e:4x4", "v5e:8x8", "v5e:16x16", "v5p:2x2x1", "v5p:2x2x2", "v5p:2x2x4")
 
 
-def command(python: str, variant: str, topology: str, extra: list[str], materialize: str | None,
+def command(python: str, kind: str, variant: str, topology: str, extra: list[str], materialize: str | None,
             workdir: str) -> list[str]:
-  cmd = [python, "main.py", "--config=configs/vit_pretrain.py", f"--config.model.variant={variant}",
+  cmd = [python, "main.py", f"--config={CONFIGS[kind]}", f"--config.model.variant={variant}",
          f"--config.dry_run.topology={topology}", *extra]
   if materialize:
     cmd.append(f"--config.dry_run.materialize={materialize}")
@@ -130,7 +133,7 @@ What cannot be verified without a TPU:
 def run_row(python, row, timeout):
   kind, variant, topology, extra, materialize = row
   workdir = tempfile.mkdtemp(prefix="scale_")
-  cmd = command(python, variant, topology, extra, materialize, workdir)
+  cmd = command(python, kind, variant, topology, extra, materialize, workdir)
   t0 = time.time()
   proc = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True,
                         text=True, timeout=timeout)
@@ -283,6 +286,28 @@ def pretrain_table(runs) -> list[str]:
   return out
 
 
+def control_table(runs) -> list[str]:
+  out = ["| policy | slice | chips | environments (per chip) | args / temps / total per chip, GiB | HBM GiB | fits "
+         "| FLOPs per chip (HLO) | step time at peak | environment steps per chip per step | "
+         "environment steps/s per chip at peak (bound) |",
+         "| --- | --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: |"]
+  for r in runs:
+    kind, variant, topology, _, _ = r["row"]
+    if kind != "control":
+      continue
+    res = r["result"] or {}
+    s = res.get("steps", {}).get("pretrain_step")
+    if s is None or "argument_bytes" not in s:
+      out.append(f"| {variant} | {topology} | {res.get('chips', '')} | | {r['status']} | | **no** | | | | |")
+      continue
+    out.append(
+        f"| {variant} | {topology} | {res['chips']} | {s['batch_size']} ({s['environments_per_chip']:g}) | "
+        f"{_g(s['argument_bytes'])} / {_g(s['temp_bytes'])} / {_g(s['total_bytes'])} | {res['hbm_gib']:g} | "
+        f"{'yes' if s['fits'] else '**no**'} | {s['flops_per_chip']:.3g} | {1e3 * s['step_time_at_peak_s']:.2f} ms | "
+        f"{s['env_steps_per_step_per_chip']:g} | {s['env_steps_per_s_at_peak']:.3g} |")
+  return out
+
+
 def remat_findings(pre) -> list[str]:
   """Which remat policy fits ViT-B/16 at batch 4096 on v5e:4x4, and what it costs in FLOPs (against
   no remat at a batch that fits without it)."""
@@ -375,6 +400,16 @@ def write(runs, sweeps, out_path, *, made: str, date: str):
   lines += ["## Pre-training (the default config: auxiliary ViT, global batch 4096, bf16 compute, "
             "tiles embed/mlp 64, kv 16, N = 4, AdamW; mesh data = all chips)", ""]
   lines += pretrain_table(runs)
+  if any(r["row"][0] == "control" for r in runs):
+    lines += ["", "## Control: the PPO step (configs/policy_pretrain.py: hopper on brax's spring backend, 4096 "
+              "environments, policy B, unroll 32; mesh data = all chips)", "",
+              "One step: a rollout of every environment for `unroll_length` steps, then `epochs` passes of "
+              "`num_minibatches` updates. The environments are split over the batch axes like a batch (each chip "
+              "holds and steps its own, `train_loop.carry_shardings`); the minibatches too. The bound on "
+              "environment steps per second divides a chip's environment steps per update by the step time at "
+              "peak, which counts only the dots (the policy's matmuls, and materializing its weights): brax's "
+              "physics is elementwise work the bound leaves out, so real rates are lower.", ""]
+    lines += control_table(runs)
   lines += ["", "## Materializing a target (the init program's export step)", "", SWEEP_INTRO.strip(), ""]
   for label in ("before", "after"):
     if label in sweeps:
@@ -403,7 +438,8 @@ def main():
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--python", default=sys.executable, help="the Python with libtpu (default: this one)")
   p.add_argument("--out", default=os.path.join(ROOT, "docs", "scale.md"))
-  p.add_argument("--only", default=None, help="only rows whose model variant, topology or flags contain this; "
+  p.add_argument("--only", default=None, help="only rows whose kind (pretrain, control), model variant, topology "
+                 "or flags contain this; "
                  "they replace the same rows of the saved runs")
   p.add_argument("--timeout", type=int, default=900, help="seconds per dry run")
   p.add_argument("--render", default=None, metavar="RUNS_JSON",
@@ -436,7 +472,7 @@ def main():
                                           command=f"python benchmarks/scale_table.py --materialize-sweep="
                                                   f"{args.materialize_sweep}" + (" --code=CHECKOUT" if code != ROOT else ""))
   else:
-    rows = [r for r in ROWS if not args.only or any(args.only in x for x in (r[1], r[2], *r[3]))]
+    rows = [r for r in ROWS if not args.only or any(args.only in x for x in (r[0], r[1], r[2], *r[3]))]
     fresh = []
     for row in rows:
       print(f"{row[0]} {row[1]} on {row[2]} {' '.join(row[3])} ...", flush=True)
