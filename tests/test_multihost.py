@@ -1,6 +1,8 @@
 """Multi-host on one machine: two JAX processes x 4 CPU devices (gloo collectives) pre-train a tiny
 model through ``main.py``; the same steps in 1 process x 8 devices give the same losses; the checkpoint and an export they write restore on 8, 4 (another mesh) and 1 device(s);
-and training continues in one process from the data position the two processes reached.
+and training continues in one process from the data position the two processes reached. The
+control task's PPO pre-training runs the same way (each process stepping its own environments),
+stopped and resumed in one process.
 
 Run as a script (``python tests/test_multihost.py FLAGS...``), this file is one of the workers:
 it runs ``main.py``'s program, then exports the materialized auxiliary model from the workdir, as
@@ -138,15 +140,18 @@ def worker_env(coordinator: str, i: int, **extra) -> dict:
               WEIT_PROCESS_ID=str(i), WEIT_INIT_TIMEOUT_S="60", **extra)
 
 
+VIT = "--config=configs/vit_pretrain.py:runlocal"
+
+
 def launch(jobs, logdir) -> list[tuple[int, str]]:
-  """Starts every ``(name, workdir, extra flags, env)`` job through main.py at once; waits for them
-  (bounded), kills what is left; returns each one's exit code and output."""
+  """Starts every ``(name, workdir, flags, env)`` job through main.py at once (``flags`` with the
+  ``--config``); waits for them (bounded), kills what is left; returns each one's exit code and output."""
   logs, procs = [], []
   t0 = time.time()
   try:
     for name, workdir, extra, env in jobs:
       logs.append(open(os.path.join(logdir, f"{name}.log"), "w+"))
-      argv = ["--config=configs/vit_pretrain.py:runlocal", f"--workdir={workdir}", *extra]
+      argv = [f"--workdir={workdir}", *extra]
       procs.append(subprocess.Popen([sys.executable, os.path.abspath(__file__), *argv], cwd=ROOT, env=env,
                                     stdout=logs[-1], stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL))
     for p in procs:
@@ -172,7 +177,7 @@ def runs(data, tmp_path_factory):
   program; ``test_training_continues_in_one_process_where_two_stopped`` reuses its compile)."""
   two = str(tmp_path_factory.mktemp("two_processes"))
   one = str(tmp_path_factory.mktemp("one_process"))
-  flags = [f"--config.{k}={v}" for k, v in overrides(*data).items()]
+  flags = [VIT] + [f"--config.{k}={v}" for k, v in overrides(*data).items()]
   coordinator = f"127.0.0.1:{free_port()}"
   jobs = [(f"worker{i}", two, flags, worker_env(coordinator, i, WEIT_TEST_EXPORT="1")) for i in range(2)]
   results = launch(jobs, two)
@@ -205,7 +210,7 @@ def test_a_locked_workdir_refuses_every_process_of_a_job(data, tmp_path):
   workdir = str(tmp_path / "wd")
   workdir_lock.Lock.acquire(workdir, "pretrain", host="another-vm", pid=4242, command="python main.py X", log=None)
   before = sorted(os.listdir(workdir))
-  flags = [f"--config.{k}={v}" for k, v in overrides(*data).items()]
+  flags = [VIT] + [f"--config.{k}={v}" for k, v in overrides(*data).items()]
   coordinator = f"127.0.0.1:{free_port()}"
   results = launch([(f"worker{i}", workdir, flags, worker_env(coordinator, i)) for i in range(2)], str(tmp_path))
   for i, (code, out) in enumerate(results):
@@ -305,3 +310,42 @@ def test_training_continues_in_one_process_where_two_stopped(runs, data, capsys)
   # Consecutive batches' losses differ by ~3e-4 here, so another data position would show.
   # (Checked: with the data restarting at batch 0 instead, this fails.)
   np.testing.assert_allclose([two[s] for s in more], [one[s] for s in more], rtol=RTOL, atol=ATOL)
+
+
+# The control task's tiny PPO pre-training (tests/test_control_programs.py's): 8 environments, one
+# per device of the 2 x 4.
+CONTROL = ["--config=configs/policy_pretrain.py:runlocal", "--config.model.variant=mu", "--config.model.width=16",
+           "--config.model.depth=2", "--config.weit.tiles.hidden=8", "--config.weit.tiles.hidden_in=8",
+           "--config.weit.num_templates=2", "--config.env=inverted_pendulum", "--config.batch_size=8",
+           "--config.ppo.unroll_length=4", "--config.ppo.num_minibatches=2", "--config.ppo.epochs=1",
+           "--config.episode_length=20", "--config.eval_episodes=2", "--config.checkpoint_every=2",
+           "--config.eval_every=0", "--config.log_every=1"]
+
+
+def test_control_on_two_processes_each_stepping_its_own_environments(tmp_path):
+  """PPO pre-training as one job of 2 processes x 4 devices (the 8 environments split one per
+  device: each process steps its own 4), stopped after 4 steps, resumed here on 1 process x 8
+  devices to step 6: every logged loss, return and gradient norm equals a 1-process run's of 6
+  steps, to float tolerance (the workers compile with less LLVM optimization; sums over devices in
+  another order)."""
+  from helpers import parse_main
+  two, one = str(tmp_path / "two"), str(tmp_path / "one")
+  coordinator = f"127.0.0.1:{free_port()}"
+  results = launch([(f"worker{i}", two, CONTROL + ["--config.total_steps=4"], worker_env(coordinator, i))
+                    for i in range(2)], str(tmp_path))
+  for i, (code, out) in enumerate(results):
+    assert code == 0 and f"worker {i} of 2: 4 local devices, trained" in out, out[-3000:]
+  config, _ = parse_main(CONTROL + ["--config.total_steps=6"], two)
+  resumed = pretrain.run(config, two)
+  assert resumed["resumed_from"] == 4 and resumed["final_step"] == 6
+  reference, _ = parse_main(CONTROL + ["--config.total_steps=6"], one)
+  pretrain.run(reference, one)
+  logged = {}
+  for run in (two, one):
+    with open(os.path.join(run, "metrics.jsonl")) as f:
+      logged[run] = {r["step"]: r for r in map(json.loads, f) if "loss" in r}  # one writer: each step once
+  assert sorted(logged[two]) == sorted(logged[one]) == list(range(1, 7))
+  for step in range(1, 7):
+    np.testing.assert_allclose([logged[two][step][k] for k in ("loss", "episode_return", "grad_norm")],
+                               [logged[one][step][k] for k in ("loss", "episode_return", "grad_norm")],
+                               rtol=RTOL, atol=ATOL, err_msg=f"step {step}")
