@@ -18,10 +18,10 @@ import pytest  # noqa: E402
 # from 108 down to 10). With ``--dist loadfile --no-loadscope-reorder`` (scripts/test.sh) the two
 # workers take files in collection order, so the long ones start first and the short ones fill in
 # at the end, instead of one worker finishing a long file while the other idles.
-SLOWEST_FIRST = ("test_control_programs.py", "test_reliability.py", "test_programs.py", "test_resnet.py",
-                 "test_dit.py", "test_multihost.py", "test_pretrain.py", "test_generator.py", "test_inits.py",
+SLOWEST_FIRST = ("test_reliability.py", "test_control_programs.py", "test_programs.py", "test_dit.py",
+                 "test_resnet.py", "test_multihost.py", "test_pretrain.py", "test_generator.py", "test_inits.py",
                  "test_fine.py", "test_control.py", "test_vit.py", "test_checkpoint_templates.py",
-                 "test_dry_run.py", "test_sample_quality.py", "test_validation.py")
+                 "test_sample_quality.py", "test_validation.py", "test_dry_run.py")
 
 
 def pytest_collection_modifyitems(items):

@@ -6,21 +6,18 @@ import logging
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # main.py, run as a worker
-import main  # noqa: E402
-from weit_jax import checkpoint  # noqa: E402
-from weit_jax.evaluators import feature_classifier  # noqa: E402
+import main
+from weit_jax import checkpoint
+from weit_jax.evaluators import feature_classifier
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -281,84 +278,3 @@ def every_field_read(config, read_when: dict[str, str] | None = None):
     yield
   unread = unread_fields(config, read, read_when)
   assert not unread, f"config fields no code read in this run: {unread}"
-
-
-# --- multi-host: the processes of one JAX job on this machine (gloo) ------------------------------------
-# Run as a script (``python tests/helpers.py FLAGS...``), this file is one such process: it runs
-# ``main.py``'s program, then (``WEIT_TEST_EXPORT``) exports the materialized auxiliary model from
-# the workdir, as every process of a pod would.
-
-PROCESS_TIMEOUT_S = 300
-# Every worker: 4 CPU devices, compiled with less LLVM optimization (4x faster to compile).
-WORKER_XLA_FLAGS = "--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0"
-
-
-def free_port() -> int:
-  with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
-def worker_env(coordinator: str, i: int, **extra) -> dict:
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
-  for var in ("WEIT_COORDINATOR", "WEIT_NUM_PROCESSES", "WEIT_PROCESS_ID"):
-    env.pop(var, None)
-  return dict(env, XLA_FLAGS=WORKER_XLA_FLAGS, WEIT_COORDINATOR=coordinator, WEIT_NUM_PROCESSES="2",
-              WEIT_PROCESS_ID=str(i), WEIT_INIT_TIMEOUT_S="60", **extra)
-
-
-def launch_workers(jobs, logdir) -> list[tuple[int, str]]:
-  """Starts every ``(name, workdir, flags, env)`` job through main.py at once (``flags`` with the
-  ``--config``); waits for them (bounded), kills what is left; returns each one's exit code and output."""
-  logs, procs = [], []
-  t0 = time.time()
-  try:
-    for name, workdir, extra, env in jobs:
-      logs.append(open(os.path.join(logdir, f"{name}.log"), "w+"))
-      argv = [f"--workdir={workdir}", *extra]
-      procs.append(subprocess.Popen([sys.executable, os.path.abspath(__file__), *argv], cwd=ROOT, env=env,
-                                    stdout=logs[-1], stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL))
-    for p in procs:
-      p.wait(timeout=max(1.0, PROCESS_TIMEOUT_S - (time.time() - t0)))
-    outputs = []
-    for f in logs:
-      f.seek(0)
-      outputs.append(f.read())
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-        p.wait(timeout=30)
-    for f in logs:
-      f.close()
-  return [(p.returncode, out) for p, out in zip(procs, outputs)]
-
-
-def _worker(argv):
-  """``main.py``'s program with these flags, then an export of the auxiliary model's parameters,
-  materialized inside jit straight onto a mesh that spans both processes."""
-  sys.path.insert(0, ROOT)
-  import main as entry
-  from absl import flags
-  flags.FLAGS(["main.py", *argv])
-  entry.main([])
-  import jax
-  print(f"worker {jax.process_index()} of {jax.process_count()}: {jax.local_device_count()} local devices, "
-        "trained", flush=True)
-  if not os.environ.get("WEIT_TEST_EXPORT"):
-    return
-  from weit_jax import exports, sharding
-  from weit_jax.programs import pretrain
-  config, setup, params, step = pretrain.restore_templates(flags.FLAGS.workdir)
-  gen = setup.gen
-  mesh = sharding.make_mesh({"fsdp": -1})
-  out = sharding.shardings(gen.param_shapes(), gen.param_axes(), mesh)
-  plain = jax.jit(gen.materialize, out_shardings=out)(params["templates"], params["scalers"])
-  exports.write(os.path.join(flags.FLAGS.workdir, "export"), plain,
-                dict(model=dataclasses.asdict(setup.model_config), step=step))
-  print(f"worker {jax.process_index()} of {jax.process_count()}: exported", flush=True)
-
-
-if __name__ == "__main__":
-  _worker(sys.argv[1:])
-  sys.exit(0)

@@ -21,8 +21,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from helpers import (assert_refused, committed_steps, every_field_read, free_port, launch_workers, ok, refused_in_process,
-                     run_main, snapshot, worker_env)
+from helpers import assert_refused, committed_steps, every_field_read, ok, refused_in_process, run_main, snapshot
 from weit_jax import checkpoint, exports, metrics, models
 
 # inverted_pendulum: the cheapest brax system to compile (about half of hopper's compile time).
@@ -292,45 +291,3 @@ def test_init_for_both_morphologies_and_train_from_an_export(reference, tmp_path
   with pytest.raises(ValueError, match=r"exported for other data sizes .*policy_init.py --config.env=inverted_pendulum"):
     train.validate(tc, str(tmp_path / "train_ip"))
   assert not (tmp_path / "train_ip").exists()
-
-
-# --- on several hosts ---------------------------------------------------------------------------------
-
-# The tiny PPO pre-training above as main.py flags for 2 processes x 4 devices (helpers.launch_workers,
-# as tests/test_multihost.py runs them): 8 environments, one per device. In this file so that its
-# 8-device compile here is the one test_environments_are_split_over_the_mesh made.
-CONTROL = ["--config=configs/policy_pretrain.py:runlocal", "--config.model.variant=mu", "--config.model.width=16",
-           "--config.model.depth=2", "--config.weit.tiles.hidden=8", "--config.weit.tiles.hidden_in=8",
-           "--config.weit.num_templates=2", "--config.env=inverted_pendulum", "--config.batch_size=8",
-           "--config.ppo.unroll_length=4", "--config.ppo.num_minibatches=2", "--config.ppo.epochs=1",
-           "--config.episode_length=20", "--config.eval_episodes=2", "--config.checkpoint_every=2",
-           "--config.eval_every=0", "--config.log_every=1"]
-
-
-def test_control_on_two_processes_each_stepping_its_own_environments(tmp_path):
-  """PPO pre-training as one job of 2 processes x 4 devices (the 8 environments split one per
-  device: each process steps its own 4), stopped after 4 steps, resumed here on 1 process x 8
-  devices to step 6: every logged loss, return and gradient norm equals a 1-process run's of 6
-  steps, to float tolerance (the workers compile with less LLVM optimization; sums over devices in
-  another order; observed 1.6e-7)."""
-  from helpers import parse_main
-  from weit_jax.programs import pretrain
-  two, one = str(tmp_path / "two"), str(tmp_path / "one")
-  coordinator = f"127.0.0.1:{free_port()}"
-  results = launch_workers([(f"worker{i}", two, CONTROL + ["--config.total_steps=4"], worker_env(coordinator, i))
-                            for i in range(2)], str(tmp_path))
-  for i, (code, out) in enumerate(results):
-    assert code == 0 and f"worker {i} of 2: 4 local devices, trained" in out, out[-3000:]
-  config, _ = parse_main(CONTROL + ["--config.total_steps=6"], two)
-  resumed = pretrain.run(config, two)
-  assert resumed["resumed_from"] == 4 and resumed["final_step"] == 6
-  reference, _ = parse_main(CONTROL + ["--config.total_steps=6"], one)
-  pretrain.run(reference, one)
-  logged = {run: [r for r in metrics.read_metrics(run) if "loss" in r] for run in (two, one)}
-  assert [r["step"] for r in logged[two]] == list(range(1, 7))  # process 0 alone writes: each step once
-  logged = {run: {r["step"]: r for r in records} for run, records in logged.items()}
-  assert sorted(logged[one]) == list(range(1, 7))
-  for step in range(1, 7):
-    np.testing.assert_allclose([logged[two][step][k] for k in ("loss", "episode_return", "grad_norm")],
-                               [logged[one][step][k] for k in ("loss", "episode_return", "grad_norm")],
-                               rtol=1e-5, err_msg=f"step {step}")

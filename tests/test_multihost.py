@@ -1,12 +1,20 @@
 """Multi-host on one machine: two JAX processes x 4 CPU devices (gloo collectives) pre-train a tiny
 model through ``main.py``; the same steps in 1 process x 8 devices give the same losses; the checkpoint and an export they write restore on 8, 4 (another mesh) and 1 device(s);
-and training continues in one process from the data position the two processes reached.
+and training continues in one process from the data position the two processes reached. The
+control task's PPO pre-training runs the same way (each process stepping its own environments),
+stopped and resumed in one process.
 
-The workers: ``tests/helpers.py`` run as a script (``helpers.launch_workers``). (The control task's
-PPO on 2 processes: tests/test_control_programs.py.)
+Run as a script (``python tests/test_multihost.py FLAGS...``), this file is one of the workers:
+it runs ``main.py``'s program, then exports the materialized auxiliary model from the workdir, as
+every process of a pod would.
 """
+import dataclasses
 import json
 import os
+import socket
+import subprocess
+import sys
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS, MORE_STEPS = 6, 9  # 2 processes train 6 steps, 1 process 9; the 2-process run then resumes to 9
@@ -17,7 +25,8 @@ STEPS, MORE_STEPS = 6, 9  # 2 processes train 6 steps, 1 process 9; the 2-proces
 # ~3e-4 here (steps 3 on; at steps 1-2 the zero-initialized head predicts uniformly), so a batch
 # out of place would show.
 RTOL, ATOL = 1e-5, 1e-6
-VIT = "--config=configs/vit_pretrain.py:runlocal"
+PROCESS_TIMEOUT_S = 300
+WORKER_XLA_FLAGS = "--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0"
 
 
 def overrides(idx_dir: str, data_dir: str) -> dict:
@@ -47,6 +56,38 @@ def apply(config, values: dict):
   return config
 
 
+# --- the worker ------------------------------------------------------------------------------------
+
+def _worker(argv):
+  """``main.py``'s program with these flags, then an export of the auxiliary model's parameters,
+  materialized inside jit straight onto a mesh that spans both processes."""
+  sys.path.insert(0, ROOT)
+  import main as entry
+  from absl import flags
+  flags.FLAGS(["main.py", *argv])
+  entry.main([])
+  import jax
+  print(f"worker {jax.process_index()} of {jax.process_count()}: {jax.local_device_count()} local devices, "
+        "trained", flush=True)
+  if not os.environ.get("WEIT_TEST_EXPORT"):
+    return
+  from weit_jax import exports, sharding
+  from weit_jax.programs import pretrain
+  config, setup, params, step = pretrain.restore_templates(flags.FLAGS.workdir)
+  gen = setup.gen
+  mesh = sharding.make_mesh({"fsdp": -1})
+  out = sharding.shardings(gen.param_shapes(), gen.param_axes(), mesh)
+  plain = jax.jit(gen.materialize, out_shardings=out)(params["templates"], params["scalers"])
+  exports.write(os.path.join(flags.FLAGS.workdir, "export"), plain,
+                dict(model=dataclasses.asdict(setup.model_config), step=step))
+  print(f"worker {jax.process_index()} of {jax.process_count()}: exported", flush=True)
+
+
+if __name__ == "__main__":
+  _worker(sys.argv[1:])
+  sys.exit(0)
+
+
 # --- the tests -------------------------------------------------------------------------------------
 
 import chex  # noqa: E402
@@ -56,9 +97,14 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from configs import vit_pretrain  # noqa: E402
-from helpers import WORKER_XLA_FLAGS, free_port, launch_workers, worker_env  # noqa: E402
 from weit_jax import checkpoint, exports, sharding, train_loop # noqa: E402
 from weit_jax.programs import pretrain  # noqa: E402
+
+
+def free_port() -> int:
+  with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +132,44 @@ def read_losses(workdir) -> dict[int, float]:
   return out
 
 
+def worker_env(coordinator: str, i: int, **extra) -> dict:
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+  for var in ("WEIT_COORDINATOR", "WEIT_NUM_PROCESSES", "WEIT_PROCESS_ID"):
+    env.pop(var, None)
+  return dict(env, XLA_FLAGS=WORKER_XLA_FLAGS, WEIT_COORDINATOR=coordinator, WEIT_NUM_PROCESSES="2",
+              WEIT_PROCESS_ID=str(i), WEIT_INIT_TIMEOUT_S="60", **extra)
+
+
+VIT = "--config=configs/vit_pretrain.py:runlocal"
+
+
+def launch(jobs, logdir) -> list[tuple[int, str]]:
+  """Starts every ``(name, workdir, flags, env)`` job through main.py at once (``flags`` with the
+  ``--config``); waits for them (bounded), kills what is left; returns each one's exit code and output."""
+  logs, procs = [], []
+  t0 = time.time()
+  try:
+    for name, workdir, extra, env in jobs:
+      logs.append(open(os.path.join(logdir, f"{name}.log"), "w+"))
+      argv = [f"--workdir={workdir}", *extra]
+      procs.append(subprocess.Popen([sys.executable, os.path.abspath(__file__), *argv], cwd=ROOT, env=env,
+                                    stdout=logs[-1], stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL))
+    for p in procs:
+      p.wait(timeout=max(1.0, PROCESS_TIMEOUT_S - (time.time() - t0)))
+    outputs = []
+    for f in logs:
+      f.seek(0)
+      outputs.append(f.read())
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+        p.wait(timeout=30)
+    for f in logs:
+      f.close()
+  return [(p.returncode, out) for p, out in zip(procs, outputs)]
+
+
 @pytest.fixture(scope="module")
 def runs(data, tmp_path_factory):
   """Two workers (2 processes x 4 devices, 6 steps) through main.py, then one process x 8 devices
@@ -96,7 +180,7 @@ def runs(data, tmp_path_factory):
   flags = [VIT] + [f"--config.{k}={v}" for k, v in overrides(*data).items()]
   coordinator = f"127.0.0.1:{free_port()}"
   jobs = [(f"worker{i}", two, flags, worker_env(coordinator, i, WEIT_TEST_EXPORT="1")) for i in range(2)]
-  results = launch_workers(jobs, two)
+  results = launch(jobs, two)
   for (name, *_), (code, out) in zip(jobs, results):
     assert code == 0, f"{name} exited {code}:\n{out[-3000:]}"
   assert set(WORKER_XLA_FLAGS.replace("count=4", "count=8").split()) <= set(os.environ["XLA_FLAGS"].split())
@@ -128,7 +212,7 @@ def test_a_locked_workdir_refuses_every_process_of_a_job(data, tmp_path):
   before = sorted(os.listdir(workdir))
   flags = [VIT] + [f"--config.{k}={v}" for k, v in overrides(*data).items()]
   coordinator = f"127.0.0.1:{free_port()}"
-  results = launch_workers([(f"worker{i}", workdir, flags, worker_env(coordinator, i)) for i in range(2)], str(tmp_path))
+  results = launch([(f"worker{i}", workdir, flags, worker_env(coordinator, i)) for i in range(2)], str(tmp_path))
   for i, (code, out) in enumerate(results):
     assert code != 0 and "WorkdirInUse" in out and "trained" not in out, (i, out[-3000:])
   assert "in use by another run: host another-vm, pid 4242" in results[0][1]
@@ -227,3 +311,41 @@ def test_training_continues_in_one_process_where_two_stopped(runs, data, capsys)
   # (Checked: with the data restarting at batch 0 instead, this fails.)
   np.testing.assert_allclose([two[s] for s in more], [one[s] for s in more], rtol=RTOL, atol=ATOL)
 
+
+# The control task's tiny PPO pre-training (tests/test_control_programs.py's): 8 environments, one
+# per device of the 2 x 4.
+CONTROL = ["--config=configs/policy_pretrain.py:runlocal", "--config.model.variant=mu", "--config.model.width=16",
+           "--config.model.depth=2", "--config.weit.tiles.hidden=8", "--config.weit.tiles.hidden_in=8",
+           "--config.weit.num_templates=2", "--config.env=inverted_pendulum", "--config.batch_size=8",
+           "--config.ppo.unroll_length=4", "--config.ppo.num_minibatches=2", "--config.ppo.epochs=1",
+           "--config.episode_length=20", "--config.eval_episodes=2", "--config.checkpoint_every=2",
+           "--config.eval_every=0", "--config.log_every=1"]
+
+
+def test_control_on_two_processes_each_stepping_its_own_environments(tmp_path):
+  """PPO pre-training as one job of 2 processes x 4 devices (the 8 environments split one per
+  device: each process steps its own 4), stopped after 4 steps, resumed here on 1 process x 8
+  devices to step 6: every logged loss, return and gradient norm equals a 1-process run's of 6
+  steps, to float tolerance (the workers compile with less LLVM optimization; sums over devices in
+  another order)."""
+  from helpers import parse_main
+  two, one = str(tmp_path / "two"), str(tmp_path / "one")
+  coordinator = f"127.0.0.1:{free_port()}"
+  results = launch([(f"worker{i}", two, CONTROL + ["--config.total_steps=4"], worker_env(coordinator, i))
+                    for i in range(2)], str(tmp_path))
+  for i, (code, out) in enumerate(results):
+    assert code == 0 and f"worker {i} of 2: 4 local devices, trained" in out, out[-3000:]
+  config, _ = parse_main(CONTROL + ["--config.total_steps=6"], two)
+  resumed = pretrain.run(config, two)
+  assert resumed["resumed_from"] == 4 and resumed["final_step"] == 6
+  reference, _ = parse_main(CONTROL + ["--config.total_steps=6"], one)
+  pretrain.run(reference, one)
+  logged = {}
+  for run in (two, one):
+    with open(os.path.join(run, "metrics.jsonl")) as f:
+      logged[run] = {r["step"]: r for r in map(json.loads, f) if "loss" in r}  # one writer: each step once
+  assert sorted(logged[two]) == sorted(logged[one]) == list(range(1, 7))
+  for step in range(1, 7):
+    np.testing.assert_allclose([logged[two][step][k] for k in ("loss", "episode_return", "grad_norm")],
+                               [logged[one][step][k] for k in ("loss", "episode_return", "grad_norm")],
+                               rtol=RTOL, atol=ATOL, err_msg=f"step {step}")
