@@ -25,6 +25,12 @@ SLOWEST_FIRST = ("test_reliability.py", "test_control_programs.py", "test_progra
 
 
 def pytest_collection_modifyitems(items):
+  # Tests marked slow are skipped (said in the summary) unless WEIT_TEST_SLOW=1: they would break
+  # the suite's time budget (7 minutes on 2 cores).
+  if not os.environ.get("WEIT_TEST_SLOW"):
+    for item in items:
+      if item.get_closest_marker("slow"):
+        item.add_marker(pytest.mark.skip(reason="slow: WEIT_TEST_SLOW=1 bash scripts/test.sh runs it"))
   rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
   items.sort(key=lambda item: rank.get(os.path.basename(str(item.path)), len(rank)))  # stable: others keep their order
 

@@ -322,12 +322,13 @@ CONTROL = ["--config=configs/policy_pretrain.py:runlocal", "--config.model.varia
            "--config.eval_every=0", "--config.log_every=1"]
 
 
+@pytest.mark.slow  # 75 CPU-s: the suite's 7 minutes do not hold it; WEIT_TEST_SLOW=1 runs it
 def test_control_on_two_processes_each_stepping_its_own_environments(tmp_path):
   """PPO pre-training as one job of 2 processes x 4 devices (the 8 environments split one per
   device: each process steps its own 4), stopped after 4 steps, resumed here on 1 process x 8
   devices to step 6: every logged loss, return and gradient norm equals a 1-process run's of 6
   steps, to float tolerance (the workers compile with less LLVM optimization; sums over devices in
-  another order)."""
+  another order; observed 1.6e-7)."""
   from helpers import parse_main
   two, one = str(tmp_path / "two"), str(tmp_path / "one")
   coordinator = f"127.0.0.1:{free_port()}"
