@@ -260,16 +260,20 @@ def _g(b):
   return f"{b / GIB:.2f}"
 
 
+def _steps(runs, kind):
+  """(run, its result, its pre-training step or None) of every row of ``kind``."""
+  for r in runs:
+    if r["row"][0] == kind:
+      res = r["result"] or {}
+      yield r, res, res.get("steps", {}).get("pretrain_step")
+
+
 def pretrain_table(runs) -> list[str]:
   out = ["| model | remat | slice | chips | global batch (per chip) | args / temps / total per chip, GiB | HBM GiB | fits "
          "| FLOPs per chip (HLO) | XLA cost analysis | step time at peak | model FLOPs per chip | MFU bound |",
          "| --- | --- | --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
-  for r in runs:
-    kind, variant, topology, _, _ = r["row"]
-    if kind != "pretrain":
-      continue
-    res = r["result"] or {}
-    s = res.get("steps", {}).get("pretrain_step")
+  for r, res, s in _steps(runs, "pretrain"):
+    _, variant, topology, _, _ = r["row"]
     if s is None:
       out.append(f"| ViT-{variant} | {_remat(r['row'][3])} | {topology} | | | | | {r['status']} | | | | | |")
       continue
@@ -291,12 +295,8 @@ def control_table(runs) -> list[str]:
          "| FLOPs per chip (HLO) | step time at peak | environment steps per chip per step | "
          "environment steps/s per chip at peak (bound) |",
          "| --- | --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: |"]
-  for r in runs:
-    kind, variant, topology, _, _ = r["row"]
-    if kind != "control":
-      continue
-    res = r["result"] or {}
-    s = res.get("steps", {}).get("pretrain_step")
+  for r, res, s in _steps(runs, "control"):
+    _, variant, topology, _, _ = r["row"]
     if s is None or "argument_bytes" not in s:
       out.append(f"| {variant} | {topology} | {res.get('chips', '')} | | {r['status']} | | **no** | | | | |")
       continue
