@@ -434,7 +434,9 @@ def run(config, workdir: str | None = None) -> dict[str, Any]:
   def pretrain_step():
     compiled, task, seconds = compile_pretrain_step(config, mesh, setup)
     cfg, b = setup.model_config, int(config.batch_size)
-    train_flops = models.family_of(cfg).train_flops
+    # train_flops counts one pass over b examples; a PPO step (control) makes unroll x b of them and
+    # passes over those epochs times: no model-FLOPs bound is claimed for it.
+    train_flops = models.family_of(cfg).train_flops if task.experience is None else None
     model_flops = train_flops(cfg, b) / len(devices) if train_flops else None
     counts = setup.gen.counts()
     batch_ways = sharding.batch_ways(mesh)  # the batch's shards (model: split work)
@@ -443,9 +445,7 @@ def run(config, workdir: str | None = None) -> dict[str, Any]:
                  template_params=counts["templates"], scaler_params=counts["scalers"],
                  materialized_params=counts["materialized"])
     if task.experience is not None:  # control: b environments, each chip steps its own
-      # (train_flops counts one pass over b examples; a PPO step makes unroll x b of them and
-      # passes over those epochs times: no model-FLOPs bound is claimed for it.)
-      extra.update(environments_per_chip=b / batch_ways, model_flops_per_chip=None,
+      extra.update(environments_per_chip=b / batch_ways,
                    env_steps_per_step_per_chip=task.experience.env_steps_per_update / batch_ways)
     return compiled, extra, seconds
 

@@ -65,9 +65,10 @@ def validate(config, workdir: str):
   if config.init:  # the size comes from the export
     exported = models.from_record(exports.read_meta(config.init)["model"])
     family = models.family_of(exported)
-    if family is not models.family_named_in(config.model):
+    wanted = models.family_named_in(config.model)
+    if family is not wanted:
       raise ValueError(f"{config.init} is an export of a {family.name} model, but this config trains a "
-                       f"{models.family_named_in(config.model).name}; use configs/{family.name}_train.py.")
+                       f"{wanted.name}; use configs/{family.name}_train.py.")
     if (conflict := models.option_conflict(config.model, exported)):  # the export's computation is the model's
       name, want, have = conflict
       raise ValueError(f"{config.init} is an export of a model with {name}={have!r}, but --config.model.{name}="
