@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import platform
 import shlex
@@ -62,9 +63,12 @@ mesh axis that does not divide a weight's sharded dimension moves to another dim
 (`sharding._fallback`). *Temps in shards*: temporaries / the chip's output (its shard). The goal:
 temporaries at most one shard. ViT-G/14 on v5e:16x16: its width 1664 does not split 256 ways, so its
 MLP weights are split along their 8192 instead; its attention kernels (48 x 1664 x 16 heads x 104)
-have no dimension that 256 divides and stay whole on every chip (2.02 GiB of its 6.87). A mesh of
-fsdp=16 x model=16 (`--config.dry_run.materialize_mesh`, the init program's `--config.mesh`) splits
-every weight: 0.03 GiB per chip.
+have no dimension that 256 divides and stay whole on every chip of that mesh (*weights not split*:
+float32 bytes per chip of the weights split fewer ways than there are chips, counting those with at
+least 2^22 elements per chip, `sharding.unsplit_weights`). The init program's log and the dry run say
+so and name the mesh of the same chips that splits every weight (`sharding.split_advice`: the most
+fsdp ways, the rest on model); the row under such a slice is compiled on that mesh
+(`--config.mesh.fsdp/.model`, the dry run's `--config.dry_run.materialize_mesh`).
 """
 SWEEP_SLICES = ("v5e:2x2", "v5e:2x4", "v5e:4x4", "v5e:8x8", "v5e:16x16", "v5p:2x2x1", "v5p:2x2x2", "v5p:2x2x4")
 
@@ -178,23 +182,37 @@ def sweep_slice(topology: str) -> list[dict]:
   topo = dry_run.parse_topology(topology)
   devices = dry_run.topology_devices(topo)
   # Spelled out, not sharding.FSDP_ALL: the 'before' column runs a checkout that predates it.
-  mesh = sharding.make_mesh(dict(data=1, fsdp=-1, model=1), devices=devices)
+  default = dict(data=1, fsdp=-1, model=1)
+  splits = hasattr(sharding, "unsplit_weights")  # the 'before' checkout predates it too
   out = []
-  for name, spec in SWEEP_TARGETS:
+
+  def compile_on(name, spec, mesh_shape, **extra):
     t0 = time.time()
+    mesh = sharding.make_mesh(mesh_shape, devices=devices)
     try:
       compiled, cfg, gen, _, _ = dry_run.compile_materialize(config, setup, spec, mesh)
       r = dry_run.analyze(compiled, topo.chip, topo.chip.hbm_gib)
       r = {k: v for k, v in r.items() if k != "flops_notes"}
       r.update(model=cfg.short_name(), materialized_params=gen.counts()["materialized"])
+      if splits:  # float32 bytes per chip of the weights the rules leave (partly) whole
+        whole = sharding.unsplit_weights(gen.param_shapes(), gen.param_axes(), mesh.shape)
+        r.update(unsplit_bytes=sum(4 * math.prod(s) // w for _, s, w in whole),
+                 splitting_mesh=sharding.mesh_splitting_every_weight(gen.param_shapes(), gen.param_axes(),
+                                                                     topo.num_chips) if whole else None)
     except Exception as e:  # noqa: BLE001: the TPU compiler refuses what exceeds HBM
       if "RESOURCE_EXHAUSTED" not in str(e) and "ran out of memory" not in str(e).lower():
         raise
       r = dict(fits=False, error=next((l for l in str(e).splitlines() if l.strip()), "")[:300])
     out.append(dict(target=name, topology=topology, chips=topo.num_chips, hbm_gib=topo.chip.hbm_gib,
-                    compile_s=round(time.time() - t0, 1), **r))
-    print(f"  {name} on {topology}: {'fits' if r['fits'] else 'does not fit'} ({out[-1]['compile_s']:.0f} s)",
-          file=sys.stderr, flush=True)
+                    mesh=dict(mesh.shape), compile_s=round(time.time() - t0, 1), **extra, **r))
+    print(f"  {name} on {topology}, mesh {dict(mesh.shape)}: {'fits' if r['fits'] else 'does not fit'} "
+          f"({out[-1]['compile_s']:.0f} s)", file=sys.stderr, flush=True)
+    return r
+
+  for name, spec in SWEEP_TARGETS:
+    r = compile_on(name, spec, default)
+    if r.get("splitting_mesh"):  # the same slice on the mesh that splits every weight
+      compile_on(name, spec, r["splitting_mesh"], alternative=True)
   return out
 
 
@@ -223,26 +241,35 @@ def sweep_table(sweeps: dict) -> list[str]:
   """Per target and slice: outputs / temporaries / total per chip, before and after; then the
   smallest slice of each generation that initializes the target."""
   after, before = sweeps.get("after", {}).get("rows", []), sweeps.get("before", {}).get("rows", [])
-  find = lambda rows, t, s: next((r for r in rows if r["target"] == t and r["topology"] == s), None)
+  find = lambda rows, t, s, alt=False: next((r for r in rows if r["target"] == t and r["topology"] == s
+                                              and r.get("alternative", False) == alt), None)
   out = ["| target (weights) | slice | chips | HBM GiB | before: outputs / temps / total per chip, GiB "
-         "| after: outputs / temps / total, GiB | temps after, in shards |",
-         "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+         "| after: outputs / temps / total, GiB | temps after, in shards | weights not split, GiB per chip |",
+         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
   for name, _ in SWEEP_TARGETS:
     for topology in SWEEP_SLICES:
       a, b = find(after, name, topology), find(before, name, topology)
       if a is None:
         continue
-      weights = f" ({a['materialized_params'] / 1e9:.2f}B)" if "materialized_params" in a else ""
-      shards = f"{a['temp_bytes'] / a['output_bytes']:.2f}" if "output_bytes" in a else ""
-      out.append(f"| ViT-{name}{weights} | {topology} | {a['chips']} | {a['hbm_gib']:g} | "
-                 f"{_peak(b) if b else 'not run'} | {_peak(a)} | {shards} |")
+      for row, first in ((a, b), (find(after, name, topology, True), None)):
+        if row is None:
+          continue
+        weights = f" ({row['materialized_params'] / 1e9:.2f}B)" if "materialized_params" in row else ""
+        shards = f"{row['temp_bytes'] / row['output_bytes']:.2f}" if "output_bytes" in row else ""
+        mesh = (f", mesh fsdp={row['mesh']['fsdp']} x model={row['mesh']['model']}"
+                if row.get("alternative") else "")
+        unsplit = _g(row["unsplit_bytes"]) if "unsplit_bytes" in row else ""
+        out.append(f"| ViT-{name}{weights}{mesh} | {topology} | {row['chips']} | {row['hbm_gib']:g} | "
+                   f"{(_peak(first) if first else 'not run') if row is a else ''} | {_peak(row)} | {shards} | "
+                   f"{unsplit} |")
   out += ["", "Smallest slice that initializes each target (of those above):", "",
           "| target | v5e before | v5e after | v5p before | v5p after |", "| --- | --- | --- | --- | --- |"]
   for name, _ in SWEEP_TARGETS:
     cells = []
     for gen in ("v5e", "v5p"):
       for rows in (before, after):
-        fit = [r for r in rows if r["target"] == name and r["topology"].startswith(gen + ":") and r["fits"]]
+        fit = [r for r in rows if r["target"] == name and r["topology"].startswith(gen + ":") and r["fits"]
+               and not r.get("alternative")]
         cells.append(min(fit, key=lambda r: r["chips"])["topology"] if fit else ("not run" if not rows else "none"))
     out.append(f"| ViT-{name} | " + " | ".join(cells) + " |")
   return out

@@ -166,6 +166,7 @@ def test_only_the_materialize_step_on_a_mesh_of_choice(tmp_path):
   results = dry_run.run(c, str(tmp_path))
   assert results["steps"].keys() == {"materialize"}
   assert results["steps"]["materialize"]["mesh"] == {"data": 2, "fsdp": 4, "model": 1}
+  assert results["steps"]["materialize"]["split_advice"] is None  # no weight of 2^22+ elements per chip
   with pytest.raises(ValueError, match="pretrain_step=False leaves nothing to compile"):
     dry_run.run(tiny_config(pretrain_step=False), str(tmp_path))
 

@@ -231,6 +231,41 @@ def test_sharding_falls_back_to_a_dimension_that_divides():
     np.testing.assert_allclose(got[path], want, rtol=1e-5, atol=1e-5, err_msg="/".join(path))
 
 
+def test_weights_left_whole_are_named_with_a_mesh_that_splits_them():
+  """ViT-G/14's case in small: width 12 and 2 heads leave the attention kernels (2, 12, 2, 6) whole
+  on fsdp=8 (no dimension divides 8). Oracle: the shard shapes of jax's own shardings on the 8
+  devices, over every fsdp x model mesh; the advice names the first (most fsdp) mesh that splits
+  every weight with more than ``min_size`` elements per device."""
+  _, _, gen = vit_generator(tiles=dict(embed=4, mlp=16, heads=1), depth=2, width=12, num_heads=2, mlp_dim=48)
+  shapes, axes, min_size = gen.param_shapes(), gen.param_axes(), 150
+
+  def oracle(mesh_shape):  # path -> ways, for the weights split fewer than 8 ways with >= min_size per device
+    mesh = sharding.make_mesh(mesh_shape)
+    out = {}
+    for path, (sh, leaf) in zip(traverse_util.flatten_dict(shapes), zip(
+        jax.tree_util.tree_leaves(sharding.shardings(shapes, axes, mesh)), jax.tree_util.tree_leaves(shapes))):
+      ways = math.prod(leaf.shape) // math.prod(sh.shard_shape(leaf.shape))
+      if ways < 8 and math.prod(leaf.shape) / ways >= min_size:
+        out["/".join(path)] = ways
+    return out
+
+  meshes = [dict(data=1, fsdp=8 // m, model=m) for m in (1, 2, 4, 8)]
+  for mesh_shape in meshes:
+    got = sharding.unsplit_weights(shapes, axes, mesh_shape, min_size=min_size)
+    assert {p: w for p, _, w in got} == oracle(mesh_shape), mesh_shape
+  whole = oracle(meshes[0])
+  assert whole["Transformer/encoderblock/MultiHeadDotProductAttention_0/query/kernel"] == 1
+  want = next(m for m in meshes if not oracle(m))
+  assert want == dict(data=1, fsdp=4, model=2)  # width 12 over 4, heads 2 over 2
+  assert sharding.mesh_splitting_every_weight(shapes, axes, 8, min_size=min_size) == want
+  assert sharding.split_advice(shapes, axes, sharding.make_mesh(meshes[0])) is None  # 2^22 elements by default
+  assert sharding.split_advice(shapes, axes, sharding.make_mesh(want), min_size=min_size) is None
+  advice = sharding.split_advice(shapes, axes, sharding.make_mesh(meshes[0]), min_size=min_size)
+  assert f"{len(whole)} weights are not split over all 8 devices" in advice
+  assert "query/kernel (2, 12, 2, 6) (1 of 8 ways)" in advice
+  assert "--config.mesh.fsdp=4 --config.mesh.model=2" in advice
+
+
 @pytest.mark.parametrize("mesh_shape", [{"fsdp": 8}, {"fsdp": 4, "model": 2}])
 def test_sharding_of_dimensions_that_divide_is_the_rules(mesh_shape):
   """Where every named dimension divides its mesh axes, each spec is the rules' own mapping (flax's

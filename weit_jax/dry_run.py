@@ -461,13 +461,15 @@ def run(config, workdir: str | None = None) -> dict[str, Any]:
 
     def materialize_step():
       compiled, cfg, gen, note, seconds = compile_materialize(config, setup, target, init_mesh)
-      if note:
-        print(f"  note: {note}")
+      advice = sharding.split_advice(gen.param_shapes(), gen.param_axes(), init_mesh,
+                                     flag="--config.dry_run.materialize_mesh")
+      for line in filter(None, (note, advice)):
+        print(f"  note: {line}")
       counts = gen.counts()
       return compiled, dict(model=cfg.short_name(), mesh=dict(init_mesh.shape),
                             materialized_params=counts["materialized"],
                             template_params=counts["templates"], scaler_params=counts["scalers"],
-                            note=note), seconds
+                            note=note, split_advice=advice), seconds
     record("materialize", f"Materialize step of the init program, target {target}, mesh "
            f"{dict(init_mesh.shape)}:", materialize_step)
 

@@ -6,6 +6,7 @@ those names onto the ``('data', 'fsdp', 'model')`` mesh, maxtext-style.
 from __future__ import annotations
 
 import math
+import types
 from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
@@ -107,6 +108,63 @@ def shardings(abstract_tree, logical_tree, mesh, rules=DEFAULT_RULES):
   return jax.tree_util.tree_map(
       lambda spec, leaf: NamedSharding(mesh, _mesh_spec(leaf.shape, tuple(spec), mesh, rules)),
       logical_tree, abstract_tree, is_leaf=is_spec)
+
+
+# A device may hold this many elements (16 MiB in float32) of one weight without it counting as
+# unsplit: stacked biases and norms, a head's 1000 classes that no power of two divides.
+LARGE_WEIGHT = 1 << 22
+
+
+def unsplit_weights(abstract_tree, logical_tree, mesh_shape: Mapping[str, int], rules=DEFAULT_RULES,
+                    min_size: int = LARGE_WEIGHT) -> list[tuple[str, tuple[int, ...], int]]:
+  """The weights the rules split fewer ways than the mesh has devices, with at least ``min_size``
+  elements on each device: (path, shape, ways). ViT-G/14 on fsdp=256: its attention kernels
+  (48, 1664, 16, 104) have no dimension 256 divides and stay whole on every chip."""
+  mesh = types.SimpleNamespace(shape=dict(mesh_shape))  # specs depend on the sizes alone
+  devices = math.prod(mesh.shape.values())
+  is_spec = lambda x: isinstance(x, P)
+  flat, _ = jax.tree_util.tree_flatten_with_path(logical_tree, is_leaf=is_spec)
+  shapes = jax.tree_util.tree_leaves(abstract_tree)
+  out = []
+  for (path, logical), leaf in zip(flat, shapes):
+    spec = _mesh_spec(leaf.shape, tuple(logical), mesh, rules)
+    ways = math.prod(mesh.shape[a] for axes in spec if axes
+                     for a in ((axes,) if isinstance(axes, str) else axes))
+    if ways < devices and math.prod(leaf.shape) / ways >= min_size:
+      out.append((jax.tree_util.keystr(path, simple=True, separator="/"), tuple(leaf.shape), ways))
+  return out
+
+
+def mesh_splitting_every_weight(abstract_tree, logical_tree, devices: int, rules=DEFAULT_RULES,
+                                min_size: int = LARGE_WEIGHT) -> dict[str, int] | None:
+  """The mesh ``data=1, fsdp x model = devices`` with the most fsdp ways on which no device holds a
+  large part of a weight that the rules leave unsplit, or None when no such mesh exists."""
+  for model in (m for m in range(1, devices + 1) if devices % m == 0):
+    shape = dict(data=1, fsdp=devices // model, model=model)
+    if not unsplit_weights(abstract_tree, logical_tree, shape, rules, min_size):
+      return shape
+  return None
+
+
+def split_advice(abstract_tree, logical_tree, mesh, flag: str = "--config.mesh", rules=DEFAULT_RULES,
+                 min_size: int = LARGE_WEIGHT) -> str | None:
+  """One paragraph when large weights stay (partly) whole on ``mesh``: which, how many bytes per chip,
+  and a mesh of the same devices that splits them all (as ``flag``.fsdp/.model settings); None when
+  every large weight is split."""
+  whole = unsplit_weights(abstract_tree, logical_tree, mesh.shape, rules, min_size)
+  if not whole:
+    return None
+  devices = math.prod(mesh.shape.values())
+  per_chip = sum(4 * math.prod(s) / w for _, s, w in whole)  # float32, as materialized
+  names = ", ".join(f"{p} {s} ({w} of {devices} ways)" for p, s, w in whole[:3])
+  more = f" and {len(whole) - 3} more" if len(whole) > 3 else ""
+  better = mesh_splitting_every_weight(abstract_tree, logical_tree, devices, rules, min_size)
+  fix = (f"a mesh of fsdp={better['fsdp']} x model={better['model']} splits every one "
+         f"({flag}.fsdp={better['fsdp']} {flag}.model={better['model']})" if better else
+         "no mesh of these devices over fsdp and model splits them all")
+  return (f"{len(whole)} weights are not split over all {devices} devices of mesh {dict(mesh.shape)} "
+          f"({per_chip / 2**30:.2f} GiB per device in float32): {names}{more}; no dimension of theirs "
+          f"divides the mesh axes the rules give it. {fix[0].upper()}{fix[1:]}.")
 
 
 def replicated(mesh) -> NamedSharding:

@@ -156,6 +156,9 @@ def _init_one(config, workdir, target: Target, templates, src_setup, src_params,
   counts = gen.counts()
   metrics.log(f"[{target.name}] {counts['materialized']:,} weights, {counts['scalers']:,} trainable scalers "
               f"(heuristic {config.scaler_init}).")
+  advice = sharding.split_advice(gen.param_shapes(), gen.param_axes(), mesh)
+  if advice:  # it fits, but each device holds more of the export than it needs to
+    metrics.log(f"[{target.name}] note: {advice}")
 
   # ----- scalers by heuristic, from the nearest trained size (the auxiliary unless weit.extra_sizes) ---
   sizes = src_setup.sizes(src_params)
