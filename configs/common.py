@@ -77,6 +77,21 @@ def generation_data(name: str) -> ml_collections.ConfigDict:
   return data
 
 
+# The paper-scale scaler budget, as a fraction of a training epoch of the templates' data (examples
+# drawn: steps x batch). From the ViT scaler-budget curve (docs/results/ablations.md, CPU scale):
+# transfer accuracy grows with the examples drawn up to the largest budget measured (400 steps x 128,
+# 85% of an epoch of Fashion-MNIST: 76.7% / 67.0% on MNIST-5k for the deeper / narrower target),
+# while 10 steps (2.1% of an epoch) reach 63.6% / 52.8% and 100 steps (21%) 71.8% / 58.6%. The
+# ResNet and DiT inits keep the ViT's fraction (not measured for them).
+SCALER_EPOCHS = 0.8
+
+
+def scaler_steps(epochs: float, dataset: str, batch_size: int) -> int:
+  """Scaler-training steps that draw ``epochs`` epochs of ``dataset``'s training split."""
+  info = data_catalog.dataset_info(dataset)
+  return max(1, round(epochs * info.splits[info.train_split] / batch_size))
+
+
 def training_fields(config: ml_collections.ConfigDict, *, total_steps: int, batch_size: int,
                     mesh: dict = DATA_PARALLEL) -> None:
   """Run length, cadence, checkpoints, mesh: the fields every program shares."""

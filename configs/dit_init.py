@@ -24,10 +24,11 @@ def get_config(arg=None):
   config.targets = ""  # several sizes at once: 'S/2;B/2;depth=7,width=320,heads=5'
   config.scaler_init = "interpolate"  # or 'random'
   config.num_examples = 50_000  # how much training data the scalers see
-  config.steps = 1000  # scaler-training steps (0: heuristic only)
   config.scaler_wd = 0.0
   common.training_fields(config, total_steps=1000, batch_size=1024, mesh=common.FSDP_ALL)
   del config["total_steps"]  # the scaler-training length is `steps`
+  # Scaler-training steps (0: heuristic only): common.SCALER_EPOCHS of an ImageNet-1k epoch (1001).
+  config.steps = common.scaler_steps(common.SCALER_EPOCHS, "imagenet2012", config.batch_size)
   del config["task"]  # the templates' pre-training task
   # lr 2e-3, not the ViT's 1e-2: at 1e-2 a DiT's scalers grow its weights to 2-3x the RMS of the
   # other inits' and training from the export is slow (docs/results/generation.md, the cause section).

@@ -24,11 +24,12 @@ def get_config(arg=None):
   config.targets = ""  # several sizes at once: 'depth=3;width=12;R26'
   config.scaler_init = "interpolate"  # or 'random'
   config.num_examples = 50_000  # how much training data the scalers see
-  config.steps = 1000  # scaler-training steps (0: heuristic only)
   config.label_smoothing = 0.0
   config.scaler_wd = 0.0
   common.training_fields(config, total_steps=1000, batch_size=1024, mesh=common.FSDP_ALL)
   del config["total_steps"]  # the scaler-training length is `steps`
+  # Scaler-training steps (0: heuristic only): common.SCALER_EPOCHS of an ImageNet-1k epoch (1001).
+  config.steps = common.scaler_steps(common.SCALER_EPOCHS, "imagenet2012", config.batch_size)
   del config["task"]  # the templates' pre-training task
   config.optim = ml_collections.ConfigDict(dict(
       lr=1e-2, warmup_steps=50, schedule="cosine", min_lr_ratio=0.0, b1=0.9, b2=0.999, clip_norm=1.0,

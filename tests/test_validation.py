@@ -121,6 +121,18 @@ def test_every_default_config_is_in_range():
       assert len(covered) >= 10, (module.__name__, arg, covered)  # the table reaches this config's fields
 
 
+def test_paper_scale_scaler_budget_is_its_fraction_of_an_imagenet_epoch():
+  """The init configs state the scaler budget as common.SCALER_EPOCHS of an epoch: steps x batch
+  over ImageNet-1k's 1,281,167 training images (the published split size) is that fraction, to
+  within one step."""
+  from configs import common, dit_init
+  for module in (vit_init, resnet_init, dit_init):
+    c = module.get_config()
+    assert abs(c.steps * c.batch_size / 1_281_167 - common.SCALER_EPOCHS) <= c.batch_size / 1_281_167, module
+  assert common.scaler_steps(0.02, "imagenet2012", 1024) == 25  # 25,623 images: 2% of an epoch
+  assert common.scaler_steps(0.25, "fashion_mnist_local", 128) == 117  # 15,000 of 60,000
+
+
 # --- bad input writes nothing ----------------------------------------------------------------------
 
 @pytest.mark.parametrize("override, message", [
