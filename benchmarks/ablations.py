@@ -44,7 +44,8 @@ ROLES = ("deeper", "narrower")  # one depth target, one width target that is not
 SEEDS = 2  # downstream seeds of the full budget (the quick one: 1)
 
 # The scaler budget grid: init-program steps x the examples they draw from (the default: the budget's).
-SCALER_STEPS = (0, 10, 25, 100, 400)
+SCALER_STEPS = (0, 10, 25, 100, 400, 1000)  # 1000: past 400, where the first grid was still rising
+SCALER_LRS = (3e-3, 3e-2)  # around the init configs' 1e-2, at the default scaler budget
 SCALER_EXAMPLES = (500, 2000, 8000)
 
 # Per family: the alternatives that name the family's own fields.
@@ -97,6 +98,9 @@ def factors(setup, budget: dict) -> dict:
                                                {}, {"steps": steps, "num_examples": examples})
   out["scaler-init-random"] = ("scaler budget", "random scaler initialization (scaler_init=random)", {},
                                {"scaler_init": "random"})
+  for lr in SCALER_LRS:
+    out[f"scaler-lr{lr:g}"] = ("scaler lr", f"scaler-training lr {lr:g} (optim.lr of the init config)", {},
+                               {"optim.lr": lr})
   return out
 
 
