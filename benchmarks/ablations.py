@@ -188,15 +188,16 @@ def main(argv=None) -> None:
         f"{r} {100 * e['step0_mean']:.1f}% -> {100 * e['final_mean']:.1f}%" for r, e in s.items())
         + f" ({time.time() - t0:.0f}s)")
 
+  info = harness.run_info("benchmarks/ablations.py", argv, t_start, load_start)
   record = dict(
       family=setup.family, budget=b, roles={r: targets[r].short_name() for r in ROLES}, dataset=DATASET,
       random=dict(runs=random_runs, summary=summarize(random_runs, reference, b["train_steps"])),
       rows={name: dict({k: v for k, v in row.items() if k != "runs"},
-                       summary=summarize(row["runs"], reference, b["train_steps"]),
+                       summary=summarize(row["runs"], reference, b["train_steps"]), command=info["command"],
                        runs=[{k: r[k] for k in ("role", "seed", "step0_accuracy", "final_accuracy", "curve")}
                              for r in row["runs"]])
             for name, row in rows.items()},
-      info=harness.run_info("benchmarks/ablations.py", argv, t_start, load_start))
+      info=info)
   os.makedirs(args.out, exist_ok=True)
   previous = harness.read_json(os.path.join(args.out, f"ablations_{setup.family}.json"))
   if previous and previous.get("budget") == b:  # rows of earlier invocations (other --factors) stay
@@ -301,6 +302,13 @@ def write_report(out: str) -> str:
     b, info = rec["budget"], rec["info"]
     L.append(f"## {family}\n")
     L += harness.header(info, b["seeds"], "downstream seeds; one pre-training and scaler training per recipe")
+    made = {}  # invocations with other --factors add their rows (same budget): each row's command
+    for name, row in rec["rows"].items():
+      made.setdefault(row.get("command", info["command"]), []).append(name)
+    if len(made) > 1:
+      L.append("The rows come from these invocations (the default and random init's rows are shared):\n")
+      L += [f"- `{cmd}`: {', '.join(n for n in names if n != 'default') or 'default'}" for cmd, names in made.items()]
+      L.append("")
     L.append(f"Budget: pre-training {b['pretrain_steps']} steps x batch {b['pretrain_batch_size']}; scaler training "
              f"(default) {b['init_steps']} steps x batch {b['pretrain_batch_size']} on {b['init_examples']:,} "
              f"examples; downstream {b['train_steps']} steps x batch {b['batch_size']}, eval every {b['eval_every']}.\n")
@@ -310,7 +318,9 @@ def write_report(out: str) -> str:
     L.append("|---|---|---|" + "---|---|---|" * len(roles))
     rand = rec["random"]["summary"]
     L.append("| - | random init | - | " + " | ".join(f"- | {fmt(rand[r], 'final')} | 1×" for r in roles) + " |")
-    for name, row in rec["rows"].items():
+    order = ("default", "templates", "tiles", "constraint", "multi-size", "distillation", "templated parameters",
+             "scaler budget", "scaler lr")
+    for name, row in sorted(rec["rows"].items(), key=lambda nr: order.index(nr[1]["group"])):  # stable
       acc = row.get("aux_accuracy")
       cells = []
       for r in roles:
