@@ -304,7 +304,7 @@ def write_report(out: str) -> str:
     L += harness.header(info, b["seeds"], "downstream seeds; one pre-training and scaler training per recipe")
     made = {}  # invocations with other --factors add their rows (same budget): each row's command
     for name, row in rec["rows"].items():
-      made.setdefault(row.get("command", info["command"]), []).append(name)
+      made.setdefault(row["command"], []).append(name)
     if len(made) > 1:
       L.append("The rows come from these invocations (the default and random init's rows are shared):\n")
       L += [f"- `{cmd}`: {', '.join(n for n in names if n != 'default') or 'default'}" for cmd, names in made.items()]

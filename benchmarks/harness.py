@@ -274,10 +274,25 @@ def machine() -> dict:
               jax=jax.__version__, backend=jax.default_backend(), load_average=os.getloadavg())
 
 
+def _in_checkout(arg: str) -> str:
+  """``--flag=/abs/path`` or ``/abs/path`` -> the path relative to the git checkout holding it, so a
+  report names no machine path (a run from another worktree writing into this one included)."""
+  flag, eq, value = arg.rpartition("=") if arg.startswith("--") else ("", "", arg)
+  if not os.path.isabs(value):
+    return arg
+  top = value
+  while top != os.path.dirname(top) and not os.path.exists(os.path.join(top, ".git")):
+    top = os.path.dirname(top)
+  rel = os.path.relpath(value, top) if top != os.path.dirname(top) else value
+  return f"{flag}{eq}{rel}"
+
+
 def run_info(script: str, argv: list[str] | None, t_start: float, load_start: tuple, **extra) -> dict:
-  """This invocation as the report records it: command, date, machine (load average at the end),
-  wall time, load average at the start; ``extra`` fields (e.g. the recorded work) after them."""
-  return dict(command=" ".join(["python", script, *(sys.argv[1:] if argv is None else argv)]),
+  """This invocation as the report records it: command (paths relative to their checkout), date,
+  machine (load average at the end), wall time, load average at the start; ``extra`` fields (e.g.
+  the recorded work) after them."""
+  args = [_in_checkout(a) for a in (sys.argv[1:] if argv is None else argv)]
+  return dict(command=" ".join(["python", script, *args]),
               date=datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"), machine=machine(),
               wall_s=time.time() - t_start, load_start=load_start, **extra)
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
 import os
 import platform
 import shlex
@@ -196,7 +195,7 @@ def sweep_slice(topology: str) -> list[dict]:
       r.update(model=cfg.short_name(), materialized_params=gen.counts()["materialized"])
       if splits:  # float32 bytes per chip of the weights the rules leave (partly) whole
         whole = sharding.unsplit_weights(gen.param_shapes(), gen.param_axes(), mesh.shape)
-        r.update(unsplit_bytes=sum(4 * math.prod(s) // w for _, s, w in whole),
+        r.update(unsplit_bytes=sharding.unsplit_bytes(whole),
                  splitting_mesh=sharding.mesh_splitting_every_weight(gen.param_shapes(), gen.param_axes(),
                                                                      topo.num_chips) if whole else None)
     except Exception as e:  # noqa: BLE001: the TPU compiler refuses what exceeds HBM

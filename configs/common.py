@@ -86,8 +86,9 @@ def generation_data(name: str) -> ml_collections.ConfigDict:
 SCALER_EPOCHS = 0.8
 
 
-def scaler_steps(epochs: float, dataset: str, batch_size: int) -> int:
-  """Scaler-training steps that draw ``epochs`` epochs of ``dataset``'s training split."""
+def scaler_steps(batch_size: int, dataset: str = "imagenet2012", epochs: float = SCALER_EPOCHS) -> int:
+  """Scaler-training steps that draw ``epochs`` epochs of ``dataset``'s training split (by default
+  the paper-scale budget: SCALER_EPOCHS of ImageNet-1k)."""
   info = data_catalog.dataset_info(dataset)
   return max(1, round(epochs * info.splits[info.train_split] / batch_size))
 

@@ -27,8 +27,7 @@ def get_config(arg=None):
   config.scaler_wd = 0.0
   common.training_fields(config, total_steps=1000, batch_size=1024, mesh=common.FSDP_ALL)
   del config["total_steps"]  # the scaler-training length is `steps`
-  # Scaler-training steps (0: heuristic only): common.SCALER_EPOCHS of an ImageNet-1k epoch (1001).
-  config.steps = common.scaler_steps(common.SCALER_EPOCHS, "imagenet2012", config.batch_size)
+  config.steps = common.scaler_steps(config.batch_size)  # 0: heuristic only; 1001: 0.8 of an ImageNet epoch
   del config["task"]  # the templates' pre-training task
   # lr 2e-3, not the ViT's 1e-2: at 1e-2 a DiT's scalers grow its weights to 2-3x the RMS of the
   # other inits' and training from the export is slow (docs/results/generation.md, the cause section).

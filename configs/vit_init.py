@@ -27,8 +27,7 @@ def get_config(arg=None):
   config.scaler_wd = 0.0
   common.training_fields(config, total_steps=1000, batch_size=1024, mesh=common.FSDP_ALL)
   del config["total_steps"]  # the scaler-training length is `steps`
-  # Scaler-training steps (0: heuristic only): common.SCALER_EPOCHS of an ImageNet-1k epoch (1001).
-  config.steps = common.scaler_steps(common.SCALER_EPOCHS, "imagenet2012", config.batch_size)
+  config.steps = common.scaler_steps(config.batch_size)  # 0: heuristic only; 1001: 0.8 of an ImageNet epoch
   del config["task"]  # the templates' pre-training task
   config.optim = ml_collections.ConfigDict(dict(
       lr=1e-2, warmup_steps=50, schedule="cosine", min_lr_ratio=0.0, b1=0.9, b2=0.999, clip_norm=1.0,

@@ -129,8 +129,8 @@ def test_paper_scale_scaler_budget_is_its_fraction_of_an_imagenet_epoch():
   for module in (vit_init, resnet_init, dit_init):
     c = module.get_config()
     assert abs(c.steps * c.batch_size / 1_281_167 - common.SCALER_EPOCHS) <= c.batch_size / 1_281_167, module
-  assert common.scaler_steps(0.02, "imagenet2012", 1024) == 25  # 25,623 images: 2% of an epoch
-  assert common.scaler_steps(0.25, "fashion_mnist_local", 128) == 117  # 15,000 of 60,000
+  assert common.scaler_steps(1024, "imagenet2012", 0.02) == 25  # 25,623 images: 2% of an epoch
+  assert common.scaler_steps(128, "fashion_mnist_local", 0.25) == 117  # 15,000 of 60,000
 
 
 # --- bad input writes nothing ----------------------------------------------------------------------

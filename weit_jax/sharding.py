@@ -135,6 +135,11 @@ def unsplit_weights(abstract_tree, logical_tree, mesh_shape: Mapping[str, int], 
   return out
 
 
+def unsplit_bytes(whole: Sequence[tuple[str, tuple[int, ...], int]]) -> int:
+  """Float32 bytes per device of ``unsplit_weights``'s weights (as materialized)."""
+  return sum(4 * math.prod(shape) // ways for _, shape, ways in whole)
+
+
 def mesh_splitting_every_weight(abstract_tree, logical_tree, devices: int, rules=DEFAULT_RULES,
                                 min_size: int = LARGE_WEIGHT) -> dict[str, int] | None:
   """The mesh ``data=1, fsdp x model = devices`` with the most fsdp ways on which no device holds a
@@ -155,7 +160,6 @@ def split_advice(abstract_tree, logical_tree, mesh, flag: str = "--config.mesh",
   if not whole:
     return None
   devices = math.prod(mesh.shape.values())
-  per_chip = sum(4 * math.prod(s) / w for _, s, w in whole)  # float32, as materialized
   names = ", ".join(f"{p} {s} ({w} of {devices} ways)" for p, s, w in whole[:3])
   more = f" and {len(whole) - 3} more" if len(whole) > 3 else ""
   better = mesh_splitting_every_weight(abstract_tree, logical_tree, devices, rules, min_size)
@@ -163,7 +167,7 @@ def split_advice(abstract_tree, logical_tree, mesh, flag: str = "--config.mesh",
          f"({flag}.fsdp={better['fsdp']} {flag}.model={better['model']})" if better else
          "no mesh of these devices over fsdp and model splits them all")
   return (f"{len(whole)} weights are not split over all {devices} devices of mesh {dict(mesh.shape)} "
-          f"({per_chip / 2**30:.2f} GiB per device in float32): {names}{more}; no dimension of theirs "
+          f"({unsplit_bytes(whole) / 2**30:.2f} GiB per device in float32): {names}{more}; no dimension of theirs "
           f"divides the mesh axes the rules give it. {fix[0].upper()}{fix[1:]}.")
 
 
