@@ -4,9 +4,11 @@ r"""Ablations: WeiT's recipe one factor at a time, for the classifier families (
   python benchmarks/ablations.py --family=resnet     # N, tiles, multi-size, templated parameters, scaler budget
   python benchmarks/ablations.py --quick             # smoke test: tiny budgets, 1 seed, a few factors
   python benchmarks/ablations.py --factors=n2,n8     # a subset (rows already run stay in the report)
+  python benchmarks/ablations.py --factors=n8+scaler-S400xE500   # factors at once (a 'combination' row)
 
-Every row changes one thing from today's default recipe (``configs/<family>_pretrain.py`` and
-``_init.py`` at ``runlocal``, at the budget of ``init_quality.py``) and reports:
+Every row changes one thing from a reference recipe (``configs/<family>_pretrain.py`` and ``_init.py``
+at ``runlocal``, at the budget of ``init_quality.py`` but for the scaler budget, pinned to the one the
+table was measured around: ``REFERENCE_SCALER_BUDGET``) and reports:
 
 - the auxiliary model's eval accuracy after pre-training (Fashion-MNIST; a row that changes only
   the scaler training shares the default's pre-training);
@@ -18,9 +20,10 @@ Every row changes one thing from today's default recipe (``configs/<family>_pret
   WeiT needs).
 
 The stages are ``init_quality.py``'s (``benchmarks/stages.py``: pre-training, scaler training;
-``init_quality.run_one``: downstream runs), in the same ``--workdir``: the default recipe's
-pre-training, scaler training and downstream runs, the dense source (the distillation teacher) and
-random init's runs are those of ``init_quality.py`` when it ran there with the same budget. Each row's
+``init_quality.run_one``: downstream runs), in the same ``--workdir``: the reference recipe's
+pre-training, the dense source (the distillation teacher) and random init's runs are those of
+``init_quality.py`` when it ran there with the same budget (its WeiT rows now use the recipe of the
+``scaler-S400xE500`` row, run apart). Each row's
 own stages are cached under their recipe; an interrupted run continues where it stopped. The
 report (``docs/results/ablations.md``, a section per family, and a plot of the scaler budget) is
 written from the results of every family run so far (``ablations_<family>.json``).
@@ -47,6 +50,10 @@ SEEDS = 2  # downstream seeds of the full budget (the quick one: 1)
 SCALER_STEPS = (0, 10, 25, 100, 400, 1000)  # 1000: past 400, where the first grid was still rising
 SCALER_LRS = (3e-3, 3e-2)  # around the init configs' 1e-2, at the default scaler budget
 SCALER_EXAMPLES = (500, 2000, 8000)
+# The scaler budget of the recipe every row changes one factor from: the defaults before this table chose
+# init_quality.py's (100 steps on 2,000 examples then; 400 on 500 since). The rows are keyed on it, and
+# the new default is the table's own `scaler-S400xE500` row.
+REFERENCE_SCALER_BUDGET = dict(init_steps=100, init_examples=2000)
 
 # Per family: the alternatives that name the family's own fields.
 FAMILY_FACTORS = {
@@ -104,6 +111,23 @@ def factors(setup, budget: dict) -> dict:
   return out
 
 
+def combined(known: dict, name: str):
+  """``known[name]``, or for ``a+b+...`` the factors a, b, ... at once (group 'combination'; their
+  overrides merged, so they must change different fields). None if a part is unknown."""
+  parts = name.split("+")
+  if any(p not in known for p in parts):
+    return None
+  if len(parts) == 1:
+    return known[name]
+  pre, init = {}, {}
+  for p in parts:
+    for merged, changes in ((pre, known[p][2]), (init, known[p][3])):
+      if set(merged) & set(changes):
+        raise ValueError(f"factors of {name!r} change the same fields: {sorted(set(merged) & set(changes))}")
+      merged.update(changes)
+  return ("combination", " + ".join(known[p][1] for p in parts), pre, init)
+
+
 QUICK_FACTORS = ("n2", "scaler-S10xE500")
 
 
@@ -118,21 +142,29 @@ def parse_args(argv=None):
   harness.resolve(p, args, init_quality.BUDGETS, ("bench" + suffix, "bench_quick" + suffix), None,
                   args.setup.budget)
   args.budget["seeds"] = min(args.budget["seeds"], SEEDS)
+  if not args.quick:
+    args.budget.update(REFERENCE_SCALER_BUDGET)
   known = factors(args.setup, args.budget)
   chosen = args.factors.split(",") if args.factors else (QUICK_FACTORS if args.quick else list(known))
   for name in chosen:
-    if name not in known:
-      p.error(f"unknown factor {name!r} for {args.family}; valid: {', '.join(known)}")
+    try:
+      ok = combined(known, name)
+    except ValueError as e:
+      p.error(str(e))
+    if ok is None:
+      p.error(f"unknown factor {name!r} for {args.family}; valid: {', '.join(known)}, or several joined by '+'")
   args.factors = [n for n in chosen if n]
   return args
 
 
-def run_row(args, name: str, pre_overrides: dict, init_overrides: dict, stages: dict, targets: dict) -> dict:
-  """One recipe: its pre-training (or the default's), scaler training for ``ROLES``, downstream runs."""
+def run_row(args, name: str, pre_variant: str, pre_overrides: dict, init_overrides: dict, stages: dict,
+            targets: dict) -> dict:
+  """One recipe: its pre-training (or the default's; ``pre_variant``: its folder's name), scaler
+  training for ``ROLES``, downstream runs."""
   if pre_overrides.get("distill.teacher") == "DENSE_SOURCE":
     pre_overrides = dict(pre_overrides, **{"distill.teacher": stages.setdefault("dense", shared.pretrain_dense(args))
                                            ["export"]})
-  pre = shared.pretrain_weit(args, name if pre_overrides else "", pre_overrides)
+  pre = shared.pretrain_weit(args, pre_variant, pre_overrides)
   # The default recipe: init_quality.py's scaler training of every target (the same exports, so its runs are reused).
   roles = list(ROLES) if pre_overrides or init_overrides else None
   init = shared.init_weit(args, pre, roles=roles, overrides=init_overrides)
@@ -172,17 +204,20 @@ def main(argv=None) -> None:
   known = factors(setup, b)
   stages: dict = {}
 
-  # Random init's runs (the speed-up's reference) and today's default recipe.
+  # Random init's runs (the speed-up's reference) and the reference recipe.
   random_runs = [init_quality.run_one(args, "random", role, targets[role], DATASET, seed, {})
                  for role in ROLES for seed in range(b["seeds"])]
   reference = {role: e["final_mean"] for role, e in summarize(random_runs, None, b["train_steps"]).items()}
-  rows = {"default": dict(group="default", label="today's default", **run_row(args, "", {}, {}, stages, targets))}
+  rows = {"default": dict(group="default", label="the reference recipe",
+                          **run_row(args, "", "", {}, {}, stages, targets))}
   for i, name in enumerate(args.factors):
-    group, label, pre_overrides, init_overrides = known[name]
+    group, label, pre_overrides, init_overrides = combined(known, name)
+    # A combination's pre-training is cached under its parts that change pre-training.
+    pre_variant = "+".join(p for p in name.split("+") if known[p][2])
     t0 = time.time()
     rows[name] = dict(group=group, label=label, overrides=dict(pre_overrides, **{f"init.{k}": v for k, v in
                                                                                 init_overrides.items()}),
-                      **run_row(args, name, pre_overrides, init_overrides, stages, targets))
+                      **run_row(args, name, pre_variant, pre_overrides, init_overrides, stages, targets))
     s = summarize(rows[name]["runs"], reference, b["train_steps"])
     harness.log(f"[{i + 1}/{len(args.factors)}] {name}: " + "; ".join(
         f"{r} {100 * e['step0_mean']:.1f}% -> {100 * e['final_mean']:.1f}%" for r, e in s.items())
@@ -289,7 +324,8 @@ def smallest_scaler_budget(rec: dict, epoch: int) -> list[str]:
 
 def write_report(out: str) -> str:
   L = ["# Ablations: WeiT's recipe one factor at a time\n",
-       "Each row changes one thing from today's default recipe. Columns: the auxiliary model's eval accuracy "
+       "Each row changes one thing from the reference recipe (the defaults before this table chose new ones: "
+       "the table's `REFERENCE_SCALER_BUDGET`). Columns: the auxiliary model's eval accuracy "
        "after pre-training (Fashion-MNIST); per target, the Fashion-MNIST accuracy of WeiT's export after "
        "scaler training (head kept), and on MNIST-5k (transfer: a new head, so step 0 is at chance) the accuracy "
        "after the downstream budget (mean ± std over seeds) and the speed-up over random init (steps random "
@@ -319,7 +355,7 @@ def write_report(out: str) -> str:
     rand = rec["random"]["summary"]
     L.append("| - | random init | - | " + " | ".join(f"- | {fmt(rand[r], 'final')} | 1×" for r in roles) + " |")
     order = ("default", "templates", "tiles", "constraint", "multi-size", "distillation", "templated parameters",
-             "scaler budget", "scaler lr")
+             "scaler budget", "scaler lr", "combination")
     for name, row in sorted(rec["rows"].items(), key=lambda nr: order.index(nr[1]["group"])):  # stable
       acc = row.get("aux_accuracy")
       cells = []

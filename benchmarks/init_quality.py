@@ -83,6 +83,7 @@ LONG_DEFAULTS = dict(datasets="mnist_5k", roles="deeper,narrower", methods="rand
 PLATEAU_POINTS = 0.01  # random init has plateaued when its final accuracy is within 1 point of its best
                        # over the last quarter of the run
 
+SCALER_BUDGET = ("init_steps", "init_examples")  # the budget entries only WeiT's runs depend on
 BUDGETS = {
     # pretrain_*: each pre-training run (WeiT, TLEG, dense source) and WeiT's scaler training;
     # init_*: WeiT's scaler-training steps / examples; train_steps, batch_size: every downstream run,
@@ -169,9 +170,13 @@ def run_one(args, method: str, role: str, cfg, dataset: str, seed: int, sources:
   from weit_jax import exports, inits, models
   from weit_jax.programs import train
   b = args.budget
-  budget_key = {k: v for k, v in b.items() if k != "seeds"}  # everything a run's result depends on
-  tag = (f"P{b['pretrain_steps']}xB{b['pretrain_batch_size']}_S{b['init_steps']}xE{b['init_examples']}"
-         f"_T{b['train_steps']}xB{b['batch_size']}_k{b['eval_every']}")
+  # Everything a run's result depends on: the scaler budget only where the method trains scalers (WeiT's
+  # exports), so a new scaler budget reruns WeiT's rows alone.
+  trains_scalers = shared.INITIALIZERS.get(method, method) == "weit"
+  budget_key = {k: v for k, v in b.items() if k != "seeds" and (trains_scalers or k not in SCALER_BUDGET)}
+  tag = (f"P{b['pretrain_steps']}xB{b['pretrain_batch_size']}"
+         + (f"_S{b['init_steps']}xE{b['init_examples']}" if trains_scalers else "")
+         + f"_T{b['train_steps']}xB{b['batch_size']}_k{b['eval_every']}")
   run_dir = os.path.join(args.workdir, "runs", tag, dataset, cfg.short_name(), method + (f"-{variant}" if variant else ""),
                          f"seed{seed}")
   result_path = os.path.join(run_dir, "result.json")
