@@ -8,7 +8,7 @@ r"""Ablations: WeiT's recipe one factor at a time, for the classifier families (
 
 Every row changes one thing from a reference recipe (``configs/<family>_pretrain.py`` and ``_init.py``
 at ``runlocal``, at the budget of ``init_quality.py`` but for the scaler budget, pinned to the one the
-table was measured around: ``REFERENCE_SCALER_BUDGET``) and reports:
+table was measured around: ``REFERENCE``) and reports:
 
 - the auxiliary model's eval accuracy after pre-training (Fashion-MNIST; a row that changes only
   the scaler training shares the default's pre-training);
@@ -48,12 +48,13 @@ SEEDS = 2  # downstream seeds of the full budget (the quick one: 1)
 
 # The scaler budget grid: init-program steps x the examples they draw from (the default: the budget's).
 SCALER_STEPS = (0, 10, 25, 100, 400, 1000)  # 1000: past 400, where the first grid was still rising
-SCALER_LRS = (3e-3, 3e-2)  # around the init configs' 1e-2, at the default scaler budget
+SCALER_LRS = (3e-3, 3e-2)  # around the reference's 1e-2, at its scaler budget
 SCALER_EXAMPLES = (500, 2000, 8000)
-# The scaler budget of the recipe every row changes one factor from: the defaults before this table chose
-# init_quality.py's (100 steps on 2,000 examples then; 400 on 500 since). The rows are keyed on it, and
-# the new default is the table's own `scaler-S400xE500` row.
-REFERENCE_SCALER_BUDGET = dict(init_steps=100, init_examples=2000)
+# The recipe every row changes one factor from: the defaults before this table chose new ones (its
+# rows are keyed on it). Today's ViT defaults are its `scaler-S400xE500+scaler-lr0.003` row; the
+# ResNet's are still these.
+REFERENCE = dict(init={"optim.lr": 1e-2},  # configs/<family>_init.py overrides
+                 budget=dict(init_steps=100, init_examples=2000))  # init_quality.py's scaler budget
 
 # Per family: the alternatives that name the family's own fields.
 FAMILY_FACTORS = {
@@ -143,7 +144,7 @@ def parse_args(argv=None):
                   args.setup.budget)
   args.budget["seeds"] = min(args.budget["seeds"], SEEDS)
   if not args.quick:
-    args.budget.update(REFERENCE_SCALER_BUDGET)
+    args.budget.update(REFERENCE["budget"])
   known = factors(args.setup, args.budget)
   chosen = args.factors.split(",") if args.factors else (QUICK_FACTORS if args.quick else list(known))
   for name in chosen:
@@ -165,9 +166,10 @@ def run_row(args, name: str, pre_variant: str, pre_overrides: dict, init_overrid
     pre_overrides = dict(pre_overrides, **{"distill.teacher": stages.setdefault("dense", shared.pretrain_dense(args))
                                            ["export"]})
   pre = shared.pretrain_weit(args, pre_variant, pre_overrides)
-  # The default recipe: init_quality.py's scaler training of every target (the same exports, so its runs are reused).
+  # The reference recipe: init_quality.py's scaler training of every target when it ran with the reference's
+  # budget (the same exports, so its runs are reused).
   roles = list(ROLES) if pre_overrides or init_overrides else None
-  init = shared.init_weit(args, pre, roles=roles, overrides=init_overrides)
+  init = shared.init_weit(args, pre, roles=roles, overrides={**REFERENCE["init"], **init_overrides})
   sources = {"weit": {role: r["export"] for role, r in init["targets"].items()}}
   runs = [init_quality.run_one(args, "weit", role, targets[role], DATASET, seed, sources, variant=name)
           for role in ROLES for seed in range(args.budget["seeds"])]
@@ -325,7 +327,7 @@ def smallest_scaler_budget(rec: dict, epoch: int) -> list[str]:
 def write_report(out: str) -> str:
   L = ["# Ablations: WeiT's recipe one factor at a time\n",
        "Each row changes one thing from the reference recipe (the defaults before this table chose new ones: "
-       "the table's `REFERENCE_SCALER_BUDGET`). Columns: the auxiliary model's eval accuracy "
+       "`benchmarks/ablations.py`'s `REFERENCE`). Columns: the auxiliary model's eval accuracy "
        "after pre-training (Fashion-MNIST); per target, the Fashion-MNIST accuracy of WeiT's export after "
        "scaler training (head kept), and on MNIST-5k (transfer: a new head, so step 0 is at chance) the accuracy "
        "after the downstream budget (mean ± std over seeds) and the speed-up over random init (steps random "

@@ -69,7 +69,8 @@ SETUPS = {
         # Convolutions at 14x14 with 8-48 channels run slowly on a CPU: fewer pre-training and
         # downstream steps keep the whole benchmark near an hour on two cores (--estimate says 127 min
         # with the ViT's budget).
-        budget=dict(pretrain_steps=600, train_steps=60, eval_every=20),
+        # The scaler budget of before the ViT ablations chose 400 x 500 (ResNet's rows not run yet).
+        budget=dict(pretrain_steps=600, train_steps=60, eval_every=20, init_steps=100, init_examples=2000),
         tiles="Tiles are stem 4, mid{s} 4, res{s} 16 (conv kernels: both channel axes; the spatial kernel "
               "whole in the template): width 6 (stage channels 6/24, 12/48, 24/96) is not a tile multiple."),
 }
@@ -88,7 +89,7 @@ BUDGETS = {
     # pretrain_*: each pre-training run (WeiT, TLEG, dense source) and WeiT's scaler training;
     # init_*: WeiT's scaler-training steps / examples; train_steps, batch_size: every downstream run,
     # evaluated every `eval_every` steps on `fmnist_eval` (Fashion-MNIST) or the 1,000 MNIST-5k digits.
-    "full": dict(pretrain_steps=1000, pretrain_batch_size=128, init_steps=100, init_examples=2000,
+    "full": dict(pretrain_steps=1000, pretrain_batch_size=128, init_steps=400, init_examples=500,
                  train_steps=150, batch_size=64, eval_every=25, seeds=3, fmnist_eval="test[:1000]"),
     "quick": dict(pretrain_steps=30, pretrain_batch_size=64, init_steps=5, init_examples=256,
                   train_steps=20, batch_size=32, eval_every=10, seeds=1, fmnist_eval="test[:500]"),

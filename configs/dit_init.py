@@ -23,11 +23,11 @@ def get_config(arg=None):
   config.target = common.model_config(arg.target, family="dit")  # --config.target.depth=7 etc. override the variant
   config.targets = ""  # several sizes at once: 'S/2;B/2;depth=7,width=320,heads=5'
   config.scaler_init = "interpolate"  # or 'random'
-  config.num_examples = 50_000  # how much training data the scalers see
+  config.num_examples = common.scaler_examples()  # the pool the scalers see: 10,676 images, 0.83% of ImageNet-1k
   config.scaler_wd = 0.0
   common.training_fields(config, total_steps=1000, batch_size=1024, mesh=common.FSDP_ALL)
   del config["total_steps"]  # the scaler-training length is `steps`
-  config.steps = common.scaler_steps(config.batch_size)  # 0: heuristic only; 1001: 0.8 of an ImageNet epoch
+  config.steps = common.scaler_steps(config.batch_size)  # 0: heuristic only; 1068: 0.85 of an ImageNet epoch
   del config["task"]  # the templates' pre-training task
   # lr 2e-3, not the ViT's 1e-2: at 1e-2 a DiT's scalers grow its weights to 2-3x the RMS of the
   # other inits' and training from the export is slow (docs/results/generation.md, the cause section).

@@ -23,12 +23,12 @@ def get_config(arg=None):
   config.target = common.model_config(arg.target, family="resnet")  # --config.target.depth=3 etc.
   config.targets = ""  # several sizes at once: 'depth=3;width=12;R26'
   config.scaler_init = "interpolate"  # or 'random'
-  config.num_examples = 50_000  # how much training data the scalers see
+  config.num_examples = common.scaler_examples()  # the pool the scalers see: 10,676 images, 0.83% of ImageNet-1k
   config.label_smoothing = 0.0
   config.scaler_wd = 0.0
   common.training_fields(config, total_steps=1000, batch_size=1024, mesh=common.FSDP_ALL)
   del config["total_steps"]  # the scaler-training length is `steps`
-  config.steps = common.scaler_steps(config.batch_size)  # 0: heuristic only; 1001: 0.8 of an ImageNet epoch
+  config.steps = common.scaler_steps(config.batch_size)  # 0: heuristic only; 1068: 0.85 of an ImageNet epoch
   del config["task"]  # the templates' pre-training task
   config.optim = ml_collections.ConfigDict(dict(
       lr=1e-2, warmup_steps=50, schedule="cosine", min_lr_ratio=0.0, b1=0.9, b2=0.999, clip_norm=1.0,

@@ -124,13 +124,17 @@ def test_every_default_config_is_in_range():
 def test_paper_scale_scaler_budget_is_its_fraction_of_an_imagenet_epoch():
   """The init configs state the scaler budget as common.SCALER_EPOCHS of an epoch: steps x batch
   over ImageNet-1k's 1,281,167 training images (the published split size) is that fraction, to
-  within one step."""
+  within one step, drawn from a pool of common.SCALER_POOL of them."""
   from configs import common, dit_init
   for module in (vit_init, resnet_init, dit_init):
     c = module.get_config()
     assert abs(c.steps * c.batch_size / 1_281_167 - common.SCALER_EPOCHS) <= c.batch_size / 1_281_167, module
+    assert abs(c.num_examples / 1_281_167 - common.SCALER_POOL) <= 1 / 1_281_167, module
   assert common.scaler_steps(1024, "imagenet2012", 0.02) == 25  # 25,623 images: 2% of an epoch
   assert common.scaler_steps(128, "fashion_mnist_local", 0.25) == 117  # 15,000 of 60,000
+  # The CPU-scale init uses the measured row itself: 400 steps x 128 from 500 of 60,000 images.
+  c = vit_init.get_config("runlocal")
+  assert (c.steps, c.batch_size, c.num_examples) == (400, 128, 500)
 
 
 # --- bad input writes nothing ----------------------------------------------------------------------
