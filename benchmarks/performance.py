@@ -35,7 +35,7 @@ import ml_collections
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from configs import vit_pretrain, vit_train  # noqa: E402
+from configs import vit_init, vit_pretrain, vit_train  # noqa: E402
 from weit_jax import generator, sharding, train_loop  # noqa: E402
 from weit_jax.models import vit  # noqa: E402
 from weit_jax.programs import pretrain, train  # noqa: E402
@@ -190,10 +190,7 @@ def bench_scaler_training(mesh, steps):
       jax.block_until_ready(o)
       rates[name] = (time.perf_counter() - t0) / steps
     counts = gen.counts()
-    init_steps = 100  # configs/vit_init.py:runlocal
-    epoch_steps = 60000 // batch
     rows.append(dict(target=cfg.short_name(), scaler_step_s=rates["scalers"], full_step_s=rates["full"],
-                     init_s=init_steps * rates["scalers"], epoch_s=epoch_steps * rates["full"],
                      trainable=counts["scalers"], params=counts["materialized"]))
     print(f"[scalers] {cfg.short_name()}: scaler step {rates['scalers'] * 1e3:.1f} ms, full step "
           f"{rates['full'] * 1e3:.1f} ms; {counts['scalers']:,} of {counts['materialized']:,} trainable", flush=True)
@@ -249,15 +246,19 @@ def write_doc(results, path, command, wall):
     lines.append(f"| ViT-{r['variant']} | {r['devices']} | {r['gbytes']:.2f} | {r['materialize_s']:.3f} | {r['floor_s']:.3f} | "
                  f"{r['ratio']:.2f} | {r['bandwidth_gb_s']:.1f} | {r['out_mb_per_device']:.0f} | {r['temp_mb_per_device']:.0f} | "
                  f"{r['shard_mb']:.0f} | {r['replica_mb']:.0f} |")
+  # The budgets are today's configs' (a changed budget re-renders with --render; the step times are measured).
+  init_steps, epoch_steps = vit_init.get_config("runlocal").steps, 60000 // 128
   lines += ["", "## 3. Scaler training cost", "",
             "Per-step time of scaler-only training (templates frozen) vs full training of the same target "
-            "(batch 128, 28x28 Fashion-MNIST shapes), and the init program's runlocal budget (100 steps) vs one "
-            "epoch of Fashion-MNIST (468 steps at batch 128).", "",
-            "| target | scaler step ms | full step ms | init (100 steps) s | one epoch s | init / epoch | trainable scalers | target params | fraction |",
+            f"(batch 128, 28x28 Fashion-MNIST shapes), and the init program's runlocal budget ({init_steps} steps) "
+            f"vs one epoch of Fashion-MNIST ({epoch_steps} steps at batch 128): step time x steps.", "",
+            f"| target | scaler step ms | full step ms | init ({init_steps} steps) s | one epoch s | init / epoch | "
+            "trainable scalers | target params | fraction |",
             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
   for r in results["scaler_training"]:
-    lines.append(f"| {r['target']} | {r['scaler_step_s'] * 1e3:.1f} | {r['full_step_s'] * 1e3:.1f} | {r['init_s']:.1f} | "
-                 f"{r['epoch_s']:.1f} | {r['init_s'] / r['epoch_s']:.2f} | {r['trainable']:,} | {r['params']:,} | "
+    init_s, epoch_s = init_steps * r["scaler_step_s"], epoch_steps * r["full_step_s"]
+    lines.append(f"| {r['target']} | {r['scaler_step_s'] * 1e3:.1f} | {r['full_step_s'] * 1e3:.1f} | {init_s:.1f} | "
+                 f"{epoch_s:.1f} | {init_s / epoch_s:.2f} | {r['trainable']:,} | {r['params']:,} | "
                  f"{r['trainable'] / r['params']:.2%} |")
   lines += ["", "## 4. Compile time vs depth", "",
             "The pre-training step of a width-192 template model (Ti/16 widths, 32x32 images, patch 4), "
@@ -274,12 +275,14 @@ def write_doc(results, path, command, wall):
               "[scale.md](scale.md)): FLOPs per chip of the compiled step (template model), the plain ViT's "
               "model FLOPs, and their ratio, the MFU the step reaches at most (materializing the weights "
               "from templates is the difference). Not measured on a TPU.", "",
-              "| slice | chips | batch per chip | compiled FLOPs per chip | model FLOPs per chip | step time at peak | MFU bound |",
-              "|---|---:|---:|---:|---:|---:|---:|"]
+              "| slice | flags | chips | batch per chip | compiled FLOPs per chip | model FLOPs per chip | step time at peak "
+              "| MFU bound |",
+              "|---|---|---:|---:|---:|---:|---:|---:|"]
     for run in runs:
       step = (run.get("result") or {}).get("steps", {}).get("pretrain_step", {})
       if run["row"][:2] == ["pretrain", "B/16"] and step.get("fits") and step.get("mfu_bound"):
-        lines.append(f"| {run['row'][2]} | {run['result']['chips']} | {step['per_chip_batch']:.0f} | "
+        flags = " ".join(f"`{f.removeprefix('--config.')}`" for f in run["row"][3]) or "defaults"
+        lines.append(f"| {run['row'][2]} | {flags} | {run['result']['chips']} | {step['per_chip_batch']:.0f} | "
                      f"{step['flops_per_chip']:.3g} | {step['model_flops_per_chip']:.3g} | "
                      f"{step['step_time_at_peak_s'] * 1e3:.1f} ms | {step['mfu_bound']:.2%} |")
   lines.append("")
