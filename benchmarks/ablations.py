@@ -7,8 +7,8 @@ r"""Ablations: WeiT's recipe one factor at a time, for the classifier families (
   python benchmarks/ablations.py --factors=n8+scaler-S400xE500   # factors at once (a 'combination' row)
 
 Every row changes one thing from a reference recipe (``configs/<family>_pretrain.py`` and ``_init.py``
-at ``runlocal``, at the budget of ``init_quality.py`` but for the scaler budget, pinned to the one the
-table was measured around: ``REFERENCE``) and reports:
+at ``runlocal``, at the budget of ``init_quality.py``, but for the scaler training's steps, examples
+and lr, pinned to those the table was measured around: ``REFERENCE``) and reports:
 
 - the auxiliary model's eval accuracy after pre-training (Fashion-MNIST; a row that changes only
   the scaler training shares the default's pre-training);
@@ -23,7 +23,7 @@ The stages are ``init_quality.py``'s (``benchmarks/stages.py``: pre-training, sc
 ``init_quality.run_one``: downstream runs), in the same ``--workdir``: the reference recipe's
 pre-training, the dense source (the distillation teacher) and random init's runs are those of
 ``init_quality.py`` when it ran there with the same budget (its WeiT rows now use the recipe of the
-``scaler-S400xE500`` row, run apart). Each row's
+``scaler-S400xE500+scaler-lr0.003`` row, run apart). Each row's
 own stages are cached under their recipe; an interrupted run continues where it stopped. The
 report (``docs/results/ablations.md``, a section per family, and a plot of the scaler budget) is
 written from the results of every family run so far (``ablations_<family>.json``).
