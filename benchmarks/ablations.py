@@ -317,7 +317,7 @@ def smallest_scaler_budget(rec: dict, epoch: int, lr: float) -> list[str]:
   mean - std), as a fraction of an epoch of the pre-training data (``epoch`` examples): the evidence
   for the paper-scale init config's budget."""
   rows = scaler_budget_rows(rec, lr)
-  if len(rows) < 2:
+  if sum(r["init_steps"] > 0 for r in rows.values()) < 2:  # one budget at this lr: nothing to choose
     return []
   seen = lambda r: r["init_steps"] * r["init_batch"]
   top = {role: max(rows, key=lambda n: rows[n]["summary"][role]["final_mean"]) for role in rec["roles"]}
