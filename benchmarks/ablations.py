@@ -363,7 +363,7 @@ def write_report(out: str) -> str:
       L += [f"- `{cmd}`: {', '.join(n for n in names if n != 'default') or 'default'}" for cmd, names in made.items()]
       L.append("")
     L.append(f"Budget: pre-training {b['pretrain_steps']} steps x batch {b['pretrain_batch_size']}; scaler training "
-             f"(default) {b['init_steps']} steps x batch {b['pretrain_batch_size']} on {b['init_examples']:,} "
+             f"(reference) {b['init_steps']} steps x batch {b['pretrain_batch_size']} on {b['init_examples']:,} "
              f"examples; downstream {b['train_steps']} steps x batch {b['batch_size']}, eval every {b['eval_every']}.\n")
     roles = rec["roles"]
     L.append("| factor | recipe | aux eval accuracy | " + " | ".join(
