@@ -627,7 +627,7 @@ def write_report(args, agg, results, stages, targets, na, scale, cross, info, ca
     L.append("## Cross-check: Inception FID\n")
     L.append("Not run in this invocation (`--inception`, with `pip install -e '.[inception]'`).\n")
   L.append("## Reproduce\n")
-  L.append(f"`{info['command']}` (stages are cached in `{os.path.relpath(args.workdir, ROOT)}`; "
+  L.append(f"`{info['command']}` (stages are cached in `{harness.in_checkout(args.workdir)}`; "
            "`--quick` for a smoke test). Runs take seconds to minutes each on 2 cores; the sample-quality "
            "measurements are part of every run's time.\n")
   path = os.path.join(args.out, "generation.md")

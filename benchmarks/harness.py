@@ -121,13 +121,16 @@ def write_json(path: str, record: dict) -> dict:
 
 
 def json_safe(x):
-  """Strict JSON: infinite speed-ups become the string 'inf', tuples lists."""
+  """Strict JSON for a report: infinite speed-ups become the string 'inf', tuples lists, absolute
+  paths relative to the git checkout holding them (a report names no machine path)."""
   if isinstance(x, dict):
     return {str(k): json_safe(v) for k, v in x.items()}
   if isinstance(x, (list, tuple)):
     return [json_safe(v) for v in x]
   if isinstance(x, float) and not math.isfinite(x):
     return str(x)
+  if isinstance(x, str) and os.path.isabs(x):
+    return in_checkout(x)
   return x
 
 
@@ -274,7 +277,7 @@ def machine() -> dict:
               jax=jax.__version__, backend=jax.default_backend(), load_average=os.getloadavg())
 
 
-def _in_checkout(arg: str) -> str:
+def in_checkout(arg: str) -> str:
   """``--flag=/abs/path`` or ``/abs/path`` -> the path relative to the git checkout holding it, so a
   report names no machine path (a run from another worktree writing into this one included)."""
   flag, eq, value = arg.rpartition("=") if arg.startswith("--") else ("", "", arg)
@@ -291,7 +294,7 @@ def run_info(script: str, argv: list[str] | None, t_start: float, load_start: tu
   """This invocation as the report records it: command (paths relative to their checkout), date,
   machine (load average at the end), wall time, load average at the start; ``extra`` fields (e.g.
   the recorded work) after them."""
-  args = [_in_checkout(a) for a in (sys.argv[1:] if argv is None else argv)]
+  args = [in_checkout(a) for a in (sys.argv[1:] if argv is None else argv)]
   return dict(command=" ".join(["python", script, *args]),
               date=datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"), machine=machine(),
               wall_s=time.time() - t_start, load_start=load_start, **extra)

@@ -36,7 +36,7 @@ import harness  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import stages as shared  # noqa: E402  (stages 1-2, shared with generation_quality.py)
-from harness import LABELS, ROOT, log  # noqa: E402
+from harness import LABELS, log  # noqa: E402
 from stages import FamilySetup  # noqa: E402
 
 METHODS = ("random", "weit", "weit_extracted", "weight_selection", "tleg", "mimetic")
@@ -302,8 +302,8 @@ def write_report(args, agg: dict, results: list[dict], stages: dict, targets: di
   raw = dict(command=info["command"], date=info["date"], machine=info["machine"], budget=b,
              wall_s=info["wall_s"], stages=stages, targets={r: models.to_record(c) for r, c in targets.items()},
              not_applicable={f"{m}/{r}": why for (m, r), why in na.items()}, aggregate=agg, runs=results)
-  with open(os.path.join(args.out, f"{report}.json"), "w") as f:  # paths relative to the repo
-    f.write(json.dumps(harness.json_safe(raw), indent=2).replace(ROOT + os.sep, ""))
+  with open(os.path.join(args.out, f"{report}.json"), "w") as f:
+    f.write(json.dumps(harness.json_safe(raw), indent=2))
 
   methods = [m for m in METHODS if m in args.methods]
   L = []
@@ -481,7 +481,7 @@ def write_report(args, agg: dict, results: list[dict], stages: dict, targets: di
   w("## Raw data\n")
   w(f"`{report}.json`: every run's curve (eval accuracy by step), its seed and wall time, the aggregates, "
     "the budgets and the pre-training records. Run folders (metrics.jsonl, curves.png) are under the "
-    f"workdir `{os.path.relpath(args.workdir, ROOT)}`.")
+    f"workdir `{harness.in_checkout(args.workdir)}`.")
   path = os.path.join(args.out, f"{report}.md")
   with open(path, "w") as f:
     f.write("\n".join(L) + "\n")
