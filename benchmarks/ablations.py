@@ -265,27 +265,31 @@ def fmt_speedup(e: dict) -> str:
 
 def plot_scaler_budget(rec: dict, path: str) -> None:
   """Against scaler-training examples seen (steps x batch; log axis, 0 steps drawn at 1), one line
-  per example pool: MNIST-5k accuracy after the downstream budget (top; dotted: random init's) and
-  the export's Fashion-MNIST accuracy after scaler training (bottom)."""
+  per example pool and scaler lr (solid: the reference's lr): MNIST-5k accuracy after the downstream
+  budget (top; dotted: random init's) and the export's Fashion-MNIST accuracy after scaler training
+  (bottom)."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  rows = [r for n, r in rec["rows"].items() if r["group"] in ("scaler budget", "default")
-          and not n.startswith("scaler-init")]
-  pools = sorted({r["init_examples"] for r in rows})
+  colors = dict(zip(sorted({r["init_examples"] for r in rec["rows"].values()}),
+                    ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown")))
   fig, axes = plt.subplots(2, len(rec["roles"]), figsize=(4.6 * len(rec["roles"]), 6.8), squeeze=False)
   for col, (role, name) in enumerate(rec["roles"].items()):
-    for pool, color in zip(pools, ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple")):
-      pts = sorted(((r["init_steps"] * r["init_batch"], r) for r in rows  # 0 steps: every pool's start
-                    if (r["init_examples"] == pool or r["init_steps"] == 0) and role in r["summary"]),
-                   key=lambda p: p[0])
-      x = np.array([max(seen, 1) for seen, _ in pts], dtype=float)
-      m = np.array([100 * r["summary"][role]["final_mean"] for _, r in pts])
-      sd = np.array([100 * r["summary"][role]["final_std"] for _, r in pts])
-      axes[0][col].plot(x, m, "-o", ms=4, color=color, label=f"{pool:,} examples")
-      axes[0][col].fill_between(x, m - sd, m + sd, color=color, alpha=0.15, linewidth=0)
-      after = [r["init"].get(role, {}).get("accuracy_after") for _, r in pts]
-      axes[1][col].plot(x, [100 * a if a is not None else np.nan for a in after], "-o", ms=4, color=color)
+    for lr in scaler_lrs(rec):
+      rows = scaler_budget_rows(rec, lr).values()
+      style = "-o" if lr == REFERENCE["init"]["optim.lr"] else "--s"
+      for pool in sorted({r["init_examples"] for r in rows if r["init_steps"]}):
+        pts = sorted(((r["init_steps"] * r["init_batch"], r) for r in rows  # 0 steps: every pool's start
+                      if r["init_examples"] == pool or r["init_steps"] == 0), key=lambda p: p[0])
+        if len(pts) < 2:
+          continue
+        x = np.array([max(seen, 1) for seen, _ in pts], dtype=float)
+        m = np.array([100 * r["summary"][role]["final_mean"] for _, r in pts])
+        sd = np.array([100 * r["summary"][role]["final_std"] for _, r in pts])
+        axes[0][col].plot(x, m, style, ms=4, color=colors[pool], label=f"{pool:,} examples, lr {lr:g}")
+        axes[0][col].fill_between(x, m - sd, m + sd, color=colors[pool], alpha=0.12, linewidth=0)
+        after = [r["init"].get(role, {}).get("accuracy_after") for _, r in pts]
+        axes[1][col].plot(x, [100 * a if a is not None else np.nan for a in after], style, ms=4, color=colors[pool])
     axes[0][col].axhline(100 * rec["random"]["summary"][role]["final_mean"], color="k", ls=":", lw=0.8)
     axes[0][col].set_title(f"{role}: {name}", fontsize=10)
     axes[1][col].set_xlabel("scaler-training examples seen (steps x batch; 0 steps at 1)")
@@ -294,7 +298,7 @@ def plot_scaler_budget(rec: dict, path: str) -> None:
       ax.grid(alpha=0.3, which="both")
   axes[0][0].set_ylabel(f"{rec['dataset']} accuracy, final (%)")
   axes[1][0].set_ylabel("Fashion-MNIST accuracy of the export (%)")
-  axes[0][-1].legend(fontsize=8, title="scaler examples", title_fontsize=8)
+  axes[0][-1].legend(fontsize=7, title="scaler examples, lr", title_fontsize=8)
   fig.suptitle(f"{rec['family']}: the scaler budget (dotted: random init's final accuracy)", fontsize=10)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
@@ -311,14 +315,19 @@ def scaler_budget_rows(rec: dict, lr: float) -> dict:
           and all(role in r["summary"] for role in rec["roles"])}
 
 
+def scaler_lrs(rec: dict) -> list[float]:
+  """The scaler lrs with at least two trained budgets in the table (largest first)."""
+  lrs = {r.get("overrides", {}).get("init.optim.lr", REFERENCE["init"]["optim.lr"]) for r in rec["rows"].values()}
+  return sorted((lr for lr in lrs if sum(r["init_steps"] > 0 for r in scaler_budget_rows(rec, lr).values()) >= 2),
+                reverse=True)
+
+
 def smallest_scaler_budget(rec: dict, epoch: int, lr: float) -> list[str]:
   """The smallest scaler budget (examples drawn: steps x batch) at scaler lr ``lr`` whose transfer
   accuracy is within the spread of the best budget's on every target (mean + std reaches the best's
   mean - std), as a fraction of an epoch of the pre-training data (``epoch`` examples): the evidence
   for the paper-scale init config's budget."""
   rows = scaler_budget_rows(rec, lr)
-  if sum(r["init_steps"] > 0 for r in rows.values()) < 2:  # one budget at this lr: nothing to choose
-    return []
   seen = lambda r: r["init_steps"] * r["init_batch"]
   top = {role: max(rows, key=lambda n: rows[n]["summary"][role]["final_mean"]) for role in rec["roles"]}
   best = {role: rows[n]["summary"][role] for role, n in top.items()}
@@ -384,8 +393,7 @@ def write_report(out: str) -> str:
       L.append(f"| {row['group']} | {label} | {'-' if acc is None else f'{100 * acc:.1f}'} | " + " | ".join(cells) + " |")
     L.append("")
     epoch = data_catalog.dataset_info("fashion_mnist_local").splits["train"]
-    for lr in sorted({r.get("overrides", {}).get("init.optim.lr", REFERENCE["init"]["optim.lr"])
-                      for r in rec["rows"].values()}, reverse=True):
+    for lr in scaler_lrs(rec):  # an lr with one trained budget has nothing to choose
       L += smallest_scaler_budget(rec, epoch, lr)
     if family in CHOSEN and CHOSEN[family][0] in rec["rows"]:
       name, why = CHOSEN[family]
