@@ -36,7 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # harness, stage
 import harness  # noqa: E402
 import numpy as np  # noqa: E402
 import stages as shared  # noqa: E402  (stages 1-2, shared with init_quality.py)
-from harness import LABELS, ROOT, log  # noqa: E402
+from harness import LABELS, log  # noqa: E402
 from stages import FamilySetup  # noqa: E402
 
 METHODS = ("random", "weit", "weight_selection", "tleg", "fine")
@@ -637,7 +637,7 @@ def write_report(args, agg, results, stages, targets, na, scale, cross, info, ca
              not_applicable={f"{m}/{r}": w for (m, r), w in na.items()}, inception=cross,
              runs=[{k: v for k, v in r.items() if k not in ("export", "run_dir")} for r in results])
   with open(os.path.join(args.out, "generation.json"), "w") as f:
-    f.write(relative_paths(json.dumps(harness.json_safe(raw), indent=2)))
+    f.write(classifier_cache_path(json.dumps(harness.json_safe(raw, relative_paths=True), indent=2)))
   return path
 
 
@@ -716,10 +716,8 @@ def cause_section(cause: dict, ablated: dict | None, stages: dict, targets: dict
   return L
 
 
-def relative_paths(text: str) -> str:
-  """Paths in the repository relative to its root; the machine's other paths (the classifier's cache)
-  as their last parts only."""
-  text = text.replace(ROOT + os.sep, "")
+def classifier_cache_path(text: str) -> str:
+  """The classifier's cache, a machine path outside the repository, as its last parts only."""
   return re.sub(r'"(/[^"]*)/(weit_jax_feature_classifier/[^"]*)"', r'"DATA_DIR/\2"', text)
 
 

@@ -120,16 +120,17 @@ def write_json(path: str, record: dict) -> dict:
   return record
 
 
-def json_safe(x):
-  """Strict JSON for a report: infinite speed-ups become the string 'inf', tuples lists, absolute
-  paths relative to the git checkout holding them (a report names no machine path)."""
+def json_safe(x, relative_paths: bool = False):
+  """Strict JSON: infinite speed-ups become the string 'inf', tuples lists. ``relative_paths`` (a
+  report, never a stage record that is read back): absolute paths relative to the git checkout
+  holding them, so a report names no machine path."""
   if isinstance(x, dict):
-    return {str(k): json_safe(v) for k, v in x.items()}
+    return {str(k): json_safe(v, relative_paths) for k, v in x.items()}
   if isinstance(x, (list, tuple)):
-    return [json_safe(v) for v in x]
+    return [json_safe(v, relative_paths) for v in x]
   if isinstance(x, float) and not math.isfinite(x):
     return str(x)
-  if isinstance(x, str) and os.path.isabs(x):
+  if relative_paths and isinstance(x, str) and os.path.isabs(x):
     return in_checkout(x)
   return x
 
