@@ -1,14 +1,15 @@
-r"""Ablations: WeiT's recipe one factor at a time, for the classifier families (ViT, ResNet).
+r"""Ablations: WeiT's recipe one factor at a time, for the classifier families (ViT, ResNet) and policies.
 
   python benchmarks/ablations.py                     # ViT, every factor
   python benchmarks/ablations.py --family=resnet     # N, tiles, multi-size, templated parameters, scaler budget
+  python benchmarks/ablations.py --family=policy     # N, templated parameters, scaler budget and lr (PPO, brax)
   python benchmarks/ablations.py --quick             # smoke test: tiny budgets, 1 seed, a few factors
   python benchmarks/ablations.py --factors=n2,n8     # a subset (rows already run stay in the report)
   python benchmarks/ablations.py --factors=n8+scaler-S400xE500   # factors at once (a 'combination' row)
 
 Every row changes one thing from a reference recipe (``configs/<family>_pretrain.py`` and ``_init.py``
-at ``runlocal``, at the budget of ``init_quality.py``, but for the scaler training's steps, examples
-and lr, pinned to those the table was measured around: ``REFERENCE``) and reports:
+at ``runlocal``, at the budget of ``init_quality.py``, but for the templated parameters and the scaler
+training's steps, examples and lr, pinned to those the table was measured around: ``REFERENCE``) and reports:
 
 - the auxiliary model's eval accuracy after pre-training (Fashion-MNIST; a row that changes only
   the scaler training shares the default's pre-training);
@@ -19,7 +20,16 @@ and lr, pinned to those the table was measured around: ``REFERENCE``) and report
   and the speed-up over random init (the steps random init needs for its final accuracy over those
   WeiT needs).
 
-The stages are ``init_quality.py``'s (``benchmarks/stages.py``: pre-training, scaler training;
+Policies (``--family=policy``): the stages, budget and measures of ``control_quality.py`` (its
+workdir: the reference recipe's pre-training, scaler training and runs are its own): pre-training on
+hopper (the auxiliary's eval return), scaler training by PPO on walker2d (another morphology: the
+transfer setting, which only WeiT serves) of a depth and a width target (``POLICY_ROLES``; the
+export's deterministic return), and downstream PPO there: the final training return and the
+speed-up to random init's (environment steps, as in control.md). Multi-size pre-training is not a
+policy factor: PPO collects its experience with the one model it trains (the pre-training program
+refuses ``weit.extra_sizes`` for it).
+
+The classifiers' stages are ``init_quality.py``'s (``benchmarks/stages.py``: pre-training, scaler training;
 ``init_quality.run_one``: downstream runs), in the same ``--workdir``: the reference recipe's
 pre-training, the dense source (the distillation teacher) and random init's runs are those of
 ``init_quality.py`` when it ran there with the same budget (its WeiT rows now use the recipe of the
@@ -36,6 +46,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # harness, stages, init_quality
 
+import argparse  # noqa: E402
+
+import control_quality  # noqa: E402  (the policies' stages, budget and measures)
 import harness  # noqa: E402
 import init_quality  # noqa: E402  (its setups, budgets and downstream runs)
 import numpy as np  # noqa: E402
@@ -51,15 +64,20 @@ SCALER_STEPS = (0, 10, 25, 100, 400, 1000)  # 1000: past 400, where the first gr
 SCALER_LRS = (3e-3, 3e-2)  # around the reference's 1e-2, at its scaler budget
 SCALER_EXAMPLES = (500, 2000, 8000)
 # The recipe every row changes one factor from: the defaults before this table chose new ones (its
-# rows are keyed on it). Today's ViT defaults are its `scaler-S400xE500+scaler-lr0.003` row; the
-# ResNet's are still these.
-REFERENCE = dict(init={"optim.lr": 1e-2},  # configs/<family>_init.py overrides
+# rows are keyed on it). Today's defaults are rows of it (CHOSEN).
+REFERENCE = dict(pretrain={"weit.untemplated": ""},  # configs/<family>_pretrain.py overrides
+                 init={"optim.lr": 1e-2},  # configs/<family>_init.py overrides
                  budget=dict(init_steps=100, init_examples=2000))  # init_quality.py's scaler budget
 
 # The row each family's defaults now follow (configs/<family>_init.py, init_quality.py's budget).
 CHOSEN = {"vit": ("scaler-S400xE500+scaler-lr0.003",
                   "it changes the scaler training only; adding `untemplated-embed-head`, a pre-training change, "
-                  "moves neither target beyond the spread")}
+                  "moves neither target beyond the spread"),
+          "resnet": ("untemplated-stem-head+scaler-S400xE500+scaler-lr0.003",
+                     "each part helps the narrower target beyond the spread, and together they transfer fastest "
+                     "on both targets; the auxiliary's own accuracy drops (its zero-initialized head, kept out "
+                     "of templates, is a one-template bank of ones that learns only once its scaler moves), "
+                     "which transfer with a new head does not see")}
 
 # Per family: the alternatives that name the family's own fields.
 FAMILY_FACTORS = {
@@ -117,6 +135,35 @@ def factors(setup, budget: dict) -> dict:
   return out
 
 
+# Policies: the transfer setting and its targets (control_quality.TARGETS), the scaler budget grid
+# (PPO updates of 8,192 environment steps; the reference: control_quality's init_updates) and lrs
+# (around configs/policy_init.py's 1e-3).
+POLICY_ENV = "walker2d"
+POLICY_ROLES = ("deeper", "narrower")
+POLICY_SCALER_UPDATES = (0, 5, 40, 80)
+POLICY_SCALER_LRS = (3e-4, 3e-3)
+POLICY_UNTEMPLATED = "^(actor|critic)/(input|head)/"  # the observation and output layers
+
+
+def policy_factors(budget: dict) -> dict:
+  """name -> (group, label, pre-training overrides, init overrides) for policies."""
+  out = {}
+  for n in (2, 8, 16):
+    out[f"n{n}"] = ("templates", f"N={n} templates per bank", {"weit.num_templates": n}, {})
+  out["untemplated-input-head"] = ("templated parameters", f"kept out of templates: `{POLICY_UNTEMPLATED}` "
+                                   "(weit.untemplated)", {"weit.untemplated": POLICY_UNTEMPLATED}, {})
+  per_update = control_quality.env_steps_per_update()
+  for updates in POLICY_SCALER_UPDATES:
+    if updates != budget["init_updates"]:
+      out[f"scaler-U{updates}"] = ("scaler budget", f"{updates} scaler-training PPO updates "
+                                   f"({updates * per_update:,} environment steps)" if updates else
+                                   "no scaler training (the heuristic scalers only)", {}, {"steps": updates})
+  for lr in POLICY_SCALER_LRS:
+    out[f"scaler-lr{lr:g}"] = ("scaler lr", f"scaler-training lr {lr:g} (optim.lr of the init config)", {},
+                               {"optim.lr": lr})
+  return out
+
+
 def combined(known: dict, name: str):
   """``known[name]``, or for ``a+b+...`` the factors a, b, ... at once (group 'combination'; their
   overrides merged, so they must change different fields). None if a part is unknown."""
@@ -135,23 +182,37 @@ def combined(known: dict, name: str):
 
 
 QUICK_FACTORS = ("n2", "scaler-S10xE500")
+POLICY_QUICK_FACTORS = ("n2", "scaler-U0")
+
+
+FAMILIES = (*FAMILY_FACTORS, "policy")
 
 
 def parse_args(argv=None):
-  p = harness.parser(__doc__, init_quality.BUDGETS)
-  p.add_argument("--family", default="vit", choices=sorted(FAMILY_FACTORS), help="the model family")
+  first = argparse.ArgumentParser(add_help=False)
+  first.add_argument("--family", default="vit", choices=FAMILIES)
+  policy = first.parse_known_args(argv)[0].family == "policy"
+  budgets = control_quality.BUDGETS if policy else init_quality.BUDGETS  # its budget flags
+  p = harness.parser(__doc__, budgets)
+  p.add_argument("--family", default="vit", choices=FAMILIES, help="the model family (the budget flags: the "
+                 "family's benchmark's, init_quality.py or, for policy, control_quality.py)")
   p.add_argument("--factors", default=None, help="comma-separated subset of the family's factors (default: "
                  "all; --quick: " + ",".join(QUICK_FACTORS) + ")")
   args = p.parse_args(argv)
-  args.setup = init_quality.SETUPS[args.family]
-  suffix = "" if args.family == "vit" else f"_{args.family}"
-  harness.resolve(p, args, init_quality.BUDGETS, ("bench" + suffix, "bench_quick" + suffix), None,
-                  args.setup.budget)
+  if policy:
+    args.setup = None
+    harness.resolve(p, args, budgets, ("bench_control", "bench_control_quick"))
+    known = policy_factors(args.budget)
+  else:
+    args.setup = init_quality.SETUPS[args.family]
+    suffix = "" if args.family == "vit" else f"_{args.family}"
+    harness.resolve(p, args, budgets, ("bench" + suffix, "bench_quick" + suffix), None, args.setup.budget)
+    if not args.quick:
+      args.budget.update(REFERENCE["budget"])
+    known = factors(args.setup, args.budget)
   args.budget["seeds"] = min(args.budget["seeds"], SEEDS)
-  if not args.quick:
-    args.budget.update(REFERENCE["budget"])
-  known = factors(args.setup, args.budget)
-  chosen = args.factors.split(",") if args.factors else (QUICK_FACTORS if args.quick else list(known))
+  quick = POLICY_QUICK_FACTORS if policy else QUICK_FACTORS
+  chosen = args.factors.split(",") if args.factors else (quick if args.quick else list(known))
   for name in chosen:
     try:
       ok = combined(known, name)
@@ -170,7 +231,7 @@ def run_row(args, name: str, pre_variant: str, pre_overrides: dict, init_overrid
   if pre_overrides.get("distill.teacher") == "DENSE_SOURCE":
     pre_overrides = dict(pre_overrides, **{"distill.teacher": stages.setdefault("dense", shared.pretrain_dense(args))
                                            ["export"]})
-  pre = shared.pretrain_weit(args, pre_variant, pre_overrides)
+  pre = shared.pretrain_weit(args, pre_variant, {**REFERENCE["pretrain"], **pre_overrides})
   # The reference recipe: init_quality.py's scaler training of every target when it ran with the reference's
   # budget (the same exports, so its runs are reused).
   roles = list(ROLES) if pre_overrides or init_overrides else None
@@ -200,9 +261,9 @@ def summarize(runs: list[dict], reference: dict | None, T: int) -> dict:
   return out
 
 
-def main(argv=None) -> None:
-  args = parse_args(argv)
-  t_start, load_start = harness.start(args)
+def classifier_rows(args, argv) -> dict:
+  """The record of a classifier family's rows (``init_quality.py``'s stages): random init's runs,
+  the reference recipe's row and every ``--factors`` row."""
   from weit_jax import input_pipeline
   setup, b = args.setup, args.budget
   for dataset in ("fashion_mnist_local", DATASET):
@@ -222,29 +283,100 @@ def main(argv=None) -> None:
     # A combination's pre-training is cached under its parts that change pre-training.
     pre_variant = "+".join(p for p in name.split("+") if known[p][2])
     t0 = time.time()
-    rows[name] = dict(group=group, label=label, overrides=dict(pre_overrides, **{f"init.{k}": v for k, v in
-                                                                                init_overrides.items()}),
+    rows[name] = dict(group=group, label=label, overrides=overrides_of(pre_overrides, init_overrides),
                       **run_row(args, name, pre_variant, pre_overrides, init_overrides, stages, targets))
     s = summarize(rows[name]["runs"], reference, b["train_steps"])
     harness.log(f"[{i + 1}/{len(args.factors)}] {name}: " + "; ".join(
         f"{r} {100 * e['step0_mean']:.1f}% -> {100 * e['final_mean']:.1f}%" for r, e in s.items())
         + f" ({time.time() - t0:.0f}s)")
-
-  info = harness.run_info("benchmarks/ablations.py", argv, t_start, load_start)
-  record = dict(
+  return dict(
       family=setup.family, budget=b, roles={r: targets[r].short_name() for r in ROLES}, dataset=DATASET,
       random=dict(runs=random_runs, summary=summarize(random_runs, reference, b["train_steps"])),
       rows={name: dict({k: v for k, v in row.items() if k != "runs"},
-                       summary=summarize(row["runs"], reference, b["train_steps"]), command=info["command"],
+                       summary=summarize(row["runs"], reference, b["train_steps"]),
                        runs=[{k: r[k] for k in ("role", "seed", "step0_accuracy", "final_accuracy", "curve")}
                              for r in row["runs"]])
-            for name, row in rows.items()},
-      info=info)
+            for name, row in rows.items()})
+
+
+def overrides_of(pre_overrides: dict, init_overrides: dict) -> dict:
+  """A row's changes as one dict (the init program's fields prefixed ``init.``)."""
+  return dict(pre_overrides, **{f"init.{k}": v for k, v in init_overrides.items()})
+
+
+def policy_rows(args, argv) -> dict:
+  """The record of the policies' rows (``control_quality.py``'s stages and measures, on
+  ``POLICY_ENV``'s ``POLICY_ROLES``): random init's runs, the reference recipe's row (today's
+  defaults: control_quality's own stages) and every ``--factors`` row."""
+  b = args.budget
+  targets = control_quality.target_configs(POLICY_ENV)
+  known = policy_factors(b)
+  random_runs = [control_quality.run_one(args, "random", POLICY_ENV, role, targets[role], seed, {})
+                 for role in POLICY_ROLES for seed in range(b["seeds"])]
+
+  def row(name: str, pre_variant: str, pre_overrides: dict, init_overrides: dict) -> dict:
+    pre = control_quality.pretrain_weit(args, pre_variant, pre_overrides)
+    # The reference recipe: control_quality's scaler training of every walker2d target (its runs reused).
+    init = control_quality.init_weit(args, pre["workdir"], POLICY_ENV, "ppo", variant=name, overrides=init_overrides,
+                                     roles=list(POLICY_ROLES) if name else None)
+    sources = {"weit_init": {POLICY_ENV: init}}
+    runs = [control_quality.run_one(args, "weit", POLICY_ENV, role, targets[role], seed, sources, variant=name)
+            for role in POLICY_ROLES for seed in range(b["seeds"])]
+    return dict(aux_return=pre.get("eval_return"), params=pre.get("params"), pretrain_wall_s=pre["wall_s"],
+                init={role: {k: v for k, v in r.items() if k != "export"} for role, r in init["targets"].items()
+                      if role in POLICY_ROLES},
+                init_steps=init.get("steps", b["init_updates"]), runs=runs)
+
+  rows = {"default": dict(group="default", label="the reference recipe (today's defaults)", **row("", "", {}, {}))}
+  for i, name in enumerate(args.factors):
+    group, label, pre_overrides, init_overrides = combined(known, name)
+    pre_variant = "+".join(p for p in name.split("+") if known[p][2])
+    t0 = time.time()
+    rows[name] = dict(group=group, label=label, overrides=overrides_of(pre_overrides, init_overrides),
+                      **row(name, pre_variant, pre_overrides, init_overrides))
+    s = policy_summary(random_runs, rows[name]["runs"])
+    harness.log(f"[{i + 1}/{len(args.factors)}] {name}: " + "; ".join(
+        f"{r} {e['step0_mean']:.1f} -> {e['final_mean']:.1f}" for r, e in s.items()) + f" ({time.time() - t0:.0f}s)")
+  keep = ("role", "seed", "curve", "final_return", "train_curve")
+  return dict(
+      family="policy", budget=b, roles={r: targets[r].short_name() for r in POLICY_ROLES}, dataset=POLICY_ENV,
+      random=dict(runs=[{k: r[k] for k in keep} for r in random_runs],
+                  summary=policy_summary(random_runs, random_runs)),
+      rows={name: dict({k: v for k, v in row.items() if k != "runs"}, summary=policy_summary(random_runs, row["runs"]),
+                       runs=[{k: r[k] for k in keep} for r in row["runs"]])
+            for name, row in rows.items()})
+
+
+def policy_summary(random_runs: list[dict], runs: list[dict]) -> dict:
+  """role -> the summary ``summarize`` gives classifiers, from control_quality's measures: step 0 =
+  the deterministic return before training, final = the training return (mean of the last updates),
+  the speed-up to random init's final training return (environment steps)."""
+  mine = [dict(r, method="weit") for r in runs]  # random init's own runs summarize against themselves
+  agg = control_quality.aggregate([dict(r, method="random") for r in random_runs] + mine)[POLICY_ENV]
+  out = {}
+  for role, methods in agg.items():
+    e = methods["weit"]
+    out[role] = dict(step0_mean=e["step0"], step0_std=0.0, final_mean=e["tfinal"], final_std=e["tfinal_std"],
+                     seeds=e["seeds"], steps_to_random_final=e["steps_to_random_final"], speedup=e["speedup"],
+                     speedup_is_lower_bound=e["speedup_is_lower_bound"])
+  return out
+
+
+def main(argv=None) -> None:
+  args = parse_args(argv)
+  t_start, load_start = harness.start(args)
+  family = args.family
+  record = (policy_rows if family == "policy" else classifier_rows)(args, argv)
+  info = harness.run_info("benchmarks/ablations.py", argv, t_start, load_start)
+  for row in record["rows"].values():
+    row["command"] = info["command"]
+  record["info"] = info
   os.makedirs(args.out, exist_ok=True)
-  previous = harness.read_json(os.path.join(args.out, f"ablations_{setup.family}.json"))
-  if previous and previous.get("budget") == b:  # rows of earlier invocations (other --factors) stay
+  previous = harness.read_json(os.path.join(args.out, f"ablations_{family}.json"))
+  if previous and previous.get("budget") == args.budget:  # rows of earlier invocations (other --factors) stay
     record["rows"] = {**{k: v for k, v in previous["rows"].items() if k not in record["rows"]}, **record["rows"]}
-  harness.write_json(os.path.join(args.out, f"ablations_{setup.family}.json"), record)
+  harness.write_json(os.path.join(args.out, f"ablations_{family}.json"),
+                     harness.json_safe(record) if family == "policy" else record)  # a return can be nan
   path = write_report(args.out)
   harness.log(f"report: {path}; wall time {(time.time() - t_start) / 60:.1f} min")
 
@@ -253,14 +385,60 @@ def main(argv=None) -> None:
 # Report
 # ---------------------------------------------------------------------------------------------------
 
-def fmt(e: dict, key: str) -> str:
-  m, s = 100 * e[f"{key}_mean"], 100 * e[f"{key}_std"]
+# Per kind of family: the record's keys and the report's words (classifiers: accuracies in %;
+# policies: returns).
+MEASURES = {
+    "classifier": dict(aux="aux_accuracy", after="accuracy_after", scale=100, aux_label="aux eval accuracy",
+                       export="export (F-MNIST)", final="MNIST-5k final"),
+    "policy": dict(aux="aux_return", after="return_after", scale=1, aux_label="aux eval return (hopper)",
+                   export="export return (walker2d)", final="walker2d final training return"),
+}
+
+
+def measures(family: str) -> dict:
+  return MEASURES["policy" if family == "policy" else "classifier"]
+
+
+def fmt(e: dict, key: str, scale: float = 100) -> str:
+  m, s = scale * float(e[f"{key}_mean"]), scale * float(e[f"{key}_std"])  # float: strict JSON's 'nan' is a string
   return f"{m:.1f} ± {s:.1f}" if e["seeds"] > 1 else f"{m:.1f}"
 
 
 def fmt_speedup(e: dict) -> str:
   x = e.get("speedup")
-  return "not reached" if x is None else ("∞ (step 0)" if np.isinf(x) else f"{x:.1f}×")
+  if x is None:
+    return "not reached"
+  x = float(x)
+  if np.isinf(x):
+    return "∞ (step 0)"
+  return f"≥ {x:.1f}× (above it from its first finished episodes)" if e.get("speedup_is_lower_bound") else f"{x:.1f}×"
+
+
+def plot_policy_scaler_budget(rec: dict, path: str) -> None:
+  """Per target: the final training return against the scaler-training updates (the rows that
+  change only them), random init's final dotted."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  rows = sorted((r for r in rec["rows"].values() if set(r.get("overrides", {})) <= {"init.steps"}),
+                key=lambda r: r["init_steps"])
+  fig, axes = plt.subplots(1, len(rec["roles"]), figsize=(4.6 * len(rec["roles"]), 3.6), squeeze=False)
+  for ax, (role, name) in zip(axes[0], rec["roles"].items()):
+    x = [r["init_steps"] for r in rows]
+    m = np.array([float(r["summary"][role]["final_mean"]) for r in rows])
+    sd = np.array([float(r["summary"][role]["final_std"]) for r in rows])
+    ax.plot(x, m, "-o", ms=4, color="tab:red", label="WeiT")
+    ax.fill_between(x, m - sd, m + sd, color="tab:red", alpha=0.15, linewidth=0)
+    ax.axhline(float(rec["random"]["summary"][role]["final_mean"]), color="k", ls=":", lw=0.8, label="random init")
+    ax.set_title(f"{role}: {name}", fontsize=10)
+    ax.set_xlabel("scaler-training PPO updates")
+    ax.grid(alpha=0.3)
+  axes[0][0].set_ylabel(f"{rec['dataset']} final training return")
+  axes[0][-1].legend(fontsize=8)
+  fig.suptitle("policy: the scaler budget (mean ± std over seeds)", fontsize=10)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
 
 
 def plot_scaler_budget(rec: dict, path: str) -> None:
@@ -356,8 +534,10 @@ def write_report(out: str) -> str:
        "scaler training (head kept), and on MNIST-5k (transfer: a new head, so step 0 is at chance) the accuracy "
        "after the downstream budget (mean ± std over seeds) and the speed-up over random init (steps random "
        "init needs for its final accuracy / steps WeiT needs). The stages are `benchmarks/init_quality.py`'s; "
-       "the method, budgets and caching are in `benchmarks/ablations.py`.\n"]
-  for family in FAMILY_FACTORS:
+       "the method, budgets and caching are in `benchmarks/ablations.py`. Policies (the last section): the "
+       "same columns in returns, from `benchmarks/control_quality.py`'s stages; the reference recipe is today's "
+       "defaults, and the transfer setting is walker2d (another morphology).\n"]
+  for family in FAMILIES:
     rec = harness.read_json(os.path.join(out, f"ablations_{family}.json"))
     if not rec:
       continue
@@ -371,27 +551,47 @@ def write_report(out: str) -> str:
       L.append("The rows come from these invocations (the default and random init's rows are shared):\n")
       L += [f"- `{cmd}`: {', '.join(n for n in names if n != 'default') or 'default'}" for cmd, names in made.items()]
       L.append("")
-    L.append(f"Budget: pre-training {b['pretrain_steps']} steps x batch {b['pretrain_batch_size']}; scaler training "
-             f"(reference) {b['init_steps']} steps x batch {b['pretrain_batch_size']} on {b['init_examples']:,} "
-             f"examples; downstream {b['train_steps']} steps x batch {b['batch_size']}, eval every {b['eval_every']}.\n")
+    M = measures(family)
+    scale = M["scale"]
+    if family == "policy":
+      L.append(f"Budget (control_quality.py's): pre-training {b['pretrain_updates']} PPO updates on hopper; scaler "
+               f"training (reference) {b['init_updates']} PPO updates on {rec['dataset']}; downstream "
+               f"{b['train_updates']} PPO updates on {rec['dataset']}, evaluated every {b['eval_every']}; "
+               f"{control_quality.env_steps_per_update():,} environment steps per update. Export: the deterministic "
+               f"return after scaler training; final: the training return (mean of the last {control_quality.SMOOTH} "
+               "updates); speed-up: environment steps to random init's final training return, as in control.md.\n")
+    else:
+      L.append(f"Budget: pre-training {b['pretrain_steps']} steps x batch {b['pretrain_batch_size']}; scaler "
+               f"training (reference) {b['init_steps']} steps x batch {b['pretrain_batch_size']} on "
+               f"{b['init_examples']:,} examples; downstream {b['train_steps']} steps x batch {b['batch_size']}, "
+               f"eval every {b['eval_every']}.\n")
     roles = rec["roles"]
-    L.append("| factor | recipe | aux eval accuracy | " + " | ".join(
-        f"{name}: export (F-MNIST) | MNIST-5k final | speed-up" for name in roles.values()) + " |")
+    L.append(f"| factor | recipe | {M['aux_label']} | " + " | ".join(
+        f"{name}: {M['export']} | {M['final']} | speed-up" for name in roles.values()) + " |")
     L.append("|---|---|---|" + "---|---|---|" * len(roles))
     rand = rec["random"]["summary"]
-    L.append("| - | random init | - | " + " | ".join(f"- | {fmt(rand[r], 'final')} | 1×" for r in roles) + " |")
+    L.append("| - | random init | - | " + " | ".join(f"- | {fmt(rand[r], 'final', M['scale'])} | 1×"
+                                                   for r in roles) + " |")
     order = ("default", "templates", "tiles", "constraint", "multi-size", "distillation", "templated parameters",
              "scaler budget", "scaler lr", "combination")
     for name, row in sorted(rec["rows"].items(), key=lambda nr: order.index(nr[1]["group"])):  # stable
-      acc = row.get("aux_accuracy")
+      aux = row.get(M["aux"])
       cells = []
       for r in roles:
-        e, after = row["summary"].get(r), row["init"].get(r, {}).get("accuracy_after")
-        cells.append(f"{'-' if after is None else f'{100 * after:.1f}'} | "
-                     + (f"{fmt(e, 'final')} | {fmt_speedup(e)}" if e else "- | -"))
+        e, after = row["summary"].get(r), row["init"].get(r, {}).get(M["after"])
+        cells.append(f"{'-' if after is None else f'{scale * float(after):.1f}'} | "
+                     + (f"{fmt(e, 'final', M['scale'])} | {fmt_speedup(e)}" if e else "- | -"))
       label = row["label"].replace("|", "\\|")  # a regular expression's alternatives, inside a table
-      L.append(f"| {row['group']} | {label} | {'-' if acc is None else f'{100 * acc:.1f}'} | " + " | ".join(cells) + " |")
+      L.append(f"| {row['group']} | {label} | {'-' if aux is None else f'{scale * float(aux):.1f}'} | "
+               + " | ".join(cells) + " |")
     L.append("")
+    if family == "policy":
+      L.append("Not a policy factor: multi-size pre-training (PPO collects its experience with the one model it "
+               "trains: the pre-training program refuses `weit.extra_sizes` for the control task).\n")
+      if any(r["group"] == "scaler budget" for r in rec["rows"].values()):
+        plot_policy_scaler_budget(rec, os.path.join(out, "ablations_policy_scaler_budget.png"))
+        L.append("![scaler budget](ablations_policy_scaler_budget.png)\n")
+      continue
     epoch = data_catalog.dataset_info("fashion_mnist_local").splits["train"]
     for lr in scaler_lrs(rec):  # an lr with one trained budget has nothing to choose
       L += smallest_scaler_budget(rec, epoch, lr)

@@ -33,6 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # harness
 
 import harness  # noqa: E402
 import jax  # noqa: E402
+import stages as shared  # noqa: E402  (apply_overrides)
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 from harness import LABELS, log, read_json  # noqa: E402
@@ -42,7 +43,8 @@ AUX = dict(width=64, depth=3)
 DENSE_SOURCE = dict(width=96, depth=6)
 TARGETS = {
     "hopper": (("shallower", "depth=2"), ("deeper", "depth=6"), ("narrower", "width=40"), ("wider", "width=96")),
-    "walker2d": (("same size", "depth=3"), ("deeper", "depth=6")),
+    # The transfer setting (another morphology: only WeiT serves it) with a depth and a width target.
+    "walker2d": (("same size", "depth=3"), ("deeper", "depth=6"), ("narrower", "width=40")),
 }
 ENV_LABELS = {"hopper": "hopper (the templates' morphology)", "walker2d": "walker2d (another morphology)"}
 BUDGETS = {
@@ -106,24 +108,38 @@ def write(path: str, record: dict) -> dict:
 
 # --- stage 1: pre-training ---------------------------------------------------------------------------
 
+def pretrain_weit(args, variant: str = "", overrides: dict | None = None) -> dict:
+  """WeiT's templates of the auxiliary d3-w64 on hopper (configs/policy_pretrain.py:runlocal);
+  ``variant`` (a folder suffix) with ``overrides`` (dotted config keys -> values) for an ablation."""
+  from weit_jax.programs import pretrain
+  P = args.budget["pretrain_updates"]
+  workdir = os.path.join(args.workdir, "pretrain", "weit" + (f"-{variant}" if variant else "") + f"_P{P}")
+  if (r := read_json(os.path.join(workdir, "bench.json"))):
+    return r
+  c = config("pretrain")
+  shared.apply_overrides(c, overrides)
+  c.total_steps, c.eval_every, c.checkpoint_every = P, max(1, P // 5), max(1, P // 3)
+  log(f"pre-training WeiT templates (d3-w64, {P} PPO updates{', ' + variant if variant else ''}) in {workdir}")
+  t0 = time.time()
+  summary = pretrain.run(c, workdir)
+  return write(os.path.join(workdir, "bench.json"), dict(
+      workdir=workdir, updates=P, eval_return=summary.get("eval_return"), wall_s=round(time.time() - t0, 1),
+      weit=c.weit.to_dict(), params=dict(templates=summary.get("templates_params"),
+                                         scalers=summary.get("scalers_params"))))
+
+
 def pretrain_all(args) -> dict:
   from configs import baseline_pretrain as baseline_config
-  from weit_jax.programs import baseline_pretrain, pretrain, train
+  from weit_jax.programs import baseline_pretrain, train
   P = args.budget["pretrain_updates"]
-  out = {}
-  for name in ("weit", "tleg", "dense"):
+  out = {"weit": pretrain_weit(args)}
+  for name in ("tleg", "dense"):
     workdir = os.path.join(args.workdir, "pretrain", f"{name}_P{P}")
     if (r := read_json(os.path.join(workdir, "bench.json"))):
       out[name] = r
       continue
     t0 = time.time()
-    if name == "weit":
-      c = config("pretrain")
-      c.total_steps, c.eval_every, c.checkpoint_every = P, max(1, P // 5), max(1, P // 3)
-      log(f"pre-training WeiT templates (d3-w64, {P} PPO updates) in {workdir}")
-      summary = pretrain.run(c, workdir)
-      record = dict(workdir=workdir)
-    elif name == "tleg":
+    if name == "tleg":
       c = train_config(env="hopper", updates=P, seed=0, eval_every=max(1, P // 5), model=model_config("hopper", **AUX))
       log(f"pre-training the TLEG auxiliary (d3-w64, {P} PPO updates) in {workdir}")
       summary = baseline_pretrain.run(baseline_config.from_train_config(c, "tleg"), workdir)
@@ -141,26 +157,39 @@ def pretrain_all(args) -> dict:
 
 # --- stage 2: WeiT init ------------------------------------------------------------------------------
 
-def init_weit(args, templates: str, env: str, adapt: str) -> dict:
+def init_weit(args, templates: str, env: str, adapt: str, variant: str = "", overrides: dict | None = None,
+              roles: list[str] | None = None) -> dict:
+  """programs/init.py for ``env``'s targets (or ``roles``) from ``templates``; ``variant`` (a folder
+  suffix: the templates' variant) with ``overrides`` (init config fields, e.g. ``{'steps': 40}``)
+  for an ablation."""
   from weit_jax import exports
   from weit_jax.programs import init as init_program
   b = args.budget
-  workdir = os.path.join(args.workdir, "init", f"{env}_{adapt}_P{b['pretrain_updates']}_S{b['init_updates']}")
-  if (r := read_json(os.path.join(workdir, "bench.json"))):
-    return r
   c = config("init")
   c.templates, c.env, c.adapt, c.steps = templates, env, adapt, b["init_updates"]
-  c.targets = ";".join(spec for _, spec in TARGETS[env])
-  c.log_every, c.checkpoint_every = max(1, b["init_updates"] // 4), b["init_updates"]
-  log(f"WeiT init ({adapt}) of {len(TARGETS[env])} {env} targets, {b['init_updates']} updates each, in {workdir}")
+  shared.apply_overrides(c, overrides)
+  chosen = [(role, spec) for role, spec in TARGETS[env] if roles is None or role in roles]
+  default_lr = config("init").optim.lr
+  workdir = os.path.join(args.workdir, "init", f"{env}_{adapt}_P{b['pretrain_updates']}_S{c.steps}"
+                         + ("" if c.optim.lr == default_lr else f"_lr{c.optim.lr:g}")
+                         + (f"_{variant}" if variant else "")
+                         + ("" if roles is None else "_" + "-".join(role for role, _ in chosen)))
+  if (r := read_json(os.path.join(workdir, "bench.json"))):
+    return r
+  c.targets = ";".join(spec for _, spec in chosen)
+  c.log_every, c.checkpoint_every = max(1, c.steps // 4), max(1, c.steps)
+  log(f"WeiT init ({adapt}) of {len(chosen)} {env} targets, {c.steps} updates each, in {workdir}")
   t0 = time.time()
   init_program.run(c, workdir)
   targets = {}
   for role, cfg in target_configs(env).items():
+    if role not in dict(chosen):
+      continue
     export = os.path.join(workdir, cfg.short_name(), "export")
     st = exports.read_meta(export)["scaler_training"]
     targets[role] = dict(export=export, return_before=st.get("return_before"), return_after=st.get("return_after"))
-  return write(os.path.join(workdir, "bench.json"), dict(targets=targets, wall_s=round(time.time() - t0, 1)))
+  return write(os.path.join(workdir, "bench.json"), dict(targets=targets, wall_s=round(time.time() - t0, 1),
+                                                         steps=c.steps, lr=c.optim.lr))
 
 
 # --- stage 3: downstream runs ------------------------------------------------------------------------
@@ -220,12 +249,16 @@ def training_returns(workdir: str) -> dict[str, float]:
   return out
 
 
-def run_one(args, method: str, env: str, role: str, cfg, seed: int, sources: dict) -> dict:
+def run_one(args, method: str, env: str, role: str, cfg, seed: int, sources: dict, variant: str = "") -> dict:
+  """One downstream PPO run (cached); ``variant``: an ablation row's name, for WeiT's runs from its
+  recipe (``sources``). Only WeiT's runs depend on the scaler budget: the others are keyed without it."""
   from weit_jax import metrics
   from weit_jax.programs import train
   b = args.budget
-  tag = f"P{b['pretrain_updates']}_S{b['init_updates']}_T{b['train_updates']}_k{b['eval_every']}"
-  run_dir = os.path.join(args.workdir, "runs", tag, env, cfg.short_name(), method, f"seed{seed}")
+  scalers = f"_S{b['init_updates']}" if method == "weit" else ""
+  tag = f"P{b['pretrain_updates']}{scalers}_T{b['train_updates']}_k{b['eval_every']}"
+  name = method + (f"-{variant}" if variant else "")
+  run_dir = os.path.join(args.workdir, "runs", tag, env, cfg.short_name(), name, f"seed{seed}")
   if (r := read_json(os.path.join(run_dir, "result.json"))):
     return dict(r, train_curve=training_returns(os.path.join(run_dir, "train")))
   shutil.rmtree(run_dir, ignore_errors=True)  # an interrupted run starts over

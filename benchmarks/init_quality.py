@@ -69,9 +69,7 @@ SETUPS = {
         # Convolutions at 14x14 with 8-48 channels run slowly on a CPU: fewer pre-training and
         # downstream steps keep the whole benchmark near an hour on two cores (--estimate says 127 min
         # with the ViT's budget).
-        # The scaler budget of before the ViT ablations chose 400 x 500 at lr 3e-3: ResNet's own table
-        # has one row of that choice so far (ablations.md); adopting it reruns only WeiT's rows here.
-        budget=dict(pretrain_steps=600, train_steps=60, eval_every=20, init_steps=100, init_examples=2000),
+        budget=dict(pretrain_steps=600, train_steps=60, eval_every=20),
         tiles="Tiles are stem 4, mid{s} 4, res{s} 16 (conv kernels: both channel axes; the spatial kernel "
               "whole in the template): width 6 (stage channels 6/24, 12/48, 24/96) is not a tile multiple."),
 }

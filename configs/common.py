@@ -84,9 +84,10 @@ def generation_data(name: str) -> ml_collections.ConfigDict:
 # drawn from 500 of Fashion-MNIST's 60,000 training images (at the ViT's lr 3e-3: 77.4% / 72.0%;
 # the old 100 steps from 2,000 at 1e-2: 71.8% / 58.6%). Past it the deeper target loses (1,000
 # steps at 1e-2: 72.8% / 67.1%); below it the width target does (10 steps, 2.1% of an epoch, at 3e-3:
-# 72.8% / 55.5%); at 100, 400 and 1,000 steps a smaller pool transfers better. The ResNet and DiT
-# inits keep the ViT's fractions at paper scale (not measured for them; their runlocal budgets are
-# unchanged).
+# 72.8% / 55.5%); at 100, 400 and 1,000 steps a smaller pool transfers better. The ResNet's rows
+# agree (400 x 500 at lr 3e-3: 41.4% / 34.4% against 100 x 2,000 at 1e-2: 39.1% / 26.7%): its
+# runlocal init is the ViT's. The DiT init keeps the ViT's fractions at paper scale (not measured
+# for it; its runlocal budget is unchanged).
 SCALER_EPOCHS = 400 * 128 / 60_000  # 0.85 of an epoch drawn ...
 SCALER_POOL = 500 / 60_000  # ... from 0.83% of the training split
 

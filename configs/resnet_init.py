@@ -31,7 +31,7 @@ def get_config(arg=None):
   config.steps = common.scaler_steps(config.batch_size)  # 0: heuristic only; 1068: 0.85 of an ImageNet epoch
   del config["task"]  # the templates' pre-training task
   config.optim = ml_collections.ConfigDict(dict(
-      lr=1e-2, warmup_steps=50, schedule="cosine", min_lr_ratio=0.0, b1=0.9, b2=0.999, clip_norm=1.0,
+      lr=3e-3, warmup_steps=50, schedule="cosine", min_lr_ratio=0.0, b1=0.9, b2=0.999, clip_norm=1.0,
       wd_paths=".*"))
   config.log_every = 50
   config.eval_every = 0
@@ -39,10 +39,11 @@ def get_config(arg=None):
 
   if arg.runlocal:
     config.target = common.model_config(arg.target if arg.target != "R26" else "mu", family="resnet")
-    config.num_examples = 2000
-    config.steps = 50
-    config.batch_size = 64
-    config.optim.warmup_steps = 5
+    config.batch_size = 128
+    # The measured budget (common.SCALER_EPOCHS, SCALER_POOL): 400 steps from 500 Fashion-MNIST images.
+    config.steps = common.scaler_steps(config.batch_size, "fashion_mnist_local")
+    config.num_examples = common.scaler_examples("fashion_mnist_local")
+    config.optim.warmup_steps = 10
     config.log_every = 10
     config.checkpoint_every = 50
   return config

@@ -132,9 +132,10 @@ def test_paper_scale_scaler_budget_is_its_fraction_of_an_imagenet_epoch():
     assert abs(c.num_examples / 1_281_167 - common.SCALER_POOL) <= 1 / 1_281_167, module
   assert common.scaler_steps(1024, "imagenet2012", 0.02) == 25  # 25,623 images: 2% of an epoch
   assert common.scaler_steps(128, "fashion_mnist_local", 0.25) == 117  # 15,000 of 60,000
-  # The CPU-scale init uses the measured row itself: 400 steps x 128 from 500 of 60,000 images.
-  c = vit_init.get_config("runlocal")
-  assert (c.steps, c.batch_size, c.num_examples) == (400, 128, 500)
+  # The CPU-scale inits use the measured row itself: 400 steps x 128 from 500 of 60,000 images.
+  for module in (vit_init, resnet_init):
+    c = module.get_config("runlocal")
+    assert (c.steps, c.batch_size, c.num_examples, c.optim.lr) == (400, 128, 500, 3e-3), module
 
 
 # --- bad input writes nothing ----------------------------------------------------------------------
