@@ -521,6 +521,9 @@ def smallest_scaler_budget(rec: dict, epoch: int, lr: float) -> list[str]:
   best = {role: rows[n]["summary"][role] for role, n in top.items()}
   within = lambda e, role: e["final_mean"] + e["final_std"] >= best[role]["final_mean"] - best[role]["final_std"]
   ok = [(n, r) for n, r in rows.items() if all(within(r["summary"][role], role) for role in rec["roles"])]
+  if not ok:  # the best rows of the targets differ, and none is within the other's spread
+    return [f"No scaler budget at scaler lr {lr:g} is within the spread of the best on every target (best: "
+            + "; ".join(f"{role} `{n}` {fmt(best[role], 'final')}" for role, n in top.items()) + ").\n"]
   name, row = min(ok, key=lambda nr: (seen(nr[1]), nr[1]["init_examples"]))
   L = [f"Smallest scaler budget at scaler lr {lr:g} within the spread of the best (generated from the {len(rows)} "
        "rows above that change only the scaler budget at that lr; 'within': the row's mean + std reaches the best "
