@@ -153,6 +153,7 @@ POLICY_ROLES = ("deeper", "narrower")
 POLICY_SCALER_UPDATES = (0, 5, 40, 80)
 POLICY_SCALER_LRS = (3e-4, 3e-3)
 POLICY_UNTEMPLATED = "^(actor|critic)/(input|head)/"  # the observation and output layers
+POLICY_SCALER_SEEDS = (1, 2)  # the reference's scaler training uses seed 0
 
 
 def policy_factors(budget: dict) -> dict:
@@ -171,6 +172,11 @@ def policy_factors(budget: dict) -> dict:
   for lr in POLICY_SCALER_LRS:
     out[f"scaler-lr{lr:g}"] = ("scaler lr", f"scaler-training lr {lr:g} (optim.lr of the init config)", {},
                                {"optim.lr": lr})
+  # Not a knob: another draw of the scaler training (PPO's experience and sampling), to tell a
+  # recipe's effect from one scaler training's luck (combine with a row: 'scaler-lr0.003+scaler-seed1').
+  for seed in POLICY_SCALER_SEEDS:
+    out[f"scaler-seed{seed}"] = ("scaler seed", f"the scaler training's seed {seed} (seed of the init config; "
+                                 "the reference: 0)", {}, {"seed": seed})
   return out
 
 
@@ -586,7 +592,7 @@ def write_report(out: str) -> str:
     L.append("| - | random init | - | " + " | ".join(f"- | {fmt(rand[r], 'final', M['scale'])} | 1×"
                                                    for r in roles) + " |")
     order = ("default", "templates", "tiles", "constraint", "multi-size", "distillation", "templated parameters",
-             "scaler budget", "scaler lr", "combination")
+             "scaler budget", "scaler lr", "scaler seed", "combination")
     for name, row in sorted(rec["rows"].items(), key=lambda nr: order.index(nr[1]["group"])):  # stable
       aux = row.get(M["aux"])
       cells = []

@@ -169,9 +169,8 @@ def init_weit(args, templates: str, env: str, adapt: str, variant: str = "", ove
   c.templates, c.env, c.adapt, c.steps = templates, env, adapt, b["init_updates"]
   shared.apply_overrides(c, overrides)
   chosen = [(role, spec) for role, spec in TARGETS[env] if roles is None or role in roles]
-  default_lr = config("init").optim.lr
-  workdir = os.path.join(args.workdir, "init", f"{env}_{adapt}_P{b['pretrain_updates']}_S{c.steps}"
-                         + ("" if c.optim.lr == default_lr else f"_lr{c.optim.lr:g}")
+  # Keyed by the scaler budget and lr by value (a default that changes must not reuse old stages).
+  workdir = os.path.join(args.workdir, "init", f"{env}_{adapt}_P{b['pretrain_updates']}_S{c.steps}_lr{c.optim.lr:g}"
                          + (f"_{variant}" if variant else "")
                          + ("" if roles is None else "_" + "-".join(role for role, _ in chosen)))
   if (r := read_json(os.path.join(workdir, "bench.json"))):
@@ -251,11 +250,16 @@ def training_returns(workdir: str) -> dict[str, float]:
 
 def run_one(args, method: str, env: str, role: str, cfg, seed: int, sources: dict, variant: str = "") -> dict:
   """One downstream PPO run (cached); ``variant``: an ablation row's name, for WeiT's runs from its
-  recipe (``sources``). Only WeiT's runs depend on the scaler budget: the others are keyed without it."""
+  recipe (``sources``). Only WeiT's runs depend on the scaler training (its updates and lr, from the
+  init's record): the others are keyed without it."""
   from weit_jax import metrics
   from weit_jax.programs import train
   b = args.budget
-  scalers = f"_S{b['init_updates']}" if method == "weit" else ""
+  if method == "weit":
+    init = sources["weit_init"][env]
+    scalers = f"_S{init['steps']}_lr{init['lr']:g}"
+  else:
+    scalers = ""
   tag = f"P{b['pretrain_updates']}{scalers}_T{b['train_updates']}_k{b['eval_every']}"
   name = method + (f"-{variant}" if variant else "")
   run_dir = os.path.join(args.workdir, "runs", tag, env, cfg.short_name(), name, f"seed{seed}")
