@@ -131,6 +131,10 @@ def factors(setup, budget: dict) -> dict:
   # gradients sum to zero over classes). 'noise' starts every template from noise instead.
   out["zero-init-noise"] = ("templated parameters", "zero-initialized parameters from noise templates "
                             "(weit.zero_init=noise)", {"weit.zero_init": "noise"}, {})
+  # Not a knob: another draw of the whole recipe (pre-training's and the scaler training's seeds), the
+  # noise a row's single pre-training carries (combine: 'untemplated-stem-head+recipe-seed1').
+  out["recipe-seed1"] = ("seed", "another draw of the recipe: pre-training and scaler-training seed 1 (the "
+                         "reference: 0)", {"seed": 1}, {"seed": 1})
   out["scaler-S0"] = ("scaler budget", "no scaler training (the heuristic scalers only)", {}, {"steps": 0})
   for steps in (s for s in SCALER_STEPS if s):  # 0 steps read no examples: one row
     for examples in SCALER_EXAMPLES:
@@ -592,7 +596,7 @@ def write_report(out: str) -> str:
     L.append("| - | random init | - | " + " | ".join(f"- | {fmt(rand[r], 'final', M['scale'])} | 1×"
                                                    for r in roles) + " |")
     order = ("default", "templates", "tiles", "constraint", "multi-size", "distillation", "templated parameters",
-             "scaler budget", "scaler lr", "scaler seed", "combination")
+             "scaler budget", "scaler lr", "scaler seed", "seed", "combination")
     for name, row in sorted(rec["rows"].items(), key=lambda nr: order.index(nr[1]["group"])):  # stable
       aux = row.get(M["aux"])
       cells = []
