@@ -41,6 +41,7 @@ written from the results of every family run so far (``ablations_<family>.json``
 from __future__ import annotations
 
 import os
+import re
 import sys
 import time
 
@@ -549,6 +550,33 @@ def smallest_scaler_budget(rec: dict, epoch: int, lr: float) -> list[str]:
   return L
 
 
+SEED_FACTOR = re.compile(r"^(scaler|recipe)-seed\d+$")
+
+
+def draws(rec: dict, M: dict) -> list[str]:
+  """Per recipe run more than once (rows that differ only by a seed factor, the recipe's own draws):
+  each role's final over its draws, mean ± std (each draw's final is its mean over downstream seeds),
+  the noise a one-draw row carries. Empty when no recipe has two draws."""
+  recipes = {}
+  for name in rec["rows"]:
+    parts = [] if name == "default" else name.split("+")
+    recipes.setdefault("+".join(p for p in parts if not SEED_FACTOR.match(p)), []).append(name)
+  out = []
+  for recipe, names in recipes.items():
+    if len(names) < 2:
+      continue
+    cells = []
+    for role, label in rec["roles"].items():
+      finals = [M["scale"] * rec["rows"][n]["summary"][role]["final_mean"] for n in names]
+      cells.append(f"{label} {np.mean(finals):.1f} ± {np.std(finals):.1f} ({', '.join(f'{v:.1f}' for v in finals)})")
+    out.append(f"- `{recipe or 'default'}` over {len(names)} draws ({', '.join(names)}): " + "; ".join(cells))
+  if out:
+    out = ["Recipes run more than once (rows that differ only by a seed: another draw of the same recipe), "
+           f"{M['final']} over the draws, mean ± std (each draw: its mean over downstream seeds). A one-draw row "
+           "differs from the reference beyond this only where the factor, not the draw, moved it:\n", *out, ""]
+  return out
+
+
 def write_report(out: str) -> str:
   L = ["# Ablations: WeiT's recipe one factor at a time\n",
        "Each row changes one thing from the reference recipe (the defaults before this table chose new ones: "
@@ -608,6 +636,7 @@ def write_report(out: str) -> str:
       L.append(f"| {row['group']} | {label} | {'-' if aux is None else f'{scale * float(aux):.1f}'} | "
                + " | ".join(cells) + " |")
     L.append("")
+    L += draws(rec, M)
     if family == "policy":
       L.append("Not a policy factor: multi-size pre-training (PPO collects its experience with the one model it "
                "trains: the pre-training program refuses `weit.extra_sizes` for the control task).\n")
