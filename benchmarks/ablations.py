@@ -132,6 +132,8 @@ def factors(setup, budget: dict) -> dict:
   # gradients sum to zero over classes). 'noise' starts every template from noise instead.
   out["zero-init-noise"] = ("templated parameters", "zero-initialized parameters from noise templates "
                             "(weit.zero_init=noise)", {"weit.zero_init": "noise"}, {})
+  out["zero-init-plain"] = ("templated parameters", "zero-initialized parameters kept out of templates as plain "
+                            "ones, T = 0 and S = 1 (weit.zero_init=plain)", {"weit.zero_init": "plain"}, {})
   # Not a knob: another draw of the whole recipe (pre-training's and the scaler training's seeds), the
   # noise a row's single pre-training carries (combine: 'untemplated-stem-head+recipe-seed1').
   out["recipe-seed1"] = ("seed", "another draw of the recipe: pre-training and scaler-training seed 1 (the "

@@ -389,6 +389,48 @@ def test_untemplated_parameters_crop_or_tile_the_auxiliary_ones(target):
   assert not tgt.banks[("Transformer", "encoderblock", "MlpBlock_0", "Dense_0", "kernel")].whole
 
 
+@pytest.mark.parametrize("zero_init", ["ones", "plain"])
+def test_zero_initialized_head_kept_out_of_templates_trains_only_when_plain(zero_init):
+  """A zero head kept whole: with 'ones' (T = 1, S = 0) its scaler's gradient is the sum of dL/dW,
+  which a softmax makes zero (closed form: the logits' gradients sum to zero over classes), and its
+  template's is S dL/dW = 0; with 'plain' (T = 0, S = 1) the template's gradient is the dense
+  model's own dL/dW (oracle: the gradient through model.apply with the materialized parameters)."""
+  model, cfg, gen = vit_generator(depth=2, width=32, num_heads=2, mlp_dim=64)
+  whole = gen.whole_banks("^head/")
+  _, cfg, gen = vit_generator(depth=2, width=32, num_heads=2, mlp_dim=64, whole=whole)
+  stats = G.param_stats(model, vit.dummy_input(cfg))
+  t, s = gen.init(jax.random.key(1), stats, zero_init=zero_init)
+  rng = np.random.default_rng(5)
+  x = jnp.asarray(rng.normal(size=(6, 28, 28, 1)), jnp.float32)
+  y = jnp.asarray(rng.integers(0, 10, size=6))
+
+  def loss_of_params(params):
+    logits = model.apply({"params": params}, x)
+    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], 1))
+
+  params = gen.materialize(t, s)
+  np.testing.assert_array_equal(np.asarray(params["head"]["kernel"]), 0.0)  # exactly the model's zero head
+  g_t, g_s = jax.grad(lambda t, s: loss_of_params(gen.materialize(t, s)), argnums=(0, 1))(t, s)
+  dense = np.asarray(jax.grad(loss_of_params)(params)["head"]["kernel"])
+  assert np.abs(dense).max() > 1e-3  # the head does get a gradient in the dense model
+  head_t, head_s = np.asarray(g_t["head"]["kernel"][0]), np.asarray(g_s["head"]["kernel"])
+  if zero_init == "ones":
+    np.testing.assert_allclose(head_s, dense.sum(), atol=1e-6)
+    np.testing.assert_allclose(head_s, 0.0, atol=1e-6)
+    np.testing.assert_array_equal(head_t, 0.0)
+  else:
+    np.testing.assert_allclose(head_t, dense, rtol=1e-5, atol=1e-7)
+    np.testing.assert_array_equal(np.asarray(t["head"]["kernel"]), 0.0)
+    np.testing.assert_array_equal(np.asarray(s["head"]["kernel"]), 1.0)
+  # Templated zero banks (LayerNorm biases, ...) are 'ones' either way.
+  flat_t, flat_stats = traverse_util.flatten_dict(t), traverse_util.flatten_dict(stats)
+  templated_zeros = [p for p, b in gen.banks.items() if not b.whole and tuple(flat_stats[p]) == (0.0, 0.0)]
+  assert templated_zeros
+  for path in templated_zeros:
+    first = np.asarray(flat_t[path][0])
+    np.testing.assert_array_equal(first, np.ones_like(first), err_msg=str(path))
+
+
 def test_untemplated_pattern_refusals():
   _, _, gen = vit_generator(depth=2, width=64, num_heads=2, mlp_dim=128)
   with pytest.raises(ValueError, match="scanned blocks"):

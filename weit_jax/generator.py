@@ -27,7 +27,7 @@ from weit_jax import kron
 
 LAYERS = "layers"  # the logical name of a scanned depth axis (nn.scan metadata_params)
 TEMPLATES = "templates"  # the logical name of the template axis N (never sharded)
-ZERO_INITS = ("ones", "noise")  # templates of a zero-initialized parameter (WeightGenerator.init)
+ZERO_INITS = ("ones", "noise", "plain")  # templates of a zero-initialized parameter (WeightGenerator.init)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -230,6 +230,9 @@ class WeightGenerator:
     zero). With ``'ones'`` the first gradient step moves such a weight along a constant block
     (every entry of a tile alike), and a bank of one template (``untemplated``) stays a multiple of
     the all-ones matrix until its template moves, which it cannot while its scaler is zero.
+    ``'plain'``: such a parameter kept out of templates starts as ``T = 0``, ``S = 1``, i.e. ``W = T``,
+    a plain parameter whose gradient is the model's own from the first step; templated ones as
+    ``'ones'``.
     """
     if zero_init not in ZERO_INITS:
       raise ValueError(f"weit.zero_init={zero_init!r}; use one of {ZERO_INITS}.")
@@ -246,6 +249,9 @@ class WeightGenerator:
       t = next(pieces).reshape(b.template_shape)
       s = next(pieces).reshape(b.scaler_shape)
       if std <= 1e-3 * abs(mean) or std == 0.0:
+        if zero_init == "plain" and mean == 0.0 and b.whole:
+          templates[path], scalers[path] = jnp.zeros_like(t), jnp.ones(b.scaler_shape, jnp.float32)
+          continue
         templates[path] = t if (zero_init == "noise" and mean == 0.0) else t.at[0].set(1.0)
         scalers[path] = _constant_scalers(b, mean)
       else:
