@@ -24,6 +24,7 @@ Stages (every one cached in --workdir, so a rerun resumes at the first unfinishe
 from __future__ import annotations
 
 import functools
+import math
 import os
 import shutil
 import sys
@@ -224,15 +225,16 @@ def initial_export(method: str, role: str, cfg, env: str, seed: int, sources: di
   exports.write(path, params, meta)
 
 
-def step0_return(c, cfg) -> float:
-  """The deterministic return of exactly what train.run starts from (parameters and statistics)."""
+def step0_eval(c, cfg) -> dict:
+  """The evaluation (deterministic and sampled returns) of exactly what train.run starts from
+  (parameters and statistics)."""
   from weit_jax import models
   from weit_jax.programs import train
   task = train.task_with_export(c)
   model = models.build(cfg)
   exp = task.experience(lambda p, obs: model.apply({"params": p}, obs))
   carry = jax.jit(exp.init)(jax.random.key(int(c.seed)))
-  return float(exp.evaluate(train.initial_params(c, cfg), carry)["return"])
+  return {k: float(v) for k, v in jax.device_get(exp.evaluate(train.initial_params(c, cfg), carry)).items()}
 
 
 def training_returns(workdir: str) -> dict[str, float]:
@@ -263,25 +265,28 @@ def run_one(args, method: str, env: str, role: str, cfg, seed: int, sources: dic
   tag = f"P{b['pretrain_updates']}{scalers}_T{b['train_updates']}_k{b['eval_every']}"
   name = method + (f"-{variant}" if variant else "")
   run_dir = os.path.join(args.workdir, "runs", tag, env, cfg.short_name(), name, f"seed{seed}")
-  if (r := read_json(os.path.join(run_dir, "result.json"))):
+  r = read_json(os.path.join(run_dir, "result.json"))
+  if r and "sampled_curve" in r:  # results of before the sampled evaluation are run again
     return dict(r, train_curve=training_returns(os.path.join(run_dir, "train")))
   shutil.rmtree(run_dir, ignore_errors=True)  # an interrupted run starts over
   t0 = time.time()
   export = os.path.join(run_dir, "init_export")
   initial_export(method, role, cfg, env, seed, sources, export)
   c = train_config(env=env, updates=b["train_updates"], seed=seed, eval_every=b["eval_every"], init=export)
-  curve = {0: step0_return(c, cfg)}
+  ev0 = step0_eval(c, cfg)
+  curve, sampled = {0: ev0["return"]}, {0: ev0["sampled_return"]}
   summary = train.run(c, os.path.join(run_dir, "train"))
   for rec in metrics.read_metrics(os.path.join(run_dir, "train")):
     if "eval_return" in rec:
       curve[int(rec["step"])] = float(rec["eval_return"])
+      sampled[int(rec["step"])] = float(rec["eval_sampled_return"])
   train_curve = training_returns(os.path.join(run_dir, "train"))
   for sub in ("train/checkpoints", "train/export", "init_export"):
     shutil.rmtree(os.path.join(run_dir, sub), ignore_errors=True)  # only the curve is kept
   return write(os.path.join(run_dir, "result.json"), dict(
       method=method, env=env, role=role, target=cfg.short_name(), seed=seed,
       curve={str(k): curve[k] for k in sorted(curve)}, final_return=summary["eval_return"],
-      train_curve=train_curve,
+      sampled_curve={str(k): sampled[k] for k in sorted(sampled)}, train_curve=train_curve,
       wall_s=round(time.time() - t0, 1)))
 
 
@@ -355,10 +360,11 @@ def smooth(values: np.ndarray, window: int = SMOOTH) -> np.ndarray:
 
 
 def aggregate(results: list[dict]) -> dict:
-  """env -> role -> method -> the deterministic evaluation curve (x, mean, std, final, step0) and
-  the training-return curve (tx, tmean: the stochastic policy's returns of the episodes that ended
-  in each update, mean over seeds, smoothed over SMOOTH updates; tfinal), and the speed-up on the
-  latter."""
+  """env -> role -> method -> the deterministic evaluation curve (x, mean, std, final, step0), the
+  sampled one (smean, sstd, sfinal, s0: the policy PPO trains, on the same fixed episodes) and the
+  training-return curve (tx, tmean: the stochastic policy's returns of the episodes that ended in
+  each update, mean over seeds, smoothed over SMOOTH updates; tfinal), and the speed-ups to random
+  init's final on the training return (``speedup``) and on the sampled evaluation (``sspeedup``)."""
   per_update = env_steps_per_update()
   out: dict = {}
   for env, roles in harness.group(results, "env", "role", "method").items():
@@ -367,6 +373,10 @@ def aggregate(results: list[dict]) -> dict:
       for method, runs in methods.items():
         steps = sorted(int(s) for s in runs[0]["curve"])
         ev = harness.curve_stats(harness.seed_curves([r["curve"] for r in runs], steps))
+        # (runs of before the sampled evaluation, kept in ablation records, have none)
+        sv = (harness.curve_stats(harness.seed_curves([r["sampled_curve"] for r in runs], steps))
+              if all("sampled_curve" in r for r in runs) else dict.fromkeys(("mean", "std", "final_mean",
+                                                                          "final_std", "step0_mean")))
         # Training returns of the seeds where an episode ended (a --quick budget can end before any).
         finished = [r["train_curve"] for r in runs if r["train_curve"]] or [{}]
         tsteps = sorted({int(s) for c in finished for s in c})  # seeds' first episodes differ
@@ -375,6 +385,8 @@ def aggregate(results: list[dict]) -> dict:
         first = [c[min(c, key=int)] if c else np.nan for c in finished]
         entry[method] = dict(x=[s * per_update for s in steps], mean=ev["mean"], std=ev["std"],
                              final=ev["final_mean"], final_std=ev["final_std"], step0=ev["step0_mean"],
+                             smean=sv["mean"], sstd=sv["std"], sfinal=sv["final_mean"], sfinal_std=sv["final_std"],
+                             s0=sv["step0_mean"],
                              tx=[s * per_update for s in tsteps], tmean=smooth(np.nanmean(tvalues, 0)).tolist(),
                              tstd=smooth(np.nanstd(tvalues, 0)).tolist(), tfinal=float(tlast.mean()),
                              tfinal_std=float(tlast.std()), tfirst=float(np.mean(first)),
@@ -388,6 +400,15 @@ def aggregate(results: list[dict]) -> dict:
           e["speedup"] = None if reach_random is None else harness.speedup(reach, reach_random)
           # Above the goal at its first measured point: the first finished episodes bound it, not the method.
           e["speedup_is_lower_bound"] = reach is not None and reach <= e["tx"][0]
+        # The sampled evaluation needs no finished training episode: its first point is the init's own.
+        sgoal = entry["random"]["sfinal"]
+        sreach_random = None if sgoal is None else harness.steps_to_reach(entry["random"]["x"],
+                                                                          entry["random"]["smean"], sgoal)
+        for method, e in entry.items():
+          e["ssteps_to_random_final"] = None if e["smean"] is None else harness.steps_to_reach(e["x"], e["smean"],
+                                                                                               sgoal)
+          e["sspeedup"] = (None if sreach_random is None
+                           else harness.speedup(e["ssteps_to_random_final"], sreach_random))
   return out
 
 
@@ -399,16 +420,25 @@ def fmt_speedup(e: dict) -> str:
   return f"{e['speedup']:.1f}x"
 
 
+def fmt_sampled_speedup(e: dict, method: str) -> str:
+  if method == "random":
+    return "1x"
+  if e["sspeedup"] is None:
+    return "not reached"
+  return "above it at step 0" if math.isinf(e["sspeedup"]) else f"{e['sspeedup']:.1f}x"
+
+
 def plot(agg: dict, env: str, path: str) -> None:
-  """Per target: the training return (top) and the deterministic evaluation (bottom)."""
+  """Per target: the training return (top), the sampled and the deterministic evaluations."""
   roles = [role for role, _ in TARGETS[env] if role in agg.get(env, {})]
   panels = [[dict(title=f"{role}: {next(iter(agg[env][role].values()))['target']}" if xk == "tx" else None,
-                  curves={m: (np.array(e[xk]) / 1e6, e[mk], e[sk]) for m, e in agg[env][role].items()})
+                  curves={m: (np.array(e[xk]) / 1e6, e[mk], e[sk]) for m, e in agg[env][role].items()
+                          if e[mk] is not None})
              for role in roles]
-            for xk, mk, sk in (("tx", "tmean", "tstd"), ("x", "mean", "std"))]
+            for xk, mk, sk in (("tx", "tmean", "tstd"), ("x", "smean", "sstd"), ("x", "mean", "std"))]
   harness.plot_curves(path, panels, xlabel="environment steps (millions)", title_size=11,
                       ylabels=[f"training return\n(stochastic; {SMOOTH}-update mean)",
-                               "deterministic policy,\n32 fixed episodes"],
+                               "sampled policy,\n32 fixed episodes", "deterministic policy,\n32 fixed episodes"],
                       suptitle=f"PPO on {ENV_LABELS[env]}: mean of seeds, band = 1 std")
 
 
@@ -457,7 +487,7 @@ def write_report(args, agg: dict, stages: dict, peer: dict | None, na: dict, inf
       f"{b['seeds']} seed(s), evaluated every {b['eval_every']} updates and before training: the deterministic "
       "policy's mean return over 32 episodes from fixed initial states. Each init starts with its source's "
       "observation statistics when the observation size matches (random init and walker2d: fresh).",
-      f"- Two measures. *Training return*: the stochastic policy's return over the episodes that ended in an update "
+      f"- Three measures. *Training return*: the stochastic policy's return over the episodes that ended in an update "
       f"(what PPO optimizes; from the first update in which an episode ended), mean over seeds, final = mean of the "
       f"last {SMOOTH} updates. *Deterministic return*: the "
       "mean action's return over 32 fixed episodes (the programs' `eval_return`). On hopper an untrained policy's mean "
@@ -465,7 +495,12 @@ def write_report(args, agg: dict, stages: dict, peer: dict | None, na: dict, inf
       "1,000 steps: deterministic returns before training are high (a standing policy), and first *fall* while PPO's "
       "noisy policy learns to hop. The speed-up therefore uses the training return: the environment steps random "
       f"init needs to reach its own final training return, over the steps the method needs ({SMOOTH}-update trailing "
-      "mean, linear interpolation).",
+      "mean, linear interpolation). *Sampled return*: the policy PPO trains (sampled actions, a fixed key) over the "
+      "same 32 fixed episodes (`eval_sampled_return`), at the same evaluation points. The training return lags: all "
+      f"environments start together and an episode of L steps ends L / {config('train').ppo.unroll_length} updates "
+      "after it starts, so in the first updates only the episodes that fell early are counted, whatever the init; the sampled return "
+      "measures the init itself at step 0, and its speed-up (to random init's final sampled return, interpolated "
+      f"between evaluations every {b['eval_every']} updates) has no such floor but the evaluation's spacing.",
       "", "## Pre-training and WeiT init", "",
       "| stage | return (deterministic) | wall |", "|---|---|---|"]
   for name, label in (("weit", "WeiT templates (aux d3-w64)"), ("tleg", "TLEG auxiliary d3-w64"),
@@ -485,18 +520,22 @@ def write_report(args, agg: dict, stages: dict, peer: dict | None, na: dict, inf
   for env in TARGETS:
     lines += ["", f"## Downstream PPO: {ENV_LABELS[env]}", "", f"![curves](control_{env}.png)", "",
               "| target | method | training return: first episodes -> final (+- std over seeds) | speed-up to random's "
-              "final training return | deterministic return: before -> final |",
-              "|---|---|---|---|---|"]
+              "final training return | sampled return: before -> final | speed-up to random's final sampled return "
+              "| deterministic return: before -> final |",
+              "|---|---|---|---|---|---|---|"]
     for role, cfg in target_configs(env).items():
       for method in METHODS:
         if method in agg.get(env, {}).get(role, {}):
           e = agg[env][role][method]
           returns = (f"{e['tfirst']:.1f} -> {e['tfinal']:.1f} +- {e['tfinal_std']:.1f} ({e['seeds']} seeds)"
                      if e["tx"] else "no episode ended within the budget")
-          lines.append(f"| {role} {cfg.short_name()} | {LABELS[method]} | {returns} | {fmt_speedup(e)} | "
+          sampled = (f"{e['s0']:.1f} -> {e['sfinal']:.1f} +- {e['sfinal_std']:.1f} | "
+                     + fmt_sampled_speedup(e, method)
+                     if e["s0"] is not None else "- | -")
+          lines.append(f"| {role} {cfg.short_name()} | {LABELS[method]} | {returns} | {fmt_speedup(e)} | {sampled} | "
                        f"{e['step0']:.1f} -> {e['final']:.1f} +- {e['final_std']:.1f} |")
         elif (why := na.get((env, role, method))):
-          lines.append(f"| {role} {cfg.short_name()} | {LABELS[method]} | n/a | {why} | n/a |")
+          lines.append(f"| {role} {cfg.short_name()} | {LABELS[method]} | n/a | {why} | n/a | n/a | n/a |")
   if peer:
     lines += ["", "## PPO validation: brax's ppo.train on the same budget", "", "![peer](control_peer.png)", "",
               "| implementation | final return per seed | mean | wall per run (incl. compile) |", "|---|---|---|---|"]

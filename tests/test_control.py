@@ -366,6 +366,12 @@ def test_control_rollouts_and_evaluation_are_deterministic(pendulum):
   # Deterministic evaluation (the mean action from fixed initial states): the same return twice.
   ev1, ev2 = jax.device_get(exp.evaluate(params, carry)), jax.device_get(exp.evaluate(params, carry))
   assert ev1 == ev2 and np.isfinite(ev1["return"]) and ev1["return"] != 0.0
+  # The sampled policy's return: another number than the mean action's, and the mean action's in
+  # the limit of no action noise (log_std -> -inf).
+  assert np.isfinite(ev1["sampled_return"]) and ev1["sampled_return"] != ev1["return"]
+  quiet = dict(params, log_std=jnp.full_like(params["log_std"], -40.0))
+  ev_quiet = jax.device_get(exp.evaluate(quiet, carry))
+  np.testing.assert_allclose(ev_quiet["sampled_return"], ev_quiet["return"], rtol=1e-5)
 
 
 def test_a_rollout_returns_the_carry_with_the_types_it_took(pendulum):

@@ -367,18 +367,28 @@ def make_experience(task: Control, forward, actor=None) -> Experience:
 
   @jax.jit
   def evaluate(params, carry):
+    """The deterministic policy's (the mean action's) returns over the fixed episodes, and as
+    ``sampled_return`` the returns of the policy PPO trains (actions sampled, a fixed key) over the
+    same initial states: unlike the training return, it needs no episode to end during training
+    (an episode of L steps ends L / unroll_length updates after it starts)."""
     stats = carry["obs_stats"]
-    state = eval_env.reset(_raw_keys(jax.random.key(EVAL_SEED), int(task.eval_episodes)))
-
-    def step(c, _):
-      state, ret, ended = c
-      mean, _, _ = forward(params, normalize(stats, state.obs))
-      state = eval_env.step(state, jnp.clip(mean, -1.0, 1.0))
-      return (state, ret + state.reward * (1 - ended), jnp.maximum(ended, state.done)), None
-
+    start = eval_env.reset(_raw_keys(jax.random.key(EVAL_SEED), int(task.eval_episodes)))
     zeros = jnp.zeros((int(task.eval_episodes),), jnp.float32)
-    (_, ret, _), _ = jax.lax.scan(step, (state, zeros, zeros), None, length=task.episode_length)
-    return {"return": jnp.mean(ret), "return_std": jnp.std(ret)}
+
+    def returns(sample_key):
+      def step(c, k):
+        state, ret, ended = c
+        mean, log_std, _ = forward(params, normalize(stats, state.obs))
+        action = mean if k is None else mean + jnp.exp(log_std) * jax.random.normal(k, mean.shape)
+        state = eval_env.step(state, jnp.clip(action, -1.0, 1.0))
+        return (state, ret + state.reward * (1 - ended), jnp.maximum(ended, state.done)), None
+
+      keys = None if sample_key is None else jax.random.split(sample_key, int(task.episode_length))
+      (_, ret, _), _ = jax.lax.scan(step, (start, zeros, zeros), keys, length=task.episode_length)
+      return ret
+
+    ret, sampled = returns(None), returns(jax.random.key(EVAL_SEED + 1))
+    return {"return": jnp.mean(ret), "return_std": jnp.std(ret), "sampled_return": jnp.mean(sampled)}
 
   return Experience(init=init, collect=collect, evaluate=evaluate, epochs=int(p["epochs"]),
                     num_minibatches=int(p["num_minibatches"]), env_steps_per_update=T * E, num_envs=E)
