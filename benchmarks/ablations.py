@@ -140,6 +140,8 @@ def factors(setup, budget: dict) -> dict:
   # noise a row's single pre-training carries (combine: 'untemplated-stem-head+recipe-seed1').
   out["recipe-seed1"] = ("seed", "another draw of the recipe: pre-training and scaler-training seed 1 (the "
                          "reference: 0)", {"seed": 1}, {"seed": 1})
+  out["scaler-seed1"] = ("seed", "another draw of the scaler training only: its seed 1 (which examples it draws, "
+                         "their order; the reference: 0)", {}, {"seed": 1})
   out["scaler-S0"] = ("scaler budget", "no scaler training (the heuristic scalers only)", {}, {"steps": 0})
   for steps in (s for s in SCALER_STEPS if s):  # 0 steps read no examples: one row
     for examples in SCALER_EXAMPLES:
