@@ -579,8 +579,8 @@ def draws(rec: dict, M: dict) -> list[str]:
     out.append(f"- `{recipe or 'default'}` over {len(names)} draws ({', '.join(names)}): " + "; ".join(cells))
   if out:
     out = ["Recipes run more than once (rows that differ only by a seed: another draw of the same recipe), "
-           f"{M['final']} over the draws, mean ± std (each draw: its mean over downstream seeds). A one-draw row "
-           "differs from the reference beyond this only where the factor, not the draw, moved it:\n", *out, ""]
+           f"{M['final']} over the draws, mean ± std (each draw: its mean over downstream seeds). Two one-draw rows "
+           "that differ by less than this spread may differ by their draws alone:\n", *out, ""]
   return out
 
 
