@@ -83,8 +83,9 @@ CHOSEN = {"vit": ("scaler-S400xE500+scaler-lr0.003",
                      "gradient the softmax makes zero: it trains only from rounding noise. Noise templates "
                      "(`zero-init-noise`) let it train (aux 74.5%, exports 78.1 / 71.5%) and lose the transfer "
                      "gain (37.0 / 28.1%, below the scaler training alone); a plain zero head (`zero-init-plain`: "
-                     "T = 0, S = 1) trains (aux 67.8%, exports 75.7 / 64.6%) and keeps it (44.2 / 36.9%), the "
-                     "candidate for the next default. A second draw of this recipe (`+recipe-seed1`) transfers "
+                     "T = 0, S = 1) trains (aux 67.8 / 71.7% over two draws) and transfers within the draws' "
+                     "spread of this recipe (44.2 / 36.9% and 42.2 / 40.3% against 41.9 / 36.3% and 51.0 / 42.5%), "
+                     "the candidate for the next default. A second draw of this recipe (`+recipe-seed1`) transfers "
                      "better still (51.0 / 42.5%): one draw is uncertain by several points, so the choice rests "
                      "on the large effects only")}
 
