@@ -142,8 +142,7 @@ def factors(setup, budget: dict) -> dict:
   # noise a row's single pre-training carries (combine: 'untemplated-stem-head+recipe-seed1').
   out["recipe-seed1"] = ("seed", "another draw of the recipe: pre-training and scaler-training seed 1 (the "
                          "reference: 0)", {"seed": 1}, {"seed": 1})
-  out["scaler-seed1"] = ("seed", "another draw of the scaler training only: its seed 1 (which examples it draws, "
-                         "their order; the reference: 0)", {}, {"seed": 1})
+  out.update(scaler_seed_factors((1,)))
   out["scaler-S0"] = ("scaler budget", "no scaler training (the heuristic scalers only)", {}, {"steps": 0})
   for steps in (s for s in SCALER_STEPS if s):  # 0 steps read no examples: one row
     for examples in SCALER_EXAMPLES:
@@ -185,12 +184,16 @@ def policy_factors(budget: dict) -> dict:
   for lr in POLICY_SCALER_LRS:
     out[f"scaler-lr{lr:g}"] = ("scaler lr", f"scaler-training lr {lr:g} (optim.lr of the init config)", {},
                                {"optim.lr": lr})
-  # Not a knob: another draw of the scaler training (PPO's experience and sampling), to tell a
-  # recipe's effect from one scaler training's luck (combine with a row: 'scaler-lr0.003+scaler-seed1').
-  for seed in POLICY_SCALER_SEEDS:
-    out[f"scaler-seed{seed}"] = ("scaler seed", f"the scaler training's seed {seed} (seed of the init config; "
-                                 "the reference: 0)", {}, {"seed": seed})
+  out.update(scaler_seed_factors(POLICY_SCALER_SEEDS))
   return out
+
+
+def scaler_seed_factors(seeds) -> dict:
+  """Not knobs: other draws of the scaler training alone (the init config's seed: the examples or
+  experience it draws, their order), to tell a recipe's effect from one scaler training's luck;
+  they combine with a row ('scaler-lr0.003+scaler-seed1')."""
+  return {f"scaler-seed{seed}": ("seed", f"another draw of the scaler training only: its seed {seed} (the "
+                                 "reference: 0)", {}, {"seed": seed}) for seed in seeds}
 
 
 def combined(known: dict, name: str):
@@ -632,7 +635,7 @@ def write_report(out: str) -> str:
     L.append("| - | random init | - | " + " | ".join(f"- | {fmt(rand[r], 'final', M['scale'])} | 1×"
                                                    for r in roles) + " |")
     order = ("default", "templates", "tiles", "constraint", "multi-size", "distillation", "templated parameters",
-             "scaler budget", "scaler lr", "scaler seed", "seed", "combination")
+             "scaler budget", "scaler lr", "seed", "combination")
     for name, row in sorted(rec["rows"].items(), key=lambda nr: order.index(nr[1]["group"])):  # stable
       aux = row.get(M["aux"])
       cells = []
