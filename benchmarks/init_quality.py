@@ -69,7 +69,7 @@ SETUPS = {
         # Convolutions at 14x14 with 8-48 channels run slowly on a CPU: fewer pre-training and
         # downstream steps keep the whole benchmark near an hour on two cores (--estimate says 127 min
         # with the ViT's budget).
-        budget=dict(pretrain_steps=600, train_steps=60, eval_every=20),
+        budget=dict(pretrain_steps=600, train_steps=60, eval_every=20, early_every=4),
         tiles="Tiles are stem 4, mid{s} 4, res{s} 16 (conv kernels: both channel axes; the spatial kernel "
               "whole in the template): width 6 (stage channels 6/24, 12/48, 24/96) is not a tile multiple."),
 }
@@ -77,8 +77,8 @@ SETUPS = {
 # --long: downstream runs until random init has plateaued, on fewer cells (init_quality_long.md,
 # init_quality_resnet_long.md): over the family's full budget, and the defaults of --datasets,
 # --roles and --methods (the transfer setting, one depth and one width target, the best baselines).
-LONG = {"vit": dict(train_steps=2000, eval_every=100, seeds=2),
-        "resnet": dict(train_steps=600, eval_every=50, seeds=2)}
+LONG = {"vit": dict(train_steps=2000, eval_every=100, early_every=0, seeds=2),
+        "resnet": dict(train_steps=600, eval_every=50, early_every=0, seeds=2)}
 LONG_DEFAULTS = dict(datasets="mnist_5k", roles="deeper,narrower", methods="random,weit,weight_selection,tleg")
 PLATEAU_POINTS = 0.01  # random init has plateaued when its final accuracy is within 1 point of its best
                        # over the last quarter of the run
@@ -87,11 +87,12 @@ SCALER_BUDGET = ("init_steps", "init_examples")  # the budget entries only WeiT'
 BUDGETS = {
     # pretrain_*: each pre-training run (WeiT, TLEG, dense source) and WeiT's scaler training;
     # init_*: WeiT's scaler-training steps / examples; train_steps, batch_size: every downstream run,
-    # evaluated every `eval_every` steps on `fmnist_eval` (Fashion-MNIST) or the 1,000 MNIST-5k digits.
+    # evaluated every `eval_every` steps on `fmnist_eval` (Fashion-MNIST) or the 1,000 MNIST-5k digits,
+    # and every `early_every` steps before the first of those (0: not; stages.early_evals).
     "full": dict(pretrain_steps=1000, pretrain_batch_size=128, init_steps=400, init_examples=500,
-                 train_steps=150, batch_size=64, eval_every=25, seeds=3, fmnist_eval="test[:1000]"),
+                 train_steps=150, batch_size=64, eval_every=25, early_every=5, seeds=3, fmnist_eval="test[:1000]"),
     "quick": dict(pretrain_steps=30, pretrain_batch_size=64, init_steps=5, init_examples=256,
-                  train_steps=20, batch_size=32, eval_every=10, seeds=1, fmnist_eval="test[:500]"),
+                  train_steps=20, batch_size=32, eval_every=10, early_every=5, seeds=1, fmnist_eval="test[:500]"),
 }
 
 
@@ -176,7 +177,8 @@ def run_one(args, method: str, role: str, cfg, dataset: str, seed: int, sources:
   budget_key = {k: v for k, v in b.items() if k != "seeds" and (trains_scalers or k not in SCALER_BUDGET)}
   tag = (f"P{b['pretrain_steps']}xB{b['pretrain_batch_size']}"
          + (f"_S{b['init_steps']}xE{b['init_examples']}" if trains_scalers else "")
-         + f"_T{b['train_steps']}xB{b['batch_size']}_k{b['eval_every']}")
+         + f"_T{b['train_steps']}xB{b['batch_size']}_k{b['eval_every']}"
+         + (f"e{b['early_every']}" if b.get("early_every") else ""))
   run_dir = os.path.join(args.workdir, "runs", tag, dataset, cfg.short_name(), method + (f"-{variant}" if variant else ""),
                          f"seed{seed}")
   result_path = os.path.join(run_dir, "result.json")
@@ -285,6 +287,12 @@ def plot(agg: dict, dataset: str, roles: list[str], targets: dict, path: str, bu
                       "init's final accuracy")
 
 
+def early_text(b: dict) -> str:
+  early = shared.early_evals(b, b["eval_every"])
+  return (f" and at steps {', '.join(map(str, early))} (every {b['early_every']} before the first periodic eval: "
+          "where a good initialization passes random init's final accuracy)" if early else "")
+
+
 def write_report(args, agg: dict, results: list[dict], stages: dict, targets: dict, na: dict, info: dict) -> str:
   import json
   from weit_jax import models
@@ -346,7 +354,7 @@ def write_report(args, agg: dict, results: list[dict], stages: dict, targets: di
   w("  " + setup.tiles)
   w(f"- **Downstream**: `programs/train.py` (configs/{setup.family}_train.py:runlocal: AdamW lr 1e-3, weight decay 0.05, "
     f"cosine, {max(1, T // 10)} warmup steps) for {T} steps of batch {b['batch_size']}, eval every "
-    f"{b['eval_every']} steps and at step 0. Fashion-MNIST eval on `{b['fmnist_eval']}` (a fixed subset keeps "
+    f"{b['eval_every']} steps, at step 0{early_text(b)}. Fashion-MNIST eval on `{b['fmnist_eval']}` (a fixed subset keeps "
     "evals cheap); MNIST-5k eval on its 1,000 test digits. Same dataset: the pre-trained heads are kept "
     "(weight selection and mimetic use a fresh head, as their recipes say); transfer: every method gets a new "
     "(zero) head.")
@@ -581,7 +589,8 @@ def projection(args, per_step: dict, key: str = "wall", overhead_s: float = 3.0)
   for role, cfg in targets.items():
     methods = [m for m in args.methods if not shared.applies(args.setup, m, cfg, sources)]
     for dataset in args.datasets:
-      examples = (b["train_steps"] // b["eval_every"] + 2) * (fm_eval if dataset == "fashion_mnist_local" else 1000)
+      evals = b["train_steps"] // b["eval_every"] + 2 + len(shared.early_evals(b, b["eval_every"]))
+      examples = evals * (fm_eval if dataset == "fashion_mnist_local" else 1000)
       one = (b["train_steps"] + examples / b["batch_size"] / 3) * per_step[role][key] + overhead_s
       runs += one * len(methods) * b["seeds"]
       n_runs += len(methods) * b["seeds"]

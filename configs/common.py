@@ -118,6 +118,7 @@ def training_fields(config: ml_collections.ConfigDict, *, total_steps: int, batc
   config.batch_size = batch_size
   config.log_every = 50
   config.eval_every = 500
+  config.eval_at = ""  # extra eval steps, comma-separated (e.g. '5,10,15': dense early in a run)
   config.checkpoint_every = 500
   config.keep_checkpoints = 3
   config.resume_step = ml_collections.config_dict.placeholder(int)

@@ -39,6 +39,7 @@ def pretrain_config(learnable_data, **overrides):
   c.optim.warmup_steps = 2
   c.log_every = 3
   c.eval_every = 6
+  c.eval_at = "4,9"  # besides every 6
   c.checkpoint_every = 6
   c.update(overrides)
   return learnable_data(c)
@@ -66,7 +67,7 @@ def test_pretrain_writes_metrics_plot_and_summary(pretrained):
   losses = [r["loss"] for r in records if "loss" in r]
   assert [r["step"] for r in records if "loss" in r][-1] == 12
   assert losses[-1] < losses[0]  # it learns
-  assert any("eval_accuracy" in r for r in records)
+  assert [r["step"] for r in records if "eval_accuracy" in r] == [4, 6, 9, 12]  # eval_at, eval_every, the end
   assert os.path.getsize(os.path.join(workdir, "curves.png")) > 1000
   assert summary["final_step"] == 12 and summary["templates_params"] > 0
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["12", "6"]

@@ -96,6 +96,18 @@ RANGE_CASES = [
 ]
 
 
+@pytest.mark.parametrize("bad", ["0", "5,x", "-3", "13", "2.5"])
+def test_eval_at_names_steps_of_the_run(bad):
+  config = unlocked(vit_pretrain.get_config("runlocal"))
+  config.total_steps = 12
+  config.eval_at = " 3, 12,3"
+  assert config_checks.eval_steps(config) == {3, 12}
+  config_checks.check_ranges(config)
+  config.eval_at = bad
+  with pytest.raises(ValueError, match=r"^--config\.eval_at=.*is not a step in 1\.\.12 \(total_steps\)"):
+    config_checks.check_ranges(config)
+
+
 @pytest.mark.parametrize("module, field, bad, good", RANGE_CASES,
                          ids=[f"{m.__name__.split('.')[-1]}:{f}={b}" for m, f, b, _ in RANGE_CASES])
 def test_numeric_fields_are_range_checked(module, field, bad, good):

@@ -5,6 +5,9 @@ sizes, step counts, cadences, weight decays, ...) are refused with one message t
 and its valid range. Fields a config does not have are skipped, so one table serves every program
 and family.
 
+``eval_steps``: the steps ``eval_at`` names, evaluated besides every ``eval_every`` (checked by
+``check_ranges`` too).
+
 ``run_defining``: the part of a config that defines a run (model, data, objective, optimizer,
 seed), as opposed to how and where it runs (mesh, data-loading threads, logging and checkpoint
 cadence, run length). A workdir may be resumed with another mesh, device count or cadence, never
@@ -79,7 +82,7 @@ PLACEMENT_FIELDS = (
     "data.data_dir", "data.idx_dir",  # where the same data lives on this machine
     # threads and buffers (not data.worker_count: the saved data-iterator state depends on it)
     "data.worker_buffer_size", "data.read_threads", "data.prefetch_buffer_size",
-    "log_every", "eval_every", "checkpoint_every", "keep_checkpoints",
+    "log_every", "eval_every", "eval_at", "checkpoint_every", "keep_checkpoints",
     "total_steps", "steps",  # a run may be extended
     "overwrite", "resume_step", "dry_run", "dry_run.*",
     "model.remat_policy", "target.remat_policy",  # recomputation: the same values, less memory
@@ -127,6 +130,25 @@ def check_ranges(config) -> None:
     if not ok:
       raise ValueError(f"--config.{field}={value!r} is out of range: it must be "
                        f"{_range_text(*rule)}.")
+  eval_steps(config)
+
+
+def eval_steps(config) -> frozenset[int]:
+  """The steps of ``config.eval_at`` ('5,10,15': extra evaluations besides every ``eval_every``,
+  e.g. dense early in a run, where a curve changes fastest); empty when unset. Raises ValueError
+  for a step that is not a positive integer or lies past ``total_steps``."""
+  text = str(config.get("eval_at") or "").strip()
+  if not text:
+    return frozenset()
+  total = config.get("total_steps")
+  steps = set()
+  for part in text.split(","):
+    part = part.strip()
+    if not part.isdigit() or int(part) < 1 or (total is not None and int(part) > int(total)):
+      raise ValueError(f"--config.eval_at={text!r}: {part!r} is not a step in 1..{total} (total_steps); "
+                       "give comma-separated steps, e.g. --config.eval_at=5,10,15")
+    steps.add(int(part))
+  return frozenset(steps)
 
 
 def run_defining(config) -> dict[str, Any]:

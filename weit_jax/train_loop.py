@@ -385,6 +385,7 @@ def run(config, workdir: str, task: Task, *, mesh, train_iter, make_eval_iter, i
   nonfinite_paths = _make_nonfinite_paths(mesh)
   writer = metrics.MetricWriter(workdir, total, start)
   log_every, eval_every = int(config.log_every), int(config.get("eval_every") or 0)
+  eval_at = config_checks.eval_steps(config)
   step_key = jax.random.key(int(config.seed) + 1)
   last = {}
 
@@ -405,7 +406,7 @@ def run(config, workdir: str, task: Task, *, mesh, train_iter, make_eval_iter, i
         pending.append((step, out))
         stop = preemption.requested  # read once: a SIGTERM arriving later is handled after the next step
         log_now = step % log_every == 0 or step == total or step == start + 1
-        eval_now = bool(eval_every) and step % eval_every == 0 and step != total
+        eval_now = ((bool(eval_every) and step % eval_every == 0) or step in eval_at) and step != total
         save_now = step % ckpt.every == 0 or step == total or stop
         if log_now or eval_now or save_now:
           out = _check_finite(pending, ckpt)
