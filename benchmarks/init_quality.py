@@ -113,8 +113,13 @@ def parse_args(argv=None):
   p.add_argument("--long", action="store_true", help="full training: downstream runs until random init "
                  "plateaus (LONG), reported apart (<report>_long.md) with the steps each method needs to reach "
                  f"random init's plateau; default methods {LONG_DEFAULTS['methods']}")
+  p.add_argument("--draw", type=int, default=0, help="another draw of the pre-training stages: every "
+                 "pre-training and WeiT's scaler training with this seed (stage folders and the report "
+                 "keyed by it: <report>_draw<N>.md); a report lists every draw of its budget found beside it")
   args = p.parse_args(argv)
   args.setup = SETUPS[args.family]
+  if args.draw < 0:
+    p.error(f"--draw={args.draw}: use a seed >= 0 (0: the default draw)")
   if args.long and args.quick:
     p.error("--long and --quick: choose one budget")
   if args.long:
@@ -179,8 +184,9 @@ def run_one(args, method: str, role: str, cfg, dataset: str, seed: int, sources:
          + (f"_S{b['init_steps']}xE{b['init_examples']}" if trains_scalers else "")
          + f"_T{b['train_steps']}xB{b['batch_size']}_k{b['eval_every']}"
          + (f"e{b['early_every']}" if b.get("early_every") else ""))
-  run_dir = os.path.join(args.workdir, "runs", tag, dataset, cfg.short_name(), method + (f"-{variant}" if variant else ""),
-                         f"seed{seed}")
+  drawn = shared.draw(args) and method not in ("random", "mimetic")  # the two that have no pre-training
+  run_dir = os.path.join(args.workdir, "runs", tag, dataset, cfg.short_name(), method + (f"-{variant}" if variant else "")
+                         + (f"-draw{shared.draw(args)}" if drawn else ""), f"seed{seed}")
   result_path = os.path.join(run_dir, "result.json")
   source = shared.source_for(method, role, sources)
   described = inits.describe_source(source)
@@ -287,6 +293,53 @@ def plot(agg: dict, dataset: str, roles: list[str], targets: dict, path: str, bu
                       "init's final accuracy")
 
 
+def report_name(args, draw: int | None = None) -> str:
+  d = shared.draw(args) if draw is None else draw
+  return args.setup.report + ("_long" if args.long else "") + (f"_draw{d}" if d else "")
+
+
+def draws_section(args, report: str, w) -> None:
+  """Every draw of the pre-training stages reported beside this one (``--draw``) with the same budget:
+  per dataset, target and method, the final accuracy and the speed-up of each draw and their mean.
+  One draw's ± is over downstream seeds only; this is the spread a method's pre-training adds."""
+  import glob
+  base = report_name(args, 0)
+  found = {}
+  for path in sorted(glob.glob(os.path.join(args.out, base + ".json")) +
+                     glob.glob(os.path.join(args.out, base + "_draw*.json"))):
+    raw = harness.read_json(path)
+    if raw and raw.get("budget") == args.budget and raw.get("aggregate"):
+      found[int(raw.get("draw", 0))] = raw["aggregate"]
+  if len(found) < 2:
+    return
+  draws = sorted(found)
+  w("## Pre-training draws\n")
+  w(f"The same command with `--draw=N` (every pre-training and WeiT's scaler training seeded N; random init's "
+    f"runs are shared): draws {', '.join(map(str, draws))}, from `{base}.json` and its `_draw<N>` siblings with this "
+    "budget. Each cell: the final accuracy (mean over downstream seeds) and the speed-up over that draw's "
+    "random init, per draw, then the mean over draws ± their std.\n")
+  w("| dataset | target | method | " + " | ".join(f"draw {d}" for d in draws) + " | over draws |")
+  w("|---|---|---|" + "---|" * (len(draws) + 1))
+  for dataset in args.datasets:
+    for role in args.roles:
+      for m in (m for m in METHODS if m in args.methods and m != "random"):
+        es = [found[d].get(dataset, {}).get(role, {}).get(m) for d in draws]
+        if not all(es):
+          continue
+        finals = np.array([100 * e["final_mean"] for e in es])
+        speeds = [None if e.get("speedup") is None else float(e["speedup"]) for e in es]  # 'inf' in JSON
+        cells = [f"{f:.1f}%, {fmt_speed(x)}" for f, x in zip(finals, speeds)]
+        ok = [x for x in speeds if x is not None and np.isfinite(x)]
+        mean_speed = f"{np.mean(ok):.1f}×" if len(ok) == len(speeds) else "-"
+        w(f"| {DATASET_LABELS[dataset]} | {role} | {LABELS[m]} | " + " | ".join(cells)
+          + f" | {finals.mean():.1f} ± {finals.std():.1f}%, {mean_speed} |")
+  w("")
+
+
+def fmt_speed(x) -> str:
+  return "not reached" if x is None else ("∞" if not np.isfinite(float(x)) else f"{float(x):.1f}×")
+
+
 def early_text(b: dict) -> str:
   early = shared.early_evals(b, b["eval_every"])
   return (f" and at steps {', '.join(map(str, early))} (every {b['early_every']} before the first periodic eval: "
@@ -300,13 +353,13 @@ def write_report(args, agg: dict, results: list[dict], stages: dict, targets: di
   T = b["train_steps"]
   os.makedirs(args.out, exist_ok=True)
   roles = args.roles
-  report = setup.report + ("_long" if args.long else "")
+  report = report_name(args)
   plots = {}
   for dataset in args.datasets:
     name = f"{report}_{dataset}.png"
     plot(agg, dataset, roles, targets, os.path.join(args.out, name), b)
     plots[dataset] = name
-  raw = dict(command=info["command"], date=info["date"], machine=info["machine"], budget=b,
+  raw = dict(command=info["command"], date=info["date"], machine=info["machine"], budget=b, draw=shared.draw(args),
              wall_s=info["wall_s"], stages=stages, targets={r: models.to_record(c) for r, c in targets.items()},
              not_applicable={f"{m}/{r}": why for (m, r), why in na.items()}, aggregate=agg, runs=results)
   with open(os.path.join(args.out, f"{report}.json"), "w") as f:
@@ -321,6 +374,9 @@ def write_report(args, agg: dict, results: list[dict], stages: dict, targets: di
   w(f"Written by `benchmarks/init_quality.py` from its own results{quick}. Nothing in this file is typed by hand.\n")
   L.extend(harness.header(info, b["seeds"], "data order and every random choice of an initializer: random and "
                           "mimetic weights, new heads", recorded_s=info["total_recorded_s"]))
+  if shared.draw(args):
+    w(f"- Draw {shared.draw(args)} (`--draw`): every pre-training and WeiT's scaler training with seed "
+      f"{shared.draw(args)} (the default report's: 0); random init's runs are the default report's.\n")
 
   w("## What was run\n")
   aux = shared.aux_config(setup)
@@ -430,6 +486,7 @@ def write_report(args, agg: dict, results: list[dict], stages: dict, targets: di
         f"{100 * r['eval_accuracy']:.1f} |")
     w("")
 
+  draws_section(args, report, w)
   w("## Where WeiT does and does not win\n")
   w("Generated from the tables above (final accuracy, mean over seeds; 'ahead' means a higher mean, not "
     "necessarily beyond the spread).\n")

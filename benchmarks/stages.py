@@ -120,11 +120,17 @@ def early_evals(budget: dict, eval_every: int) -> list[int]:
   return list(range(early, int(eval_every), early)) if early and eval_every else []
 
 
+def draw(args) -> int:
+  """Which draw of the pre-training stages: the seed of every pre-training (WeiT's, the baselines',
+  the dense source's) and of WeiT's scaler training; 0 unless ``--draw`` says otherwise."""
+  return int(getattr(args, "draw", 0) or 0)
+
+
 def pretrain_config(args, model):
   """``train_config`` for a pre-training run of ``model`` on Fashion-MNIST at the pre-training budget."""
   b = args.budget
-  c = train_config(args.setup, b, dataset="fashion_mnist_local", steps=b["pretrain_steps"], seed=0, model=model,
-                   batch_size=b["pretrain_batch_size"])
+  c = train_config(args.setup, b, dataset="fashion_mnist_local", steps=b["pretrain_steps"], seed=draw(args),
+                   model=model, batch_size=b["pretrain_batch_size"])
   c.checkpoint_every = max(1, b["pretrain_steps"] // 4)  # long: resumable
   return c
 
@@ -144,9 +150,10 @@ def apply_overrides(config, overrides: dict | None) -> None:
 # ---------------------------------------------------------------------------------------------------
 
 def pretrain_dir(args, name: str) -> str:
-  """Pre-training folders are keyed by their budget: a new budget never resumes an old run."""
+  """Pre-training folders are keyed by their budget (a new budget never resumes an old run) and draw."""
   b = args.budget
-  return os.path.join(args.workdir, "pretrain", f"{name}_P{b['pretrain_steps']}xB{b['pretrain_batch_size']}")
+  return os.path.join(args.workdir, "pretrain", f"{name}_P{b['pretrain_steps']}xB{b['pretrain_batch_size']}"
+                      + (f"_draw{draw(args)}" if draw(args) else ""))
 
 
 def done(path: str, steps: int) -> dict | None:
@@ -164,6 +171,7 @@ def pretrain_weit(args, variant: str = "", overrides: dict | None = None) -> dic
   c.model = model_fields(setup, **setup.auxiliary)
   if setup.weit_tiles:
     c.weit.tiles = configs(setup, "pretrain").tiles(*setup.weit_tiles)
+  c.seed = draw(args)
   apply_overrides(c, overrides)
   # Keyed by the recipe too: a changed default never reuses templates of the old one.
   # weit.extra_sizes off ('') is the recipe of templates made before the option existed: same key.
@@ -303,6 +311,7 @@ def init_weit(args, weit_pretrain: dict, roles: list[str] | None = None, overrid
   chosen = [(role, spec) for role, spec in setup.targets if roles is None or role in roles]
   c = unlocked(configs(setup, "init").get_config("runlocal"))
   c.steps, c.num_examples, c.batch_size = b["init_steps"], b["init_examples"], b["pretrain_batch_size"]
+  c.seed = draw(args)  # (the workdir is the templates' own, so it is keyed by the draw)
   apply_overrides(c, overrides)
   # Keyed by what differs from the default: steps, examples, lr by value, any other override by a hash.
   other = {k: v for k, v in (overrides or {}).items() if k not in ("steps", "num_examples", "optim.lr")}
