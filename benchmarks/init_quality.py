@@ -316,8 +316,9 @@ def draws_section(args, report: str, w) -> None:
   w("## Pre-training draws\n")
   w(f"The same command with `--draw=N` (every pre-training and WeiT's scaler training seeded N; random init's "
     f"runs are shared): draws {', '.join(map(str, draws))}, from `{base}.json` and its `_draw<N>` siblings with this "
-    "budget. Each cell: the final accuracy (mean over downstream seeds) and the speed-up over that draw's "
-    "random init, per draw, then the mean over draws ± their std.\n")
+    "budget. Each cell: the final accuracy (mean over downstream seeds) and the speed-up over random init "
+    "(the same runs for every draw), per draw; then the final's mean over draws ± their std and the mean "
+    "speed-up.\n")
   w("| dataset | target | method | " + " | ".join(f"draw {d}" for d in draws) + " | over draws |")
   w("|---|---|---|" + "---|" * (len(draws) + 1))
   for dataset in args.datasets:

@@ -315,11 +315,11 @@ def init_weit(args, weit_pretrain: dict, roles: list[str] | None = None, overrid
   apply_overrides(c, overrides)
   # Keyed by what differs from the default: steps, examples, lr by value, any other override by a hash.
   other = {k: v for k, v in (overrides or {}).items() if k not in ("steps", "num_examples", "optim.lr")}
-  workdir = (weit_pretrain["workdir"] + f"_init_S{c.steps}xE{c.num_examples}_lr{c.optim.lr:g}"
-             + (f"_{hashlib.sha1(json.dumps(other, sort_keys=True).encode()).hexdigest()[:6]}" if other else "")
-             + ("" if roles is None else "_" + "-".join(role for role, _ in chosen)))
+  every = (weit_pretrain["workdir"] + f"_init_S{c.steps}xE{c.num_examples}_lr{c.optim.lr:g}"
+           + (f"_{hashlib.sha1(json.dumps(other, sort_keys=True).encode()).hexdigest()[:6]}" if other else ""))
+  workdir = every + ("" if roles is None else "_" + "-".join(role for role, _ in chosen))
   record_path = os.path.join(workdir, "bench.json")
-  if (r := read_json(record_path)):
+  if (r := read_json(record_path) or read_json(os.path.join(every, "bench.json"))):  # every target's serves a subset
     return r
   c.templates = weit_pretrain["workdir"]
   c.templates_step = weit_pretrain.get("templates_step", b["pretrain_steps"])
@@ -376,6 +376,13 @@ def source_for(method: str, role: str, sources: dict):
           "fine": (sources.get("fine") or {}).get(role)}[method]
 
 
+def benchmark_roles(args) -> list[str] | None:
+  """The targets a benchmark runs (its ``--roles``), or None for every target of the family: WeiT's
+  scaler training then trains only those."""
+  roles = list(getattr(args, "roles", None) or [])
+  return None if not roles or set(roles) == set(args.setup.roles) else roles
+
+
 def pretrain_sources(args, stages: dict) -> dict:
   """Stages 1-2 for the methods of ``args.methods`` that need them (records into ``stages``); the
   sources the downstream runs start from."""
@@ -383,7 +390,7 @@ def pretrain_sources(args, stages: dict) -> dict:
   sources: dict = {"dense_config": dense_source_config(args.setup)}
   if "weit" in args.methods:
     stages["pretrain"]["weit"] = pretrain_weit(args)
-    stages["init"] = init_weit(args, stages["pretrain"]["weit"])
+    stages["init"] = init_weit(args, stages["pretrain"]["weit"], roles=benchmark_roles(args))
     sources["weit"] = {role: r["export"] for role, r in stages["init"]["targets"].items()}
   if "tleg" in args.methods:
     stages["pretrain"]["tleg"] = pretrain_baseline(args, "tleg")
@@ -394,6 +401,6 @@ def pretrain_sources(args, stages: dict) -> dict:
     sources["dense"] = inits.DenseSource.from_export(stages["pretrain"]["dense"]["export"])
   if "weit_extracted" in args.methods:  # templates of the same dense model, in closed form, then scaler training
     stages["extracted"] = extract_weit(args, stages["pretrain"]["dense"])
-    stages["init_extracted"] = init_weit(args, stages["extracted"])
+    stages["init_extracted"] = init_weit(args, stages["extracted"], roles=benchmark_roles(args))
     sources["weit_extracted"] = {role: r["export"] for role, r in stages["init_extracted"]["targets"].items()}
   return sources
