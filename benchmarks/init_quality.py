@@ -184,11 +184,11 @@ def run_one(args, method: str, role: str, cfg, dataset: str, seed: int, sources:
          + (f"_S{b['init_steps']}xE{b['init_examples']}" if trains_scalers else "")
          + f"_T{b['train_steps']}xB{b['batch_size']}_k{b['eval_every']}"
          + (f"e{b['early_every']}" if b.get("early_every") else ""))
-  drawn = shared.draw(args) and method not in ("random", "mimetic")  # the two that have no pre-training
-  run_dir = os.path.join(args.workdir, "runs", tag, dataset, cfg.short_name(), method + (f"-{variant}" if variant else "")
-                         + (f"-draw{shared.draw(args)}" if drawn else ""), f"seed{seed}")
-  result_path = os.path.join(run_dir, "result.json")
   source = shared.source_for(method, role, sources)
+  drawn = shared.draw(args) if source is not None else 0  # a method with no pre-training has one draw
+  run_dir = os.path.join(args.workdir, "runs", tag, dataset, cfg.short_name(), method + (f"-{variant}" if variant else "")
+                         + (f"-draw{drawn}" if drawn else ""), f"seed{seed}")
+  result_path = os.path.join(run_dir, "result.json")
   described = inits.describe_source(source)
   if (result := harness.read_json(result_path)) and result.get("budget") == budget_key \
      and result.get("source", described) == described:  # (results of before the source was recorded: kept)
