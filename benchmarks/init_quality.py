@@ -113,6 +113,8 @@ def parse_args(argv=None):
   p.add_argument("--long", action="store_true", help="full training: downstream runs until random init "
                  "plateaus (LONG), reported apart (<report>_long.md) with the steps each method needs to reach "
                  f"random init's plateau; default methods {LONG_DEFAULTS['methods']}")
+  p.add_argument("--train-lr", type=float, default=None, help="the downstream runs' peak learning rate, for "
+                 "every method (default: the train recipe's, 1e-3); runs and report keyed by it")
   p.add_argument("--draw", type=int, default=0, help="another draw of the pre-training stages: every "
                  "pre-training and WeiT's scaler training with this seed (stage folders and the report "
                  "keyed by it: <report>_draw<N>.md); a report lists every draw of its budget found beside it")
@@ -132,9 +134,13 @@ def parse_args(argv=None):
   for r in args.roles:
     if r not in args.setup.roles:
       p.error(f"unknown role {r!r}; valid: {', '.join(args.setup.roles)}")
+  if args.train_lr is not None and not args.train_lr > 0:
+    p.error(f"--train-lr={args.train_lr}: a learning rate > 0")
   suffix = "" if args.family == "vit" else f"_{args.family}"
   harness.resolve(p, args, BUDGETS, ("bench" + suffix, "bench_quick" + suffix), METHODS,
                   {**args.setup.budget, **(LONG[args.family] if args.long else {})})
+  if args.train_lr is not None:  # in the budget (so in the run tags and the report's name) only when given
+    args.budget["train_lr"] = args.train_lr
   if args.family != "vit" and "mimetic" in args.methods:
     args.methods.remove("mimetic")  # sets self-attention weights; reported as N/A
   args.datasets = [d for d in args.datasets.split(",") if d]
@@ -183,7 +189,8 @@ def run_one(args, method: str, role: str, cfg, dataset: str, seed: int, sources:
   tag = (f"P{b['pretrain_steps']}xB{b['pretrain_batch_size']}"
          + (f"_S{b['init_steps']}xE{b['init_examples']}" if trains_scalers else "")
          + f"_T{b['train_steps']}xB{b['batch_size']}_k{b['eval_every']}"
-         + (f"e{b['early_every']}" if b.get("early_every") else ""))
+         + (f"e{b['early_every']}" if b.get("early_every") else "")
+         + (f"_lr{b['train_lr']:g}" if b.get("train_lr") else ""))
   source = shared.source_for(method, role, sources)
   drawn = shared.draw(args) if source is not None else 0  # a method with no pre-training has one draw
   run_dir = os.path.join(args.workdir, "runs", tag, dataset, cfg.short_name(), method + (f"-{variant}" if variant else "")
@@ -206,6 +213,8 @@ def run_one(args, method: str, role: str, cfg, dataset: str, seed: int, sources:
                                      head="new" if dataset != "fashion_mnist_local" else "kept"))
   c = shared.train_config(args.setup, b, dataset=dataset, steps=b["train_steps"], seed=seed, init=export,
                           eval_every=b["eval_every"])
+  if b.get("train_lr"):  # --train-lr: the downstream recipe's learning rate, for every method
+    c.optim.lr = b["train_lr"]
   acc0 = step0_accuracy(c, cfg)
   t_train = time.time()
   summary = train.run(c, os.path.join(run_dir, "train"))
@@ -295,7 +304,8 @@ def plot(agg: dict, dataset: str, roles: list[str], targets: dict, path: str, bu
 
 def report_name(args, draw: int | None = None) -> str:
   d = shared.draw(args) if draw is None else draw
-  return args.setup.report + ("_long" if args.long else "") + (f"_draw{d}" if d else "")
+  lr = args.budget.get("train_lr")
+  return args.setup.report + ("_long" if args.long else "") + (f"_lr{lr:g}" if lr else "") + (f"_draw{d}" if d else "")
 
 
 def draws_section(args, report: str, w) -> None:
@@ -409,7 +419,8 @@ def write_report(args, agg: dict, results: list[dict], stages: dict, targets: di
   for role, spec in setup.targets:
     w(f"  - {role}: {targets[role].short_name()} (`{spec}`)")
   w("  " + setup.tiles)
-  w(f"- **Downstream**: `programs/train.py` (configs/{setup.family}_train.py:runlocal: AdamW lr 1e-3, weight decay 0.05, "
+  w(f"- **Downstream**: `programs/train.py` (configs/{setup.family}_train.py:runlocal: AdamW lr "
+    f"{'%g (--train-lr; the recipe: 1e-3)' % b['train_lr'] if b.get('train_lr') else '1e-3'}, weight decay 0.05, "
     f"cosine, {max(1, T // 10)} warmup steps) for {T} steps of batch {b['batch_size']}, eval every "
     f"{b['eval_every']} steps, at step 0{early_text(b)}. Fashion-MNIST eval on `{b['fmnist_eval']}` (a fixed subset keeps "
     "evals cheap); MNIST-5k eval on its 1,000 test digits. Same dataset: the pre-trained heads are kept "
