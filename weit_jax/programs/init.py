@@ -193,9 +193,9 @@ def _init_one(config, workdir, target: Target, templates, src_setup, src_params,
   eval_step = train_loop.make_eval_step(trainable, shardings["params"], sharding.batch_sharding(mesh), mesh)
   start = {"params": jax.device_put(initial, shardings["params"])}
   if trainable.experience is not None:  # the experience's first carry: the observation statistics
-    # placed as the train loop places it: the evaluation before and after compiles once
-    start["carry"] = jax.device_put(jax.tree_util.tree_leaves(
-        jax.jit(trainable.experience.init)(jax.random.key(int(config.seed)))), shardings["carry"])
+    # made with the train loop's shardings: the evaluation before and after compiles once
+    start["carry"] = jax.jit(lambda key: jax.tree_util.tree_leaves(trainable.experience.init(key)),
+                             out_shardings=shardings["carry"])(jax.random.key(int(config.seed)))
   before = train_loop.evaluate_all(trainable, eval_step, 0, start, make_eval_iter(), mesh)
   metrics.log(f"[{target.name}] before scaler training: {train_loop.format_eval(before)}")
   if config.steps > 0:
