@@ -19,14 +19,15 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS, MORE_STEPS = 6, 9  # 2 processes train 6 steps, 1 process 9; the 2-process run then resumes to 9
 # Losses of 2 processes x 4 devices vs 1 process x 8 devices: the same global batches and the same
-# per-device program; the cross-process all-reduce (gloo) may sum in another order. (Both compile
-# with less LLVM optimization: 4x faster to compile; this test process, which resumes a run,
-# does not, so its vectorized sums may round differently.) Observed: at most 2e-7, relative. Consecutive batches' losses differ by
+# per-device program (the workers compile with this test process's code-generation flags, checked
+# below); the cross-process all-reduce (gloo) may sum in another order. Observed: at most 2e-7,
+# relative. Consecutive batches' losses differ by
 # ~3e-4 here (steps 3 on; at steps 1-2 the zero-initialized head predicts uniformly), so a batch
 # out of place would show.
 RTOL, ATOL = 1e-5, 1e-6
 PROCESS_TIMEOUT_S = 300
-WORKER_XLA_FLAGS = "--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0"
+WORKER_XLA_FLAGS = ("--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0"
+                    " --xla_cpu_use_fusion_emitters=false --xla_cpu_parallel_codegen_split_count=1")  # conftest.py's
 
 
 def overrides(idx_dir: str, data_dir: str) -> dict:
