@@ -404,6 +404,7 @@ def main(argv=None) -> None:
   info = harness.run_info("benchmarks/ablations.py", argv, t_start, load_start)
   for row in record["rows"].values():
     row["command"] = info["command"]
+    row["machine"] = info["machine"]["cpu"]  # a stage recomputed elsewhere need not reproduce (write_report)
   record["info"] = info
   os.makedirs(args.out, exist_ok=True)
   previous = harness.read_json(os.path.join(args.out, f"ablations_{family}.json"))
@@ -614,6 +615,16 @@ def write_report(out: str) -> str:
     if len(made) > 1:
       L.append("The rows come from these invocations (the default and random init's rows are shared):\n")
       L += [f"- `{cmd}`: {', '.join(n for n in names if n != 'default') or 'default'}" for cmd, names in made.items()]
+      L.append("")
+    machines = {}
+    for name, row in rec["rows"].items():
+      machines.setdefault(row.get("machine"), []).append(name)
+    if len(machines) > 1:
+      L.append(f"Rows by the machine that ran them (the default row's: {rec['rows']['default'].get('machine')}). "
+               "A stage recomputed on another machine need not reproduce bit for bit, and one pre-training is "
+               "one draw: a row measured against another machine's reference pre-training differs from the "
+               "default row by that draw as well, so compare rows of one machine first:\n")
+      L += [f"- {m or 'unrecorded (earlier sessions)'}: {', '.join(names)}" for m, names in machines.items()]
       L.append("")
     M = measures(family)
     scale = M["scale"]
