@@ -219,9 +219,11 @@ def applicable(targets: dict, methods: list[str], why_not) -> tuple[list[tuple[s
 # ---------------------------------------------------------------------------------------------------
 
 def plot_curves(path: str, panels: list[list[dict]], *, ylabels: list[str], suptitle: str,
-                xlabel: str = "training step", log_y: bool = False, title_size: int = 10) -> None:
+                xlabel: str = "training step", log_y: bool = False, title_size: int = 10,
+                xlabels: list[str] | None = None) -> None:
   """Mean ± std curves of every method, one panel per target. ``panels``: rows of
-  {title, curves: {method: (x, mean, std)}, lines: [(y, color, linestyle)]}; ``ylabels`` per row."""
+  {title, curves: {method: (x, mean, std)}, lines: [(y, color, linestyle)]}; ``ylabels`` per row;
+  ``xlabels`` per row where the rows' x axes differ (else ``xlabel``, under the last row)."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -242,7 +244,9 @@ def plot_curves(path: str, panels: list[list[dict]], *, ylabels: list[str], supt
         ax.set_yscale("log")
       if panel.get("title"):
         ax.set_title(panel["title"], fontsize=10)
-      if r == len(panels) - 1:
+      if xlabels:
+        ax.set_xlabel(xlabels[r])
+      elif r == len(panels) - 1:
         ax.set_xlabel(xlabel)
       ax.grid(alpha=0.3, which="both")
     axes[r][0].set_ylabel(ylabels[r])

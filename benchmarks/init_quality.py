@@ -3,7 +3,8 @@ r"""Initialization quality: WeiT against baseline initializers, on targets of se
   python benchmarks/init_quality.py                  # the full run (~60 min on a 2-core machine alone)
   python benchmarks/init_quality.py --quick          # smoke test: tiny budgets, 1 seed, a few minutes
   python benchmarks/init_quality.py --estimate       # time one step of each size; print the projection
-  python benchmarks/init_quality.py --long           # full training: until random init plateaus (LONG)
+  python benchmarks/init_quality.py --long           # full training: until random init plateaus (LONG),
+                                                     # and every method on shorter schedules (--shorter)
 
 Stages (each cached in ``--workdir``; an interrupted run continues where it stopped):
 
@@ -82,6 +83,11 @@ LONG = {"vit": dict(train_steps=2000, eval_every=100, early_every=0, seeds=2),
 LONG_DEFAULTS = dict(datasets="mnist_5k", roles="deeper,narrower", methods="random,weit,weight_selection,tleg")
 PLATEAU_POINTS = 0.01  # random init has plateaued when its final accuracy is within 1 point of its best
                        # over the last quarter of the run
+# --long also trains every method on whole schedules of T / k steps (warmup and cosine decay scaled with
+# them). Why: under one cosine schedule every method gains its last points as the learning rate decays,
+# so the steps to random init's plateau *on T's schedule* are bound to the schedule's end whatever the
+# init; the question a user asks is how short a training run may be and still reach it.
+SHORTER = "2,3,5,10"
 
 SCALER_BUDGET = ("init_steps", "init_examples")  # the budget entries only WeiT's runs depend on
 BUDGETS = {
@@ -113,6 +119,9 @@ def parse_args(argv=None):
   p.add_argument("--long", action="store_true", help="full training: downstream runs until random init "
                  "plateaus (LONG), reported apart (<report>_long.md) with the steps each method needs to reach "
                  f"random init's plateau; default methods {LONG_DEFAULTS['methods']}")
+  p.add_argument("--shorter", default=SHORTER, help="with --long: comma-separated divisors k; every method "
+                 "also trains on a whole schedule of T/k steps (its own warmup and cosine decay), and the report "
+                 f"gives the shortest schedule that reaches random init's plateau (default {SHORTER}; '' for none)")
   p.add_argument("--train-lr", type=float, default=None, help="the downstream runs' peak learning rate, for "
                  "every method (default: the train recipe's, 1e-3); runs and report keyed by it")
   p.add_argument("--draw", type=int, default=0, help="another draw of the pre-training stages: every "
@@ -124,6 +133,14 @@ def parse_args(argv=None):
     p.error(f"--draw={args.draw}: use a seed >= 0 (0: the default draw)")
   if args.long and args.quick:
     p.error("--long and --quick: choose one budget")
+  if args.shorter != SHORTER and not args.long:
+    p.error("--shorter: only with --long (the schedules are divisors of the long run's)")
+  try:
+    args.shorter = sorted({int(k) for k in args.shorter.split(",") if k.strip()} if args.long else set())
+  except ValueError:
+    p.error(f"--shorter={args.shorter!r}: comma-separated integers > 1, e.g. {SHORTER}")
+  if any(k < 2 for k in args.shorter):
+    p.error(f"--shorter={','.join(map(str, args.shorter))}: divisors of the schedule must be > 1 (1 is the long run itself)")
   if args.long:
     args.datasets = args.datasets or LONG_DEFAULTS["datasets"]
     args.roles = args.roles or LONG_DEFAULTS["roles"]
@@ -176,12 +193,14 @@ def eval_curve(workdir: str) -> dict[int, float]:
   return curve
 
 
-def run_one(args, method: str, role: str, cfg, dataset: str, seed: int, sources: dict, variant: str = "") -> dict:
+def run_one(args, method: str, role: str, cfg, dataset: str, seed: int, sources: dict, variant: str = "",
+            budget: dict | None = None) -> dict:
   """One (method, target, dataset, seed): export, step-0 accuracy, training. Cached in its folder
-  (``variant``: a recipe of the method's, e.g. an ablation's, in a folder of its own)."""
+  (``variant``: a recipe of the method's, e.g. an ablation's, in a folder of its own; ``budget``:
+  another than ``args.budget``, e.g. a shorter schedule)."""
   from weit_jax import exports, inits, models
   from weit_jax.programs import train
-  b = args.budget
+  b = budget or args.budget
   # Everything a run's result depends on: the scaler budget only where the method trains scalers (WeiT's
   # exports), so a new scaler budget reruns WeiT's rows alone.
   trains_scalers = shared.INITIALIZERS.get(method, method) == "weit"
@@ -268,6 +287,33 @@ def aggregate(results: list[dict], budget: dict) -> dict:
   return out
 
 
+def aggregate_shorter(results: list[dict], agg: dict, T: int) -> None:
+  """--long: into ``agg``'s entries, each method's final accuracy per whole schedule (``results``:
+  the shorter schedules' runs; the long run's from ``agg``) and the shortest schedule whose final
+  (mean over seeds), and every longer one's, reaches random init's final of the long run; the
+  speed-up is random init's shortest such schedule over the method's (on the grid of lengths)."""
+  for dataset, roles in agg.items():
+    for role, entry in roles.items():
+      if "random" not in entry:
+        continue
+      bar = entry["random"]["final_mean"]
+      for method, e in entry.items():
+        by_steps = {T: dict(mean=e["final_mean"], std=e["final_std"], seeds=len(e["seeds"]))}
+        mine = [r for r in results if (r["dataset"], r["role"], r["method"]) == (dataset, role, method)]
+        for steps in sorted({r["budget"]["train_steps"] for r in mine}):
+          finals = np.array([r["final_accuracy"] for r in mine if r["budget"]["train_steps"] == steps])
+          by_steps[steps] = dict(mean=float(finals.mean()), std=float(finals.std()), seeds=len(finals))
+        e["schedules"] = {str(k): by_steps[k] for k in sorted(by_steps)}
+        # The shortest length from which on every longer schedule reaches the bar too (one lucky short
+        # run below a longer one that misses is noise, not a shorter training).
+        lengths = sorted(by_steps)
+        reaching = [n for i, n in enumerate(lengths) if all(by_steps[m]["mean"] >= bar for m in lengths[i:])]
+        e["shortest_schedule"] = reaching[0] if reaching else None
+      shortest_random = entry["random"]["shortest_schedule"]  # T at most: its own long run sets the bar
+      for e in entry.values():
+        e["schedule_speedup"] = harness.speedup(e["shortest_schedule"], shortest_random)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Report
 # ---------------------------------------------------------------------------------------------------
@@ -281,6 +327,43 @@ def fmt_plateau(e: dict | None) -> str:
   return f"{e['steps']:.0f}, " + ("∞" if np.isinf(e["speedup"]) else f"{e['speedup']:.1f}×")
 
 
+def shorter_section(args, d: dict, methods: list[str], targets: dict, w) -> None:
+  """--long: every method's final accuracy on whole schedules of T/k steps, and the shortest that
+  reaches random init's final of the long run."""
+  T = args.budget["train_steps"]
+  lengths = [T] + [T // k for k in args.shorter]
+  w("### Shorter schedules: how short a training run may be\n")
+  w(f"Every method also trained on whole schedules of T/k steps (k = {', '.join(map(str, args.shorter))}; the same "
+    "recipe with its warmup (a tenth) and cosine decay scaled to the length). Under one cosine schedule every method "
+    f"gains its last points as the learning rate decays, so the steps to a plateau on the {T}-step schedule are bound "
+    "to that schedule's end; these runs ask instead how long a run each initialization needs. Bar: random init's final "
+    f"accuracy after {T} steps; **bold**: a final (mean over seeds) at or above it. Shortest: the shortest schedule "
+    "from which on every longer one reaches the bar. Speed-up: random init's shortest over the method's, on this "
+    "grid of lengths (the true lengths lie between a shortest and the next shorter schedule).\n")
+  w("| target | method | " + " | ".join(f"{n} steps" for n in lengths) + " | shortest reaching the bar, speed-up |")
+  w("|---|---|" + "---|" * (len(lengths) + 1))
+  for role in args.roles:
+    entry = d.get(role, {})
+    if "random" not in entry:
+      continue
+    bar = entry["random"]["final_mean"]
+    for m in methods:
+      e = entry.get(m)
+      if e is None or "schedules" not in e:
+        continue
+      cells = []
+      for n in lengths:
+        v = e["schedules"].get(str(n))
+        cell = "-" if v is None else fmt_acc(v["mean"], v["std"], v["seeds"])
+        cells.append(f"**{cell}**" if v is not None and v["mean"] >= bar else cell)
+      short = e["shortest_schedule"]
+      last = ("not reached" if short is None else
+              f"{short}, " + ("1×" if m == "random" else fmt_speed(e["schedule_speedup"])))
+      w(f"| {role} {targets[role].short_name()} (bar {100 * bar:.1f}%) | {LABELS[m]} | " + " | ".join(cells)
+        + f" | {last} |")
+  w("")
+
+
 def fmt_acc(mean: float, std: float, n: int) -> str:
   return f"{100 * mean:.1f} ± {100 * std:.1f}" if n > 1 else f"{100 * mean:.1f}"
 
@@ -290,14 +373,24 @@ def fmt_speedup(e: dict, T: int, method: str) -> str:
 
 
 def plot(agg: dict, dataset: str, roles: list[str], targets: dict, path: str, budget: dict) -> None:
-  panels = []
+  """Eval accuracy against the step, a panel per target; with shorter schedules (--long), a second
+  row: each schedule's final accuracy against its length."""
+  panels, finals = [], []
   for role in roles:
     entry = agg.get(dataset, {}).get(role, {})
-    panels.append(dict(
-        title=f"{role}: {targets[role].short_name()}",
-        curves={m: (e["steps"], 100 * np.array(e["mean"]), 100 * np.array(e["std"])) for m, e in entry.items()},
-        lines=[(100 * entry["random"]["final_mean"], "k", ":")] if "random" in entry else []))
-  harness.plot_curves(path, [panels], ylabels=["eval accuracy (%)"],
+    line = [(100 * entry["random"]["final_mean"], "k", ":")] if "random" in entry else []
+    title = f"{role}: {targets[role].short_name()}"
+    panels.append(dict(title=title, lines=line, curves={
+        m: (e["steps"], 100 * np.array(e["mean"]), 100 * np.array(e["std"])) for m, e in entry.items()}))
+    finals.append(dict(title=title, lines=line, curves={
+        m: ([int(k) for k in e["schedules"]], [100 * v["mean"] for v in e["schedules"].values()],
+            [100 * v["std"] for v in e["schedules"].values()]) for m, e in entry.items() if "schedules" in e}))
+  rows, ylabels, xlabels = [panels], ["eval accuracy (%)"], ["training step"]
+  if any(f["curves"] for f in finals):
+    rows.append(finals)
+    ylabels.append("final eval accuracy (%)")
+    xlabels.append("length of the whole schedule (steps)")
+  harness.plot_curves(path, rows, ylabels=ylabels, xlabels=xlabels,
                       suptitle=f"{DATASET_LABELS[dataset]}: {harness.seeds_text(budget['seeds'])}; dotted: random "
                       "init's final accuracy")
 
@@ -462,6 +555,8 @@ def write_report(args, agg: dict, results: list[dict], stages: dict, targets: di
         w(f"| {role} {targets[role].short_name()} | {100 * pl['value']:.1f} | {'yes' if pl['random_plateaued'] else 'no'} | "
           + " | ".join(cells) + " |")
       w("")
+      if args.shorter:
+        shorter_section(args, d, methods, targets, w)
     w(f"### Speed-up over random init ({T}-step budget)\n")
     w("| target | " + " | ".join(LABELS[m] for m in methods) + " |")
     w("|---|" + "---|" * len(methods))
@@ -534,7 +629,8 @@ def write_report(args, agg: dict, results: list[dict], stages: dict, targets: di
   for role in roles:
     row = []
     for dataset in args.datasets:
-      walls = [r["wall_s"] for r in results if r["role"] == role and r["dataset"] == dataset]
+      walls = [r["wall_s"] for r in results if r["role"] == role and r["dataset"] == dataset
+               and r["budget"]["train_steps"] == T]  # (not --long's shorter schedules)
       row.append(f"{np.mean(walls):.0f} s ({len(walls)} runs)" if walls else "-")
     w(f"| {role} {targets[role].short_name()} | " + " | ".join(row) + " |")
   w("")
@@ -710,8 +806,21 @@ def main(argv=None) -> None:
     log(f"[{i + 1}/{len(jobs)}] {dataset} {targets[role].short_name()} {method} seed {seed}: step 0 "
         f"{100 * r['step0_accuracy']:.1f}% -> {100 * r['final_accuracy']:.1f}% ({time.time() - t0:.0f}s)")
 
+  shorter = []  # --long: whole schedules of T/k steps
+  short_jobs = [(k, seed, dataset, role, method) for k in args.shorter for (dataset, seed, role, method) in jobs]
+  for i, (k, seed, dataset, role, method) in enumerate(short_jobs):
+    t0 = time.time()
+    budget = dict(b, train_steps=b["train_steps"] // k)
+    r = run_one(args, method, role, targets[role], dataset, seed, sources, budget=budget)
+    shorter.append(r)
+    log(f"[{i + 1}/{len(short_jobs)}] schedule of {budget['train_steps']} steps: {dataset} "
+        f"{targets[role].short_name()} {method} seed {seed}: {100 * r['final_accuracy']:.1f}% ({time.time() - t0:.0f}s)")
+
   # ----- report -------------------------------------------------------------------------------------------
   agg = aggregate(results, b)
+  if shorter:
+    aggregate_shorter(shorter, agg, b["train_steps"])
+  results = results + shorter
   recorded = sum(r["wall_s"] for r in results) + sum(r["wall_s"] for r in stages["pretrain"].values()) + \
       stages.get("init", {}).get("wall_s", 0.0) + stages.get("init_extracted", {}).get("wall_s", 0.0) + \
       sum(r["wall_s"] for r in stages.get("extraction_sweep", []))
