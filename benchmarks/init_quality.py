@@ -291,7 +291,7 @@ def aggregate_shorter(results: list[dict], agg: dict, T: int) -> None:
   """--long: into ``agg``'s entries, each method's final accuracy per whole schedule (``results``:
   the shorter schedules' runs; the long run's from ``agg``) and the shortest schedule whose final
   (mean over seeds), and every longer one's, reaches random init's final of the long run; the
-  speed-up is random init's shortest such schedule over the method's (on the grid of lengths)."""
+  speed-up is random init's shortest such schedule over the method's."""
   for dataset, roles in agg.items():
     for role, entry in roles.items():
       if "random" not in entry:
@@ -304,14 +304,26 @@ def aggregate_shorter(results: list[dict], agg: dict, T: int) -> None:
           finals = np.array([r["final_accuracy"] for r in mine if r["budget"]["train_steps"] == steps])
           by_steps[steps] = dict(mean=float(finals.mean()), std=float(finals.std()), seeds=len(finals))
         e["schedules"] = {str(k): by_steps[k] for k in sorted(by_steps)}
-        # The shortest length from which on every longer schedule reaches the bar too (one lucky short
-        # run below a longer one that misses is noise, not a shorter training).
-        lengths = sorted(by_steps)
-        reaching = [n for i, n in enumerate(lengths) if all(by_steps[m]["mean"] >= bar for m in lengths[i:])]
-        e["shortest_schedule"] = reaching[0] if reaching else None
+        e["shortest_schedule"], e["shortest_below_grid"] = shortest_schedule(by_steps, bar)
       shortest_random = entry["random"]["shortest_schedule"]  # T at most: its own long run sets the bar
       for e in entry.values():
         e["schedule_speedup"] = harness.speedup(e["shortest_schedule"], shortest_random)
+
+
+def shortest_schedule(by_steps: dict, bar: float) -> tuple[float | None, bool]:
+  """The schedule length from which on every longer schedule's final (mean over seeds) reaches
+  ``bar``, linearly interpolated between the last length that misses it and the next (a lucky short
+  run below a longer one that misses is noise, not a shorter training); None if the longest misses.
+  Second: True when every length of the grid reaches it (the shortest is then at most the grid's)."""
+  lengths = sorted(by_steps)
+  misses = [i for i, n in enumerate(lengths) if by_steps[n]["mean"] < bar]
+  if not misses:
+    return float(lengths[0]), True
+  i = misses[-1]
+  if i == len(lengths) - 1:
+    return None, False
+  (n0, n1), (a0, a1) = lengths[i:i + 2], (by_steps[lengths[i]]["mean"], by_steps[lengths[i + 1]]["mean"])
+  return n0 + (n1 - n0) * (bar - a0) / (a1 - a0), False
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -337,9 +349,10 @@ def shorter_section(args, d: dict, methods: list[str], targets: dict, w) -> None
     "recipe with its warmup (a tenth) and cosine decay scaled to the length). Under one cosine schedule every method "
     f"gains its last points as the learning rate decays, so the steps to a plateau on the {T}-step schedule are bound "
     "to that schedule's end; these runs ask instead how long a run each initialization needs. Bar: random init's final "
-    f"accuracy after {T} steps; **bold**: a final (mean over seeds) at or above it. Shortest: the shortest schedule "
-    "from which on every longer one reaches the bar. Speed-up: random init's shortest over the method's, on this "
-    "grid of lengths (the true lengths lie between a shortest and the next shorter schedule).\n")
+    f"accuracy after {T} steps; **bold**: a final (mean over seeds) at or above it. Shortest: the length from which "
+    "on every longer schedule reaches the bar, interpolated linearly between the longest schedule that misses it and "
+    "the next ('≤' when every schedule of the grid reaches it). Speed-up: random init's shortest over the method's "
+    "('≥' with '≤').\n")
   w("| target | method | " + " | ".join(f"{n} steps" for n in lengths) + " | shortest reaching the bar, speed-up |")
   w("|---|---|" + "---|" * (len(lengths) + 1))
   for role in args.roles:
@@ -356,9 +369,9 @@ def shorter_section(args, d: dict, methods: list[str], targets: dict, w) -> None
         v = e["schedules"].get(str(n))
         cell = "-" if v is None else fmt_acc(v["mean"], v["std"], v["seeds"])
         cells.append(f"**{cell}**" if v is not None and v["mean"] >= bar else cell)
-      short = e["shortest_schedule"]
-      last = ("not reached" if short is None else
-              f"{short}, " + ("1×" if m == "random" else fmt_speed(e["schedule_speedup"])))
+      short, bound = e["shortest_schedule"], e["shortest_below_grid"]
+      last = ("not reached" if short is None else f"{'≤ ' * bound}{short:.0f}, " + (
+          "1×" if m == "random" else '≥ ' * bound + fmt_speed(e["schedule_speedup"])))
       w(f"| {role} {targets[role].short_name()} (bar {100 * bar:.1f}%) | {LABELS[m]} | " + " | ".join(cells)
         + f" | {last} |")
   w("")
