@@ -158,6 +158,9 @@ def parse_args(argv=None):
   suffix = "" if args.family == "vit" else f"_{args.family}"
   harness.resolve(p, args, BUDGETS, ("bench" + suffix, "bench_quick" + suffix), METHODS,
                   {**args.setup.budget, **(LONG[args.family] if args.long else {})})
+  if args.shorter and args.budget["train_steps"] // max(args.shorter) < 1:
+    p.error(f"--shorter={','.join(map(str, args.shorter))}: a schedule of {args.budget['train_steps']} // "
+            f"{max(args.shorter)} steps is empty; use smaller divisors or a longer --train-steps")
   if args.train_lr is not None:  # in the budget (so in the run tags and the report's name) only when given
     args.budget["train_lr"] = args.train_lr
   if args.family != "vit" and "mimetic" in args.methods:
@@ -318,14 +321,10 @@ def shortest_schedule(by_steps: dict, bar: float) -> tuple[float | None, bool]:
   run below a longer one that misses is noise, not a shorter training); None if the longest misses.
   Second: True when every length of the grid reaches it (the shortest is then at most the grid's)."""
   lengths = sorted(by_steps)
-  misses = [i for i, n in enumerate(lengths) if by_steps[n]["mean"] < bar]
-  if not misses:
-    return float(lengths[0]), True
-  i = misses[-1]
-  if i == len(lengths) - 1:
-    return None, False
-  (n0, n1), (a0, a1) = lengths[i:i + 2], (by_steps[lengths[i]]["mean"], by_steps[lengths[i + 1]]["mean"])
-  return n0 + (n1 - n0) * (bar - a0) / (a1 - a0), False
+  means = [by_steps[n]["mean"] for n in lengths]
+  misses = [i for i, a in enumerate(means) if a < bar]
+  start = misses[-1] if misses else 0
+  return harness.steps_to_reach(lengths[start:], means[start:], bar), not misses
 
 
 # ---------------------------------------------------------------------------------------------------
