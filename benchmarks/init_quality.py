@@ -412,7 +412,11 @@ def plot(agg: dict, dataset: str, roles: list[str], targets: dict, path: str, bu
 def report_name(args, draw: int | None = None) -> str:
   d = shared.draw(args) if draw is None else draw
   lr = args.budget.get("train_lr")
-  return args.setup.report + ("_long" if args.long else "") + (f"_lr{lr:g}" if lr else "") + (f"_draw{d}" if d else "")
+  # A schedule other than the budget's (--train-steps=N) is reported beside its report, not over it.
+  default = BUDGETS["quick" if args.quick else "full"] | ({} if args.quick else args.setup.budget | (LONG[args.family] if args.long else {}))
+  steps = args.budget["train_steps"]
+  return (args.setup.report + ("_long" if args.long else "") + (f"_{steps}steps" if steps != default["train_steps"] else "")
+          + (f"_lr{lr:g}" if lr else "") + (f"_draw{d}" if d else ""))
 
 
 def draws_section(args, report: str, w) -> None:
