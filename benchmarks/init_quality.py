@@ -665,7 +665,8 @@ def write_report(args, agg: dict, results: list[dict], stages: dict, targets: di
   w("- Budgets: the whole benchmark is meant to fit in about an hour on a 2-core CPU. "
     "`python benchmarks/init_quality.py --estimate` times one training step of every size on the machine at "
     "hand and projects the wall time of the chosen budgets; override any budget with its flag "
-    "(`--train-steps`, `--pretrain-steps`, `--seeds`, ...). Short downstream budgets are where an "
+    "(`--train-steps`, `--pretrain-steps`, `--seeds`, ...; another `--train-steps` is reported beside this report, "
+    f"as `{args.setup.report}[_long]_<N>steps.md`). Short downstream budgets are where an "
     "initialization matters most.")
   w("")
   w("## Raw data\n")
