@@ -311,8 +311,15 @@ def aggregate_shorter(results: list[dict], agg: dict, T: int) -> None:
         e["schedules"] = {str(k): by_steps[k] for k in sorted(by_steps)}
         e["shortest_schedule"], e["shortest_below_grid"] = shortest_schedule(by_steps, bar)
       shortest_random = entry["random"]["shortest_schedule"]  # T at most: its own long run sets the bar
+      lengths = [int(n) for n in entry["random"]["schedules"]]
+      random_means = [v["mean"] for v in entry["random"]["schedules"].values()]
       for e in entry.values():
         e["schedule_speedup"] = harness.speedup(e["shortest_schedule"], shortest_random)
+        # At every length: the schedule random init needs to match this final, over the length (None
+        # where random init's longest falls short).
+        e["random_schedule_ratio"] = {
+            n: (None if (m := harness.steps_to_reach(lengths, random_means, v["mean"])) is None else m / int(n))
+            for n, v in e["schedules"].items()}
 
 
 def shortest_schedule(by_steps: dict, bar: float) -> tuple[float | None, bool]:
@@ -378,6 +385,14 @@ def shorter_section(args, d: dict, methods: list[str], targets: dict, w) -> None
   w("")
   # The plateau test above passes at the end of any cosine decay; the length test asks whether the bar
   # is random init's asymptote: its final should not climb much from a schedule half as long.
+  for role in args.roles:
+    for m in methods:
+      ratios = d.get(role, {}).get(m, {}).get("random_schedule_ratio")
+      if m == "random" or not ratios:
+        continue
+      w(f"- {role}, {LABELS[m]}: the schedule random init needs to match its final (interpolated between random "
+        "init's lengths), over its own: " + ", ".join(
+            f"{'beyond the grid' if r is None else f'{r:.1f}×'} at {n}" for n, r in ratios.items()) + " steps.")
   halves = {role: half for role in args.roles
             if (half := d.get(role, {}).get("random", {}).get("schedules", {}).get(str(T // 2)))}
   for role, half in halves.items():
