@@ -383,8 +383,6 @@ def shorter_section(args, d: dict, methods: list[str], targets: dict, w) -> None
       w(f"| {role} {targets[role].short_name()} (bar {100 * bar:.1f}%) | {LABELS[m]} | " + " | ".join(cells)
         + f" | {last} |")
   w("")
-  # The plateau test above passes at the end of any cosine decay; the length test asks whether the bar
-  # is random init's asymptote: its final should not climb much from a schedule half as long.
   for role in args.roles:
     for m in methods:
       ratios = d.get(role, {}).get(m, {}).get("random_schedule_ratio")
@@ -393,6 +391,8 @@ def shorter_section(args, d: dict, methods: list[str], targets: dict, w) -> None
       w(f"- {role}, {LABELS[m]}: the schedule random init needs to match its final (interpolated between random "
         "init's lengths), over its own: " + ", ".join(
             f"{'beyond the grid' if r is None else f'{r:.1f}×'} at {n}" for n, r in ratios.items()) + " steps.")
+  # The plateau test above passes at the end of any cosine decay; the length test asks whether the bar
+  # is random init's asymptote: its final should not climb much from a schedule half as long.
   halves = {role: half for role in args.roles
             if (half := d.get(role, {}).get("random", {}).get("schedules", {}).get(str(T // 2)))}
   for role, half in halves.items():
@@ -441,7 +441,8 @@ def report_name(args, draw: int | None = None) -> str:
   d = shared.draw(args) if draw is None else draw
   lr = args.budget.get("train_lr")
   # A schedule other than the budget's (--train-steps=N) is reported beside its report, not over it.
-  default = BUDGETS["quick" if args.quick else "full"] | ({} if args.quick else args.setup.budget | (LONG[args.family] if args.long else {}))
+  default = BUDGETS["quick" if args.quick else "full"] | (
+      {} if args.quick else args.setup.budget | (LONG[args.family] if args.long else {}))
   steps = args.budget["train_steps"]
   return (args.setup.report + ("_long" if args.long else "") + (f"_{steps}steps" if steps != default["train_steps"] else "")
           + (f"_lr{lr:g}" if lr else "") + (f"_draw{d}" if d else ""))
