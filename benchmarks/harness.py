@@ -55,11 +55,13 @@ def parser(doc: str, budgets: dict | None = None, methods: tuple[str, ...] | Non
 def resolve(p: argparse.ArgumentParser, args, budgets: dict, workdirs: tuple[str, str],
             methods: tuple[str, ...] | None = None, family_budget: dict | None = None):
   """Sets ``args.budget`` (quick or full, ``family_budget`` over the full one, then the flags),
-  ``args.workdir`` (default workdirs/<full or quick name of ``workdirs``), ``args.out`` and, with
-  ``methods``, ``args.methods``; exits with the checks every benchmark makes."""
+  ``args.default_budget`` (the same without the flags), ``args.workdir`` (default workdirs/<full or
+  quick name of ``workdirs``), ``args.out`` and, with ``methods``, ``args.methods``; exits with the
+  checks every benchmark makes."""
   budget = dict(budgets["quick" if args.quick else "full"])
   if not args.quick:
     budget.update(family_budget or {})
+  args.default_budget = dict(budget)  # before the flags: what a report's name is keyed against
   for key in budget:
     if getattr(args, key, None) is not None:
       budget[key] = getattr(args, key)

@@ -441,10 +441,9 @@ def report_name(args, draw: int | None = None) -> str:
   d = shared.draw(args) if draw is None else draw
   lr = args.budget.get("train_lr")
   # A schedule other than the budget's (--train-steps=N) is reported beside its report, not over it.
-  default = BUDGETS["quick" if args.quick else "full"] | (
-      {} if args.quick else args.setup.budget | (LONG[args.family] if args.long else {}))
   steps = args.budget["train_steps"]
-  return (args.setup.report + ("_long" if args.long else "") + (f"_{steps}steps" if steps != default["train_steps"] else "")
+  return (args.setup.report + ("_long" if args.long else "")
+          + (f"_{steps}steps" if steps != args.default_budget["train_steps"] else "")
           + (f"_lr{lr:g}" if lr else "") + (f"_draw{d}" if d else ""))
 
 
