@@ -22,9 +22,11 @@ sys.path.insert(0, ROOT)  # configs/ and this checkout's weit_jax, for every ben
 
 # Every initializer any benchmark compares, in the order of tables and legends.
 LABELS = {"random": "random", "weit": "WeiT", "weit_extracted": "WeiT (extracted)",
-          "weight_selection": "weight selection", "tleg": "TLEG", "mimetic": "mimetic", "fine": "FINE"}
+          "weight_selection": "weight selection", "tleg": "TLEG", "mimetic": "mimetic", "fine": "FINE",
+          "pretrained": "pre-trained target (reference)"}
 COLORS = {"random": "tab:gray", "weit": "tab:red", "weit_extracted": "tab:brown", "weight_selection": "tab:blue",
-          "tleg": "tab:green", "mimetic": "tab:purple", "fine": "tab:orange"}
+          "tleg": "tab:green", "mimetic": "tab:purple", "fine": "tab:orange",
+          "pretrained": "black"}
 
 
 def log(msg: str) -> None:

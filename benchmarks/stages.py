@@ -252,6 +252,14 @@ def pretrain_dense(args) -> dict:
                         init="dense_source", method="weight_selection")
 
 
+def pretrain_target(args, role: str) -> dict:
+  """The target ``role`` itself trained from random init at the pre-training budget: the reference an
+  initializer of other sizes is measured against (what paying a pre-training per size would give)."""
+  cfg = target_configs(args.setup)[role]
+  return pretrain_plain(args, f"target-{role}", cfg, f"the {role} target itself", export_name="export",
+                        init="pretrained_target", method="pretrained", role=role)
+
+
 def extract_weit(args, dense: dict, num_templates: int | None = None) -> dict:
   """WeiT's templates extracted in closed form from the dense source of weight selection
   (``programs/pretrain.py`` with ``init_templates_from`` and ``total_steps=0``: no training step): a
@@ -366,14 +374,16 @@ def applies(setup: FamilySetup, method: str, target, sources: dict) -> str | Non
 
 
 # Methods that are another method's initializer from another source (the rest: their own name).
-INITIALIZERS = {"weit_extracted": "weit"}  # the init program's exports, from templates extracted in closed form
+INITIALIZERS = {"weit_extracted": "weit",  # the init program's exports, from templates extracted in closed form
+                "pretrained": "weit"}  # an export folder of the target's own model, loaded as it is
 
 
 def source_for(method: str, role: str, sources: dict):
   return {"random": None, "mimetic": None, "weit": (sources.get("weit") or {}).get(role),
           "weit_extracted": (sources.get("weit_extracted") or {}).get(role),
           "weight_selection": sources.get("dense"), "tleg": sources.get("tleg"),
-          "fine": (sources.get("fine") or {}).get(role)}[method]
+          "fine": (sources.get("fine") or {}).get(role),
+          "pretrained": (sources.get("pretrained") or {}).get(role)}[method]
 
 
 def benchmark_roles(args) -> list[str] | None:
@@ -403,4 +413,9 @@ def pretrain_sources(args, stages: dict) -> dict:
     stages["extracted"] = extract_weit(args, stages["pretrain"]["dense"])
     stages["init_extracted"] = init_weit(args, stages["extracted"], roles=benchmark_roles(args))
     sources["weit_extracted"] = {role: r["export"] for role, r in stages["init_extracted"]["targets"].items()}
+  if "pretrained" in args.methods:  # the reference: every target pre-trained itself
+    roles = benchmark_roles(args) or args.setup.roles
+    for role in roles:
+      stages["pretrain"][f"target-{role}"] = pretrain_target(args, role)
+    sources["pretrained"] = {role: stages["pretrain"][f"target-{role}"]["export"] for role in roles}
   return sources
