@@ -7,7 +7,8 @@ Stages (every one cached in --workdir, so a rerun resumes at the first unfinishe
 
 1. Pre-training on hopper (brax, spring backend), the same PPO budget for each: WeiT templates of
    an auxiliary policy d3-w64 (hard constraint, N=4, tiles hidden 16, obs/action 1); TLEG's
-   auxiliary d3-w64 (layer l = A + (l/L) B); and a dense d6-w96 policy, the source of weight selection.
+   auxiliary d3-w64 (layer l = A + (l/L) B); a dense d6-w96 policy, the source of weight selection;
+   and, for the reference "pre-trained target", every hopper target itself.
 2. WeiT init (programs/init.py) of every target: scalers trained by PPO with the templates frozen
    (``adapt=ppo``) on hopper and on walker2d (another morphology: 17 observations, 6 actions); on
    hopper also by distillation from the auxiliary policy (``adapt=distill``): which adapts better.
@@ -39,7 +40,11 @@ import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 from harness import LABELS, log, read_json  # noqa: E402
 
-METHODS = ("random", "weit", "weight_selection", "tleg")
+METHODS = ("random", "weit", "weight_selection", "tleg", "pretrained")
+# Not a competitor: every hopper target pre-trained itself on hopper at the pre-training budget (the cost
+# WeiT avoids). Its speed-up says how much of a goal the measure leaves to any initialization: the training
+# return lags the policy (below), whatever the policy starts from.
+REFERENCES = ("pretrained",)
 AUX = dict(width=64, depth=3)
 DENSE_SOURCE = dict(width=96, depth=6)
 TARGETS = {
@@ -56,10 +61,20 @@ BUDGETS = {
 
 
 def parse_args(argv=None):
-  p = harness.parser(__doc__)
+  p = harness.parser(__doc__, methods=METHODS)
   p.add_argument("--no-peer", action="store_true", help="skip brax's ppo.train (stage 4)")
+  p.add_argument("--envs", default=",".join(TARGETS), help="comma-separated subset of " + ",".join(TARGETS))
   args = p.parse_args(argv)
-  return harness.resolve(p, args, BUDGETS, ("bench_control", "bench_control_quick"))
+  out_given = args.out is not None
+  harness.resolve(p, args, BUDGETS, ("bench_control", "bench_control_quick"), METHODS)
+  args.envs = [e for e in args.envs.split(",") if e]
+  for env in args.envs:
+    if env not in TARGETS:
+      p.error(f"unknown environment {env!r}; valid: {', '.join(TARGETS)}")
+  if (set(args.methods) != set(METHODS) or set(args.envs) != set(TARGETS)) and not out_given and not args.quick:
+    p.error("--methods or --envs: a subset makes a partial report; give it its own --out (docs/results/control.md "
+            "is the full run's)")
+  return args
 
 
 def config(program: str) -> ml_collections.ConfigDict:
@@ -133,8 +148,14 @@ def pretrain_all(args) -> dict:
   from configs import baseline_pretrain as baseline_config
   from weit_jax.programs import baseline_pretrain, train
   P = args.budget["pretrain_updates"]
-  out = {"weit": pretrain_weit(args)}
-  for name in ("tleg", "dense"):
+  out = {"weit": pretrain_weit(args)} if "weit" in args.methods else {}
+  # Plain policies trained by PPO from random init: weight selection's source and the reference's targets.
+  plain = {"dense": ("the dense source", model_config("hopper", **DENSE_SOURCE))} \
+      if "weight_selection" in args.methods else {}
+  if "pretrained" in args.methods and "hopper" in args.envs:
+    plain.update({f"target-{role}": (f"the {role} target itself", cfg)
+                  for role, cfg in target_configs("hopper").items()})
+  for name in ("tleg",) * ("tleg" in args.methods) + tuple(plain):
     workdir = os.path.join(args.workdir, "pretrain", f"{name}_P{P}")
     if (r := read_json(os.path.join(workdir, "bench.json"))):
       out[name] = r
@@ -146,9 +167,9 @@ def pretrain_all(args) -> dict:
       summary = baseline_pretrain.run(baseline_config.from_train_config(c, "tleg"), workdir)
       record = dict(workdir=workdir, export=baseline_pretrain.export_dir(workdir))
     else:
-      c = train_config(env="hopper", updates=P, seed=0, eval_every=max(1, P // 5),
-                       model=model_config("hopper", **DENSE_SOURCE))
-      log(f"pre-training the dense source (d6-w96, {P} PPO updates) in {workdir}")
+      what, cfg = plain[name]
+      c = train_config(env="hopper", updates=P, seed=0, eval_every=max(1, P // 5), model=cfg)
+      log(f"pre-training {what} ({cfg.short_name()}, {P} PPO updates) in {workdir}")
       summary = train.run(c, workdir)
       record = dict(workdir=workdir, export=os.path.join(workdir, "export"))
     out[name] = write(os.path.join(workdir, "bench.json"), dict(
@@ -197,6 +218,8 @@ def init_weit(args, templates: str, env: str, adapt: str, variant: str = "", ove
 def applies(method: str, cfg, env: str) -> str | None:
   """None if ``method`` initializes ``cfg`` here, else why not."""
   from weit_jax.inits import tleg, weight_selection
+  if method == "pretrained" and env != "hopper":
+    return "the reference is pre-trained on hopper; another morphology has other observation and action sizes"
   try:
     if method == "tleg":
       tleg.check_sizes(model_config("hopper", **AUX), cfg)
@@ -215,9 +238,11 @@ def initial_export(method: str, role: str, cfg, env: str, seed: int, sources: di
     source = sources["weit_init"][env]["targets"][role]["export"]
   elif method in ("weight_selection", "tleg"):
     source = sources["dense" if method == "weight_selection" else "tleg"]["export"]
+  elif method == "pretrained":
+    source = sources[f"target-{role}"]["export"]
   else:
     source = None
-  params = inits.get(method)(source, cfg, seed=seed)
+  params = inits.get(shared.INITIALIZERS.get(method, method))(source, cfg, seed=seed)
   meta = dict(model=models.to_record(cfg), init=method, seed=seed)
   stats = exports.read_meta(source).get("observation_stats") if source else None
   if stats is not None and len(stats["mean"]) == cfg.obs_size:
@@ -462,6 +487,27 @@ def plot_peer(peer: dict, path: str) -> None:
   plt.close(fig)
 
 
+def reference_lines(entries: dict, env: str, budget: dict) -> list[str]:
+  """What the training-return measure leaves to any initialization: the pre-trained target (already
+  trained on this environment) against WeiT, per target."""
+  cells = [(role, e) for role, e in entries.items() if {"random", "weit", "pretrained"} <= set(e)]
+  if not cells:
+    return []
+  lines = ["", f"Against the reference (each target pre-trained itself on {env} for {budget['pretrain_updates']} "
+           f"updates, then trained like every method for {budget['train_updates']}): a policy already trained on "
+           "this environment, at or past random init's final before training where its sampled return says so, "
+           "still starts its training-return curve from the episodes that end first; its speed-up on that measure "
+           "shows what the measure's lag leaves to such a policy.", ""]
+  for role, e in cells:
+    ref, weit, rnd = e["pretrained"], e["weit"], e["random"]
+    past = ref["s0"] is not None and rnd["sfinal"] is not None and ref["s0"] >= rnd["sfinal"]
+    lines.append(f"- {role}: training return, WeiT {fmt_speedup(weit)} against the reference's {fmt_speedup(ref)} "
+                 f"(its sampled return before training {ref['s0']:.1f}, {'at or past' if past else 'short of'} random "
+                 f"init's final {rnd['sfinal']:.1f}; its first episodes {ref['tfirst']:.1f}); sampled return, WeiT "
+                 f"{fmt_sampled_speedup(weit, 'weit')}, the reference {fmt_sampled_speedup(ref, 'pretrained')}.")
+  return lines
+
+
 def write_report(args, agg: dict, stages: dict, peer: dict | None, na: dict, info: dict) -> str:
   b = args.budget
   per_update = env_steps_per_update()
@@ -480,7 +526,9 @@ def write_report(args, agg: dict, stages: dict, peer: dict | None, na: dict, inf
       "discount 0.99, GAE lambda 0.95, value coefficient 0.5, entropy 1e-3, observation normalization.",
       f"- Pre-training on hopper, {b['pretrain_updates']} updates each ({b['pretrain_updates'] * per_update / 1e6:.2f}M "
       "steps): WeiT templates of an auxiliary d3-w64 policy (hard constraint, N=4, tiles hidden 16, obs 1, action "
-      "1); TLEG's auxiliary d3-w64; a dense d6-w96 policy (weight selection's source).",
+      "1); TLEG's auxiliary d3-w64; a dense d6-w96 policy (weight selection's source); and every hopper target "
+      "itself, the reference **pre-trained target** (a pre-training per size, the cost WeiT avoids; not an "
+      "initializer of other sizes, compared apart below).",
       f"- WeiT init: {b['init_updates']} scaler-only updates per target (templates frozen), by PPO, and on hopper "
       "also by distillation from the auxiliary policy.",
       f"- Downstream: {b['train_updates']} PPO updates ({b['train_updates'] * per_update / 1e6:.2f}M steps) per run, "
@@ -504,12 +552,14 @@ def write_report(args, agg: dict, stages: dict, peer: dict | None, na: dict, inf
       "", "## Pre-training and WeiT init", "",
       "| stage | return (deterministic) | wall |", "|---|---|---|"]
   for name, label in (("weit", "WeiT templates (aux d3-w64)"), ("tleg", "TLEG auxiliary d3-w64"),
-                      ("dense", "dense d6-w96 (WS source)")):
-    s = stages["pretrain"][name]
-    lines.append(f"| {label} | {s['eval_return']:.1f} | {s['wall_s']:.0f} s |")
+                      ("dense", "dense d6-w96 (WS source)"),
+                      *((f"target-{role}", f"the {role} target {cfg.short_name()} itself (the reference)")
+                        for role, cfg in target_configs("hopper").items())):
+    if (s := stages["pretrain"].get(name)):
+      lines.append(f"| {label} | {s['eval_return']:.1f} | {s['wall_s']:.0f} s |")
   lines += ["", "Scaler training of every WeiT target (return of the deterministic policy before -> after):", "",
             "| env | target | adapt = PPO | adapt = distillation |", "|---|---|---|---|"]
-  for env in TARGETS:
+  for env in stages["init"]:
     for role, cfg in target_configs(env).items():
       ppo_t = stages["init"][env]["ppo"]["targets"][role]
       dist = stages["init"][env].get("distill")
@@ -517,7 +567,7 @@ def write_report(args, agg: dict, stages: dict, peer: dict | None, na: dict, inf
                   if dist else "n/a (the auxiliary acts on hopper only)")
       lines.append(f"| {env} | {role} {cfg.short_name()} | {ppo_t['return_before']:.1f} -> "
                    f"{ppo_t['return_after']:.1f} | {dist_txt} |")
-  for env in TARGETS:
+  for env in args.envs:
     lines += ["", f"## Downstream PPO: {ENV_LABELS[env]}", "", f"![curves](control_{env}.png)", "",
               "| target | method | training return: first episodes -> final (+- std over seeds) | speed-up to random's "
               "final training return | sampled return: before -> final | speed-up to random's final sampled return "
@@ -536,6 +586,7 @@ def write_report(args, agg: dict, stages: dict, peer: dict | None, na: dict, inf
                        f"{e['step0']:.1f} -> {e['final']:.1f} +- {e['final_std']:.1f} |")
         elif (why := na.get((env, role, method))):
           lines.append(f"| {role} {cfg.short_name()} | {LABELS[method]} | n/a | {why} | n/a | n/a | n/a |")
+    lines += reference_lines(agg.get(env, {}), env, b)
   if peer:
     lines += ["", "## PPO validation: brax's ppo.train on the same budget", "", "![peer](control_peer.png)", "",
               "| implementation | final return per seed | mean | wall per run (incl. compile) |", "|---|---|---|---|"]
@@ -568,18 +619,20 @@ def main(argv=None) -> None:
   b = args.budget
   pre = pretrain_all(args)
   stages = {"pretrain": pre, "init": {}}
-  for env in TARGETS:
-    stages["init"][env] = {"ppo": init_weit(args, pre["weit"]["workdir"], env, "ppo")}
-  stages["init"]["hopper"]["distill"] = init_weit(args, pre["weit"]["workdir"], "hopper", "distill")
-  sources = dict(weit_init={env: stages["init"][env]["ppo"] for env in TARGETS}, dense=pre["dense"], tleg=pre["tleg"])
-  targets = {env: target_configs(env) for env in TARGETS}
+  if "weit" in args.methods:
+    for env in args.envs:
+      stages["init"][env] = {"ppo": init_weit(args, pre["weit"]["workdir"], env, "ppo")}
+    if "hopper" in args.envs:
+      stages["init"]["hopper"]["distill"] = init_weit(args, pre["weit"]["workdir"], "hopper", "distill")
+  sources = dict(pre, weit_init={env: i["ppo"] for env, i in stages["init"].items()})  # (dense, tleg, target-*)
+  targets = {env: target_configs(env) for env in args.envs}
   pairs, na = {}, {}
-  for env in TARGETS:
-    pairs[env], ruled_out = harness.applicable(targets[env], list(METHODS), lambda m, cfg: applies(m, cfg, env))
+  for env in args.envs:
+    pairs[env], ruled_out = harness.applicable(targets[env], args.methods, lambda m, cfg: applies(m, cfg, env))
     na.update({(env, role, method): why for (method, role), why in ruled_out.items()})
   results = []
   for seed in range(b["seeds"]):  # seed-major: every configuration has a result early
-    for env in TARGETS:
+    for env in args.envs:
       for role, method in pairs[env]:
         cfg = targets[env][role]
         log(f"{env} {role} {cfg.short_name()} {method} seed {seed}")
@@ -590,7 +643,7 @@ def main(argv=None) -> None:
             "brax": [brax_peer_run(args, s) for s in range(b["seeds"])]}
   agg = aggregate(results)
   os.makedirs(args.out, exist_ok=True)
-  for env in TARGETS:
+  for env in args.envs:
     plot(agg, env, os.path.join(args.out, f"control_{env}.png"))
   if peer:
     plot_peer(peer, os.path.join(args.out, "control_peer.png"))
