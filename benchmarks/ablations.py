@@ -64,6 +64,9 @@ SEEDS = 2  # downstream seeds of the full budget (the quick one: 1)
 SCALER_STEPS = (0, 10, 25, 100, 400, 1000)  # 1000: past 400, where the first grid was still rising
 SCALER_LRS = (3e-3, 3e-2)  # around the reference's 1e-2, at its scaler budget
 SCALER_EXAMPLES = (500, 2000, 8000)
+# Smaller scaler batches: as many steps for a fraction of the examples drawn (steps x batch), the
+# compute the paper-scale budget is counted in (combine: 'scaler-S400xE500+scaler-B4').
+SCALER_BATCHES = (2, 4, 8)
 # The recipe every row changes one factor from: the defaults before this table chose new ones (its
 # rows are keyed on it). Today's defaults are rows of it (CHOSEN).
 REFERENCE = dict(pretrain={"weit.untemplated": ""},  # configs/<family>_pretrain.py overrides
@@ -149,6 +152,9 @@ def factors(setup, budget: dict) -> dict:
       if (steps, examples) != (budget["init_steps"], budget["init_examples"]):
         out[f"scaler-S{steps}xE{examples}"] = ("scaler budget", f"{steps} scaler steps on {examples:,} examples",
                                                {}, {"steps": steps, "num_examples": examples})
+  for batch in SCALER_BATCHES:
+    out[f"scaler-B{batch}"] = ("scaler budget", f"scaler batch {batch} (the budget's: {budget['pretrain_batch_size']})",
+                               {}, {"batch_size": batch})
   out["scaler-init-random"] = ("scaler budget", "random scaler initialization (scaler_init=random)", {},
                                {"scaler_init": "random"})
   for lr in SCALER_LRS:
@@ -519,9 +525,9 @@ def plot_scaler_budget(rec: dict, path: str) -> None:
 
 
 def scaler_budget_rows(rec: dict, lr: float) -> dict:
-  """The rows that change only the scaler budget (steps, examples) from the reference, at scaler lr
-  ``lr`` (no scaler training: at every lr; the scaler-init row excluded), with results on every target."""
-  budget_only = {"init.steps", "init.num_examples", "init.optim.lr"}
+  """The rows that change only the scaler budget (steps, examples, batch) from the reference, at scaler
+  lr ``lr`` (no scaler training: at every lr; the scaler-init row excluded), with results on every target."""
+  budget_only = {"init.steps", "init.num_examples", "init.batch_size", "init.optim.lr"}
   return {n: r for n, r in rec["rows"].items()
           if set(r.get("overrides", {})) <= budget_only
           and (r.get("overrides", {}).get("init.optim.lr", REFERENCE["init"]["optim.lr"]) == lr or r["init_steps"] == 0)
