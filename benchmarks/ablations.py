@@ -679,6 +679,8 @@ def write_report(out: str) -> str:
       L += smallest_scaler_budget(rec, epoch, lr)
     if family in CHOSEN and CHOSEN[family][0] in rec["rows"]:
       name, why = CHOSEN[family]
+      if any(not any(row in r for r in rec["rows"]) for row in re.findall(r"`([a-z0-9.+-]+)`", why)):
+        why = "why, the full table says (docs/results/ablations.md; it has the rows this one lacks)"
       best = {r: max(rec["rows"], key=lambda n: rec["rows"][n]["summary"][r]["final_mean"]) for r in roles}
       L.append(f"Today's defaults are the `{name}` row (" + "; ".join(
           f"{r} {fmt(rec['rows'][name]['summary'][r], 'final')}, the best row `{n}` "
